@@ -1,0 +1,256 @@
+"""trainctl.toml: finding the project root, loading, validating (with file:line in every error)."""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+CONFIG_FILE = "trainctl.toml"
+
+# section -> key -> (types, default, description). "" is the top-level table.
+SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
+    "": {
+        "state_dir": ((str,), ".trainctl", "where sessions are recorded, relative to the project root"),
+        "checkpoint_dir": ((str,), "checkpoints", "checkpoints go to <checkpoint_dir>/<session id>"),
+        "resume_flag": ((str,), "--resume", "flag the script takes a checkpoint path with ('--init_from=resume' style scripts: set it here)"),
+        "min_free_gb": ((int, float), 1.0, "pre-flight fails when the checkpoint dir has less free space"),
+        "gpus": ((int,), 0, "GPUs the script needs; pre-flight fails when fewer are visible"),
+    },
+    "retention": {
+        "keep_last_n": ((int,), 0, "keep the newest N checkpoints (0: keep all)"),
+        "keep_best_k": ((int,), 0, "also keep the K best by `metric` (0: off)"),
+        "metric": ((str,), "loss", "metric that ranks checkpoints for keep_best_k"),
+        "mode": ((str,), "min", "min or max: which end of `metric` is best"),
+        "max_total_size": ((str,), "", "size cap for one session's checkpoints, e.g. '20G' (empty: none)"),
+    },
+    "restart": {
+        "max_restarts": ((int,), 0, "automatic restarts after a preemption or crash"),
+        "restart_on": ((list,), ["preempted"], "statuses that trigger a restart: preempted, failed"),
+        "restart_delay_s": ((int, float), 2.0, "seconds to wait before a restart"),
+        "grace_period_s": ((int, float), 30.0, "seconds between forwarding a stop signal and SIGKILL"),
+    },
+    "signals": {
+        "preempt": ((list,), ["SIGTERM", "SIGUSR1"], "signals that make the script write an emergency checkpoint and stop"),
+    },
+    "monitor": {
+        "stall_minutes": ((int, float), 10.0, "warn when no output or metric arrived for this long"),
+        "checkpoint_overdue_minutes": ((int, float), 60.0, "warn when the newest checkpoint is older than this"),
+        "window": ((int,), 50, "metric points used for trend, slope and divergence"),
+    },
+    "metrics": {
+        "parse_output": ((bool,), True, "parse metrics from the script's output"),
+        "patterns": ((list,), [], "extra regexes with named groups (?P<name>...) for metrics"),
+    },
+}
+
+CHOICES = {("retention", "mode"): ("min", "max")}
+
+
+@dataclass
+class Config:
+    """The resolved configuration of one project."""
+
+    root: Path
+    path: Path | None = None
+    values: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def get(self, section: str, key: str) -> Any:
+        return self.values.get(section, {}).get(key, SCHEMA[section][key][1])
+
+    @property
+    def state_dir(self) -> Path:
+        return (self.root / self.get("", "state_dir")).resolve()
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return (self.root / self.get("", "checkpoint_dir")).resolve()
+
+    @property
+    def resume_flag(self) -> str:
+        return self.get("", "resume_flag")
+
+    def resolved(self) -> dict[str, Any]:
+        """Every key with its effective value, as plain JSON data."""
+        out: dict[str, Any] = {}
+        for section, keys in SCHEMA.items():
+            table = {k: self.get(section, k) for k in keys}
+            if section:
+                out[section] = table
+            else:
+                out.update(table)
+        out["project_root"] = str(self.root)
+        out["config_file"] = str(self.path) if self.path else None
+        return out
+
+
+def find_project_root(start: Path | None = None) -> tuple[Path, Path | None]:
+    """Nearest folder upwards with trainctl.toml (or pyproject.toml with [tool.trainctl])."""
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        candidate = folder / CONFIG_FILE
+        if candidate.is_file():
+            return folder, candidate
+        pyproject = folder / "pyproject.toml"
+        if pyproject.is_file():
+            try:
+                text = pyproject.read_text(encoding="utf-8", errors="replace")
+            except OSError:
+                continue
+            if re.search(r"^\s*\[tool\.trainctl(\.|\])", text, re.MULTILINE):
+                return folder, pyproject
+    return here, None
+
+
+def _line_of(text: str, key: str, section: str) -> int | None:
+    """Best-effort line number of `key` (inside `[section]` when given)."""
+    current = ""
+    for number, line in enumerate(text.splitlines(), 1):
+        stripped = line.strip()
+        header = re.match(r"^\[+\s*([^\]]+?)\s*\]+", stripped)
+        if header:
+            current = header.group(1)
+            if current.startswith("tool.trainctl"):
+                current = current[len("tool.trainctl"):].lstrip(".")
+            if not key and current == section:
+                return number
+            continue
+        if key and current == section and re.match(rf"^{re.escape(key)}\s*=", stripped):
+            return number
+    return None
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -> dict[str, dict[str, Any]]:
+    """Check keys, types and values; return {section: {key: value}}. Raises ConfigError."""
+    values: dict[str, dict[str, Any]] = {s: {} for s in SCHEMA}
+
+    def fail(message: str, hint: str | None, key: str, section: str) -> None:
+        raise ConfigError(message, hint, path=path, line=_line_of(text, key, section))
+
+    for key, value in data.items():
+        if isinstance(value, dict) and key in SCHEMA and key:
+            section_items = value.items()
+            section = key
+        elif key in SCHEMA[""]:
+            section_items = [(key, value)]
+            section = ""
+        else:
+            known = [k for k in SCHEMA if k] + list(SCHEMA[""])
+            close = difflib.get_close_matches(key, known, n=1)
+            fail(f"unknown key '{key}'.", f"Did you mean '{close[0]}'?" if close else
+                 f"Valid keys: {', '.join(sorted(known))}.", key, "")
+            raise AssertionError  # unreachable
+        for k, v in section_items:
+            spec = SCHEMA[section].get(k)
+            dotted = f"{section}.{k}" if section else k
+            if spec is None:
+                close = difflib.get_close_matches(k, list(SCHEMA[section]), n=1)
+                fail(f"unknown key '{dotted}'.",
+                     f"Did you mean '{close[0]}'?" if close else f"Valid keys in [{section}]: {', '.join(SCHEMA[section])}.",
+                     k, section)
+            types, _default, _doc = spec
+            if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+                fail(f"'{dotted}' must be {_type_name(types)}, not {type(v).__name__} ({v!r}).",
+                     f"Fix the value of '{k}' in the config file.", k, section)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                fail(f"'{dotted}' must not be negative ({v!r}).", "Use 0 or a positive value.", k, section)
+            choices = CHOICES.get((section, k))
+            if choices and v not in choices:
+                fail(f"'{dotted}' must be one of {', '.join(choices)}, not {v!r}.",
+                     f"Set {k} = \"{choices[0]}\".", k, section)
+            if (section, k) == ("retention", "max_total_size") and v:
+                try:
+                    parse_size(v)
+                except ValueError as e:
+                    fail(str(e), "Use a size like '500M' or '20G'.", k, section)
+            if (section, k) == ("restart", "restart_on"):
+                bad = [s for s in v if s not in ("preempted", "failed")]
+                if bad:
+                    fail(f"'restart.restart_on' has unknown status {bad[0]!r}.",
+                         "Valid: preempted, failed.", k, section)
+            values[section][k] = v
+    return values
+
+
+def load(start: Path | None = None) -> Config:
+    """Find and read the project's config; defaults when there is none."""
+    root, path = find_project_root(start)
+    if path is None:
+        return Config(root=root)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the config file ({e.__class__.__name__}: {e}).",
+                          f"Check the file's permissions, or recreate it with: trainctl init --force",
+                          path=str(path)) from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        line = getattr(e, "lineno", None)
+        if line is None:
+            m = re.search(r"line (\d+)", str(e))
+            line = int(m.group(1)) if m else None
+        msg = getattr(e, "msg", str(e))
+        raise ConfigError(f"malformed TOML: {msg}.", "Fix the syntax at that line (strings need quotes).",
+                          path=str(path), line=line) from e
+    if path.name == "pyproject.toml":
+        data = data.get("tool", {}).get("trainctl", {})
+    return Config(root=root, path=path, values=validate(data, path=str(path), text=text))
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'20G' -> bytes. Accepts K, M, G, T (powers of 1024), optional 'B'/'iB'."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r}")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "K", "M", "G", "T"):
+        if abs(n) < 1024 or unit == "T":
+            return f"{n:.0f}{unit}" if unit == "B" else f"{n:.1f}{unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def template() -> str:
+    """A commented trainctl.toml with every key at its default."""
+    lines = ["# trainctl project configuration. Every key is optional; shown at its default.", ""]
+
+    def render(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return f'"{v}"'
+        if isinstance(v, list):
+            return "[" + ", ".join(render(x) for x in v) + "]"
+        return repr(v)
+
+    for section, keys in SCHEMA.items():
+        if section:
+            lines += ["", f"[{section}]"]
+        for key, (_types, default, doc) in keys.items():
+            lines.append(f"# {doc}")
+            lines.append(f"{key} = {render(default)}")
+    return "\n".join(lines) + "\n"
