@@ -36,7 +36,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
     },
     "restart": {
         "max_restarts": ((int,), 0, "automatic restarts after a preemption or crash"),
-        "restart_on": ((list,), ["preempted"], "statuses that trigger a restart: preempted, failed"),
+        "restart_on": ((list,), ["preempted", "failed"], "statuses that trigger a restart: preempted, failed"),
         "restart_delay_s": ((int, float), 2.0, "seconds to wait before a restart"),
         "grace_period_s": ((int, float), 30.0, "seconds between forwarding a stop signal and SIGKILL"),
     },

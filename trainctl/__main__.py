@@ -1,0 +1,3 @@
+from trainctl.launcher.cli import main
+
+main()

@@ -1,0 +1,63 @@
+"""Turn errors into what a user should see: one line, a hint, a stable exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+import traceback
+
+import click
+
+from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, TrainctlError
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    click.secho(f"error: {message}", err=True, fg="red")
+    if hint:
+        click.echo(f"hint: {hint}", err=True)
+
+
+def _write_report(exc: BaseException) -> str | None:
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"trainctl-crash-{time.strftime('%Y%m%d-%H%M%S')}-",
+                                    suffix=".txt")
+        with os.fdopen(fd, "w") as f:
+            f.write(f"argv: {sys.argv}\n\n{text}")
+        return path
+    except OSError:
+        return None
+
+
+def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
+    try:
+        rv = group.main(args=argv, prog_name="trainctl", standalone_mode=False)
+    except TrainctlError as e:
+        print_error(e.message, e.hint)
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except (click.Abort, KeyboardInterrupt):
+        click.echo("Interrupted.", err=True)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `trainctl sessions list | head`: the reader left; not an error
+        try:
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's flush at exit
+        except OSError:
+            pass
+        return 0
+    except Exception as e:  # unexpected: short traceback, full report on disk
+        tb = traceback.extract_tb(e.__traceback__)[-3:]
+        click.echo("".join(traceback.format_list(tb)).rstrip(), err=True)
+        report = _write_report(e)
+        print_error(f"unexpected {e.__class__.__name__}: {e}",
+                    f"This is a bug in trainctl. Full report: {report}" if report else
+                    "This is a bug in trainctl.")
+        return EXIT_ERROR
+    return rv if isinstance(rv, int) else 0

@@ -1,0 +1,244 @@
+"""Run a script on this machine: a child process (or torchrun) in its own process group.
+
+The launcher is the only reader of the child's output: it passes it through (keeping a
+progress bar at the bottom on a terminal), tees it to output.log and feeds the metric parser.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..session import Session
+from .backend import Backend, Handle, Outcome, RunSpec
+
+TAIL_LINES = 200
+
+
+class _Attempt:
+    """One running child and the threads that read its output."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], fds: list[tuple[int, bool]],
+                 log: BinaryIO, sink: OutputSink, master_fd: int | None) -> None:
+        self.proc = proc
+        self.log = log
+        self.sink = sink
+        self.master_fd = master_fd
+        self.stop_requested = False
+        self.kill_timer: threading.Timer | None = None
+        self.readers = [threading.Thread(target=self._read, args=(fd, is_err), daemon=True,
+                                         name=f"trainctl-read-{fd}") for fd, is_err in fds]
+        for t in self.readers:
+            t.start()
+
+    def _read(self, fd: int, is_err: bool) -> None:
+        while True:
+            try:
+                data = os.read(fd, 65536)
+            except OSError:  # EIO: the pty's other side closed
+                break
+            if not data:
+                break
+            self.sink.write(data, is_err)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class OutputSink:
+    """Where the child's output goes: the terminal (or a progress display), output.log, the parser."""
+
+    def __init__(self, log: BinaryIO, display: Any | None, on_line: Any | None) -> None:
+        self.log = log
+        self.display = display
+        self.on_line = on_line
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._partial = {False: b"", True: b""}
+        self._lock = threading.Lock()
+        self._out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
+        self._err = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
+
+    def write(self, data: bytes, is_err: bool) -> None:
+        if self.display is not None:
+            self.display.write_output(data, stderr=is_err)
+        else:
+            stream = self._err if is_err else self._out
+            if stream is not None:
+                try:
+                    stream.write(data)
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+        with self._lock:
+            self.log.write(data)
+            buf = self._partial[is_err] + data
+            # \r-updated progress lines count as lines too
+            lines = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+            self._partial[is_err] = lines.pop()
+            if len(self._partial[is_err]) > 1 << 20:  # a "line" without end: don't grow forever
+                lines.append(self._partial[is_err])
+                self._partial[is_err] = b""
+        for raw in lines:
+            if not raw:
+                continue
+            line = raw.decode("utf-8", "replace")
+            self.tail.append(line)
+            if self.on_line is not None:
+                self.on_line(line)
+
+    def close(self) -> None:
+        with self._lock:
+            rest = [p for p in self._partial.values() if p]
+            self._partial = {False: b"", True: b""}
+        for raw in rest:
+            line = raw.decode("utf-8", "replace")
+            self.tail.append(line)
+            if self.on_line is not None:
+                self.on_line(line)
+        self.log.flush()
+
+
+class LocalBackend(Backend):
+    """This machine. `display` and `on_line` come from the supervisor (progress, parser)."""
+
+    name = "local"
+
+    def __init__(self, session: Session, *, display: Any | None = None,
+                 on_line: Any | None = None, use_pty: bool | None = None) -> None:
+        self.session = session
+        self.display = display
+        self.on_line = on_line
+        self.use_pty = sys.stdout.isatty() if use_pty is None else use_pty
+
+    def command(self, spec: RunSpec, args: list[str]) -> list[str]:
+        if spec.nproc_per_node > 1:
+            # torch's own launcher, never a home-made one
+            return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    f"--nproc-per-node={spec.nproc_per_node}", str(spec.script), *args]
+        return [sys.executable, str(spec.script), *args]
+
+    def launch(self, spec: RunSpec, env: dict[str, str], attempt: int, *,
+               args: list[str] | None = None) -> Handle:
+        cmd = self.command(spec, spec.args if args is None else args)
+        child_env = {**os.environ, **spec.env, **env, "PYTHONUNBUFFERED": "1"}
+        log = open(self.session.output_log, "ab")  # noqa: SIM115 - closed when the attempt ends
+        if attempt:
+            log.write(f"\n[trainctl] attempt {attempt}: {' '.join(cmd)}\n".encode())
+        master_fd = None
+        if self.use_pty:
+            import pty
+
+            master_fd, slave_fd = pty.openpty()
+            try:
+                import fcntl
+                import struct
+                import termios
+
+                size = fcntl.ioctl(sys.stdout.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
+                fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, size)
+                _rows, cols = struct.unpack("HHHH", size)[:2]
+                child_env.setdefault("COLUMNS", str(cols))
+            except (OSError, ImportError):
+                pass
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=slave_fd, stderr=slave_fd,
+                                    env=child_env, cwd=os.getcwd(), start_new_session=True)
+            os.close(slave_fd)
+            fds = [(master_fd, False)]
+        else:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=child_env, cwd=os.getcwd(),
+                                    start_new_session=True)
+            assert proc.stdout is not None and proc.stderr is not None
+            fds = [(os.dup(proc.stdout.fileno()), False), (os.dup(proc.stderr.fileno()), True)]
+            proc.stdout.close()
+            proc.stderr.close()
+        sink = OutputSink(log, self.display, self.on_line)
+        return Handle(self, _Attempt(proc, fds, log, sink, master_fd))
+
+    def pid(self, handle: Handle) -> int:
+        return handle.ref.proc.pid
+
+    def wait(self, handle: Handle) -> Outcome:
+        att: _Attempt = handle.ref
+        while True:
+            try:
+                returncode = att.proc.wait()
+                break
+            except KeyboardInterrupt:  # the supervisor's handler forwards; keep waiting
+                continue
+        for t in att.readers:
+            # grandchildren may keep the pipe open; don't hang on them
+            t.join(timeout=5)
+        if att.kill_timer is not None:
+            att.kill_timer.cancel()
+        att.sink.close()
+        att.log.close()
+        self._reap_group(att.proc.pid)
+        sig = signal.Signals(-returncode).name if returncode < 0 else None
+        return Outcome(status="", exit_code=returncode, signal=sig, output_tail=list(att.sink.tail),
+                       stopped_by_user=att.stop_requested)
+
+    def status(self, handle: Handle) -> str:
+        rc = handle.ref.proc.poll()
+        return "running" if rc is None else ("completed" if rc == 0 else "failed")
+
+    def signal(self, handle: Handle, signum: int) -> None:
+        try:
+            os.killpg(handle.ref.proc.pid, signum)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, handle: Handle, grace_period_s: float, signum: int = signal.SIGTERM) -> None:
+        att: _Attempt = handle.ref
+        first = not att.stop_requested
+        att.stop_requested = True
+        self.signal(handle, signum)
+        if first:
+            att.kill_timer = threading.Timer(grace_period_s, self.terminate, args=(handle,))
+            att.kill_timer.daemon = True
+            att.kill_timer.start()
+        else:  # asked twice: don't wait
+            self.terminate(handle)
+
+    def terminate(self, handle: Handle) -> None:
+        self.signal(handle, signal.SIGKILL)
+
+    def _reap_group(self, pgid: int) -> None:
+        """Leave no orphan: anything still in the child's process group is killed."""
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        try:
+            os.killpg(pgid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def script_takes_flag(script: Path, flag: str) -> bool:
+    """Whether the script's source names `flag` (argparse/click definition) or uses trainctl.init."""
+    try:
+        text = script.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    name = flag.split("=", 1)[0]
+    return f"'{name}'" in text or f'"{name}"' in text

@@ -1,0 +1,632 @@
+"""The in-process runtime: `run = trainctl.init()`, then log, save_checkpoint, resume, finish.
+
+Rank-aware: under torchrun only rank 0 writes (events, checkpoints, TensorBoard); every rank
+reads the resume state. `run.log` only appends to an in-memory buffer; a background thread
+flushes it to the locked events log at most every `flush_interval_s`, and on checkpoint,
+finish, exit and preemption.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from . import config as config_mod
+from . import env as env_mod
+from . import sysinfo
+from .errors import (EXIT_PREEMPTED, CheckpointNotFoundError, CorruptCheckpointError,
+                     TrainctlWarning, UsageError)
+from .redact import redact_args, redact_mapping
+from .session import Session, SessionStore, metric_mode
+
+DEFAULT_PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+_current: Run | None = None
+_current_lock = threading.Lock()
+
+
+def init(config: Mapping[str, Any] | None = None, project: str | None = None,
+         name: str | None = None, total_steps: int | None = None,
+         total_epochs: int | None = None, *, capture_rng: bool = True,
+         preempt_signals: tuple[str, ...] | None = None, tensorboard: bool = True,
+         flush_interval_s: float = 1.0) -> Run:
+    """Join the launcher's session (TRAIN_OPS_*), or record a session of our own."""
+    global _current
+    with _current_lock:
+        if _current is not None and not _current.finished:
+            return _current
+        _current = Run(config=config, project=project, name=name, total_steps=total_steps,
+                       total_epochs=total_epochs, capture_rng=capture_rng,
+                       preempt_signals=preempt_signals, tensorboard=tensorboard,
+                       flush_interval_s=flush_interval_s)
+        return _current
+
+
+def current_run() -> Run | None:
+    """The active Run of this process, if any."""
+    return _current if _current is not None and not _current.finished else None
+
+
+def _resume_from_argv(flag: str, argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _file_digest(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        return None
+
+
+def _plain(value: Any) -> Any:
+    """Config values as JSON-able plain data (Namespace, Path, tuples, numpy scalars...)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
+        return _plain(vars(value))
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except Exception:
+            pass
+    return str(value)
+
+
+def _scalar(value: Any) -> Any:
+    """A logged value as a float/int (tensors are converted here, off the training thread)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return value
+    if isinstance(value, bool):
+        return int(value)
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except Exception:
+            return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Run:
+    """One process's handle on a session. Create it with `trainctl.init()`."""
+
+    def __init__(self, *, config: Mapping[str, Any] | None = None, project: str | None = None,
+                 name: str | None = None, total_steps: int | None = None,
+                 total_epochs: int | None = None, capture_rng: bool = True,
+                 preempt_signals: tuple[str, ...] | None = None, tensorboard: bool = True,
+                 flush_interval_s: float = 1.0) -> None:
+        self.launch = env_mod.read()
+        self.ranks = env_mod.rank_info()
+        self.rank = self.ranks.rank
+        self.world_size = self.ranks.world_size
+        self.is_main = self.ranks.is_main
+        self.attempt = self.launch.attempt
+        self.capture_rng = capture_rng
+        self.config = _plain(dict(config)) if config is not None else {}
+        self.project_config = self._load_project_config()
+        self.finished = False
+        self._should_stop = False
+        self.preempted = False
+        self.stop_signal: str | None = None
+        self._stop_observed = False
+        self._stopping = False
+        self._tracked: dict[str, Any] = {}
+        self._resume_cache: tuple[str, dict[str, Any]] | None = None
+        self._resume_meta: dict[str, Any] | None = None
+        self._step = 0
+        self._epoch: Any = None
+        self._buffer: list[tuple[float, Any, Any, dict[str, Any]]] = []
+        self._buffer_lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._flush_interval_s = flush_interval_s
+        self._started = time.time()
+        self._last: dict[str, Any] = {}
+        self._best: dict[str, dict[str, Any]] = {}
+        self._checkpoints = 0
+        self._last_checkpoint: str | None = None
+        self._tb = None
+        self._tb_enabled = tensorboard
+        self._tb_purge_step: int | None = None
+        self._async_saver = None
+        self._exception: BaseException | None = None
+        self.session: Session | None = None
+        self.standalone = not self.launch.launched
+        self.script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
+
+        if self.launch.launched:
+            self.session = Session(Path(self.launch.session_dir))
+            self.id = self.launch.session_id
+            self.checkpoint_dir = Path(self.launch.checkpoint_dir or self.session.dir / "checkpoints")
+            self.tensorboard_dir = Path(self.launch.tensorboard_dir or self.session.tensorboard_dir)
+        elif self.is_main:
+            store = SessionStore(self.project_config.state_dir)
+            args = sys.argv[1:]
+            self.session = store.create(
+                status="running", name=name, project=project, backend="local",
+                script=self.script, args=redact_args(args),
+                command=redact_args([sys.executable, *sys.argv]), cwd=os.getcwd(),
+                started_at=time.time(), git=sysinfo.git_info(os.getcwd()),
+                gpus=sysinfo.gpu_description(),
+                trainctl_config=self.project_config.resolved(),
+                processes=[{"pid": os.getpid(), "start_ticks": sysinfo.process_start_ticks(os.getpid()),
+                            "role": "script"}],
+                attempts=[{"attempt": 0, "started_at": time.time()}],
+            )
+            self.id = self.session.id
+            self.checkpoint_dir = self.project_config.checkpoint_dir / self.id
+            self.tensorboard_dir = self.session.tensorboard_dir
+        else:
+            # a non-zero rank without a launcher can't learn rank 0's session: it reads, never writes
+            self.id = None
+            self.checkpoint_dir = self.project_config.checkpoint_dir
+            self.tensorboard_dir = None
+
+        self._writes = self.is_main and self.session is not None
+        if self._writes:
+            fields: dict[str, Any] = {"config": redact_mapping(self.config)}
+            if name:
+                fields["name"] = name
+            if project:
+                fields["project"] = project
+            if total_steps or total_epochs:
+                fields["totals"] = {"steps": total_steps, "epochs": total_epochs}
+            fields["runtime"] = {"pid": os.getpid(), "rank": self.rank, "world_size": self.world_size,
+                                 "attempt": self.attempt}
+            self.session.update(**fields)
+            events: list[dict[str, Any]] = [{"kind": "status", "status": "running", "source": "run",
+                                            "attempt": self.attempt, "pid": os.getpid()}]
+            if total_steps or total_epochs:
+                events.append({"kind": "totals", "steps": total_steps, "epochs": total_epochs})
+            self.session.append_events(events)
+            self._flusher = threading.Thread(target=self._flush_loop, name="trainctl-flush",
+                                             daemon=True)
+            self._flusher.start()
+        self._install_signal_handlers(preempt_signals)
+        self._prev_excepthook = sys.excepthook
+        sys.excepthook = self._excepthook
+        atexit.register(self._atexit)
+
+    # ------------------------------------------------------------------ configuration
+    def _load_project_config(self) -> config_mod.Config:
+        path = self.launch.config
+        if path:
+            try:
+                import json
+
+                resolved = json.loads(Path(path).read_text())
+                root = Path(resolved.get("project_root") or os.getcwd())
+                values = {s: {k: resolved.get(s, {}).get(k) if s else resolved.get(k)
+                              for k in keys if (resolved.get(s, {}) if s else resolved).get(k) is not None}
+                          for s, keys in config_mod.SCHEMA.items()}
+                return config_mod.Config(root=root, path=Path(resolved["config_file"]) if resolved.get("config_file") else None,
+                                         values=values)
+            except (OSError, ValueError, KeyError, AttributeError):
+                pass
+        return config_mod.load()
+
+    @property
+    def resume_flag(self) -> str:
+        return self.project_config.resume_flag
+
+    # ------------------------------------------------------------------ logging
+    def log(self, values: Mapping[str, Any], step: int | None = None, epoch: Any = None) -> None:
+        """Record metrics for `step` (default: one past the last). Cheap: no I/O here."""
+        if self._should_stop and not self._stopping:
+            self._on_stop_request()
+        if step is None:
+            self._step += 1
+            step = self._step
+        else:
+            self._step = step
+        if epoch is not None:
+            self._epoch = epoch
+        if self._writes:
+            self._buffer.append((time.time(), step, self._epoch, dict(values)))
+
+    def step(self, n: int = 1) -> int:
+        """Advance the step counter by `n` (a safe point for a pending preemption)."""
+        if self._should_stop and not self._stopping:
+            self._on_stop_request()
+        self._step += n
+        return self._step
+
+    @property
+    def current_step(self) -> int:
+        return self._step
+
+    def _take_buffer(self) -> list[dict[str, Any]]:
+        with self._buffer_lock:
+            buffered, self._buffer = self._buffer, []
+        events = []
+        for t, step, epoch, values in buffered:
+            clean = {}
+            for k, v in values.items():
+                s = _scalar(v)
+                if s is not None:
+                    clean[str(k)] = s
+            events.append({"v": 1, "t": t, "kind": "metric", "step": step, "epoch": epoch,
+                           "values": clean, "attempt": self.attempt, "source": "run"})
+        return events
+
+    def flush(self) -> None:
+        """Write buffered metrics to the session log (and TensorBoard) now."""
+        if not self._writes:
+            return
+        with self._flush_lock:
+            events = self._take_buffer()
+            if not events:
+                return
+            self._update_summary(events)
+            self.session.append_events(events)
+            self._write_tensorboard(events)
+
+    def _flush_loop(self) -> None:
+        while not self.finished:
+            self._wake.wait(self._flush_interval_s)
+            self._wake.clear()
+            try:
+                self.flush()
+            except Exception as e:  # never kill training over the log; say it once
+                warnings.warn(f"trainctl could not write the session log: {e}", TrainctlWarning,
+                              stacklevel=1)
+                time.sleep(self._flush_interval_s)
+
+    def _update_summary(self, events: list[dict[str, Any]]) -> None:
+        for e in events:
+            for name, value in e["values"].items():
+                self._last[name] = value
+                if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+                    continue
+                mode = metric_mode(name)
+                cur = self._best.get(name)
+                if cur is None or (value < cur["value"] if mode == "min" else value > cur["value"]):
+                    self._best[name] = {"value": value, "step": e["step"], "epoch": e["epoch"], "mode": mode}
+
+    def _write_tensorboard(self, events: list[dict[str, Any]]) -> None:
+        if not self._tb_enabled:
+            return
+        if self._tb is None:
+            try:
+                from .tensorboard_sink import TensorBoardSink
+            except ImportError:
+                self._tb_enabled = False
+                return
+            self._tb = TensorBoardSink(self.tensorboard_dir, purge_step=self._tb_purge_step)
+        try:
+            self._tb.write(events)
+        except Exception as e:
+            self._tb_enabled = False
+            warnings.warn(f"TensorBoard logging stopped: {e}", TrainctlWarning, stacklevel=1)
+
+    # ------------------------------------------------------------------ checkpoints
+    def track(self, **objects: Any) -> Run:
+        """Remember objects with state_dict()/load_state_dict() (model, optimizer, scheduler...)."""
+        for key, obj in objects.items():
+            if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+                raise UsageError(f"run.track({key}=...) needs an object with state_dict() and load_state_dict(); got {type(obj).__name__}.",
+                                 "Track models, optimizers, schedulers, GradScalers; put plain values in save_checkpoint(state).")
+            self._tracked[key] = obj
+        return self
+
+    def _tracked_state(self) -> dict[str, Any]:
+        return {key: obj.state_dict() for key, obj in self._tracked.items()}
+
+    def _checkpoint_path(self, epoch: Any, step: int | None, name: str | None) -> Path:
+        if name:
+            filename = name if name.endswith((".pt", ".pth", ".ckpt")) else f"{name}.pt"
+        elif step is not None:
+            filename = f"ckpt-step{int(step):08d}.pt"
+        elif epoch is not None:
+            filename = f"ckpt-epoch{int(epoch):04d}.pt"
+        else:
+            filename = f"ckpt-{self._checkpoints + 1:04d}.pt"
+        return self.checkpoint_dir / filename
+
+    def _metadata(self, epoch: Any, step: int | None, metrics: Mapping[str, Any] | None,
+                  name: str | None) -> dict[str, Any]:
+        from . import checkpoint
+
+        meta: dict[str, Any] = {
+            "session_id": self.id, "script": self.script,
+            "script_digest": _file_digest(self.script) if self.script else None,
+            "name": name, "epoch": epoch, "step": step,
+            "metrics": {str(k): _scalar(v) for k, v in (metrics or {}).items()},
+            "config": redact_mapping(self.config), "git": sysinfo.git_info(os.getcwd()),
+            "python": sysinfo.python_version(), "torch": sysinfo.torch_version(),
+            "gpus": sysinfo.gpu_description(), "world_size": self.world_size,
+            "wall_time_s": round(time.time() - self._started, 3), "attempt": self.attempt,
+            "tracked": sorted(self._tracked),
+        }
+        if self.capture_rng:
+            meta["rng"] = checkpoint.capture_rng()
+        return meta
+
+    def save_checkpoint(self, state: Mapping[str, Any] | None = None, *, epoch: Any = None,
+                        step: int | None = None, metrics: Mapping[str, Any] | None = None,
+                        name: str | None = None, blocking: bool = True) -> Path | None:
+        """Write a verified checkpoint (rank 0 only); state defaults to the tracked objects.
+
+        With blocking=False the state is copied and written by a background thread.
+        Returns the checkpoint path (None on ranks that don't write).
+        """
+        if epoch is not None:
+            self._epoch = epoch
+        if step is not None:
+            self._step = step
+        step = self._step if step is None else step
+        epoch = self._epoch if epoch is None else epoch
+        if not self.is_main:
+            self._after_checkpoint_safe_point()
+            return None
+        if state is None:
+            if not self._tracked:
+                raise UsageError("save_checkpoint() got no state and nothing is tracked.",
+                                 "Pass a dict, e.g. run.save_checkpoint({'model': model.state_dict()}), or call run.track(model=model, optimizer=opt) first.")
+            state = self._tracked_state()
+        from . import checkpoint
+
+        self.flush()
+        path = self._checkpoint_path(epoch, step, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = self._metadata(epoch, step, metrics, name)
+        if blocking:
+            manifest = checkpoint.save(path, dict(state), meta)
+            self._record_checkpoint(path, manifest)
+        else:
+            if self._async_saver is None:
+                self._async_saver = checkpoint.AsyncSaver()
+            future = self._async_saver.submit(path, dict(state), meta)
+            future.add_done_callback(lambda f, p=path: self._async_done(p, f))
+        self._after_checkpoint_safe_point()
+        return path
+
+    def _async_done(self, path: Path, future: Any) -> None:
+        try:
+            manifest = future.result()
+        except Exception as e:
+            if self._writes:
+                self.session.event("warning", message=f"asynchronous checkpoint {path.name} failed: {e}")
+            return
+        self._record_checkpoint(path, manifest)
+
+    def _record_checkpoint(self, path: Path, manifest: dict[str, Any]) -> None:
+        from . import checkpoint
+
+        self._checkpoints += 1
+        self._last_checkpoint = str(path)
+        meta = manifest.get("meta", {})
+        if self._writes:
+            self.session.event("checkpoint", path=str(path), step=meta.get("step"),
+                               epoch=meta.get("epoch"), metrics=meta.get("metrics"),
+                               bytes=manifest.get("bytes"), digest=manifest.get("digest"),
+                               attempt=self.attempt)
+        protected = [self._resume_cache[0]] if self._resume_cache else []
+        try:
+            removed = checkpoint.apply_retention(self.checkpoint_dir, self.project_config,
+                                                 protected=protected)
+        except Exception as e:
+            removed = []
+            if self._writes:
+                self.session.event("warning", message=f"checkpoint retention failed: {e}")
+        if removed and self._writes:
+            self.session.event("retention", removed=[str(p) for p in removed])
+
+    def _after_checkpoint_safe_point(self) -> None:
+        if self._should_stop and not self._stopping and not self._stop_observed:
+            # a checkpoint was just written: stop here without another one
+            self._stop(emergency=False)
+
+    def resume_path(self) -> str | None:
+        """The checkpoint this run resumes from: --resume PATH, TRAIN_OPS_RESUME, or None."""
+        ref = _resume_from_argv(self.resume_flag, sys.argv[1:]) or self.launch.resume
+        if not ref:
+            return None
+        if ref == "auto":
+            from . import checkpoint
+
+            found, skipped = checkpoint.newest_valid(self.project_config.checkpoint_dir, script=self.script)
+            for p, why in skipped:
+                warnings.warn(f"skipping checkpoint {p}: {why}", TrainctlWarning, stacklevel=2)
+            return str(found) if found else None
+        return ref
+
+    def resume_state(self, *, trust: bool = False) -> dict[str, Any] | None:
+        """The state to resume from (loaded with weights_only=True unless trust=True), or None."""
+        path = self.resume_path()
+        if path is None:
+            return None
+        if self._resume_cache and self._resume_cache[0] == path:
+            return self._resume_cache[1]
+        from . import checkpoint
+
+        if not os.path.exists(path):
+            raise CheckpointNotFoundError(f"resume checkpoint {path} does not exist.",
+                                          "List checkpoints with: trainctl checkpoint list")
+        result = checkpoint.verify(path)
+        if result.status == "corrupt":
+            found, _ = checkpoint.newest_valid(Path(path).parent)
+            raise CorruptCheckpointError(f"resume checkpoint {path} failed verification: {result.reason}.",
+                                         f"Resume from the newest valid one instead: {found}" if found else
+                                         "No valid checkpoint is left beside it; start without --resume.")
+        state = checkpoint.load(path, trust=trust)
+        self._resume_cache = (path, state)
+        meta = state.get(checkpoint.META_KEY) if isinstance(state, dict) else None
+        self._resume_meta = meta if isinstance(meta, dict) else {}
+        step = self._resume_meta.get("step")
+        if isinstance(step, int):
+            self._step = step
+            self._tb_purge_step = step + 1
+            if self._writes:
+                self.session.event("supersede", attempt=self.attempt, from_step=step + 1, resume=path)
+        if self._resume_meta.get("epoch") is not None:
+            self._epoch = self._resume_meta.get("epoch")
+        if self._writes:
+            self.session.update(resume_from=path)
+        return state
+
+    def restore(self, *, trust: bool = False, restore_rng: bool = True) -> dict[str, Any] | None:
+        """Load tracked objects in place from the resume checkpoint; return its metadata.
+
+        Returns None (and changes nothing) when there is nothing to resume from.
+        """
+        state = self.resume_state(trust=trust)
+        if state is None:
+            return None
+        from . import checkpoint
+
+        missing = [k for k in self._tracked if k not in state]
+        if missing:
+            raise CorruptCheckpointError(
+                f"resume checkpoint has no state for tracked {', '.join(missing)} (it holds: {', '.join(k for k in state if k != checkpoint.META_KEY)}).",
+                "Track the same objects as the run that wrote it, or load it yourself with run.resume_state().")
+        for key, obj in self._tracked.items():
+            obj.load_state_dict(state[key])
+        meta = dict(self._resume_meta or {})
+        if restore_rng and meta.get("rng"):
+            checkpoint.restore_rng(meta["rng"])
+        return meta
+
+    # ------------------------------------------------------------------ signals
+    def _install_signal_handlers(self, names: tuple[str, ...] | None) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if names is None:
+            names = tuple(self.project_config.get("signals", "preempt") or DEFAULT_PREEMPT_SIGNALS)
+        self._prev_handlers: dict[int, Any] = {}
+        for sig_name in names:
+            signum = getattr(signal, str(sig_name).upper(), None)
+            if signum is None:
+                continue
+            try:
+                self._prev_handlers[signum] = signal.signal(signum, self._on_signal)
+            except (ValueError, OSError):
+                continue
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        # no I/O here: flags only; the work happens at the next safe point
+        self._should_stop = True
+        self.preempted = True
+        self.stop_signal = signal.Signals(signum).name
+        self._wake.set()
+        prev = self._prev_handlers.get(signum)
+        if callable(prev) and prev not in (signal.SIG_DFL, signal.SIG_IGN):
+            prev(signum, frame)
+
+    @property
+    def should_stop(self) -> bool:
+        """True once a preemption signal arrived; a script that reads it stops on its own terms."""
+        if self._should_stop:
+            self._stop_observed = True
+        return self._should_stop
+
+    def checkpoint_if_requested(self) -> None:
+        """A safe point: when a preemption signal arrived, checkpoint the tracked state and exit."""
+        if self._should_stop and not self._stopping:
+            self._stop(emergency=True)
+
+    def _on_stop_request(self) -> None:
+        if self._stop_observed and not self._tracked:
+            return  # the script watches run.should_stop and stops on its own
+        self._stop(emergency=True)
+
+    def _stop(self, *, emergency: bool) -> None:
+        self._stopping = True
+        if emergency and self._tracked and self.is_main:
+            try:
+                path = self.save_checkpoint(name=f"ckpt-step{int(self._step):08d}-emergency")
+                if self._writes:
+                    self.session.event("warning", message=f"{self.stop_signal}: emergency checkpoint {path}")
+            except Exception as e:
+                if self._writes:
+                    self.session.event("warning", message=f"emergency checkpoint failed: {e}")
+        elif emergency and self._writes:
+            self.session.event("warning", message=f"{self.stop_signal}: stopping without a checkpoint (nothing is tracked; use run.track(model=..., optimizer=...))")
+        self.finish(status="preempted")
+        sys.exit(EXIT_PREEMPTED)
+
+    # ------------------------------------------------------------------ lifecycle
+    def _excepthook(self, exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
+        self._exception = exc
+        self._prev_excepthook(exc_type, exc, tb)
+
+    def _atexit(self) -> None:
+        if not self.finished:
+            if self._exception is not None:
+                self.finish(status="failed", error=f"{type(self._exception).__name__}: {self._exception}")
+            elif self.preempted:
+                self.finish(status="preempted")
+            else:
+                self.finish()
+
+    def finish(self, status: str | None = None, *, error: str | None = None) -> None:
+        """Flush everything and record how the run ended (also done at exit)."""
+        if self.finished:
+            return
+        status = status or ("preempted" if self.preempted else "completed")
+        if self._async_saver is not None:
+            self._async_saver.wait()
+        self.flush()
+        self.finished = True
+        self._wake.set()
+        if self._tb is not None:
+            try:
+                self._tb.close()
+            except Exception:
+                pass
+        if not self._writes:
+            return
+        event: dict[str, Any] = {"status": status, "source": "run", "attempt": self.attempt}
+        if error:
+            event["error"] = error
+        if self.stop_signal:
+            event["signal"] = self.stop_signal
+        self.session.event("status", **event)
+        if self.standalone:
+            now = time.time()
+            self.session.update(
+                status=status, ended_at=now, exit_code=None, error=error,
+                summary={"last": self._last, "best": self._best, "checkpoints": self._checkpoints,
+                         "last_checkpoint": self._last_checkpoint,
+                         "duration_s": round(now - self._started, 3)})
+
+    def __enter__(self) -> Run:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.finish()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.finish(status="killed")
+        elif issubclass(exc_type, SystemExit):
+            if not self.finished:
+                self.finish(status="preempted" if self.preempted else
+                            ("completed" if not exc.code else "failed"))
+        else:
+            self.finish(status="failed", error=f"{exc_type.__name__}: {exc}")
+
+    def __repr__(self) -> str:
+        return f"Run(id={self.id!r}, rank={self.rank}, attempt={self.attempt})"
