@@ -1,0 +1,696 @@
+"""trainctl checkpoints: atomic durable save, a sidecar manifest, verification, scanning, retention.
+
+A checkpoint is a ``torch.save`` zip of the user's state plus a ``"trainctl"`` metadata entry
+(plain data; RNG states as tensors), so it loads under ``torch.load(weights_only=True)``.
+Beside it, ``<file>.json`` (the manifest) holds the metadata, the byte size and a digest. The
+manifest is written only after the checkpoint is durable, so a file without a complete
+manifest is never taken for a trainctl checkpoint.
+
+Digest choice: ``zipcrc:<sha256 of the central directory's (name, CRC-32, size) list>``.
+torch's zip writer already computes a CRC-32 of every member while writing, so the digest
+costs reading the zip's central directory (a few KB at the end of the file) instead of a
+second pass over the bytes; measured on a 256 MB state a re-read for sha256 added ~20% to a
+durable save, the central directory read adds well under 1%. ``verify`` recomputes every
+member's CRC-32 from the data (zlib's crc32 runs at several GB/s) and compares the central
+directory digest with the manifest. Integrity, not cryptography, is the point. When torch is
+told not to compute CRCs (``torch.serialization.set_crc32_options(False)``) the digest falls
+back to ``sha256:`` of the bytes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import copy
+import hashlib
+import json
+import math
+import os
+import secrets
+import sys
+import threading
+import time
+import zipfile
+import zlib
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint_reader as reader
+from .errors import (
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnsupportedCheckpointError,
+    UntrustedCheckpointError,
+)
+from .fsutil import atomic_write_json, fsync_dir
+
+FORMAT_VERSION: int = 1
+META_KEY = "trainctl"
+MANIFEST_SUFFIX = ".json"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar", ".pkl")
+STATUSES = ("valid", "unverified", "corrupt", "foreign", "unsupported")
+_SKIP_DIRS = {".git", "__pycache__", ".trainctl", "node_modules", ".venv"}
+_CRC_CHUNK = 4 << 20
+
+
+# --- data ------------------------------------------------------------------------------------
+
+@dataclass
+class VerifyResult:
+    path: Path
+    ok: bool
+    status: str  # valid | unverified | corrupt | foreign | unsupported
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "ok": self.ok, "status": self.status, "reason": self.reason}
+
+
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint is and holds, read without loading its tensors."""
+
+    path: Path
+    kind: str = "unknown"  # trainctl | lightning | huggingface | dict | state_dict | safetensors | unknown
+    status: str = "unverified"
+    epoch: int | float | None = None
+    step: int | None = None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    bytes: int = 0
+    mtime: float = 0.0
+    saved_at: float | None = None
+    session_id: str | None = None
+    script: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    summary: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+    @property
+    def time(self) -> float:
+        """When it was written: the recorded save time, else the file's mtime."""
+        return self.saved_at if isinstance(self.saved_at, (int, float)) else self.mtime
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        return data
+
+
+# --- saving ----------------------------------------------------------------------------------
+
+def manifest_path(path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + MANIFEST_SUFFIX)
+
+
+def _plain(value: Any, depth: int = 0) -> Any:
+    """Metadata as weights_only-safe plain data: numbers, strings, lists, dicts, tensors."""
+    if depth > 20:
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, depth + 1) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_plain(v, depth + 1) for v in value), key=str)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return value.detach().cpu() if value.numel() > 1 else _plain(value.item(), depth + 1)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    item = getattr(value, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            return _plain(item(), depth + 1)
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
+def _json_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's copy of the metadata: no tensors (RNG states stay in the checkpoint)."""
+    def strip(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: strip(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return None
+    return {k: strip(v) for k, v in meta.items() if k != "rng"}
+
+
+def _crc_enabled() -> bool:
+    import torch
+
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    return bool(get()) if get is not None else True
+
+
+def _zip_digest(path: Path) -> str:
+    """'zipcrc:' + sha256 of the central directory's (name, CRC-32, size) rows."""
+    with zipfile.ZipFile(path) as archive:
+        rows = [[i.filename, i.CRC, i.file_size] for i in archive.infolist()]
+    return "zipcrc:" + hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CRC_CHUNK):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
+
+
+def save(path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Write `state` + metadata atomically and durably, then its manifest; return the manifest."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not isinstance(state, Mapping):
+        raise TypeError(f"checkpoint state must be a dict, not {type(state).__name__}")
+    full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION, "saved_at": time.time()}
+    payload = {**state, META_KEY: full_meta}
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        torch.save(payload, str(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        digest = _zip_digest(tmp) if _crc_enabled() else _sha256_file(tmp)
+        # drop an older manifest first: a crash before the new one lands leaves an unverified
+        # file, never a new file under an old manifest
+        old_manifest = manifest_path(path)
+        if old_manifest.exists():
+            old_manifest.unlink()
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    manifest = {"format_version": FORMAT_VERSION, "file": path.name, "bytes": size,
+                "digest": digest, "meta": _json_meta(full_meta)}
+    atomic_write_json(manifest_path(path), manifest)
+    return manifest
+
+
+def _to_cpu_copy(value: Any) -> Any:
+    """A snapshot the training thread may keep mutating: tensors cloned to CPU, containers copied."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+        return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+    if isinstance(value, dict):
+        out: dict[Any, Any] = collections.OrderedDict() if isinstance(value, collections.OrderedDict) else {}
+        for k, v in value.items():
+            out[k] = _to_cpu_copy(v)
+        if hasattr(value, "_metadata"):  # state_dict versions that load_state_dict reads
+            out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
+        return out
+    if isinstance(value, list):
+        return [_to_cpu_copy(v) for v in value]
+    if isinstance(value, tuple) and not hasattr(value, "_fields"):
+        return tuple(_to_cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+class AsyncSaver:
+    """Saves in a background thread; `submit` blocks only to copy the state to CPU.
+
+    One save is in flight at a time: a second `submit` first waits for the previous one, which
+    bounds memory to one extra copy of the state and keeps checkpoints in order.
+    """
+
+    def __init__(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainctl-ckpt")
+        self._pending: concurrent.futures.Future | None = None
+        self._lock = threading.Lock()
+
+    def submit(self, path: str | os.PathLike[str], state: dict[str, Any],
+               meta: dict[str, Any]) -> concurrent.futures.Future:
+        with self._lock:
+            if self._pending is not None:
+                concurrent.futures.wait([self._pending])
+            snapshot = _to_cpu_copy(dict(state))
+            meta_copy = _to_cpu_copy(dict(meta))
+            self._pending = self._pool.submit(save, path, snapshot, meta_copy)
+            return self._pending
+
+    def wait(self) -> None:
+        """Block until the pending save is on disk; re-raise its error."""
+        pending = self._pending
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> AsyncSaver:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# --- RNG -------------------------------------------------------------------------------------
+
+def capture_rng() -> dict[str, Any]:
+    """RNG states of python, numpy (when already imported), torch CPU and CUDA; weights_only-safe."""
+    import random
+
+    import torch
+
+    version, internal, gauss = random.getstate()
+    rng: dict[str, Any] = {"python": [version, torch.tensor(internal, dtype=torch.int64), gauss]}
+    np = sys.modules.get("numpy")
+    if np is not None:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        rng["numpy"] = [str(name), torch.from_numpy(keys.astype("int64")), int(pos), int(has_gauss), float(cached)]
+    rng["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        rng["cuda"] = list(torch.cuda.get_rng_state_all())
+    return rng
+
+
+def restore_rng(rng: dict[str, Any]) -> None:
+    """Put back what capture_rng recorded; parts that are missing or don't apply are skipped."""
+    import random
+
+    import torch
+
+    if not isinstance(rng, dict):
+        return
+    python = rng.get("python")
+    if python:
+        version, internal, gauss = python
+        internal = tuple(int(x) for x in (internal.tolist() if hasattr(internal, "tolist") else internal))
+        random.setstate((version, internal, gauss))
+    state = rng.get("numpy")
+    if state:
+        try:
+            import numpy as np
+        except ImportError:
+            np = None
+        if np is not None:
+            name, keys, pos, has_gauss, cached = state
+            np.random.set_state((name, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+    if isinstance(rng.get("torch"), torch.Tensor):
+        torch.set_rng_state(rng["torch"])
+    cuda = rng.get("cuda")
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The manifest of a checkpoint, or None when missing, incomplete or not trainctl's."""
+    try:
+        data = json.loads(manifest_path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or not all(k in data for k in ("format_version", "file", "bytes", "digest", "meta")):
+        return None
+    if not isinstance(data["meta"], dict) or not isinstance(data["bytes"], int):
+        return None
+    return data
+
+
+def _untrusted_message(path: Path, detail: str) -> UntrustedCheckpointError:
+    return UntrustedCheckpointError(
+        f"{path} needs full unpickling to load, which can run any code stored in the file "
+        f"(weights-only loading refused it: {detail.strip().splitlines()[0][:200] if detail.strip() else 'unsupported object'}).",
+        "Load it only if you trust where it came from: pass --trust (trust=True).")
+
+
+def load(path: str | os.PathLike[str], *, trust: bool = False, map_location: Any = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with torch.load(weights_only=True) unless `trust`; typed errors."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointNotFoundError(f"checkpoint not found: {path}",
+                                      "List checkpoints with: trainctl checkpoint list")
+    manifest = read_manifest(path)
+    if manifest is not None and manifest.get("format_version", 0) > FORMAT_VERSION:
+        raise _unsupported(path, manifest["format_version"])
+    kind = reader.sniff(path)
+    if kind not in ("zip", "legacy"):
+        raise CorruptCheckpointError(f"{path} is {reader.describe_non_checkpoint(path, kind)}.",
+                                     "Pick another checkpoint: trainctl checkpoint list")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=not trust)
+    except pickle.UnpicklingError as e:
+        if not trust and ("weights_only" in str(e).lower() or "Unsupported global" in str(e)):
+            raise _untrusted_message(path, str(e).split("Please file an issue")[0]) from e
+        raise CorruptCheckpointError(f"{path} is damaged: {e}", "Verify it with: trainctl checkpoint verify") from e
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise CorruptCheckpointError(f"{path} is damaged or truncated ({first[:200]}).",
+                                     "Verify it with: trainctl checkpoint verify") from e
+    if not isinstance(obj, dict):
+        return {"state": obj}
+    meta = obj.get(META_KEY)
+    if isinstance(meta, dict) and isinstance(meta.get("format_version"), int) and meta["format_version"] > FORMAT_VERSION:
+        raise _unsupported(path, meta["format_version"])
+    return obj
+
+
+def _unsupported(path: Path, version: Any) -> UnsupportedCheckpointError:
+    return UnsupportedCheckpointError(
+        f"{path} was written by a newer trainctl checkpoint format ({version}); this version reads up to {FORMAT_VERSION}.",
+        "Upgrade trainctl: pip install -U trainctl")
+
+
+# --- verification ----------------------------------------------------------------------------
+
+def _check_zip_crcs(path: Path) -> str | None:
+    """Re-read every member and compare its CRC-32 with the central directory; None when all match."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                crc = 0
+                with archive.open(info) as f:
+                    while chunk := f.read(_CRC_CHUNK):
+                        crc = zlib.crc32(chunk, crc)
+                if crc != info.CRC:
+                    return f"member {info.filename} fails its CRC-32 check"
+    except zipfile.BadZipFile as e:
+        return f"damaged zip: {e}"
+    except (OSError, EOFError, ValueError, NotImplementedError) as e:
+        return f"unreadable: {e}"
+    return None
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any], *, full: bool) -> VerifyResult:
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        return VerifyResult(path, False, "unsupported",
+                            f"written by trainctl checkpoint format {version}; this version reads up to {FORMAT_VERSION}")
+    if manifest.get("file") != path.name:
+        return VerifyResult(path, False, "corrupt", f"manifest describes {manifest.get('file')!r}, not {path.name!r}")
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return VerifyResult(path, False, "corrupt", f"unreadable: {e}")
+    if size != manifest["bytes"]:
+        return VerifyResult(path, False, "corrupt", f"size {size} bytes does not match the manifest's {manifest['bytes']}")
+    digest = str(manifest["digest"])
+    if digest.startswith("zipcrc:"):
+        try:
+            actual = _zip_digest(path)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            return VerifyResult(path, False, "corrupt", f"damaged zip: {e}")
+        if actual != digest:
+            return VerifyResult(path, False, "corrupt", "contents do not match the manifest's digest")
+        if full:
+            problem = _check_zip_crcs(path)
+            if problem:
+                return VerifyResult(path, False, "corrupt", problem)
+    elif digest.startswith("sha256:"):
+        if full and _sha256_file(path) != digest:
+            return VerifyResult(path, False, "corrupt", "contents do not match the manifest's sha256")
+    else:
+        return VerifyResult(path, False, "unsupported", f"unknown digest kind {digest.split(':')[0]!r}")
+    return VerifyResult(path, True, "valid", "digest matches" if full else "manifest matches size and index")
+
+
+def verify(path: str | os.PathLike[str]) -> VerifyResult:
+    """Re-digest a checkpoint against its manifest; foreign checkpoints get a structural check."""
+    path = Path(path)
+    if not path.exists():
+        return VerifyResult(path, False, "corrupt", "file is missing")
+    if path.is_dir():
+        if (path / "trainer_state.json").is_file():
+            info = inspect(path)
+            return VerifyResult(path, info.status != "corrupt", info.status, info.error or "no digest to check (Hugging Face folder)")
+        return VerifyResult(path, False, "corrupt", "a directory without checkpoints")
+    manifest = read_manifest(path)
+    if manifest is not None:
+        return _check_manifest(path, manifest, full=True)
+    info = inspect(path)
+    if info.status == "corrupt":
+        return VerifyResult(path, False, "corrupt", info.error or "unreadable")
+    if reader.sniff(path) == "zip":
+        problem = _check_zip_crcs(path)
+        if problem:
+            return VerifyResult(path, False, "corrupt", problem)
+    if info.kind == "trainctl":
+        return VerifyResult(path, False, "unverified", "no complete manifest (an interrupted save?)")
+    return VerifyResult(path, True, "foreign", f"{info.kind} checkpoint without a trainctl manifest; readable")
+
+
+# --- inspecting ------------------------------------------------------------------------------
+
+def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
+    """Metadata of any checkpoint (file or Hugging Face folder) without reading its tensors."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except OSError as e:
+        return CheckpointInfo(path=path, status="corrupt", error=f"cannot read: {e.strerror or e}")
+    info = CheckpointInfo(path=path, bytes=st.st_size, mtime=st.st_mtime)
+    if path.is_dir():
+        if not (path / "trainer_state.json").is_file():
+            info.status, info.error = "corrupt", "a directory without checkpoints"
+            return info
+        try:
+            facts = reader.read_hf_folder(path)
+        except reader.UnreadableCheckpoint as e:
+            info.kind, info.status, info.error = "huggingface", "corrupt", str(e)
+            return info
+        info.kind, info.status = "huggingface", "foreign"
+        info.epoch, info.step, info.metrics = facts["epoch"], facts["step"], facts["metrics"]
+        info.summary, info.bytes = facts["summary"], facts["bytes"]
+        return info
+    manifest = read_manifest(path)
+    if manifest is not None:
+        meta = manifest["meta"]
+        check = _check_manifest(path, manifest, full=False)
+        info.kind, info.status = "trainctl", check.status
+        info.error = None if check.ok else check.reason
+        _fill_from_meta(info, meta)
+        info.summary = {"format_version": manifest["format_version"], "digest": manifest["digest"]}
+        return info
+    kind = reader.sniff(path)
+    try:
+        if kind == "safetensors":
+            facts = reader.read_safetensors(path)
+            info.kind, info.status, info.summary = "safetensors", "foreign", facts
+            info.meta = facts.get("metadata") or {}
+            return info
+        torch_file = reader.read_torch(path)
+    except reader.UnreadableCheckpoint as e:
+        info.status, info.error = "corrupt", str(e)
+        return info
+    except OSError as e:
+        info.status, info.error = "corrupt", f"cannot read: {e}"
+        return info
+    facts = reader.classify(torch_file.obj, META_KEY)
+    info.kind = facts["kind"]
+    info.summary = {"torch_format": torch_file.format, **facts["summary"]}
+    info.epoch, info.step, info.metrics = facts["epoch"], facts["step"], facts["metrics"]
+    if info.kind == "trainctl":
+        info.status, info.error = "unverified", "no complete manifest (an interrupted save?)"
+        _fill_from_meta(info, facts["meta"])
+        version = facts["meta"].get("format_version")
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            info.status = "unsupported"
+            info.error = f"written by trainctl checkpoint format {version}; this version reads up to {FORMAT_VERSION}"
+    elif info.kind == "unknown":
+        info.status, info.error = "corrupt", f"a torch file holding {info.summary.get('type', 'an object')}, not a checkpoint"
+    else:
+        info.status = "foreign"
+    return info
+
+
+def _fill_from_meta(info: CheckpointInfo, meta: dict[str, Any]) -> None:
+    info.meta = meta
+    info.epoch = meta.get("epoch")
+    info.step = meta.get("step")
+    info.metrics = meta.get("metrics") or {}
+    saved_at = meta.get("saved_at")
+    info.saved_at = saved_at if isinstance(saved_at, (int, float)) else None
+    info.session_id = meta.get("session_id")
+    info.script = meta.get("script")
+
+
+def _candidates(directory: Path, recursive: bool) -> Iterable[Path]:
+    try:
+        entries = sorted(directory.iterdir())
+    except OSError:
+        return
+    names = {p.name for p in entries}
+    for p in entries:
+        if p.name.startswith("."):
+            continue  # temp files of saves in progress, hidden folders
+        if p.is_dir():
+            if (p / "trainer_state.json").is_file():
+                yield p
+            elif recursive and p.name not in _SKIP_DIRS and not p.is_symlink():
+                yield from _candidates(p, recursive)
+            continue
+        if p.name.endswith(MANIFEST_SUFFIX):
+            continue
+        if p.suffix in CHECKPOINT_SUFFIXES or p.name + MANIFEST_SUFFIX in names:
+            yield p
+
+
+def scan(directory: str | os.PathLike[str], *, recursive: bool = True) -> list[CheckpointInfo]:
+    """Every checkpoint under `directory`, newest first; manifests first, files walked only without one."""
+    directory = Path(directory)
+    infos = [inspect(p) for p in _candidates(directory, recursive)]
+    infos.sort(key=lambda i: i.time, reverse=True)
+    return infos
+
+
+def _matches(info: CheckpointInfo, script: str | None, name: str | None, session_id: str | None) -> bool:
+    meta = info.meta
+    if session_id is not None and meta.get("session_id") != session_id:
+        return False
+    if name is not None and meta.get("name") != name:
+        return False
+    if script is not None:
+        recorded = meta.get("script")
+        if not isinstance(recorded, str):
+            return False
+        # the same script run from another folder or machine counts: compare file names
+        if recorded != script and Path(recorded).name != Path(script).name:
+            return False
+    return True
+
+
+def newest_valid(directory: str | os.PathLike[str], *, script: str | None = None, name: str | None = None,
+                 session_id: str | None = None, verify_digest: bool = True,
+                 ) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest trainctl checkpoint that verifies, and the newer ones skipped with why."""
+    skipped: list[tuple[Path, str]] = []
+    for info in scan(directory):
+        if info.kind != "trainctl":
+            continue
+        if info.status == "unverified":
+            if _matches(info, script, name, session_id):
+                skipped.append((info.path, info.error or "no complete manifest"))
+            continue
+        if not _matches(info, script, name, session_id):
+            continue
+        if info.status != "valid":
+            skipped.append((info.path, info.error or info.status))
+            continue
+        if verify_digest:
+            result = verify(info.path)
+            if not result.ok:
+                skipped.append((info.path, result.reason))
+                continue
+        return info.path, skipped
+    return None, skipped
+
+
+# --- retention -------------------------------------------------------------------------------
+
+def _metric_value(info: CheckpointInfo, metric: str) -> float | None:
+    value = (info.metrics or {}).get(metric)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def plan_retention(infos: Iterable[CheckpointInfo], *, keep_last_n: int = 0, keep_best_k: int = 0,
+                   metric: str = "loss", mode: str = "min", max_total_bytes: int = 0,
+                   protected: Iterable[str | os.PathLike[str]] = ()) -> list[CheckpointInfo]:
+    """Which checkpoints to delete, oldest first; never the newest valid, the best, or `protected`.
+
+    Only trainctl checkpoints with a manifest are managed: a file without one may be a save in
+    progress, and foreign checkpoints belong to other tools.
+    """
+    if mode not in ("min", "max"):
+        raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
+    managed = sorted((i for i in infos if i.kind == "trainctl" and i.status != "unverified"),
+                     key=lambda i: i.time, reverse=True)
+    protected_paths = {os.path.realpath(p) for p in protected}
+    keep: set[int] = set()
+    for idx, info in enumerate(managed):
+        if os.path.realpath(info.path) in protected_paths:
+            keep.add(idx)
+    newest = next((idx for idx, i in enumerate(managed) if i.status == "valid"), None)
+    if newest is not None:
+        keep.add(newest)
+    ranked = sorted(((v, idx) for idx, i in enumerate(managed) if i.status == "valid"
+                     and (v := _metric_value(i, metric)) is not None),
+                    key=lambda t: (t[0] if mode == "min" else -t[0], t[1]))
+    if ranked:
+        keep.add(ranked[0][1])
+    never = set(keep)
+    delete: set[int] = set()
+    if keep_last_n > 0 or keep_best_k > 0:
+        keep.update(range(min(keep_last_n, len(managed))))
+        keep.update(idx for _, idx in ranked[:keep_best_k])
+        delete = {idx for idx in range(len(managed)) if idx not in keep}
+    if max_total_bytes > 0:
+        total = sum(i.bytes for idx, i in enumerate(managed) if idx not in delete)
+        for idx in range(len(managed) - 1, -1, -1):  # oldest first
+            if total <= max_total_bytes:
+                break
+            if idx in delete or idx in never:
+                continue
+            delete.add(idx)
+            total -= managed[idx].bytes
+    return [managed[idx] for idx in sorted(delete, reverse=True)]
+
+
+def retention_settings(config: Any) -> dict[str, Any]:
+    """keep_last_n, keep_best_k, metric, mode, max_total_bytes from a Config or a plain dict."""
+    from .config import SCHEMA, parse_size
+
+    keys = SCHEMA["retention"]
+    if hasattr(config, "values") and callable(getattr(config, "get", None)) and not isinstance(config, dict):
+        values = {k: config.get("retention", k) for k in keys}
+    else:
+        table = (config or {}).get("retention", config or {})
+        values = {k: table.get(k, keys[k][1]) for k in keys}
+    size = values.pop("max_total_size") or ""
+    values["max_total_bytes"] = parse_size(size) if size else 0
+    return values
+
+
+def delete_checkpoint(path: str | os.PathLike[str]) -> None:
+    """Remove a checkpoint's manifest first (so a crash leaves no valid-looking half), then the file."""
+    path = Path(path)
+    try:
+        manifest_path(path).unlink()
+    except FileNotFoundError:
+        pass
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    fsync_dir(path.parent)
+
+
+def apply_retention(directory: str | os.PathLike[str], config: Any, *,
+                    protected: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
+    """Apply the configured retention to one folder of checkpoints; return what was deleted."""
+    settings = retention_settings(config)
+    if not (settings["keep_last_n"] or settings["keep_best_k"] or settings["max_total_bytes"]):
+        return []
+    plan = plan_retention(scan(directory, recursive=False), protected=protected, **settings)
+    for info in plan:
+        delete_checkpoint(info.path)
+    return [info.path for info in plan]
