@@ -190,7 +190,7 @@ class LocalBackend(Backend):
         rc = handle.ref.proc.poll()
         return "running" if rc is None else ("completed" if rc == 0 else "failed")
 
-    def signal(self, handle: Handle, signum: int) -> None:
+    def send_signal(self, handle: Handle, signum: int) -> None:
         try:
             os.killpg(handle.ref.proc.pid, signum)
         except (ProcessLookupError, PermissionError):
@@ -200,7 +200,7 @@ class LocalBackend(Backend):
         att: _Attempt = handle.ref
         first = not att.stop_requested
         att.stop_requested = True
-        self.signal(handle, signum)
+        self.send_signal(handle, signum)
         if first:
             att.kill_timer = threading.Timer(grace_period_s, self.terminate, args=(handle,))
             att.kill_timer.daemon = True
@@ -209,7 +209,7 @@ class LocalBackend(Backend):
             self.terminate(handle)
 
     def terminate(self, handle: Handle) -> None:
-        self.signal(handle, signal.SIGKILL)
+        self.send_signal(handle, signal.SIGKILL)
 
     def _reap_group(self, pgid: int) -> None:
         """Leave no orphan: anything still in the child's process group is killed."""

@@ -1,0 +1,291 @@
+"""trainctl local, trainctl.init() and the session store, through real processes and files."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from trainctl import env as env_mod
+from trainctl.session import Session, SessionStore
+
+from .conftest import REPO, clean_env, run_cli
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def only_session(project: Path) -> Session:
+    sessions = SessionStore(project / ".trainctl").ids()
+    assert len(sessions) == 1, sessions
+    return Session(project / ".trainctl" / "sessions" / sessions[0])
+
+
+def test_env_injection_every_variable_points_at_existing_paths(project, cli):
+    write(project / "dump.py", """
+        import json, os, sys
+        json.dump({k: v for k, v in os.environ.items() if k.startswith("TRAIN_OPS_")},
+                  open("env.json", "w"))
+        print("args", sys.argv[1:])
+    """)
+    r = cli("local", "--no-preflight", "dump.py", "--lr", "0.1")
+    assert r.returncode == 0, r.stderr
+    seen = json.loads((project / "env.json").read_text())
+    assert set(seen) == set(env_mod.VARIABLES) - {"TRAIN_OPS_RESUME"}
+    for key in ("TRAIN_OPS_SESSION_DIR", "TRAIN_OPS_CHECKPOINT_DIR", "TRAIN_OPS_TENSORBOARD_DIR",
+                "TRAIN_OPS_CONFIG"):
+        assert Path(seen[key]).exists(), key
+    session = only_session(project)
+    assert seen["TRAIN_OPS_SESSION_ID"] == session.id
+    assert seen["TRAIN_OPS_ATTEMPT"] == "0" and seen["TRAIN_OPS_BACKEND"] == "local"
+    assert seen["TRAIN_OPS_CHECKPOINT_DIR"].endswith(os.path.join("checkpoints", session.id))
+    assert "args ['--lr', '0.1']" in r.stdout
+
+
+def test_output_passthrough_and_tee(project, cli):
+    write(project / "talk.py", """
+        import sys
+        for i in range(3):
+            print(f"out {i}")
+            print(f"err {i}", file=sys.stderr)
+    """)
+    r = cli("local", "--no-preflight", "talk.py")
+    assert r.returncode == 0
+    assert [l for l in r.stdout.splitlines() if l.startswith("out")] == ["out 0", "out 1", "out 2"]
+    assert "err 2" in r.stderr and "err" not in r.stdout
+    log = only_session(project).output_log.read_text()
+    assert all(f"out {i}" in log and f"err {i}" in log for i in range(3))
+
+
+def test_failing_script_exit_code_tail_and_failed_session(project, cli):
+    write(project / "boom.py", """
+        import sys
+        for i in range(30):
+            print(f"line {i}")
+        sys.exit(3)
+    """)
+    r = cli("local", "--no-preflight", "boom.py")
+    assert r.returncode == 3
+    session = only_session(project)
+    assert session.read()["status"] == "failed" and session.read()["exit_code"] == 3
+    assert "line 29" in r.stderr and "line 5\n" not in r.stderr  # the tail, not everything
+    assert session.id in r.stderr and str(session.output_log) in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_quickstart_under_launcher_records_metrics_checkpoints_summary(project, cli):
+    r = cli("local", str(REPO / "examples" / "quickstart.py"), "--epochs", "2",
+            "--steps-per-epoch", "20")
+    assert r.returncode == 0, r.stderr
+    session = only_session(project)
+    data = session.read()
+    assert data["status"] == "completed" and data["exit_code"] == 0
+    assert data["config"]["epochs"] == 2  # trainctl.init(config=vars(args))
+    steps = sorted(e["step"] for e in session.metrics() if "loss" in e["values"])
+    assert steps == list(range(1, 41))
+    assert data["summary"]["checkpoints"] == 2
+    assert "completed" in r.stderr and session.id in r.stderr and "loss" in r.stderr
+    ckpts = sorted((project / "checkpoints" / session.id).glob("*.pt"))
+    assert [p.name for p in ckpts] == ["ckpt-step00000020.pt", "ckpt-step00000040.pt"]
+
+
+def test_standalone_python_script_is_recorded(project):
+    write(project / "alone.py", """
+        import trainctl
+        run = trainctl.init(config={"lr": 0.1, "api_key": "hunter2"}, name="solo")
+        for step in range(1, 6):
+            run.log({"loss": 1.0 / step}, step=step)
+    """)
+    r = subprocess.run([sys.executable, "alone.py"], cwd=project, capture_output=True, text=True,
+                       env=clean_env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    session = only_session(project)
+    data = session.read()
+    assert data["status"] == "completed" and data["name"] == "solo"
+    assert data["config"] == {"lr": 0.1, "api_key": "***"}
+    assert "hunter2" not in session.events_path.read_text() + session.json_path.read_text()
+    assert data["summary"]["best"]["loss"]["value"] == pytest.approx(0.2)
+    assert [e["step"] for e in session.metrics()] == [1, 2, 3, 4, 5]
+
+
+def test_standalone_crash_marks_session_failed(project):
+    write(project / "crash.py", """
+        import trainctl
+        run = trainctl.init()
+        run.log({"loss": 1.0})
+        raise RuntimeError("bad batch")
+    """)
+    r = subprocess.run([sys.executable, "crash.py"], cwd=project, capture_output=True, text=True,
+                       env=clean_env(), timeout=60)
+    assert r.returncode == 1
+    data = only_session(project).read()
+    assert data["status"] == "failed" and "bad batch" in data["error"]
+
+
+def test_sessions_list_and_show(project, cli):
+    write(project / "ok.py", "print('loss: 0.5')\n")
+    for _ in range(2):
+        assert cli("local", "--no-preflight", "ok.py").returncode == 0
+    r = cli("sessions", "list")
+    assert r.returncode == 0 and len(r.stdout.strip().splitlines()) == 3
+    assert "completed" in r.stdout and "ok.py" in r.stdout
+    listed = json.loads(cli("sessions", "list", "--json").stdout)
+    assert [s["status"] for s in listed] == ["completed", "completed"]
+    assert listed[0]["id"] > listed[1]["id"]  # newest first
+    shown = cli("sessions", "show", "latest")
+    assert shown.returncode == 0 and listed[0]["id"] in shown.stdout
+    as_json = json.loads(cli("sessions", "show", listed[1]["id"][:17], "--json").stdout)
+    assert as_json["id"] == listed[1]["id"]
+    assert len(json.loads(cli("sessions", "list", "--json", "--limit", "1").stdout)) == 1
+
+
+def test_crashed_session_is_not_running_forever(project):
+    store = SessionStore(project / ".trainctl")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    store.create(status="running", script="x.py",
+                 processes=[{"pid": dead.pid, "start_ticks": 1, "role": "script"}])
+    r = run_cli(["sessions", "list", "--json"], project)
+    assert json.loads(r.stdout)[0]["status"] == "crashed"
+
+
+def test_ctrl_c_kills_session_and_child(project):
+    write(project / "slow.py", """
+        import os, time
+        open("child.pid", "w").write(str(os.getpid()))
+        print("started", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-m", "trainctl", "local", "--no-preflight", "slow.py"],
+                            cwd=project, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 30
+    while not (project / "child.pid").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    child = int((project / "child.pid").read_text())
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
+    assert only_session(project).read()["status"] == "killed"
+
+
+def test_events_log_under_concurrency(tmp_path):
+    store = SessionStore(tmp_path)
+    session = store.create(script="x.py")
+    writer = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from trainctl.session import Session
+        s = Session(Path({str(session.dir)!r}))
+        w = int(sys.argv[1])
+        for batch in range(50):
+            s.append_events([{{"kind": "metric", "step": batch * 100 + i, "values": {{"w": w}}}} for i in range(100)])
+    """)
+    procs = [subprocess.Popen([sys.executable, "-c", writer, str(w)], env=clean_env()) for w in range(8)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    lines = session.events_path.read_text().splitlines()
+    events = [json.loads(line) for line in lines]  # every line valid JSON
+    seen = [(e["values"]["w"], e["step"]) for e in events if e["kind"] == "metric"]
+    assert len(seen) == 8 * 5000 and len(set(seen)) == 8 * 5000
+
+
+def test_torn_last_line_and_corrupt_session_are_skipped(project, cli):
+    store = SessionStore(project / ".trainctl")
+    good = store.create(status="completed", script="good.py")
+    with open(good.events_path, "a") as f:
+        f.write('{"kind": "metric", "step": 1, "val')  # a writer died mid-line
+    bad = store.create(status="completed", script="bad.py")
+    bad.json_path.write_text('{"id": "half-writ')
+    r = cli("sessions", "list")
+    assert r.returncode == 0
+    assert good.id in r.stdout and bad.id not in r.stdout
+    assert "skipped" in r.stderr and bad.id in r.stderr
+    assert list(good.iter_events()) and good.metrics() == []
+    good.event("metric", step=2, values={"loss": 1.0})  # appending after a torn line still works
+    assert [e["step"] for e in good.metrics()] == [2]
+
+
+def test_import_guard_keeps_heavy_packages_out():
+    code = textwrap.dedent("""
+        import sys, subprocess
+        import trainctl
+        from trainctl.launcher import cli
+        heavy = [m for m in ("torch", "lightning", "boto3", "runpod", "tensorboard", "numpy", "matplotlib") if m in sys.modules]
+        print(",".join(heavy))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env())
+    assert r.stdout.strip() == ""
+    for args in (["--help"], ["sessions", "list"], ["local", "--help"]):
+        probe = textwrap.dedent(f"""
+            import sys, runpy
+            sys.argv = ["trainctl", *{args!r}]
+            try:
+                from trainctl.launcher.cli import cli
+                cli.main(args=sys.argv[1:], standalone_mode=False)
+            except SystemExit:
+                pass
+            heavy = [m for m in ("torch", "lightning", "boto3", "runpod", "tensorboard") if m in sys.modules]
+            print("HEAVY=" + ",".join(heavy))
+        """)
+        r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                           env=clean_env(), cwd=REPO)
+        assert "HEAVY=\n" in r.stdout or r.stdout.rstrip().endswith("HEAVY="), (args, r.stdout, r.stderr)
+
+
+def test_readme_and_local_help_list_every_variable(cli):
+    readme = (REPO / "README.md").read_text()
+    table = dict(re.findall(r"^\| `(TRAIN_OPS_\w+)` \| (.+?) \|$", readme, re.MULTILINE))
+    assert table == env_mod.VARIABLES
+    help_text = cli("local", "--help").stdout
+    for name, meaning in env_mod.VARIABLES.items():
+        assert name in help_text and meaning.split()[0] in help_text
+
+
+def test_init_writes_config_and_refuses_to_overwrite(tmp_path):
+    r = run_cli(["init"], tmp_path)
+    assert r.returncode == 0 and (tmp_path / "trainctl.toml").exists()
+    before = (tmp_path / "trainctl.toml").read_text()
+    r = run_cli(["init"], tmp_path)
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert (tmp_path / "trainctl.toml").read_text() == before
+    assert run_cli(["init", "--force"], tmp_path).returncode == 0
+
+
+BAD_INPUT = [
+    # (name, args, files, exit code, message fragment)
+    ("no script", ["local"], {}, 2, "Missing argument 'SCRIPT'"),
+    ("missing script", ["local", "nope.py"], {}, 3, "nope.py does not exist"),
+    ("directory", ["local", "data"], {"data/x.txt": "x"}, 3, "is a directory"),
+    ("malformed toml", ["sessions", "list"], {"trainctl.toml": "checkpoint_dir = \n"}, 2, "trainctl.toml:1"),
+    ("unknown key", ["sessions", "list"], {"trainctl.toml": "chekpoint_dir = 'x'\n"}, 2, "Did you mean 'checkpoint_dir'"),
+    ("wrong type", ["sessions", "list"], {"trainctl.toml": "[retention]\nkeep_last_n = 'three'\n"}, 2, "trainctl.toml:2"),
+    ("unknown session", ["sessions", "show", "20990101"], {}, 3, "trainctl sessions list"),
+    ("negative restarts", ["local", "--max-restarts", "-1", "ok.py"], {"ok.py": "pass"}, 2, "--max-restarts"),
+    ("bad restart-on", ["local", "--restart-on", "always", "ok.py"], {"ok.py": "pass"}, 2, "Valid: preempted, failed"),
+    ("init exists", ["init"], {}, 2, "already exists"),
+]
+
+
+@pytest.mark.parametrize("name,args,files,code,fragment", BAD_INPUT, ids=[r[0] for r in BAD_INPUT])
+def test_bad_input(project, name, args, files, code, fragment):
+    for rel, text in files.items():
+        (project / rel).parent.mkdir(parents=True, exist_ok=True)
+        (project / rel).write_text(text)
+    before = sorted(str(p.relative_to(project)) for p in project.rglob("*"))
+    r = run_cli(args, project)
+    assert r.returncode == code, r.stderr
+    assert fragment in r.stderr
+    assert "Traceback" not in r.stderr
+    assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == before

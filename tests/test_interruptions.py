@@ -1,0 +1,238 @@
+"""Preemption, automatic restarts with resume, bit-exact continuation, torchrun (issue 4)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainctl.errors import EXIT_PREEMPTED
+from trainctl.session import Session, SessionStore
+
+from .conftest import EXAMPLES, REPO, clean_env, run_cli
+
+QUICKSTART = str(EXAMPLES / "quickstart.py")
+
+
+def sessions(project: Path) -> list[Session]:
+    store = SessionStore(project / ".trainctl")
+    return [Session(store.sessions_dir / i) for i in store.ids()]
+
+
+def final_state(project: Path, session: Session, step: int) -> dict:
+    path = project / "checkpoints" / session.id / f"ckpt-step{step:08d}.pt"
+    return torch.load(path, weights_only=True)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    for key in ("model", "optimizer"):
+        flat_a, flat_b = _flatten(a[key]), _flatten(b[key])
+        assert flat_a.keys() == flat_b.keys()
+        for name in flat_a:
+            va, vb = flat_a[name], flat_b[name]
+            if isinstance(va, torch.Tensor):
+                assert torch.equal(va, vb), f"{key}.{name} differs"
+            else:
+                assert va == vb, f"{key}.{name} differs"
+
+
+def _flatten(obj, prefix=""):
+    out = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            out.update(_flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix] = obj
+    return out
+
+
+def script_pid(session: Session, attempt: int) -> int | None:
+    try:
+        data = session.read()
+    except Exception:
+        return None
+    runtime = data.get("runtime") or {}
+    if runtime.get("attempt") == attempt and runtime.get("pid"):
+        return runtime["pid"]  # the training process itself has started (past `import torch`)
+    return None
+
+
+def start_launcher(project: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "trainctl", "local", "--no-preflight", *args],
+                            cwd=project, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_session(project: Path, timeout: float = 60) -> Session:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = sessions(project)
+        if found:
+            return found[0]
+        time.sleep(0.05)
+    raise AssertionError("no session appeared")
+
+
+TRAIN_ARGS = ["--epochs", "2", "--steps-per-epoch", "40", "--checkpoint-every", "4"]
+TOTAL = 80
+
+
+def test_chaos_sigkill_at_random_moments_ends_bit_identical(project):
+    baseline = run_cli(["local", "--no-preflight", QUICKSTART, *TRAIN_ARGS], project, timeout=300)
+    assert baseline.returncode == 0, baseline.stderr
+    reference = sessions(project)[0]
+
+    rng = random.Random(1234)
+    proc = start_launcher(project, "--max-restarts", "20", "--restart-delay", "0", QUICKSTART,
+                          *TRAIN_ARGS, "--step-delay", "0.02")
+    deadline = time.time() + 30
+    while len(sessions(project)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    session = sessions(project)[0]
+    assert session.id != reference.id
+    ckpt_dir = project / "checkpoints" / session.id
+    kills = []
+    for attempt in range(6):
+        pid = None
+        while pid is None and proc.poll() is None:
+            pid = script_pid(session, attempt)
+            time.sleep(0.02)
+        if proc.poll() is not None:
+            break
+        if attempt % 2:  # kill while a checkpoint is being written
+            deadline = time.time() + 10
+            while time.time() < deadline and not any(p.name.endswith(".tmp") for p in ckpt_dir.iterdir()):
+                time.sleep(0.001)
+        else:
+            time.sleep(rng.uniform(0.1, 0.6))
+        try:
+            os.kill(pid, signal.SIGKILL)
+            kills.append(pid)
+        except ProcessLookupError:
+            pass
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert len(kills) >= 5
+    data = session.read()
+    assert data["status"] == "completed" and len(data["attempts"]) >= 6
+    assert_same_training_state(final_state(project, session, TOTAL), final_state(project, reference, TOTAL))
+    # one clean curve: every step exactly once, no gaps
+    steps = [e["step"] for e in session.metrics() if "loss" in e["values"]]
+    assert sorted(steps) == list(range(1, TOTAL + 1))
+    assert len([e for e in session.iter_events(("restart",))]) == len(data["attempts"]) - 1
+
+
+def test_sigterm_to_script_writes_emergency_checkpoint_and_restart_resumes(project):
+    baseline = run_cli(["local", "--no-preflight", QUICKSTART, "--epochs", "1", "--steps-per-epoch", "60"],
+                       project, timeout=300)
+    assert baseline.returncode == 0
+    reference = sessions(project)[0]
+    proc = start_launcher(project, "--max-restarts", "2", "--restart-delay", "0", QUICKSTART,
+                          "--epochs", "1", "--steps-per-epoch", "60", "--step-delay", "0.03")
+    time.sleep(0.5)
+    session = sessions(project)[0]
+    pid = None
+    while pid is None:
+        pid = script_pid(session, 0)
+        time.sleep(0.02)
+    time.sleep(0.5)
+    os.kill(pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    data = session.read()
+    first = data["attempts"][0]
+    assert first["status"] == "preempted" and first["exit_code"] == EXIT_PREEMPTED
+    emergency = [e for e in session.iter_events(("checkpoint",)) if "emergency" in e["path"]]
+    assert len(emergency) == 1
+    assert data["attempts"][1]["resume_from"] == emergency[0]["path"]
+    assert_same_training_state(final_state(project, session, 60), final_state(project, reference, 60))
+    steps = [e["step"] for e in session.metrics() if "loss" in e["values"]]
+    assert sorted(steps) == list(range(1, 61))
+
+
+def test_sigterm_to_launcher_ends_killed_without_orphans(project):
+    (project / "slow.py").write_text(textwrap.dedent("""
+        import os, subprocess, sys, time
+        open("pids", "w").write(f"{os.getpid()} " + str(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]).pid))
+        time.sleep(120)
+    """))
+    proc = start_launcher(project, "--grace-period", "2", "slow.py")
+    deadline = time.time() + 30
+    while not (project / "pids").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+    pids = [int(p) for p in (project / "pids").read_text().split()]
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert sessions(project)[0].read()["status"] == "killed"
+
+
+def test_crash_loop_stops_with_the_repeating_error(project):
+    (project / "bad.py").write_text("raise ValueError('config is broken')\n")
+    r = run_cli(["local", "--no-preflight", "--max-restarts", "10", "--restart-delay", "0", "bad.py"],
+                project, timeout=120)
+    assert r.returncode == 1
+    data = sessions(project)[0].read()
+    assert len(data["attempts"]) == 3  # stopped early, not 11 times
+    assert "same error" in r.stderr and "config is broken" in r.stderr
+
+
+def test_script_that_never_checkpoints_restarts_from_scratch(project):
+    (project / "flaky.py").write_text(textwrap.dedent("""
+        import os, sys
+        attempt = int(os.environ["TRAIN_OPS_ATTEMPT"])
+        print("attempt", attempt, "resume", os.environ.get("TRAIN_OPS_RESUME"))
+        sys.exit(0 if attempt == 1 else 1)
+    """))
+    r = run_cli(["local", "--no-preflight", "--max-restarts", "3", "--restart-delay", "0", "flaky.py"],
+                project, timeout=120)
+    assert r.returncode == 0
+    assert "restarting from scratch" in r.stderr
+    assert "attempt 1 resume None" in r.stdout
+
+
+@pytest.mark.parametrize("value", ["-1", "two"])
+def test_bad_max_restarts(project, value):
+    (project / "ok.py").write_text("pass\n")
+    r = run_cli(["local", "--max-restarts", value, "ok.py"], project)
+    assert r.returncode == 2 and "max-restarts" in r.stderr and "Traceback" not in r.stderr
+    assert not (project / ".trainctl").exists()
+
+
+def test_torchrun_two_processes_one_session_rank0_writes_and_resume(project):
+    script = str(REPO / "tests" / "scripts" / "ddp_train.py")
+    r = run_cli(["local", "--no-preflight", "--nproc-per-node", "2", script, "--steps", "10"],
+                project, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (session,) = sessions(project)
+    metric_steps = [e["step"] for e in session.metrics()]
+    assert metric_steps == list(range(1, 11))  # written once, by rank 0
+    ckpts = sorted(p.name for p in (project / "checkpoints" / session.id).glob("*.pt"))
+    assert ckpts == ["ckpt-step00000005.pt", "ckpt-step00000010.pt"]
+    ranks = [json.loads((project / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [r["is_main"] for r in ranks] == [True, False]
+    assert {r["session"] for r in ranks} == {session.id}
+    # resume: both ranks read the same checkpoint
+    ckpt = project / "checkpoints" / session.id / "ckpt-step00000005.pt"
+    r = run_cli(["local", "--no-preflight", "--nproc-per-node", "2", "--resume", str(ckpt), script,
+                 "--steps", "10"], project, timeout=300)
+    assert r.returncode == 0, r.stderr
+    ranks = [json.loads((project / f"rank{i}.json").read_text()) for i in (0, 1)]
+    assert [r["start"] for r in ranks] == [5, 5]
