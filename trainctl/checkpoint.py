@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import secrets
 import sys
 import threading
@@ -332,9 +333,10 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def _untrusted_message(path: Path, detail: str) -> UntrustedCheckpointError:
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
+    what = f"it references {match.group(1)}" if match else "it holds objects other than tensors and plain data"
     return UntrustedCheckpointError(
-        f"{path} needs full unpickling to load, which can run any code stored in the file "
-        f"(weights-only loading refused it: {detail.strip().splitlines()[0][:200] if detail.strip() else 'unsupported object'}).",
+        f"{path} needs full unpickling to load ({what}), and unpickling can run any code stored in the file.",
         "Load it only if you trust where it came from: pass --trust (trust=True).")
 
 
@@ -359,7 +361,7 @@ def load(path: str | os.PathLike[str], *, trust: bool = False, map_location: Any
         obj = torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as e:
         if not trust and ("weights_only" in str(e).lower() or "Unsupported global" in str(e)):
-            raise _untrusted_message(path, str(e).split("Please file an issue")[0]) from e
+            raise _untrusted_message(path, str(e)) from e
         raise CorruptCheckpointError(f"{path} is damaged: {e}", "Verify it with: trainctl checkpoint verify") from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
@@ -459,8 +461,12 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
 
 # --- inspecting ------------------------------------------------------------------------------
 
-def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
-    """Metadata of any checkpoint (file or Hugging Face folder) without reading its tensors."""
+def inspect(path: str | os.PathLike[str], *, contents: bool = False) -> CheckpointInfo:
+    """Metadata of any checkpoint (file or Hugging Face folder) without reading its tensors.
+
+    A trainctl checkpoint is described from its manifest alone; `contents` also walks its
+    pickle for tensor counts and state keys (still no tensor data is read).
+    """
     path = Path(path)
     try:
         st = path.stat()
@@ -488,6 +494,12 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
         info.error = None if check.ok else check.reason
         _fill_from_meta(info, meta)
         info.summary = {"format_version": manifest["format_version"], "digest": manifest["digest"]}
+        if contents and check.status != "corrupt":
+            try:
+                facts = reader.classify(reader.read_torch(path).obj, META_KEY)
+                info.summary.update({k: v for k, v in facts["summary"].items() if k != "keys"})
+            except (reader.UnreadableCheckpoint, OSError) as e:
+                info.status, info.error = "corrupt", str(e)
         return info
     kind = reader.sniff(path)
     try:
@@ -506,6 +518,9 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointInfo:
     facts = reader.classify(torch_file.obj, META_KEY)
     info.kind = facts["kind"]
     info.summary = {"torch_format": torch_file.format, **facts["summary"]}
+    if torch_file.refused:
+        # weights_only loading refuses these; loading would need --trust
+        info.summary["untrusted_globals"] = torch_file.refused
     info.epoch, info.step, info.metrics = facts["epoch"], facts["step"], facts["metrics"]
     if info.kind == "trainctl":
         info.status, info.error = "unverified", "no complete manifest (an interrupted save?)"

@@ -269,6 +269,7 @@ class SafeUnpickler(pickle.Unpickler):
     def __init__(self, file: Any, **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
         self.storages: dict[str, StorageRef] = {}
+        self.refused: set[str] = set()  # globals replaced by placeholders: loading them needs trust
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED.get((module, name))
@@ -283,6 +284,7 @@ class SafeUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage", "_LegacyStorage"):
             return StorageType("uint8")
+        self.refused.add(f"{module}.{name}")
         return _opaque_type(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
@@ -314,7 +316,7 @@ class TorchFile:
     format: str  # "zip" or "legacy"
     members: int = 0
     storage_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+    refused: list[str] = field(default_factory=list)
 
 
 def sniff(path: Path) -> str:
@@ -330,6 +332,8 @@ def sniff(path: Path) -> str:
         return "zip"
     if head[:2] == b"\x80\x02" and b"\x8a\n" in head[:4]:  # pickled long: the legacy magic number
         return "legacy"
+    if head[:1] == b"\x80" and 2 <= head[1] <= 5:
+        return "pickle"
     if path.suffix == ".safetensors" or (len(head) > 9 and head[8:9] == b"{"):
         return "safetensors"
     try:
@@ -382,7 +386,7 @@ def read_torch_zip(path: Path, *, read_scalars: bool = True) -> TorchFile:
                 if read_scalars and info.file_size <= SCALAR_READ_BYTES and ref.numel == 1:
                     ref.value = _decode_scalar(archive, info, ref.dtype)
         return TorchFile(obj=obj, storages=unpickler.storages, format="zip", members=len(infos),
-                         storage_bytes=total)
+                         storage_bytes=total, refused=sorted(unpickler.refused))
 
 
 def _decode_scalar(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dtype: str) -> Any:
@@ -416,7 +420,8 @@ def read_torch_legacy(path: Path) -> TorchFile:
     for ref in unpickler.storages.values():
         ref.nbytes = ref.numel * _DTYPE_SIZES.get(ref.dtype, 1)
         total += ref.nbytes
-    return TorchFile(obj=obj, storages=unpickler.storages, format="legacy", storage_bytes=total)
+    return TorchFile(obj=obj, storages=unpickler.storages, format="legacy", storage_bytes=total,
+                     refused=sorted(unpickler.refused))
 
 
 def read_torch(path: Path) -> TorchFile:
@@ -435,6 +440,7 @@ def describe_non_checkpoint(path: Path, kind: str) -> str:
         "dir": "a directory without checkpoints",
         "binary": "not a checkpoint (unrecognised bytes)",
         "safetensors": "not a valid safetensors file",
+        "pickle": "a plain pickle, not a torch checkpoint (reading it would need full unpickling, which can run code)",
     }.get(kind, f"not a checkpoint ({kind})")
 
 
