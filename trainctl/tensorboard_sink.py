@@ -47,7 +47,7 @@ class TensorBoardSink:
                 if not values:
                     continue
                 step = event.get("step")
-                if isinstance(step, bool) or not isinstance(step, int):
+                if isinstance(step, bool) or not isinstance(step, int) or not -(2**63) <= step < 2**63:
                     # like W&B: a log call without a step gets the next one
                     step = self._next_step
                 self._next_step = max(self._next_step, step + 1)

@@ -84,25 +84,33 @@ def collect_series(items: list[tuple[str, str, list[dict[str, Any]]]], metric: s
         curve = Curve(sid, label)
         points = []
         for index, event in enumerate(e for e in events if _numeric((e.get("values") or {}).get(metric))):
-            value = float(event["values"][metric])
+            try:
+                value = float(event["values"][metric])
+            except OverflowError:  # an integer beyond float range
+                value = math.inf
             if not math.isfinite(value):
                 curve.skipped += 1
                 continue
             if _numeric(event.get("step")):
-                axes_used.add("step")
-                x = float(event["step"])
+                axis, x_value = "step", event["step"]
             elif _numeric(event.get("epoch")):
-                axes_used.add("epoch")
-                x = float(event["epoch"])
+                axis, x_value = "epoch", event["epoch"]
             else:
-                axes_used.add("point")
-                x = float(index)
+                axis, x_value = "point", index
+            try:
+                x = float(x_value)
+            except OverflowError:
+                x = math.inf
+            if not math.isfinite(x):
+                curve.skipped += 1
+                continue
+            axes_used.add(axis)
             points.append((x, value))
         points.sort(key=lambda p: p[0])
         curve.xs = [p[0] for p in points]
         curve.ys = [p[1] for p in points]
         if curve.skipped:
-            notes.append(f"note: {label}: {curve.skipped} NaN/Inf value(s) of '{metric}' not drawn.")
+            notes.append(f"note: {label}: {curve.skipped} point(s) of '{metric}' with NaN/Inf not drawn.")
         curves.append(curve)
     if not any(c.xs for c in curves):
         raise NotFoundError(f"'{metric}' has no finite values to draw in {_sessions_text(items)}.",
@@ -134,6 +142,15 @@ def terminal_columns() -> int | None:
     return None
 
 
+def _fraction(value: float, start: float, end: float) -> float:
+    """Where `value` lies from `start` (0) to `end` (1); halves first so huge values don't overflow."""
+    return (value / 2 - start / 2) / (end / 2 - start / 2)
+
+
+def _lerp(start: float, end: float, fraction: float) -> float:
+    return start * (1 - fraction) + end * fraction
+
+
 def _bounds(values: list[float]) -> tuple[float, float]:
     low, high = min(values), max(values)
     if low == high:
@@ -156,7 +173,7 @@ def render_terminal(series: Series, *, width: int | None = None, height: int | N
     y_low, y_high = _bounds(ys)
     tick_rows = sorted({round(i * (height - 1) / 4) for i in range(5)} if height >= 9 else
                        {0, (height - 1) // 2, height - 1})
-    tick_labels = {r: _fmt(y_high - (y_high - y_low) * r / (height - 1)) for r in tick_rows}
+    tick_labels = {r: _fmt(_lerp(y_high, y_low, r / (height - 1))) for r in tick_rows}
     gutter = max(len(t) for t in tick_labels.values()) + 1
 
     if width is None:
@@ -176,8 +193,8 @@ def render_terminal(series: Series, *, width: int | None = None, height: int | N
     for index, curve in enumerate(curves):
         marker = MARKERS[index % len(MARKERS)]
         for x, y in zip(curve.xs, curve.ys, strict=True):
-            col = round((x - x_low) / (x_high - x_low) * (width - 1))
-            row = round((y_high - y) / (y_high - y_low) * (height - 1))
+            col = round(_fraction(x, x_low, x_high) * (width - 1))
+            row = round(_fraction(y, y_high, y_low) * (height - 1))
             grid[row][col] = marker
 
     lines = [f"{series.metric}"[: gutter + 1 + width]]
@@ -231,13 +248,18 @@ def write_image(series: Series, path: Path, *, width: int | None = None, height:
     figure = Figure(figsize=((width or 1000) / dpi, (height or 600) / dpi), dpi=dpi)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    for index, curve in enumerate(c for c in series.curves if c.xs):
+    curves = [c for c in series.curves if c.xs]
+    # matplotlib's autoscaling overflows near the float limit: draw such values in units of 10^k
+    largest = max(abs(y) for c in curves for y in c.ys)
+    exponent = math.floor(math.log10(largest)) if largest >= 1e250 else 0
+    for index, curve in enumerate(curves):
         label = curve.label + (f" ({curve.skipped} NaN/Inf not drawn)" if curve.skipped else "")
-        axes.plot(curve.xs, curve.ys, label=label, linewidth=1.5,
+        ys = [y / 10.0**exponent for y in curve.ys] if exponent else curve.ys
+        axes.plot(curve.xs, ys, label=label, linewidth=1.5,
                   marker=IMAGE_MARKERS[index % len(IMAGE_MARKERS)], markevery=max(len(curve.xs) // 12, 1),
                   markersize=4)
     axes.set_xlabel(series.x_label)
-    axes.set_ylabel(series.metric)
+    axes.set_ylabel(series.metric + (f" (×1e{exponent})" if exponent else ""))
     axes.set_title(series.metric)
     axes.grid(True, alpha=0.3)
     axes.legend(loc="best")

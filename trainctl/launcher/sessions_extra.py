@@ -52,7 +52,7 @@ def _read(session: Any) -> dict[str, Any]:
         return {"id": session.id}
 
 
-@click.command("plot")
+@click.command("plot", short_help="Draw metric curves of sessions, in the terminal or to a PNG.")
 @click.argument("sessions", nargs=-1, required=True, metavar="SESSION...")
 @click.option("--metric", "-m", default=None,
               help="Metric to draw (default: loss, or the first metric with 'loss' in its name).")
@@ -83,7 +83,7 @@ def plot(sessions: tuple[str, ...], metric: str | None, out: str | None, width: 
     click.echo(plotting.render_terminal(series, width=width, height=height))
 
 
-@click.command("compare")
+@click.command("compare", short_help="Compare sessions: settings that differ, final and best metrics.")
 @click.argument("sessions", nargs=-1, required=True, metavar="SESSION...")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 def compare(sessions: tuple[str, ...], as_json: bool) -> None:
