@@ -333,8 +333,14 @@ def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def _untrusted_message(path: Path, detail: str) -> UntrustedCheckpointError:
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", detail)
-    what = f"it references {match.group(1)}" if match else "it holds objects other than tensors and plain data"
+    match = re.search(r"(?:unsupported|Unsupported global:) GLOBAL ([\w.]+)", detail)
+    names: list[str] = [match.group(1)] if match else []
+    if not names:
+        try:
+            names = reader.read_torch(path).refused
+        except (reader.UnreadableCheckpoint, OSError):
+            pass
+    what = f"it references {', '.join(names[:3])}" if names else "it holds objects other than tensors and plain data"
     return UntrustedCheckpointError(
         f"{path} needs full unpickling to load ({what}), and unpickling can run any code stored in the file.",
         "Load it only if you trust where it came from: pass --trust (trust=True).")
@@ -360,7 +366,7 @@ def load(path: str | os.PathLike[str], *, trust: bool = False, map_location: Any
     try:
         obj = torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if not trust and ("weights_only" in str(e).lower() or "Unsupported global" in str(e)):
+        if not trust and ("weights_only" in str(e).lower() or "GLOBAL" in str(e)):
             raise _untrusted_message(path, str(e)) from e
         raise CorruptCheckpointError(f"{path} is damaged: {e}", "Verify it with: trainctl checkpoint verify") from e
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError, AttributeError) as e:
