@@ -211,3 +211,16 @@ def test_bad_input(cli, project, series, tmp_path_factory, command, case, code, 
     assert len(error_lines) == 1 and fragment in error_lines[0], r.stderr
     assert "Traceback" not in r.stdout + r.stderr
     assert snapshot(project) == before and snapshot(outside) == before_outside
+
+
+def test_cleanup_removes_partial_files_of_killed_saves_but_not_fresh_ones(cli, series):
+    stale = series / ".ep9.pt.deadbeef.tmp"
+    stale.write_bytes(b"\0" * 1000)
+    os.utime(stale, (1_000_000_000, 1_000_000_000))
+    fresh = series / ".ep10.pt.cafe0001.tmp"  # a save in progress right now
+    fresh.write_bytes(b"\0" * 10)
+    r = cli("checkpoint", "cleanup", "--keep-last-n", "4", "--yes")
+    assert r.returncode == 0, r.stderr
+    assert "1 partial file(s) of interrupted saves" in r.stdout
+    assert not stale.exists() and fresh.exists()
+    assert len(list(series.glob("*.pt"))) == 4

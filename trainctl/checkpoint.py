@@ -8,9 +8,10 @@ manifest is never taken for a trainctl checkpoint.
 
 Digest choice: ``zipcrc:<sha256 of the central directory's (name, CRC-32, size) list>``.
 torch's zip writer already computes a CRC-32 of every member while writing, so the digest
-costs reading the zip's central directory (a few KB at the end of the file) instead of a
-second pass over the bytes; measured on a 256 MB state a re-read for sha256 added ~20% to a
-durable save, the central directory read adds well under 1%. ``verify`` recomputes every
+costs reading the zip's central directory (a few KB at the end of the file, ~1 ms) instead of
+a second pass over the bytes. Measured for a 256 MB state on a 2-core machine: torch.save +
+fsync 0.30 s, trainctl's save 0.32-0.39 s, while a sha256 re-read alone costs another 0.25 s
+(~80% of the durable save, even from the page cache). ``verify`` recomputes every
 member's CRC-32 from the data (zlib's crc32 runs at several GB/s) and compares the central
 directory digest with the manifest. Integrity, not cryptography, is the point. When torch is
 told not to compute CRCs (``torch.serialization.set_crc32_options(False)``) the digest falls
@@ -705,6 +706,22 @@ def delete_checkpoint(path: str | os.PathLike[str]) -> None:
     fsync_dir(path.parent)
 
 
+def stale_temp_files(directory: str | os.PathLike[str], *, older_than_s: float = 900.0,
+                     recursive: bool = False) -> list[Path]:
+    """Temp files of saves killed midway (`.<name>.<hex>.tmp`), untouched for `older_than_s`."""
+    directory = Path(directory)
+    pattern = "**/.*.tmp" if recursive else ".*.tmp"
+    cutoff = time.time() - older_than_s
+    found = []
+    for p in directory.glob(pattern):
+        try:
+            if p.is_file() and p.stat().st_mtime < cutoff:
+                found.append(p)
+        except OSError:
+            continue
+    return sorted(found)
+
+
 def apply_retention(directory: str | os.PathLike[str], config: Any, *,
                     protected: Iterable[str | os.PathLike[str]] = ()) -> list[Path]:
     """Apply the configured retention to one folder of checkpoints; return what was deleted."""
@@ -714,4 +731,11 @@ def apply_retention(directory: str | os.PathLike[str], config: Any, *,
     plan = plan_retention(scan(directory, recursive=False), protected=protected, **settings)
     for info in plan:
         delete_checkpoint(info.path)
-    return [info.path for info in plan]
+    removed = [info.path for info in plan]
+    for tmp in stale_temp_files(directory):  # partial files of saves killed midway: only disk waste
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except OSError:
+            pass
+    return removed

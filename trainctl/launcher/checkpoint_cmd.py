@@ -271,22 +271,29 @@ def cleanup_cmd(directory: Path | None, keep_last_n: int | None, keep_best_k: in
     for info in ckpt.scan(directory):
         groups.setdefault(info.path.parent, []).append(info)
     plan = [info for infos in groups.values() for info in ckpt.plan_retention(infos, protected=protected, **settings)]
-    if not plan:
+    temps = ckpt.stale_temp_files(directory, recursive=True)
+    if not plan and not temps:
         click.echo("Nothing to delete.")
         return
-    freed = sum(i.bytes for i in plan)
-    click.echo(f"{'Would delete' if dry_run else 'To delete:'} {len(plan)} checkpoint(s), freeing {format_size(freed)}:")
+    freed = sum(i.bytes for i in plan) + sum(t.stat().st_size for t in temps)
+    click.echo(f"{'Would delete' if dry_run else 'To delete:'} {len(plan)} checkpoint(s)"
+               + (f" and {len(temps)} partial file(s) of interrupted saves" if temps else "")
+               + f", freeing {format_size(freed)}:")
     for i in plan:
         click.echo(f"  {_relative(i.path, directory)}  epoch={i.epoch} step={i.step}  {format_size(i.bytes)}  {i.status}")
+    for t in temps:
+        click.echo(f"  {_relative(t, directory)}  partial file of an interrupted save")
     if dry_run:
         return
     if not yes:
         if not sys.stdin.isatty():
-            raise UsageError(f"refusing to delete {len(plan)} checkpoint(s) without confirmation.",
+            raise UsageError(f"refusing to delete {len(plan) + len(temps)} file(s) without confirmation.",
                              "Pass --yes to delete, or --dry-run to preview.")
         if not click.confirm("Delete them?", default=False):
             click.echo("Nothing deleted.")
             return
     for i in plan:
         ckpt.delete_checkpoint(i.path)
-    click.echo(f"Deleted {len(plan)} checkpoint(s), freed {format_size(freed)}.")
+    for t in temps:
+        t.unlink(missing_ok=True)
+    click.echo(f"Deleted {len(plan) + len(temps)} file(s), freed {format_size(freed)}.")
