@@ -96,8 +96,9 @@ def list_cmd(directory: Path | None, session_ref: str | None, as_json: bool) -> 
         else:
             click.echo(f"No checkpoints: {directory} does not exist yet.")
         return
-    infos = [ckpt.inspect(directory)] if directory.is_file() else ckpt.scan(directory)
-    base = directory.parent if directory.is_file() else directory
+    single = directory.is_file() or (directory / "trainer_state.json").is_file()
+    infos = [ckpt.inspect(directory)] if single else ckpt.scan(directory)
+    base = directory.parent if single else directory
     if as_json:
         _dump_json([i.to_dict() for i in infos])
         return
