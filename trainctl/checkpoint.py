@@ -207,6 +207,29 @@ def save(path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, An
     return manifest
 
 
+def register(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """Adopt a checkpoint another tool wrote (Lightning's ModelCheckpoint): make it durable, digest
+    it and write its manifest, so list/verify/cleanup/--resume auto treat it like our own."""
+    path = Path(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        size = os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+    fsync_dir(path.parent)
+    try:
+        digest = _zip_digest(path) if _crc_enabled() else _sha256_file(path)
+    except (zipfile.BadZipFile, ValueError):
+        digest = _sha256_file(path)  # a legacy (non-zip) file
+    full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION,
+                 "saved_at": meta.get("saved_at") or time.time()}
+    manifest = {"format_version": FORMAT_VERSION, "file": path.name, "bytes": size,
+                "digest": digest, "meta": _json_meta(full_meta)}
+    atomic_write_json(manifest_path(path), manifest)
+    return manifest
+
+
 def _to_cpu_copy(value: Any) -> Any:
     """A snapshot the training thread may keep mutating: tensors cloned to CPU, containers copied."""
     import torch

@@ -152,6 +152,7 @@ class Run:
         self._tb_enabled = tensorboard
         self._tb_purge_step: int | None = None
         self._async_saver = None
+        self._static_meta: dict[str, Any] | None = None
         self._exception: BaseException | None = None
         self.session: Session | None = None
         self.standalone = not self.launch.launched
@@ -350,14 +351,18 @@ class Run:
                   name: str | None) -> dict[str, Any]:
         from . import checkpoint
 
+        if self._static_meta is None:
+            # facts that don't change during a run: computed once, not at every save
+            self._static_meta = {
+                "script_digest": _file_digest(self.script) if self.script else None,
+                "git": sysinfo.git_info(os.getcwd()), "python": sysinfo.python_version(),
+                "torch": sysinfo.torch_version(), "gpus": sysinfo.gpu_description(),
+            }
         meta: dict[str, Any] = {
-            "session_id": self.id, "script": self.script,
-            "script_digest": _file_digest(self.script) if self.script else None,
+            "session_id": self.id, "script": self.script, **self._static_meta,
             "name": name, "epoch": epoch, "step": step,
             "metrics": {str(k): _scalar(v) for k, v in (metrics or {}).items()},
-            "config": redact_mapping(self.config), "git": sysinfo.git_info(os.getcwd()),
-            "python": sysinfo.python_version(), "torch": sysinfo.torch_version(),
-            "gpus": sysinfo.gpu_description(), "world_size": self.world_size,
+            "config": redact_mapping(self.config), "world_size": self.world_size,
             "wall_time_s": round(time.time() - self._started, 3), "attempt": self.attempt,
             "tracked": sorted(self._tracked),
         }

@@ -298,3 +298,12 @@ def cleanup_cmd(directory: Path | None, keep_last_n: int | None, keep_best_k: in
     for t in temps:
         t.unlink(missing_ok=True)
     click.echo(f"Deleted {len(plan) + len(temps)} file(s), freed {format_size(freed)}.")
+
+
+def _add_resume() -> None:
+    from .resume_cmd import resume
+
+    checkpoint.add_command(resume, "resume")
+
+
+_add_resume()

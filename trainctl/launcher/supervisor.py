@@ -133,8 +133,10 @@ class Supervisor:
     """Runs a RunSpec as one session: pre-flight, attempts, restarts, summary."""
 
     def __init__(self, spec: RunSpec, cfg: config_mod.Config, *, backend: str = "local",
-                 parent: str | None = None, preflight: bool = True) -> None:
+                 parent: str | None = None, preflight: bool = True,
+                 resume_verified: bool = False) -> None:
         self.spec = spec
+        self.resume_verified = resume_verified
         self.cfg = cfg
         self.backend_name = backend
         self.parent = parent
@@ -204,7 +206,10 @@ class Supervisor:
         if self.preflight:
             self._run_preflight()
         spec = self.spec
-        resume = resolve_resume(spec.resume, self.cfg, script=spec.script, name=spec.name)
+        if self.resume_verified and spec.resume:
+            resume = str(Path(spec.resume).resolve())
+        else:
+            resume = resolve_resume(spec.resume, self.cfg, script=spec.script, name=spec.name)
         spec.resume = resume
         session = self.session = self.create_session()
         checkpoint_dir = self.cfg.checkpoint_dir / session.id

@@ -1,0 +1,97 @@
+"""`trainctl checkpoint resume CKPT SCRIPT [ARGS]...`: a new session that continues a checkpoint."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+import click
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _where(epoch: object, step: object) -> str:
+    parts = []
+    if epoch is not None:
+        parts.append(f"epoch {epoch}")
+    if step is not None:
+        parts.append(f"step {step}")
+    return ", ".join(parts) or "an unknown point"
+
+
+@click.command("resume", context_settings={"ignore_unknown_options": True,
+                                          "allow_interspersed_args": False})
+@click.argument("ckpt", type=click.Path(path_type=Path))
+@click.argument("script", type=click.Path(path_type=Path))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--name", help="A name for the new session.")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=None,
+              help="Restart after a preemption or crash, from the newest valid checkpoint.")
+@click.option("--restart-delay", type=float, default=None, metavar="SECONDS")
+@click.option("--grace-period", type=float, default=None, metavar="SECONDS")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")
+@click.option("--no-preflight", is_flag=True, help="Skip the pre-flight checks.")
+def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
+           max_restarts: int | None, restart_delay: float | None, grace_period: float | None,
+           nproc_per_node: int, quiet: bool, no_preflight: bool) -> None:
+    """Run SCRIPT [ARGS]... as a new session resuming from CKPT.
+
+    The checkpoint is verified first; the script gets `--resume CKPT` (the flag is `resume_flag`
+    in trainctl.toml) and TRAIN_OPS_RESUME. The new session's parent is the one that wrote CKPT.
+    """
+    from .. import checkpoint as ckpt_mod
+    from .. import config as config_mod
+    from ..errors import CheckpointNotFoundError, CorruptCheckpointError, ScriptNotFoundError
+    from .backend import RestartPolicy, RunSpec
+    from .supervisor import Supervisor
+
+    if not ckpt.exists():
+        raise CheckpointNotFoundError(f"checkpoint {ckpt} does not exist.",
+                                      "List checkpoints with: trainctl checkpoint list")
+    if not script.is_file():
+        raise ScriptNotFoundError(f"script {script} does not exist or is not a file.",
+                                  "Name the training script to run, e.g. trainctl checkpoint resume CKPT train.py",
+                                  path=str(script))
+    result = ckpt_mod.verify(ckpt)
+    if result.status == "corrupt":
+        found, _ = ckpt_mod.newest_valid(ckpt.parent if ckpt.is_file() else ckpt)
+        raise CorruptCheckpointError(
+            f"checkpoint {ckpt} failed verification: {result.reason}.",
+            f"The nearest valid one: trainctl checkpoint resume {found} {script}" if found
+            else "No valid checkpoint is beside it.")
+    info = ckpt_mod.inspect(ckpt)
+    meta = info.meta or {}
+    warn = []
+    if info.script and Path(info.script).name != script.name:
+        warn.append(f"it was written by {info.script}, not {script}")
+    elif meta.get("script_digest") and meta["script_digest"] != _digest(script):
+        warn.append(f"{script} changed since the checkpoint was written")
+    for w in warn:
+        click.secho(f"warning: {w}.", err=True, fg="yellow")
+
+    cfg = config_mod.load()
+    restart = RestartPolicy(
+        max_restarts=cfg.get("restart", "max_restarts") if max_restarts is None else max_restarts,
+        restart_on=tuple(cfg.get("restart", "restart_on")),
+        restart_delay_s=cfg.get("restart", "restart_delay_s") if restart_delay is None else restart_delay,
+        grace_period_s=cfg.get("restart", "grace_period_s") if grace_period is None else grace_period,
+    )
+    spec = RunSpec(script=script, args=list(args), resources={"nproc_per_node": nproc_per_node},
+                   resume=str(ckpt), restart=restart, name=name, quiet=quiet)
+    supervisor = Supervisor(spec, cfg, backend="local", parent=info.session_id,
+                            preflight=not no_preflight, resume_verified=True)
+    code = supervisor.run()
+    if supervisor.session is not None:
+        metrics = supervisor.session.metrics()
+        last = metrics[-1] if metrics else {}
+        reached = _where(last.get("epoch"), last.get("step")) if last else "no new step"
+        click.echo(f"  resumed      from {_where(info.epoch, info.step)} of {ckpt}, reached {reached}"
+                   + (f" (parent session {info.session_id})" if info.session_id else ""), err=True)
+    sys.exit(code)
