@@ -1,0 +1,472 @@
+"""Where a run stands: progress, rate, ETA, metric trends, checkpoints and warnings.
+
+Works from a session (its events log, with times) or from a bare log file (parsed with
+MetricParser; times come from timestamps at the start of lines, or from watching it grow).
+`Monitor.refresh()` reads only what is new, so `--follow` stays cheap on long runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import textwrap
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import metrics
+from ..errors import NotFoundError, TrainctlWarning, UsageError
+from ..metrics import MetricParser
+from ..session import Session, effective_metrics, effective_status, metric_mode, read_events
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+MAX_SCAN_FILES = 20000
+_LOG_TIME = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})")
+
+
+@dataclass
+class Settings:
+    """The [monitor] knobs, plus the free-space floor for the disk warning."""
+
+    stall_s: float = 600.0
+    overdue_s: float = 3600.0
+    window: int = 50
+    min_free_bytes: float = 1 << 30
+    patterns: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_config(cls, config: Any) -> Settings:
+        return cls(stall_s=float(config.get("monitor", "stall_minutes")) * 60,
+                   overdue_s=float(config.get("monitor", "checkpoint_overdue_minutes")) * 60,
+                   window=max(2, int(config.get("monitor", "window"))),
+                   min_free_bytes=float(config.get("", "min_free_gb")) * (1 << 30),
+                   patterns=list(config.get("metrics", "patterns")))
+
+
+def open_log(path: str | os.PathLike[str]) -> Path:
+    """Check a log file is there and is text; NotFoundError / UsageError otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise NotFoundError(f"log file {str(p)!r} does not exist.",
+                            "Give the path of a file the script's output was written to.")
+    if p.is_dir():
+        raise UsageError(f"{str(p)!r} is a folder, not a log file.",
+                         "Pass the log file itself, e.g. --log runs/train.log")
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8192)
+    except OSError as e:
+        raise UsageError(f"cannot read log file {str(p)!r}: {e.strerror or e}.",
+                         "Check the file's permissions.") from e
+    if b"\x00" in head:
+        raise UsageError(f"{str(p)!r} looks binary, not a text log.",
+                         "Pass the text file the script's output went to (not a checkpoint or "
+                         "TensorBoard event file).")
+    return p
+
+
+def _line_time(line: str) -> float | None:
+    m = _LOG_TIME.match(line)
+    if not m:
+        return None
+    try:
+        return time.mktime(time.strptime(f"{m.group(1)} {m.group(2)}", "%Y-%m-%d %H:%M:%S"))
+    except (ValueError, OverflowError):
+        return None
+
+
+class Monitor:
+    """Follows one session or one log file."""
+
+    def __init__(self, *, session: Session | None = None, log: Path | None = None,
+                 checkpoint_dir: Path | None = None, settings: Settings | None = None,
+                 follow: bool = False) -> None:
+        assert session is not None or log is not None
+        self.session = session
+        self.log = log
+        self.checkpoint_dir = checkpoint_dir
+        self.settings = settings or Settings()
+        self.follow = follow
+        self.parser = MetricParser(self.settings.patterns)
+        self.points: list[dict[str, Any]] = []  # {"t", "step", "epoch", "values"}
+        self.events: list[dict[str, Any]] = []
+        self.parsed_totals: dict[str, int] = {}
+        self._offset = 0
+        self._partial = b""
+        self._first_read = True
+        self._log_grew_at: float | None = None
+        self.data: dict[str, Any] = {}
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Read what was appended since the last call."""
+        if self.session is not None:
+            self.data = self.session.read()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", TrainctlWarning)  # a torn line is normal while live
+                new, self._offset = read_events(self.session.events_path, offset=self._offset)
+            self.events.extend(new)
+            if not any(e.get("kind") == "metric" for e in self.events) and self.session.output_log.exists():
+                # no metric events (parsing off, or an old session): read the output itself
+                self.log = self.session.output_log
+        if self.log is not None and (self.session is None or not self._metric_events()):
+            self._read_log()
+
+    def _metric_events(self) -> list[dict[str, Any]]:
+        found = effective_metrics([e for e in self.events if e.get("kind") in ("metric", "supersede")])
+        # a script using run.log() and printing its losses too: the logged ones are the record
+        logged = [e for e in found if e.get("source") != "output"]
+        return logged or found
+
+    def _read_log(self) -> None:
+        assert self.log is not None
+        try:
+            with open(self.log, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except OSError:
+            return
+        if not data:
+            return
+        now = time.time()
+        self._log_grew_at = now
+        self._offset += len(data)
+        data = self._partial + data
+        cut = max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+        self._partial, data = data[cut:], data[:cut]
+        if len(self._partial) > 1 << 20:
+            data, self._partial = data + self._partial, b""
+        stamp = None if self._first_read else now  # lines read live arrived about now
+        self._first_read = False
+        for raw in data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n"):
+            if not raw:
+                continue
+            line = raw.decode("utf-8", "replace")
+            parsed = self.parser.feed(line)
+            if parsed is None:
+                continue
+            for key, total in (("total_steps", "steps"), ("total_epochs", "epochs")):
+                if parsed.get(key):
+                    self.parsed_totals[total] = parsed[key]
+            if parsed["values"] or parsed.get("step") is not None or parsed.get("epoch") is not None:
+                self.points.append({"t": _line_time(line) or stamp, "step": parsed.get("step"),
+                                    "epoch": parsed.get("epoch"), "values": parsed["values"]})
+
+    def parsed_lines(self) -> Any:
+        """Each parsed line of the log as (line number, text, parsed dict): for testing patterns."""
+        assert self.log is not None
+        with open(self.log, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                for part in raw.rstrip(b"\r\n").split(b"\r"):
+                    line = part.decode("utf-8", "replace")
+                    parsed = self.parser.feed(line)
+                    if parsed is not None:
+                        yield number, line, parsed
+
+    # -- analysis -------------------------------------------------------------------------------
+
+    def _points(self) -> list[dict[str, Any]]:
+        if self.session is not None:
+            events = self._metric_events()
+            if events:
+                return [{"t": e.get("t"), "step": e.get("step"), "epoch": e.get("epoch"),
+                         "values": e.get("values") or {}} for e in events]
+        return self.points
+
+    def _totals(self) -> dict[str, int | None]:
+        totals: dict[str, int | None] = {"steps": None, "epochs": None}
+        sources: list[dict[str, Any]] = [self.parsed_totals]
+        if self.session is not None:
+            args = self.data.get("args") or []
+            sources.insert(0, metrics.infer_totals(args if isinstance(args, list) else []))
+            sources.insert(0, self.data.get("totals") or {})
+            for e in reversed(self.events):
+                if e.get("kind") == "totals":
+                    sources.insert(0, e)
+                    break
+        for key in totals:
+            for source in sources:
+                value = source.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+                    totals[key] = int(value)
+                    break
+        return totals
+
+    def snapshot(self, now: float | None = None, *, spark_width: int = 24) -> dict[str, Any]:
+        """Everything monitor shows, as plain JSON data."""
+        now = time.time() if now is None else now
+        settings = self.settings
+        points = self._points()
+        status = effective_status(self.data) if self.session is not None else None
+        live = status == "running" if self.session is not None else self.follow
+
+        # progress
+        step = next((p["step"] for p in reversed(points) if p.get("step") is not None), None)
+        epoch = next((p["epoch"] for p in reversed(points) if p.get("epoch") is not None), None)
+        totals = self._totals()
+        timed = [p for p in points if metrics.is_finite(p.get("t"))]
+        step_rate = metrics.rate(_trailing_run(timed, "step")[-settings.window:])
+        epoch_rate = metrics.rate(_trailing_run(timed, "epoch")[-settings.window:])
+        eta = fraction = None
+        if totals["steps"] and step is not None:
+            fraction = step / totals["steps"]
+            eta = metrics.eta_seconds(step, totals["steps"], step_rate)
+        elif totals["epochs"] and epoch is not None:
+            fraction = epoch / totals["epochs"]
+            eta = metrics.eta_seconds(epoch, totals["epochs"], epoch_rate)
+        if status is not None and status != "running":
+            eta = None
+        last_metric_t = timed[-1]["t"] if timed else None
+        started = self.data.get("started_at") or self.data.get("created_at")
+        ended = self.data.get("ended_at")
+        progress = {
+            "step": step, "total_steps": totals["steps"], "epoch": epoch,
+            "total_epochs": totals["epochs"],
+            "fraction": min(1.0, fraction) if fraction is not None else None,
+            "step_rate": step_rate, "epoch_rate": epoch_rate, "eta_s": eta,
+            "eta_at": (last_metric_t + eta) if eta is not None and last_metric_t else None,
+            "elapsed_s": ((ended or now) - started) if started else None,
+        }
+
+        # metric trends
+        series: dict[str, list[float]] = {}
+        steps_of: dict[str, list[Any]] = {}
+        for p in points:
+            for name, value in p["values"].items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue  # a string where a number belongs: not plottable
+                series.setdefault(name, []).append(float(value))
+                steps_of.setdefault(name, []).append(p.get("step"))
+        table: dict[str, Any] = {}
+        for name, values in series.items():
+            mode = metric_mode(name)
+            t = metrics.trend(values, mode=mode, window=settings.window)
+            best_step = steps_of[name][t["best_index"]] if t["best_index"] is not None else None
+            table[name] = {"last": _json_number(t["last"]), "best": _json_number(t["best"]),
+                           "best_step": best_step, "mode": mode, "slope": t["slope"],
+                           "direction": t["direction"], "points": t["points"],
+                           "sparkline": metrics.sparkline(values[-settings.window * 4:], spark_width)}
+        primary = metrics.primary_metric(list(series))
+
+        # checkpoints and disk
+        checkpoints = self._checkpoints(now)
+        disk = None
+        folder = checkpoints.get("dir")
+        if folder:
+            disk = metrics.disk_usage(folder)
+
+        # warnings
+        found: list[dict[str, str] | None] = [metrics.crashed_warning(status),
+                                              metrics.nonfinite_warning(series)]
+        if primary is not None:
+            mode = metric_mode(primary)
+            diverging = metrics.divergence_warning(primary, series[primary], mode=mode,
+                                                   window=settings.window)
+            found.append(diverging)
+            if diverging is None:
+                found.append(metrics.plateau_warning(primary, series[primary], mode=mode,
+                                                     window=settings.window))
+        last_output_t = self._last_output_t()
+        if live:
+            found.append(metrics.stall_warning(now=now, last_output_t=last_output_t,
+                                               last_metric_t=last_metric_t,
+                                               stall_s=settings.stall_s))
+            newest = checkpoints.get("newest") or {}
+            found.append(metrics.checkpoint_overdue_warning(
+                now=now, newest_t=newest.get("t"), started_t=started or (None if not self.follow else self._watch_start(now)),
+                overdue_s=settings.overdue_s))
+        found.append(metrics.disk_warning(disk, min_free_bytes=settings.min_free_bytes))
+
+        return {
+            "session": self.session.id if self.session is not None else None,
+            "name": self.data.get("name"),
+            "log": str(self.log) if self.log is not None else None,
+            "status": status,
+            "now": now,
+            "last_output_age_s": (now - last_output_t) if last_output_t else None,
+            "progress": progress,
+            "primary": primary,
+            "metrics": table,
+            "checkpoints": checkpoints,
+            "disk": disk,
+            "warnings": [w for w in found if w],
+        }
+
+    def _watch_start(self, now: float) -> float:
+        if not hasattr(self, "_watch_t"):
+            self._watch_t = now
+        return self._watch_t
+
+    def _last_output_t(self) -> float | None:
+        times = []
+        for path in (self.log, self.session.output_log if self.session is not None else None,
+                     self.session.events_path if self.session is not None else None):
+            if path is not None:
+                try:
+                    times.append(path.stat().st_mtime)
+                except OSError:
+                    pass
+        return max(times) if times else None
+
+    def _checkpoint_dir(self) -> Path | None:
+        if self.checkpoint_dir is not None:
+            return self.checkpoint_dir
+        if self.session is None:
+            return None
+        cfg = self.data.get("trainctl_config") or {}
+        base = cfg.get("checkpoint_dir")
+        if isinstance(base, str) and base:
+            root = Path(cfg.get("project_root") or self.data.get("cwd") or ".")
+            return (root / base / self.session.id).resolve()
+        return None
+
+    def _checkpoints(self, now: float) -> dict[str, Any]:
+        folder = self._checkpoint_dir()
+        events = [e for e in self.events if e.get("kind") == "checkpoint"]
+        if events and self.checkpoint_dir is None:
+            e = events[-1]
+            path = e.get("path")
+            newest = {"path": path, "step": e.get("step"), "epoch": e.get("epoch"),
+                      "metrics": e.get("metrics") or {}, "bytes": e.get("bytes"),
+                      "t": e.get("t"), "age_s": (now - e["t"]) if e.get("t") else None,
+                      "exists": bool(path) and Path(path).exists()}
+            if folder is None and path:
+                folder = Path(path).parent
+            return {"source": "events", "count": len(events), "newest": newest,
+                    "dir": str(folder) if folder else None}
+        if folder is None:
+            return {"source": None, "count": 0, "newest": None, "dir": None}
+        files = scan_checkpoints(folder)
+        newest = None
+        if files:
+            path, mtime, size = files[-1]
+            newest = {"path": str(path), "step": None, "epoch": None, "metrics": {}, "bytes": size,
+                      "t": mtime, "age_s": now - mtime, "exists": True}
+            newest.update(_manifest_facts(path))
+        return {"source": "scan", "count": len(files), "newest": newest, "dir": str(folder)}
+
+
+def scan_checkpoints(folder: Path) -> list[tuple[Path, float, int]]:
+    """(path, mtime, bytes) of checkpoint-looking files under `folder`, oldest first."""
+    found = []
+    try:
+        for index, path in enumerate(folder.rglob("*")):
+            if index > MAX_SCAN_FILES:
+                break
+            if path.suffix in CHECKPOINT_SUFFIXES and not path.name.startswith("."):
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue
+                if path.is_file():
+                    found.append((path, st.st_mtime, st.st_size))
+    except OSError:
+        pass
+    found.sort(key=lambda item: item[1])
+    return found
+
+
+def _manifest_facts(path: Path) -> dict[str, Any]:
+    """step/epoch/metrics from the checkpoint's `<file>.json` manifest, when it has one."""
+    try:
+        data = json.loads(Path(str(path) + ".json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    out = {k: data[k] for k in ("step", "epoch") if k in data}
+    if isinstance(data.get("metrics"), dict):
+        out["metrics"] = data["metrics"]
+    return out
+
+
+def _trailing_run(points: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(t, position) of the newest stretch where `key` never went back (the latest attempt)."""
+    run: list[tuple[float, float]] = []
+    for p in points:
+        value = p.get(key)
+        if not metrics.is_finite(value):
+            continue
+        if run and value < run[-1][1]:
+            run = []
+        run.append((p["t"], value))
+    return run
+
+
+def _json_number(value: Any) -> Any:
+    """JSON has no NaN/Infinity: they become the strings 'nan', 'inf', '-inf'."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return metrics.format_value(value)
+    return value
+
+
+# -- text -------------------------------------------------------------------------------------
+
+
+def render(snap: dict[str, Any], width: int = 80) -> list[str]:
+    """The snapshot for a person, each line at most `width` characters."""
+    width = max(20, width)
+    lines: list[str] = []
+    head = f"session {snap['session']}" if snap["session"] else f"log {snap['log']}"
+    if snap.get("name"):
+        head += f" ({snap['name']})"
+    if snap["status"]:
+        head += f"  {snap['status']}"
+    p = snap["progress"]
+    if p.get("elapsed_s") is not None:
+        head += f"  {metrics.format_duration(p['elapsed_s'])} elapsed"
+    lines.append(head)
+
+    parts = []
+    if p["epoch"] is not None:
+        e = metrics.format_value(p["epoch"])
+        parts.append(f"epoch {e}/{p['total_epochs']}" if p["total_epochs"] else f"epoch {e}")
+    if p["step"] is not None:
+        parts.append(f"step {p['step']}/{p['total_steps']}" if p["total_steps"] else f"step {p['step']}")
+    if p["fraction"] is not None:
+        parts.append(f"({100 * p['fraction']:.0f}%)")
+    if p["step_rate"]:
+        parts.append(f"{p['step_rate']:.3g} step/s")
+    elif p["epoch_rate"]:
+        parts.append(f"{p['epoch_rate'] * 60:.3g} epoch/min")
+    if p["eta_s"] is not None:
+        parts.append(f"ETA {metrics.format_duration(p['eta_s'])}")
+    lines.append("progress  " + (" ".join(parts) if parts else "no step or epoch reported yet"))
+
+    if not snap["metrics"]:
+        lines.append("metrics   none yet")
+    names = list(snap["metrics"])
+    if snap["primary"] in names:
+        names.remove(snap["primary"])
+        names.insert(0, snap["primary"])
+    label_w = min(max((len(n) for n in names), default=6), 18)
+    for name in names[:12]:
+        m = snap["metrics"][name]
+        best = f"best {metrics.format_value(m['best'])}" if m["best"] is not None else "best -"
+        if m["best_step"] is not None:
+            best += f" @{m['best_step']}"
+        slope = f"slope {m['slope']:+.2e}" if m["slope"] is not None else ""
+        text = f"{name[:label_w]:<{label_w}}  {metrics.format_value(m['last']):>8}  {best}  {slope}"
+        room = width - len(text) - 2
+        if room >= 8:
+            text += "  " + m["sparkline"][-room:]
+        lines.append(text)
+
+    c = snap["checkpoints"]
+    if c["count"]:
+        n = c["newest"] or {}
+        where = f"step {n['step']}" if n.get("step") is not None else os.path.basename(n.get("path") or "")
+        at = ", ".join(f"{k} {metrics.format_value(v)}" for k, v in list((n.get("metrics") or {}).items())[:3])
+        lines.append(f"checkpoints {c['count']}, newest {where} "
+                     f"({metrics.format_duration(n.get('age_s'))} ago){': ' + at if at else ''}")
+    else:
+        lines.append("checkpoints none" + (f" in {c['dir']}" if c.get("dir") else ""))
+    lines = [line if len(line) <= width else line[:width - 1] + "…" for line in lines]
+    for w in snap["warnings"]:  # warnings are wrapped, never cut
+        lines += textwrap.wrap(f"! {w['kind']}: {w['message']}", width, subsequent_indent="  ")
+    return lines
