@@ -77,13 +77,15 @@ DATA_SUFFIXES = (
     ".h5", ".hdf5", ".pkl", ".pickle", ".tar", ".zip", ".gz", ".tfrecord", ".lmdb", ".db",
     ".png", ".jpg", ".jpeg", ".wav", ".mp4", ".py",
 )
-# Flag names that say a path is written by the script (not checked) or read by it (must exist).
+# Flag names that say a path is written by the script (not checked) or read by it (must exist:
+# a missing input fails the run at once or, worse, after the model is built). Any other missing
+# path (positional, --model-path) only warns: it may be an output the script creates.
 _OUTPUT_WORDS = ("out", "save", "log", "dest", "export", "write", "result", "cache", "tensorboard",
                  "wandb", "run_dir", "rundir", "checkpoint_dir", "ckpt_dir", "checkpoint-dir",
                  "ckpt-dir")
 _INPUT_WORDS = ("data", "input", "train", "val", "test", "eval", "config", "cfg", "vocab", "token",
                 "weight", "pretrain", "init", "load", "resume", "src", "source", "corpus", "image",
-                "label", "annotation", "manifest", "path", "file", "root")
+                "label", "annotation", "manifest")
 _PATH_FLAG_WORDS = ("path", "dir", "file", "data", "root", "folder")
 
 
@@ -488,7 +490,7 @@ def _check_arguments(args: Sequence[str], cwd: Path) -> list[CheckResult]:
         shown = f"{flag} {value}" if flag else value
         if any(w in lowered for w in _OUTPUT_WORDS):
             continue  # the script writes it
-        if flag and any(w in lowered for w in _INPUT_WORDS) and not (lowered.endswith("dir") and path.suffix == ""):
+        if flag and any(w in lowered for w in _INPUT_WORDS):
             missing_fail.append(shown)
         else:
             missing_warn.append(shown)
