@@ -295,3 +295,16 @@ def test_check_examples_pass(project):
     for example in ("quickstart.py", "failing.py"):
         proc = run_cli(["check", "--resume", "auto", str(EXAMPLES / example)], project)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_check_json(project):
+    import json
+
+    write(project / "train.py", "import cv2\n")
+    proc = run_cli(["check", "--json", "train.py"], project)
+    assert proc.returncode == EXIT_USAGE
+    data = json.loads(proc.stdout)
+    assert data["ok"] is False
+    (imports,) = [r for r in data["results"] if r["name"] == "imports"]
+    assert imports == {"name": "imports", "status": "fail", "hint": "Install it: pip install opencv-python",
+                       "message": "train.py:1 imports 'cv2', which is not installed in this Python."}

@@ -271,8 +271,9 @@ def scan_imports(tree: ast.AST) -> list[ImportUse]:
 def _beside_script(module: str, folder: Path) -> bool:
     if (folder / module).is_dir():
         return True
-    return any(folder.glob(f"{glob.escape(module)}.*py*")) or any(folder.glob(f"{glob.escape(module)}.*.so")) \
-        or (folder / f"{module}.so").exists()
+    if any((folder / f"{module}{suffix}").is_file() for suffix in (".py", ".pyc", ".pyd", ".so")):
+        return True
+    return any(folder.glob(f"{glob.escape(module)}.*.so"))  # compiled: name.cpython-311-x86_64-linux-gnu.so
 
 
 def _missing_in_process(modules: Sequence[str]) -> list[str]:

@@ -17,8 +17,9 @@ import click
               help="GPUs the script needs (default: `gpus` in trainctl.toml).")
 @click.option("--python", "python", default=None, metavar="PATH",
               help="Interpreter that will run the script (default: this one).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def check(script: Path, args: tuple[str, ...], resume: str | None, gpus: int | None,
-          python: str | None) -> None:
+          python: str | None, as_json: bool) -> None:
     """Run the pre-flight checks on SCRIPT [ARGS]... and exit 0, or 2 when one fails.
 
     Checks that the script exists and compiles, that its imports are installed, that it takes
@@ -33,9 +34,15 @@ def check(script: Path, args: tuple[str, ...], resume: str | None, gpus: int | N
     cfg = config_mod.load()
     report = run_preflight(script, list(args), cfg, resume=resume, gpus=gpus,
                            python=python or sys.executable)
+    failures = report.failures
+    if as_json:
+        import json
+        from dataclasses import asdict
+
+        click.echo(json.dumps({"ok": report.ok, "results": [asdict(r) for r in report.results]}, indent=2))
+        sys.exit(EXIT_USAGE if failures else 0)
     for line in report.lines():
         click.echo(line)
-    failures = report.failures
     warnings = sum(r.status == "warn" for r in report.results)
     if failures:
         click.secho(f"pre-flight: {len(failures)} of {len(report.results)} checks failed; "
