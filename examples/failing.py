@@ -12,6 +12,7 @@ that resumes from the newest checkpoint.
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import os
 import signal
@@ -43,7 +44,9 @@ def main() -> None:
         with open(args.data) as f:  # fails: the default path does not exist
             f.read()
     if args.fail == "missing-module":
-        import cv2  # noqa: F401  - not installed here: the diagnosis names the pip package (opencv-python)
+        # imported by name so pre-flight does not warn about it on every run of this example;
+        # a plain `import cv2` is what the diagnosis maps to `pip install opencv-python`
+        importlib.import_module("cv2")
 
     x = torch.randn(256, 8)
     y = x.sum(dim=1, keepdim=True)

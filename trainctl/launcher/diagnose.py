@@ -272,7 +272,7 @@ def _module_missing(f: Failure) -> Diagnosis | None:
         return Diagnosis("import", f"module '{module}' is not installed{_at(f)}",
                          f"'{top}' is not installed in the Python that ran the script"
                          + (" (the package has a different name than the module)" if install_hint(top) != f"pip install {top}" else "")
-                         + ".", f"{install_hint(top)} (in the same environment as trainctl, or pass --python), then run again.")
+                         + ".", f"{install_hint(top)} (in the environment that runs the script), then run again.")
     m = _first(r"ImportError: cannot import name '([^']+)' from '([^']+)'(?: \(([^)]+)\))?", f.text)
     if m:
         name, module, where = m.group(1), m.group(2), m.group(3) or ""
