@@ -111,8 +111,12 @@ def _plain(value: Any, depth: int = 0) -> Any:
     """Metadata as weights_only-safe plain data: numbers, strings, lists, dicts, tensors."""
     if depth > 20:
         return str(value)
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or type(value) in (bool, int, float, str):
         return value
+    # subclasses (torch's TorchVersion, IntEnum, ...) are globals weights_only refuses
+    for base in (bool, int, float, str):
+        if isinstance(value, base):
+            return base(value)
     if isinstance(value, Mapping):
         return {str(k): _plain(v, depth + 1) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

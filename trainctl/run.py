@@ -235,9 +235,11 @@ class Run:
 
     # ------------------------------------------------------------------ logging
     def log(self, values: Mapping[str, Any], step: int | None = None, epoch: Any = None) -> None:
-        """Record metrics for `step` (default: one past the last). Cheap: no I/O here."""
-        if self._should_stop and not self._stopping:
-            self._on_stop_request()
+        """Record metrics for `step` (default: one past the last). Cheap: no I/O here.
+
+        Also a safe point: after a preemption signal the emergency checkpoint is written here,
+        labelled with this step (the state the script has reached when it reports it).
+        """
         if step is None:
             self._step += 1
             step = self._step
@@ -247,12 +249,14 @@ class Run:
             self._epoch = epoch
         if self._writes:
             self._buffer.append((time.time(), step, self._epoch, dict(values)))
+        if self._should_stop and not self._stopping:
+            self._on_stop_request()
 
     def step(self, n: int = 1) -> int:
         """Advance the step counter by `n` (a safe point for a pending preemption)."""
+        self._step += n
         if self._should_stop and not self._stopping:
             self._on_stop_request()
-        self._step += n
         return self._step
 
     @property

@@ -52,8 +52,8 @@ def python_version() -> str:
 def torch_version() -> str | None:
     """torch's version without importing it."""
     mod = sys.modules.get("torch")
-    if mod is not None:
-        return getattr(mod, "__version__", None)
+    if mod is not None and getattr(mod, "__version__", None):
+        return str(mod.__version__)  # torch's TorchVersion is a str subclass weights_only refuses
     try:
         return metadata.version("torch")
     except metadata.PackageNotFoundError:
@@ -72,7 +72,7 @@ def gpu_description() -> list[dict[str, Any]]:
                     gpus.append({"index": i, "name": p.name,
                                  "memory_gb": round(p.total_memory / 2**30, 1),
                                  "capability": f"{p.major}.{p.minor}",
-                                 "cuda": torch.version.cuda})
+                                 "cuda": str(torch.version.cuda)})
                 return gpus
             return []
         except Exception:  # a broken driver must not break a checkpoint
