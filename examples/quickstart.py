@@ -49,10 +49,10 @@ def main() -> None:
     meta = run.restore()  # None on a fresh start
     if meta:
         step = meta["step"]
-        print(f"resumed from {run.resume_path()} at epoch {meta['epoch'] + 1}, step {step}")
+        print(f"resumed from {run.resume_path()} at epoch {meta['epoch']}, step {step}")
 
     while step < total_steps:
-        epoch = step // args.steps_per_epoch
+        epoch = step // args.steps_per_epoch + 1  # counted from 1, as printed
         model.train()
         batch = torch.randint(len(inputs), (args.batch_size,),
                               generator=torch.Generator().manual_seed(args.seed * 1_000_003 + step))
@@ -73,7 +73,7 @@ def main() -> None:
                 val_loss = nn.functional.mse_loss(model(val_x).squeeze(1), val_y).item()
             run.log({"val_loss": val_loss}, step=step, epoch=epoch)
             if end_of_epoch:
-                print(f"epoch {epoch + 1}/{args.epochs} step {step}/{total_steps} "
+                print(f"epoch {epoch}/{args.epochs} step {step}/{total_steps} "
                       f"loss {loss.item():.4f} val_loss {val_loss:.4f}")
             run.save_checkpoint(epoch=epoch, step=step, metrics={"loss": loss.item(), "val_loss": val_loss})
     run.finish()

@@ -6,6 +6,7 @@ progress bar at the bottom on a terminal), tees it to output.log and feeds the m
 
 from __future__ import annotations
 
+import codecs
 import collections
 import os
 import signal
@@ -20,6 +21,8 @@ from ..session import Session
 from .backend import Backend, Handle, Outcome, RunSpec
 
 TAIL_LINES = 200
+TAIL_CHARS = 64 * 1024
+MAX_PARTIAL_CHARS = 1 << 20
 
 
 class _Attempt:
@@ -54,14 +57,19 @@ class _Attempt:
 
 
 class OutputSink:
-    """Where the child's output goes: the terminal (or a progress display), output.log, the parser."""
+    """Where the child's output goes: the terminal (or a progress display), output.log, the parser.
 
-    def __init__(self, log: BinaryIO, display: Any | None, on_line: Any | None) -> None:
+    Work per chunk, not per line: a script printing thousands of lines a second must not wait
+    for its reader (a full pipe blocks the writer).
+    """
+
+    def __init__(self, log: BinaryIO, display: Any | None, on_text: Any | None) -> None:
         self.log = log
         self.display = display
-        self.on_line = on_line
+        self.on_text = on_text
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self._partial = {False: b"", True: b""}
+        self._partial = {False: "", True: ""}
+        self._decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in (False, True)}
         self._lock = threading.Lock()
         self._out = sys.stdout.buffer if hasattr(sys.stdout, "buffer") else None
         self._err = sys.stderr.buffer if hasattr(sys.stderr, "buffer") else None
@@ -79,43 +87,43 @@ class OutputSink:
                     pass
         with self._lock:
             self.log.write(data)
-            buf = self._partial[is_err] + data
-            # \r-updated progress lines count as lines too
-            lines = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
-            self._partial[is_err] = lines.pop()
-            if len(self._partial[is_err]) > 1 << 20:  # a "line" without end: don't grow forever
-                lines.append(self._partial[is_err])
-                self._partial[is_err] = b""
-        for raw in lines:
-            if not raw:
-                continue
-            line = raw.decode("utf-8", "replace")
-            self.tail.append(line)
-            if self.on_line is not None:
-                self.on_line(line)
+            text = self._partial[is_err] + self._decoders[is_err].decode(data)
+            cut = max(text.rfind("\n"), text.rfind("\r"))
+            if cut < 0 and len(text) < MAX_PARTIAL_CHARS:
+                self._partial[is_err] = text
+                return
+            if cut < 0:  # a "line" without end: don't grow forever
+                cut = len(text) - 1
+            complete, self._partial[is_err] = text[:cut + 1], text[cut + 1:]
+            self._keep_tail(complete)
+        if self.on_text is not None:
+            self.on_text(complete)
+
+    def _keep_tail(self, text: str) -> None:
+        recent = text[-TAIL_CHARS:].replace("\r\n", "\n").replace("\r", "\n").split("\n")
+        self.tail.extend(line for line in recent[-TAIL_LINES - 1:] if line)
 
     def close(self) -> None:
         with self._lock:
-            rest = [p for p in self._partial.values() if p]
-            self._partial = {False: b"", True: b""}
-        for raw in rest:
-            line = raw.decode("utf-8", "replace")
-            self.tail.append(line)
-            if self.on_line is not None:
-                self.on_line(line)
+            rest = "".join(self._partial[k] + self._decoders[k].decode(b"", final=True) for k in (False, True))
+            self._partial = {False: "", True: ""}
+            if rest:
+                self._keep_tail(rest)
+        if rest and self.on_text is not None:
+            self.on_text(rest)
         self.log.flush()
 
 
 class LocalBackend(Backend):
-    """This machine. `display` and `on_line` come from the supervisor (progress, parser)."""
+    """This machine. `display` and `on_text` come from the supervisor (progress, parser)."""
 
     name = "local"
 
     def __init__(self, session: Session, *, display: Any | None = None,
-                 on_line: Any | None = None, use_pty: bool | None = None) -> None:
+                 on_text: Any | None = None, use_pty: bool | None = None) -> None:
         self.session = session
         self.display = display
-        self.on_line = on_line
+        self.on_text = on_text
         self.use_pty = sys.stdout.isatty() if use_pty is None else use_pty
 
     def command(self, spec: RunSpec, args: list[str]) -> list[str]:
@@ -160,7 +168,7 @@ class LocalBackend(Backend):
             fds = [(os.dup(proc.stdout.fileno()), False), (os.dup(proc.stderr.fileno()), True)]
             proc.stdout.close()
             proc.stderr.close()
-        sink = OutputSink(log, self.display, self.on_line)
+        sink = OutputSink(log, self.display, self.on_text)
         return Handle(self, _Attempt(proc, fds, log, sink, master_fd))
 
     def pid(self, handle: Handle) -> int:

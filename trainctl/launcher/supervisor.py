@@ -26,6 +26,8 @@ from ..session import Session, SessionStore, summarize_metrics
 from .backend import Backend, Outcome, RunSpec
 
 CRASH_LOOP_REPEATS = 3
+BURST_LINES = 64  # lines in one read above which only the newest metrics are parsed
+BURST_NEWEST = 4
 
 
 def _say(message: str) -> None:
@@ -94,8 +96,18 @@ class _OutputMetrics:
     attached: bool = False
     tensorboard: Any = None
 
+    totals: dict[str, Any] = field(default_factory=dict)
+
     def add(self, parsed: dict[str, Any]) -> None:
-        if not parsed.get("values") or self.attached:
+        if self.attached:
+            return
+        for key, name in (("total_steps", "steps"), ("total_epochs", "epochs")):
+            if parsed.get(key) and self.totals.get(name) != parsed[key]:
+                with self.lock:
+                    self.totals[name] = parsed[key]
+                    self.buffer.append({"v": 1, "t": time.time(), "kind": "totals", "source": "output",
+                                        "steps": self.totals.get("steps"), "epochs": self.totals.get("epochs")})
+        if not parsed.get("values"):
             return
         event = {"v": 1, "t": time.time(), "kind": "metric", "step": parsed.get("step"),
                  "epoch": parsed.get("epoch"), "values": parsed["values"],
@@ -114,6 +126,9 @@ class _OutputMetrics:
         if self.attached:
             return  # the script reports through trainctl.init(): its numbers are the record
         self.session.append_events(events)
+        events = [e for e in events if e["kind"] == "metric"]
+        if not events:
+            return
         if self.tensorboard is None:
             from ..tensorboard_sink import TensorBoardSink
 
@@ -241,13 +256,20 @@ class Supervisor:
         parser = MetricParser(self.cfg.get("metrics", "patterns")) if parse else None
         recorder = _OutputMetrics(session)
 
-        def on_line(line: str) -> None:
-            parsed = parser.feed(line) if parser is not None else None
-            if parsed:
-                display.on_parsed(parsed)
-                recorder.add(parsed)
+        parse_lock = threading.Lock()
 
-        backend = self._backend = LocalBackend(session, display=display, on_line=on_line)
+        def on_text(text: str) -> None:
+            if parser is None:
+                return
+            # a burst of output (many lines in one read) is a script printing faster than anyone
+            # reads: its newest metrics are what counts, and parsing every line would slow it
+            limit = BURST_NEWEST if text.count("\n") > BURST_LINES else None
+            with parse_lock:
+                for parsed in parser.feed_text(text, limit=limit):
+                    display.on_parsed(parsed)
+                    recorder.add(parsed)
+
+        backend = self._backend = LocalBackend(session, display=display, on_text=on_text)
         failures: list[tuple[str, int]] = []
         attempt = 0
         display.start()
