@@ -28,7 +28,7 @@ def make_state(total_mb: int) -> dict:
 def main() -> None:
     args = parse_args(__doc__)
     size_mb = pick(args.mode, 256, 64, 2)
-    repeats = pick(args.mode, 5, 3, 1)
+    repeats = pick(args.mode, 7, 5, 1)
     import torch
 
     import trainctl

@@ -66,7 +66,8 @@ def main() -> None:
             return time_process([*cli, "checkpoint", "info", str(ours)], cwd=root, env=env)
         def load():
             return time_process([sys.executable, "-c", LOAD_ONE_KEY, str(plain)], cwd=root, env=env)
-        t_plain, t_ours, base = interleaved(repeats, info_plain, info_ours, load)
+        t_plain, t_ours, base = interleaved(repeats, info_plain, info_ours, load,
+                                             warmup=pick(args.mode, 1, 0, 0))
     p, o, b = stats(t_plain), stats(t_ours), stats(base)
     rows = [
         row("B4 checkpoint info (plain torch file) vs torch.load mmap", p["median"], b["median"],

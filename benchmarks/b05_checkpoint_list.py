@@ -73,7 +73,8 @@ def main() -> None:
             return time_process([*cli, "checkpoint", "list", "plain"], cwd=root, env=env)
         def load():
             return time_process([sys.executable, "-c", LOAD_ALL, *ours], cwd=root, env=env)
-        t_ours, t_plain, base = interleaved(repeats, list_ours, list_plain, load)
+        t_ours, t_plain, base = interleaved(repeats, list_ours, list_plain, load,
+                                                warmup=pick(args.mode, 1, 0, 0))
     o, p, b = stats(t_ours), stats(t_plain), stats(base)
     rows = [
         row(f"B5 checkpoint list ({count} trainctl files) vs {count} x torch.load mmap",
