@@ -43,7 +43,7 @@ from ..errors import (
     CorruptCheckpointError,
     TrainctlWarning,
 )
-from ..fsutil import atomic_write_json, fsync_dir
+from ..fsutil import fsync_dir
 from ..redact import redact_mapping
 from ..run import Run, _resume_from_argv, current_run, init
 
@@ -137,28 +137,6 @@ def _join_run(trainer: pl.Trainer | None, **init_kwargs: Any) -> Run:
 
 def _writes(run: Run | None) -> bool:
     return bool(run is not None and run.is_main and run.session is not None and not run.finished)
-
-
-def _register_file(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """Digest an already written checkpoint and write its manifest (checkpoint.register)."""
-    register = getattr(checkpoint_mod, "register", None)
-    if register is not None:
-        return register(path, meta)
-    # until checkpoint.register exists: the manifest checkpoint.save writes, for a file on disk
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
-    digest = (checkpoint_mod._zip_digest(path) if checkpoint_mod._crc_enabled()
-              else checkpoint_mod._sha256_file(path))
-    full = {**meta, "format_version": checkpoint_mod.FORMAT_VERSION}
-    full.setdefault("saved_at", time.time())
-    manifest = {"format_version": checkpoint_mod.FORMAT_VERSION, "file": path.name, "bytes": size,
-                "digest": digest, "meta": checkpoint_mod._json_meta(full)}
-    atomic_write_json(checkpoint_mod.manifest_path(path), manifest)
-    return manifest
 
 
 def _requested_resume() -> str | None:
@@ -385,7 +363,7 @@ class TrainctlCallback(Callback):
                     "session_id": run.id, "script": run.script, "framework": "lightning"}
         meta = {**meta, "name": path.name}
         try:
-            manifest = _register_file(path, meta)
+            manifest = checkpoint_mod.register(path, meta)
         except Exception as e:
             warnings.warn(f"trainctl could not register checkpoint {path}: {e}", TrainctlWarning, stacklevel=2)
             return
