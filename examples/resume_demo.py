@@ -75,8 +75,8 @@ def main() -> None:
     same = all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     same = same and all(
         torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
-        for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values())
-        for x, y in zip(sa.values(), sb.values()))
+        for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True)
+        for x, y in zip(sa.values(), sb.values(), strict=True))
     print(f"3) final model and optimizer state identical: {same}")
     sys.exit(0 if same else 1)
 

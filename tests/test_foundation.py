@@ -62,7 +62,7 @@ def test_output_passthrough_and_tee(project, cli):
     """)
     r = cli("local", "--no-preflight", "talk.py")
     assert r.returncode == 0
-    assert [l for l in r.stdout.splitlines() if l.startswith("out")] == ["out 0", "out 1", "out 2"]
+    assert [line for line in r.stdout.splitlines() if line.startswith("out")] == ["out 0", "out 1", "out 2"]
     assert "err 2" in r.stderr and "err" not in r.stdout
     log = only_session(project).output_log.read_text()
     assert all(f"out {i}" in log and f"err {i}" in log for i in range(3))
@@ -148,6 +148,8 @@ def test_sessions_list_and_show(project, cli):
     as_json = json.loads(cli("sessions", "show", listed[1]["id"][:17], "--json").stdout)
     assert as_json["id"] == listed[1]["id"]
     assert len(json.loads(cli("sessions", "list", "--json", "--limit", "1").stdout)) == 1
+    assert json.loads(cli("sessions", "show", "latest~1", "--json").stdout)["id"] == listed[1]["id"]
+    assert cli("sessions", "show", "latest~2").returncode == 3
 
 
 def test_crashed_session_is_not_running_forever(project):
@@ -175,7 +177,7 @@ def test_ctrl_c_kills_session_and_child(project):
         time.sleep(0.05)
     child = int((project / "child.pid").read_text())
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=30)
+    proc.communicate(timeout=30)
     assert proc.returncode == 130
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 
@@ -123,7 +122,7 @@ def test_chaos_sigkill_at_random_moments_ends_bit_identical(project):
             kills.append(pid)
         except ProcessLookupError:
             pass
-    out, err = proc.communicate(timeout=300)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert len(kills) >= 5
     data = session.read()
@@ -150,7 +149,7 @@ def test_sigterm_to_script_writes_emergency_checkpoint_and_restart_resumes(proje
         time.sleep(0.02)
     time.sleep(0.5)
     os.kill(pid, signal.SIGTERM)
-    out, err = proc.communicate(timeout=300)
+    _out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     data = session.read()
     first = data["attempts"][0]

@@ -13,8 +13,13 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .errors import (CheckpointError, ConfigError, CorruptCheckpointError, TrainctlError,
-                     UntrustedCheckpointError)
+from .errors import (
+                     CheckpointError,
+                     ConfigError,
+                     CorruptCheckpointError,
+                     TrainctlError,
+                     UntrustedCheckpointError,
+)
 from .run import Run, current_run, init
 
 __all__ = ["CheckpointError", "ConfigError", "CorruptCheckpointError", "Run", "TrainctlError",

@@ -165,7 +165,7 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                      f"Did you mean '{close[0]}'?" if close else f"Valid keys in [{section}]: {', '.join(SCHEMA[section])}.",
                      k, section)
             types, _default, _doc = spec
-            if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+            if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
                 fail(f"'{dotted}' must be {_type_name(types)}, not {type(v).__name__} ({v!r}).",
                      f"Fix the value of '{k}' in the config file.", k, section)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
@@ -197,7 +197,7 @@ def load(start: Path | None = None) -> Config:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read the config file ({e.__class__.__name__}: {e}).",
-                          f"Check the file's permissions, or recreate it with: trainctl init --force",
+                          "Check the file's permissions, or recreate it with: trainctl init --force",
                           path=str(path)) from e
     try:
         data = tomllib.loads(text)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import hashlib
+import math
 import os
 import signal
 import sys
@@ -23,8 +24,13 @@ from typing import Any
 from . import config as config_mod
 from . import env as env_mod
 from . import sysinfo
-from .errors import (EXIT_PREEMPTED, CheckpointNotFoundError, CorruptCheckpointError,
-                     TrainctlWarning, UsageError)
+from .errors import (
+    EXIT_PREEMPTED,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    TrainctlWarning,
+    UsageError,
+)
 from .redact import redact_args, redact_mapping
 from .session import Session, SessionStore, metric_mode
 
@@ -304,7 +310,7 @@ class Run:
         for e in events:
             for name, value in e["values"].items():
                 self._last[name] = value
-                if isinstance(value, float) and value != value or value in (float("inf"), float("-inf")):
+                if isinstance(value, float) and not math.isfinite(value):
                     continue
                 mode = metric_mode(name)
                 cur = self._best.get(name)

@@ -294,12 +294,18 @@ class SessionStore:
             return []
 
     def get(self, ref: str) -> Session:
-        """By id, unique id prefix, name, or 'latest'."""
+        """By id, unique id prefix or suffix, name, 'latest' or 'latest~N' (N sessions before)."""
         ids = self.ids()
         if not ids:
             raise SessionNotFoundError(ref, "No sessions yet: start one with: trainctl local SCRIPT")
-        if ref == "latest":
-            return Session(self.sessions_dir / ids[0])
+        if ref == "latest" or ref.startswith("latest~"):
+            back = ref.partition("~")[2]
+            if back and not back.isdigit():
+                raise SessionNotFoundError(ref, "Use latest, latest~1 (the one before), latest~2, ...")
+            n = int(back or 0)
+            if n >= len(ids):
+                raise SessionNotFoundError(ref, f"This project has {len(ids)} session(s).")
+            return Session(self.sessions_dir / ids[n])
         if ref in ids:
             return Session(self.sessions_dir / ref)
         matches = [i for i in ids if i.startswith(ref) or i.endswith(ref)]

@@ -18,8 +18,13 @@ from typing import Any
 from .. import config as config_mod
 from .. import env as env_mod
 from .. import sysinfo
-from ..errors import (EXIT_INTERRUPTED, EXIT_PREEMPTED, CheckpointNotFoundError,
-                      CorruptCheckpointError, UsageError)
+from ..errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UsageError,
+)
 from ..fsutil import atomic_write_json
 from ..redact import redact_args
 from ..session import Session, SessionStore, summarize_metrics
