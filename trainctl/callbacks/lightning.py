@@ -412,7 +412,7 @@ class TrainctlCallback(Callback):
             run.preempted = True
         path = Path(run.checkpoint_dir) / f"emergency-epoch={trainer.current_epoch}-step={trainer.global_step}.ckpt"
         try:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             message = f"{signal_name or 'preemption'}: emergency checkpoint {path}"
         except Exception as e:
             message = f"emergency checkpoint failed: {type(e).__name__}: {e}"
