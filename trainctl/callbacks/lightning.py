@@ -30,6 +30,7 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 from lightning.pytorch.trainer.states import RunningStage
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -265,8 +266,14 @@ class TrainctlCallback(Callback):
         if stage == "fit":
             self._point_checkpoints_at_session(trainer, run)
         strategy = trainer.strategy
-        if not isinstance(strategy.checkpoint_io, _RegisteringCheckpointIO):
-            strategy.checkpoint_io = _RegisteringCheckpointIO(strategy.checkpoint_io, self)
+        io = strategy.checkpoint_io
+        if isinstance(io, AsyncCheckpointIO):
+            # its writes finish later on another thread: nothing to make durable or digest yet
+            if run.is_main:
+                warnings.warn("AsyncCheckpointIO in use: trainctl does not register Lightning's checkpoints "
+                              "(no manifests, no automatic resume from them)", TrainctlWarning, stacklevel=2)
+        elif not isinstance(io, _RegisteringCheckpointIO):
+            strategy.checkpoint_io = _RegisteringCheckpointIO(io, self)
 
     def _point_checkpoints_at_session(self, trainer: pl.Trainer, run: Run) -> None:
         """ModelCheckpoints without a dirpath write into the session's checkpoint folder, where
