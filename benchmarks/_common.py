@@ -97,11 +97,21 @@ def _finite(value: Any) -> Any:
 
 def clean_env(**extra: str) -> dict[str, str]:
     """This environment without TRAIN_OPS_* / torchrun variables, with the repo importable."""
+    # PYTHONDONTWRITEBYTECODE is dropped: an installed package runs from cached bytecode, and
+    # compiling trainctl's sources on every start would be charged to trainctl alone
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith("TRAIN_OPS_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
+           if not k.startswith("TRAIN_OPS_") and k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE",
+                                                           "PYTHONDONTWRITEBYTECODE")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
+
+
+def warm_bytecode() -> None:
+    """Compile trainctl to __pycache__ as `pip install` does (git-ignored; skipped if current)."""
+    import compileall
+
+    compileall.compile_dir(str(REPO / "trainctl"), quiet=2)
 
 
 def trainctl_command() -> list[str]:

@@ -43,7 +43,7 @@ def cpu_per_record(make, steps: int) -> float:
 
 def main() -> None:
     args = parse_args(__doc__)
-    steps = pick(args.mode, 20000, 5000, 200)
+    steps = pick(args.mode, 20000, 3000, 200)
     repeats = pick(args.mode, 5, 3, 1)
     with project_dir() as root:
         folder = Path(root)

@@ -23,6 +23,7 @@ from _common import (
     stats,
     time_process,
     trainctl_command,
+    warm_bytecode,
 )
 
 LOAD_ONE_KEY = ("import sys, torch; "
@@ -44,7 +45,8 @@ def make_state(total_mb: int) -> dict:
 
 def main() -> None:
     args = parse_args(__doc__)
-    size_mb = pick(args.mode, 1024, 128, 2)
+    warm_bytecode()
+    size_mb = pick(args.mode, 1024, 64, 2)
     repeats = pick(args.mode, 7, 2, 1)
     import torch
 

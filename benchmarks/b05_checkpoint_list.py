@@ -22,6 +22,7 @@ from _common import (
     stats,
     time_process,
     trainctl_command,
+    warm_bytecode,
 )
 
 LOAD_ALL = ("import sys, torch\n"
@@ -44,8 +45,9 @@ def make_state(total_mb: float, index: int) -> dict:
 
 def main() -> None:
     args = parse_args(__doc__)
-    count = pick(args.mode, 50, 50, 3)
-    size_mb = pick(args.mode, 20, 2, 0.1)
+    warm_bytecode()
+    count = pick(args.mode, 50, 25, 3)
+    size_mb = pick(args.mode, 20, 1, 0.1)
     repeats = pick(args.mode, 7, 2, 1)
     import torch
 

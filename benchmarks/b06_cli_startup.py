@@ -24,6 +24,7 @@ from _common import (
     stats,
     time_process,
     trainctl_command,
+    warm_bytecode,
 )
 
 
@@ -66,8 +67,9 @@ def shutil_rmtree(path: Path) -> None:
 
 def main() -> None:
     args = parse_args(__doc__)
+    warm_bytecode()
     count = pick(args.mode, 500, 500, 20)
-    repeats = pick(args.mode, 15, 5, 1)
+    repeats = pick(args.mode, 15, 4, 1)
     with project_dir(config='state_dir = ".trainctl"\n') as root:
         make_sessions(Path(root) / ".trainctl", count)
         env = clean_env()

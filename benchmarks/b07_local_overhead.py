@@ -21,12 +21,14 @@ from _common import (
     stats,
     time_process,
     trainctl_command,
+    warm_bytecode,
 )
 
 
 def main() -> None:
     args = parse_args(__doc__)
-    repeats = pick(args.mode, 15, 5, 1)
+    warm_bytecode()
+    repeats = pick(args.mode, 15, 4, 1)
     with project_dir() as root:
         script = Path(root) / "noop.py"
         script.write_text("")

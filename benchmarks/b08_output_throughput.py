@@ -23,6 +23,7 @@ from _common import (
     stats,
     time_process,
     trainctl_command,
+    warm_bytecode,
 )
 
 SCRIPT = """import sys
@@ -38,6 +39,7 @@ for i in range(n):
 
 def main() -> None:
     args = parse_args(__doc__)
+    warm_bytecode()
     lines = pick(args.mode, 200_000, 20_000, 1000)
     repeats = pick(args.mode, 5, 2, 1)
     with project_dir() as root:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 
-from _common import clean_env, emit, parse_args, pick, project_dir, row, stats
+from _common import clean_env, emit, parse_args, pick, project_dir, row, stats, warm_bytecode
 
 READ_RSS = ("def rss():\n"
             "    for line in open('/proc/self/status'):\n"
@@ -42,6 +42,7 @@ def measure(code: str, cwd: str) -> dict:
 
 def main() -> None:
     args = parse_args(__doc__)
+    warm_bytecode()
     repeats = pick(args.mode, 7, 2, 1)
     bare, init, logged = [], [], []
     torch_loaded = False
