@@ -235,3 +235,34 @@ def test_torchrun_two_processes_one_session_rank0_writes_and_resume(project):
     assert r.returncode == 0, r.stderr
     ranks = [json.loads((project / f"rank{i}.json").read_text()) for i in (0, 1)]
     assert [r["start"] for r in ranks] == [5, 5]
+
+
+def test_signal_during_emergency_checkpoint_writes_exactly_one(project):
+    (project / "big.py").write_text(textwrap.dedent("""
+        import os, time, torch, trainctl
+        run = trainctl.init()
+        model = torch.nn.Linear(2048, 2048)  # ~16 MB: the save takes a moment
+        run.track(model=model)
+        open("ready", "w").write(str(os.getpid()))
+        step = 0
+        while True:
+            step += 1
+            time.sleep(0.01)
+            run.log({"loss": 1.0 / step}, step=step)
+    """))
+    proc = subprocess.Popen([sys.executable, "big.py"], cwd=project, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while not (project / "ready").exists() and time.time() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.2)
+    for _ in range(3):  # a second and third signal land while the first one's checkpoint is written
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.03)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, err
+    (session,) = sessions(project)
+    ckpts = [e for e in session.iter_events(("checkpoint",))]
+    assert len(ckpts) == 1 and "emergency" in ckpts[0]["path"]
+    assert session.read()["status"] == "preempted"
+    assert torch.load(ckpts[0]["path"], weights_only=True)["trainctl"]["step"] == ckpts[0]["step"]
