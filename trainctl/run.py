@@ -62,6 +62,16 @@ def current_run() -> Run | None:
     return _current if _current is not None and not _current.finished else None
 
 
+def requested_resume(flag: str = "--resume", argv: list[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> str | None:
+    """The resume reference a process was given: `flag PATH` in argv, else TRAIN_OPS_RESUME.
+
+    May be 'auto' (resolved by Run.resume_path); None when not resuming.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    return _resume_from_argv(flag, argv) or env_mod.read(environ).resume
+
+
 def _resume_from_argv(flag: str, argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg == flag and i + 1 < len(argv):
@@ -79,16 +89,16 @@ def _file_digest(path: str) -> str | None:
         return None
 
 
-def _plain(value: Any) -> Any:
+def plain_data(value: Any) -> Any:
     """Config values as JSON-able plain data (Namespace, Path, tuples, numpy scalars...)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): plain_data(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set)):
-        return [_plain(v) for v in value]
+        return [plain_data(v) for v in value]
     if value is None or isinstance(value, (str, int, float, bool)):
         return value
     if hasattr(value, "__dict__") and type(value).__name__ == "Namespace":
-        return _plain(vars(value))
+        return plain_data(vars(value))
     item = getattr(value, "item", None)
     if callable(item):
         try:
@@ -131,7 +141,7 @@ class Run:
         self.is_main = self.ranks.is_main
         self.attempt = self.launch.attempt
         self.capture_rng = capture_rng
-        self.config = _plain(dict(config)) if config is not None else {}
+        self.config = plain_data(dict(config)) if config is not None else {}
         self.project_config = self._load_project_config()
         self.finished = False
         self._should_stop = False
@@ -357,8 +367,9 @@ class Run:
             filename = f"ckpt-{self._checkpoints + 1:04d}.pt"
         return self.checkpoint_dir / filename
 
-    def _metadata(self, epoch: Any, step: int | None, metrics: Mapping[str, Any] | None,
-                  name: str | None) -> dict[str, Any]:
+    def checkpoint_metadata(self, epoch: Any, step: int | None, metrics: Mapping[str, Any] | None = None,
+                            name: str | None = None) -> dict[str, Any]:
+        """The `trainctl` entry of a checkpoint written now (for callbacks that save through a framework)."""
         from . import checkpoint
 
         if self._static_meta is None:
@@ -407,10 +418,10 @@ class Run:
         self.flush()
         path = self._checkpoint_path(epoch, step, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = self._metadata(epoch, step, metrics, name)
+        meta = self.checkpoint_metadata(epoch, step, metrics, name)
         if blocking:
             manifest = checkpoint.save(path, dict(state), meta)
-            self._record_checkpoint(path, manifest)
+            self.record_checkpoint(path, manifest)
         else:
             if self._async_saver is None:
                 self._async_saver = checkpoint.AsyncSaver()
@@ -426,9 +437,10 @@ class Run:
             if self._writes:
                 self.session.event("warning", message=f"asynchronous checkpoint {path.name} failed: {e}")
             return
-        self._record_checkpoint(path, manifest)
+        self.record_checkpoint(path, manifest)
 
-    def _record_checkpoint(self, path: Path, manifest: dict[str, Any]) -> None:
+    def record_checkpoint(self, path: Path, manifest: dict[str, Any]) -> None:
+        """A durable, manifested checkpoint exists at `path`: event, summary, retention."""
         from . import checkpoint
 
         self._checkpoints += 1
@@ -457,7 +469,7 @@ class Run:
 
     def resume_path(self) -> str | None:
         """The checkpoint this run resumes from: --resume PATH, TRAIN_OPS_RESUME, or None."""
-        ref = _resume_from_argv(self.resume_flag, sys.argv[1:]) or self.launch.resume
+        ref = requested_resume(self.resume_flag)
         if not ref:
             return None
         if ref == "auto":
@@ -492,16 +504,24 @@ class Run:
         meta = state.get(checkpoint.META_KEY) if isinstance(state, dict) else None
         self._resume_meta = meta if isinstance(meta, dict) else {}
         step = self._resume_meta.get("step")
+        self.mark_resumed(path, step if isinstance(step, int) else None)
         if isinstance(step, int):
             self._step = step
+        if self._resume_meta.get("epoch") is not None:
+            self._epoch = self._resume_meta.get("epoch")
+        return state
+
+    def mark_resumed(self, path: str | None, step: int | None) -> None:
+        """This attempt continues from `path` at `step`: later metrics of earlier attempts are void.
+
+        Writes the `supersede` event and makes TensorBoard drop points from step+1 on.
+        """
+        if step is not None:
             self._tb_purge_step = step + 1
             if self._writes:
                 self.session.event("supersede", attempt=self.attempt, from_step=step + 1, resume=path)
-        if self._resume_meta.get("epoch") is not None:
-            self._epoch = self._resume_meta.get("epoch")
         if self._writes:
             self.session.update(resume_from=path)
-        return state
 
     def restore(self, *, trust: bool = False, restore_rng: bool = True) -> dict[str, Any] | None:
         """Load tracked objects in place from the resume checkpoint; return its metadata.

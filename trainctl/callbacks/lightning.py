@@ -37,7 +37,6 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .. import checkpoint as checkpoint_mod
 from .. import config as config_mod
-from .. import env as env_mod
 from ..errors import (
     EXIT_PREEMPTED,
     CheckpointNotFoundError,
@@ -46,7 +45,7 @@ from ..errors import (
 )
 from ..fsutil import fsync_dir
 from ..redact import redact_mapping
-from ..run import Run, _resume_from_argv, current_run, init
+from ..run import Run, current_run, init, plain_data, requested_resume
 
 __all__ = ["TrainctlCallback", "TrainctlLogger"]
 
@@ -91,10 +90,9 @@ def _logged_now(trainer: pl.Trainer) -> dict[str, int | float]:
 
 
 def _plain_hparams(pl_module: pl.LightningModule) -> dict[str, Any]:
-    from ..run import _plain
 
     try:
-        return _plain(dict(pl_module.hparams))
+        return plain_data(dict(pl_module.hparams))
     except Exception:
         return {}
 
@@ -145,9 +143,8 @@ def _requested_resume() -> str | None:
     run = current_run()
     if run is not None:
         return run.resume_path()
-    launch = env_mod.read()
     cfg = config_mod.load()
-    ref = _resume_from_argv(cfg.resume_flag, sys.argv[1:]) or launch.resume
+    ref = requested_resume(cfg.resume_flag)
     if ref != "auto":
         return ref or None
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
@@ -344,7 +341,7 @@ class TrainctlCallback(Callback):
         metrics = _numbers(trainer.callback_metrics)
         run = self.run
         if run is not None:
-            meta = run._metadata(epoch, step, metrics, None)
+            meta = run.checkpoint_metadata(epoch, step, metrics)
         else:
             meta = {"epoch": epoch, "step": step, "metrics": metrics}
             if self.capture_rng:
@@ -375,7 +372,7 @@ class TrainctlCallback(Callback):
             warnings.warn(f"trainctl could not register checkpoint {path}: {e}", TrainctlWarning, stacklevel=2)
             return
         if _writes(run):
-            run._record_checkpoint(path, manifest)
+            run.record_checkpoint(path, manifest)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            checkpoint: dict[str, Any]) -> None:
@@ -386,11 +383,7 @@ class TrainctlCallback(Callback):
         step = checkpoint.get("global_step")
         if isinstance(step, int) and run is not None:
             # metrics the interrupted attempt logged after this checkpoint are void
-            run._tb_purge_step = step + 1
-            if _writes(run):
-                resume = str(trainer.ckpt_path) if trainer.ckpt_path else None
-                run.session.event("supersede", attempt=run.attempt, from_step=step + 1, resume=resume)
-                run.session.update(resume_from=resume)
+            run.mark_resumed(str(trainer.ckpt_path) if trainer.ckpt_path else None, step)
 
     # ----------------------------------------------------------------- preemption
     def _check_preemption(self, trainer: pl.Trainer) -> None:
@@ -453,9 +446,8 @@ class TrainctlCallback(Callback):
 
 
 def _plain_config(config: Mapping[str, Any]) -> dict[str, Any]:
-    from ..run import _plain
 
-    return _plain(dict(config))
+    return plain_data(dict(config))
 
 
 # --- the logger ----------------------------------------------------------------------------------
@@ -492,9 +484,8 @@ class TrainctlLogger(Logger):
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         if params is None:
             return
-        from ..run import _plain
 
-        values = _plain(vars(params) if hasattr(params, "__dict__") and not isinstance(params, Mapping)
+        values = plain_data(vars(params) if hasattr(params, "__dict__") and not isinstance(params, Mapping)
                         else dict(params))
         run = self._run()
         hparams = dict(run.config.get("hparams") or {})
