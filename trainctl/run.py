@@ -35,6 +35,7 @@ from .redact import redact_args, redact_mapping
 from .session import Session, SessionStore, metric_mode
 
 DEFAULT_PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
+_PLAIN_NUMBERS = (float, int)
 
 _current: Run | None = None
 _current_lock = threading.Lock()
@@ -283,14 +284,14 @@ class Run:
         with self._buffer_lock:
             buffered, self._buffer = self._buffer, []
         events = []
+        attempt = self.attempt
         for t, step, epoch, values in buffered:
-            clean = {}
-            for k, v in values.items():
-                s = _scalar(v)
-                if s is not None:
-                    clean[str(k)] = s
+            for v in values.values():
+                if type(v) not in _PLAIN_NUMBERS:  # tensors, numpy scalars, bools: convert here
+                    values = {str(k): s for k, v in values.items() if (s := _scalar(v)) is not None}
+                    break
             events.append({"v": 1, "t": t, "kind": "metric", "step": step, "epoch": epoch,
-                           "values": clean, "attempt": self.attempt, "source": "run"})
+                           "values": values, "attempt": attempt, "source": "run"})
         return events
 
     def flush(self) -> None:
@@ -301,7 +302,8 @@ class Run:
             events = self._take_buffer()
             if not events:
                 return
-            self._update_summary(events)
+            if self.standalone:  # under a launcher, the launcher summarises the whole session
+                self._update_summary(events)
             self.session.append_events(events)
             self._write_tensorboard(events)
 
@@ -317,15 +319,18 @@ class Run:
                 time.sleep(self._flush_interval_s)
 
     def _update_summary(self, events: list[dict[str, Any]]) -> None:
+        last, best = self._last, self._best
         for e in events:
             for name, value in e["values"].items():
-                self._last[name] = value
-                if isinstance(value, float) and not math.isfinite(value):
-                    continue
-                mode = metric_mode(name)
-                cur = self._best.get(name)
-                if cur is None or (value < cur["value"] if mode == "min" else value > cur["value"]):
-                    self._best[name] = {"value": value, "step": e["step"], "epoch": e["epoch"], "mode": mode}
+                last[name] = value
+                cur = best.get(name)
+                if cur is None:
+                    if math.isfinite(value):
+                        best[name] = {"value": value, "step": e["step"], "epoch": e["epoch"],
+                                      "mode": metric_mode(name)}
+                elif (value < cur["value"] if cur["mode"] == "min" else value > cur["value"]) \
+                        and math.isfinite(value):
+                    cur.update(value=value, step=e["step"], epoch=e["epoch"])
 
     def _write_tensorboard(self, events: list[dict[str, Any]]) -> None:
         if not self._tb_enabled:

@@ -9,7 +9,9 @@ import secrets
 import time
 import warnings
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +23,14 @@ EVENT_SCHEMA_VERSION = 1
 STATUSES = ("pending", "running", "completed", "failed", "preempted", "killed")
 TERMINAL = frozenset({"completed", "failed", "preempted", "killed"})
 LOCK_TIMEOUT_S = 60.0
+LOCK_POLL_S = 0.001
 
 # Metrics whose best value is the largest; everything else (losses, errors, perplexity) is min.
 _MAX_HINTS = ("acc", "f1", "precision", "recall", "auc", "score", "bleu", "rouge", "map",
               "iou", "reward", "return", "dice", "r2")
 
 
+@lru_cache(maxsize=4096)
 def metric_mode(name: str) -> str:
     lowered = name.lower()
     if "loss" in lowered or "err" in lowered or "ppl" in lowered or "perplexity" in lowered:
@@ -40,10 +44,13 @@ def new_session_id(now: float | None = None) -> str:
     return time.strftime("%Y%m%d-%H%M%S", t) + "-" + secrets.token_hex(3)
 
 
-def _lock(path: Path):
-    from filelock import FileLock  # filelock is light; imported here to keep session import lean
+@contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    from filelock import FileLock  # imported on first write: listing sessions never needs it
 
-    return FileLock(str(path), timeout=LOCK_TIMEOUT_S)
+    # filelock polls a taken lock; its default 50 ms poll leaves the log idle between writers
+    with FileLock(str(path), timeout=LOCK_TIMEOUT_S).acquire(poll_interval=LOCK_POLL_S):
+        yield
 
 
 def _json_default(value: Any) -> Any:
@@ -59,9 +66,12 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_json_default)
+
+
 def encode_event(event: dict[str, Any]) -> str:
     """One JSON line; NaN/Inf are kept (as JSON's NaN/Infinity, which Python reads back)."""
-    return json.dumps(event, separators=(",", ":"), default=_json_default)
+    return _ENCODER.encode(event)
 
 
 class CorruptSessionError(TrainctlError, ValueError):

@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +53,8 @@ def torch_version() -> str | None:
     mod = sys.modules.get("torch")
     if mod is not None and getattr(mod, "__version__", None):
         return str(mod.__version__)  # torch's TorchVersion is a str subclass weights_only refuses
+    from importlib import metadata  # ~20 ms: only when asked
+
     try:
         return metadata.version("torch")
     except metadata.PackageNotFoundError:
