@@ -23,8 +23,13 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None) -> None:
-    """Write to a temp file in the same folder, fsync, os.replace, fsync the folder."""
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None,
+                       sync_dir: bool = True) -> None:
+    """Write to a temp file in the same folder, fsync, os.replace, fsync the folder.
+
+    `sync_dir=False` keeps the atomic swap but skips the folder fsync: after a power cut the file
+    may be the previous version, never a torn one (enough for records rewritten often).
+    """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -41,9 +46,11 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int |
         except OSError:
             pass
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, mode: int | None = None) -> None:
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, mode: int | None = None,
+                      sync_dir: bool = True) -> None:
     data = json.dumps(obj, indent=2, sort_keys=False, default=str).encode() + b"\n"
-    atomic_write_bytes(path, data, mode=mode)
+    atomic_write_bytes(path, data, mode=mode, sync_dir=sync_dir)

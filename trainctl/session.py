@@ -133,7 +133,7 @@ class Session:
                     data[key] = {**data[key], **value}
                 else:
                     data[key] = value
-            atomic_write_json(self.json_path, data)
+            atomic_write_json(self.json_path, data, sync_dir=False)
             return data
 
     def append_events(self, events: Iterable[dict[str, Any]]) -> None:

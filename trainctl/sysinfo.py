@@ -53,12 +53,17 @@ def torch_version() -> str | None:
     mod = sys.modules.get("torch")
     if mod is not None and getattr(mod, "__version__", None):
         return str(mod.__version__)  # torch's TorchVersion is a str subclass weights_only refuses
-    from importlib import metadata  # ~20 ms: only when asked
-
-    try:
-        return metadata.version("torch")
-    except metadata.PackageNotFoundError:
-        return None
+    # the dist-info folder name carries the version: a directory listing, not importlib.metadata's
+    # ~20 ms import and scan (this runs in the launcher, on every start)
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith("torch-") and name.endswith(".dist-info"):
+                return name[len("torch-"):-len(".dist-info")]
+    return None
 
 
 def gpu_description() -> list[dict[str, Any]]:
