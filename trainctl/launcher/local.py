@@ -67,7 +67,8 @@ class OutputSink:
         self.log = log
         self.display = display
         self.on_text = on_text
-        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self._recent: collections.deque[str] = collections.deque()  # newest output, ~TAIL_CHARS
+        self._recent_chars = 0
         self._partial = {False: "", True: ""}
         self._decoders = {k: codecs.getincrementaldecoder("utf-8")("replace") for k in (False, True)}
         self._lock = threading.Lock()
@@ -100,8 +101,17 @@ class OutputSink:
             self.on_text(complete)
 
     def _keep_tail(self, text: str) -> None:
-        recent = text[-TAIL_CHARS:].replace("\r\n", "\n").replace("\r", "\n").split("\n")
-        self.tail.extend(line for line in recent[-TAIL_LINES - 1:] if line)
+        # kept as chunks and split into lines only when asked: most runs never need the tail
+        self._recent.append(text)
+        self._recent_chars += len(text)
+        while self._recent_chars > TAIL_CHARS and len(self._recent) > 1:
+            self._recent_chars -= len(self._recent.popleft())
+
+    @property
+    def tail(self) -> list[str]:
+        """The last TAIL_LINES non-empty lines of output (\r-redrawn lines count as lines)."""
+        text = "".join(self._recent).replace("\r\n", "\n").replace("\r", "\n")
+        return [line for line in text.split("\n") if line][-TAIL_LINES:]
 
     def close(self) -> None:
         with self._lock:
@@ -191,7 +201,7 @@ class LocalBackend(Backend):
         att.log.close()
         self._reap_group(att.proc.pid)
         sig = signal.Signals(-returncode).name if returncode < 0 else None
-        return Outcome(status="", exit_code=returncode, signal=sig, output_tail=list(att.sink.tail),
+        return Outcome(status="", exit_code=returncode, signal=sig, output_tail=att.sink.tail,
                        stopped_by_user=att.stop_requested)
 
     def status(self, handle: Handle) -> str:

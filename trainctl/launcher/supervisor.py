@@ -31,8 +31,70 @@ from ..session import Session, SessionStore, summarize_metrics
 from .backend import Backend, Outcome, RunSpec
 
 CRASH_LOOP_REPEATS = 3
-BURST_LINES = 64  # lines in one read above which only the newest metrics are parsed
-BURST_NEWEST = 4
+FULL_PARSE_LINES_PER_S = 500.0  # output lines a second parsed one by one
+NEWEST_WHEN_FAST = 2  # metric lines parsed per read of output beyond that rate
+FAST_TAIL_CHARS = 4096
+SAMPLE_INTERVAL_S = 0.05
+
+
+class _OutputParser:
+    """Feeds the script's output to the metric parser without slowing the script.
+
+    Up to FULL_PARSE_LINES_PER_S every line is parsed. Past that nobody reads the lines and
+    parsing each one would slow the script (a full pipe blocks its writes), so the newest
+    metrics are sampled every SAMPLE_INTERVAL_S and the last unparsed output is read at the end.
+    """
+
+    def __init__(self, parser: Any, on_parsed: Any) -> None:
+        self.parser = parser
+        self.on_parsed = on_parsed
+        self.budget = _LineBudget(FULL_PARSE_LINES_PER_S)
+        self.lock = threading.Lock()
+        self.sampled_at = 0.0
+        self.unparsed = ""
+
+    def feed(self, text: str) -> None:
+        if self.budget.take(text.count("\n") + 1):
+            self._parse(text, None)
+            return
+        now = time.monotonic()
+        if now - self.sampled_at < SAMPLE_INTERVAL_S:
+            self.unparsed = text
+            return
+        self.sampled_at = now
+        self._parse(text, NEWEST_WHEN_FAST)
+
+    def finish(self) -> None:
+        text, self.unparsed = self.unparsed, ""
+        if text:
+            self._parse(text, NEWEST_WHEN_FAST)
+
+    def _parse(self, text: str, limit: int | None) -> None:
+        if limit is not None:
+            self.unparsed = ""
+            if len(text) > FAST_TAIL_CHARS:  # the newest lines are at the end: look only there
+                text = text[text.find("\n", len(text) - FAST_TAIL_CHARS) + 1:]
+        with self.lock:
+            for parsed in self.parser.feed_text(text, limit=limit):
+                self.on_parsed(parsed)
+
+
+class _LineBudget:
+    """A token bucket: `rate` lines a second (a second's worth may be saved up)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = time.monotonic()
+
+    def take(self, n: int) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens >= n:
+            self.tokens -= n
+            return True
+        return False
 
 
 def _say(message: str) -> None:
@@ -261,20 +323,13 @@ class Supervisor:
         parser = MetricParser(self.cfg.get("metrics", "patterns")) if parse else None
         recorder = _OutputMetrics(session)
 
-        parse_lock = threading.Lock()
+        def on_parsed(parsed: dict[str, Any]) -> None:
+            display.on_parsed(parsed)
+            recorder.add(parsed)
 
-        def on_text(text: str) -> None:
-            if parser is None:
-                return
-            # a burst of output (many lines in one read) is a script printing faster than anyone
-            # reads: its newest metrics are what counts, and parsing every line would slow it
-            limit = BURST_NEWEST if text.count("\n") > BURST_LINES else None
-            with parse_lock:
-                for parsed in parser.feed_text(text, limit=limit):
-                    display.on_parsed(parsed)
-                    recorder.add(parsed)
-
-        backend = self._backend = LocalBackend(session, display=display, on_text=on_text)
+        output = _OutputParser(parser, on_parsed) if parser is not None else None
+        backend = self._backend = LocalBackend(session, display=display,
+                                               on_text=output.feed if output else None)
         failures: list[tuple[str, int]] = []
         attempt = 0
         display.start()
@@ -305,6 +360,8 @@ class Supervisor:
                     backend.stop(self._handle, policy.grace_period_s, self.stop_signal)
                 outcome = backend.wait(self._handle)
                 self._handle = None
+                if output is not None:
+                    output.finish()
                 recorder.flush()
                 outcome.status = self._classify(session, outcome, attempt)
                 attempts = session.read().get("attempts") or attempts
