@@ -179,6 +179,16 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                     parse_size(v)
                 except ValueError as e:
                     fail(str(e), "Use a size like '500M' or '20G'.", k, section)
+            if (section, k) == ("metrics", "patterns"):
+                for pattern in v:
+                    try:
+                        compiled = re.compile(pattern) if isinstance(pattern, str) else None
+                    except re.error as e:
+                        fail(f"metrics pattern {pattern!r} is not a valid regex: {e}.",
+                             "Fix the pattern; test it with: trainctl monitor --log FILE --parsed --pattern '...'", k, section)
+                    if compiled is None or not compiled.groupindex:
+                        fail(f"metrics pattern {pattern!r} has no named group.",
+                             "Name what it captures, e.g. 'gnorm=(?P<grad_norm>[0-9.e+-]+)'.", k, section)
             if (section, k) == ("restart", "restart_on"):
                 bad = [s for s in v if s not in ("preempted", "failed")]
                 if bad:

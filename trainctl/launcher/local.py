@@ -135,6 +135,13 @@ class LocalBackend(Backend):
         self.display = display
         self.on_text = on_text
         self.use_pty = sys.stdout.isatty() if use_pty is None else use_pty
+        self._sinks: list[OutputSink] = []
+
+    def attach(self, display: Any | None, on_text: Any | None) -> None:
+        """Route output to a display and a parser from now on (the running attempt included)."""
+        self.display, self.on_text = display, on_text
+        for sink in self._sinks:
+            sink.display, sink.on_text = display, on_text
 
     def command(self, spec: RunSpec, args: list[str]) -> list[str]:
         if spec.nproc_per_node > 1:
@@ -179,6 +186,7 @@ class LocalBackend(Backend):
             proc.stdout.close()
             proc.stderr.close()
         sink = OutputSink(log, self.display, self.on_text)
+        self._sinks = [sink]
         return Handle(self, _Attempt(proc, fds, log, sink, master_fd))
 
     def pid(self, handle: Handle) -> int:

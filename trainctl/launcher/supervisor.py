@@ -50,18 +50,18 @@ class _OutputParser:
         self.on_parsed = on_parsed
         self.budget = _LineBudget(FULL_PARSE_LINES_PER_S)
         self.lock = threading.Lock()
-        self.sampled_at = 0.0
+        self.skip_until = 0.0
         self.unparsed = ""
 
     def feed(self, text: str) -> None:
-        if self.budget.take(text.count("\n") + 1):
-            self._parse(text, None)
-            return
         now = time.monotonic()
-        if now - self.sampled_at < SAMPLE_INTERVAL_S:
+        if now < self.skip_until:  # in a flood: this call must cost next to nothing
             self.unparsed = text
             return
-        self.sampled_at = now
+        if self.budget.take(text.count("\n") + 1, now):
+            self._parse(text, None)
+            return
+        self.skip_until = now + SAMPLE_INTERVAL_S
         self._parse(text, NEWEST_WHEN_FAST)
 
     def finish(self) -> None:
@@ -87,8 +87,7 @@ class _LineBudget:
         self.tokens = rate
         self.stamp = time.monotonic()
 
-    def take(self, n: int) -> bool:
-        now = time.monotonic()
+    def take(self, n: int, now: float) -> bool:
         self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= n:
@@ -311,36 +310,42 @@ class Supervisor:
 
     def _attempts(self, session: Session, checkpoint_dir: Path, resume: str | None, flag: str,
                   takes_flag: bool) -> tuple[Outcome, int]:
-        from ..metrics import MetricParser, infer_totals
         from .local import LocalBackend
-        from .progress import ProgressDisplay
 
         spec = self.spec
         policy = spec.restart
-        totals = infer_totals(spec.args)
-        display = ProgressDisplay(session, totals=totals, quiet=spec.quiet)
-        parse = bool(self.cfg.get("metrics", "parse_output"))
-        parser = MetricParser(self.cfg.get("metrics", "patterns")) if parse else None
-        recorder = _OutputMetrics(session)
-
-        def on_parsed(parsed: dict[str, Any]) -> None:
-            display.on_parsed(parsed)
-            recorder.add(parsed)
-
-        output = _OutputParser(parser, on_parsed) if parser is not None else None
-        backend = self._backend = LocalBackend(session, display=display,
-                                               on_text=output.feed if output else None)
+        # the child starts first: building the parser and the display (imports, regexes) then
+        # overlaps the script's own start-up instead of adding to it
+        backend = self._backend = LocalBackend(session)
         failures: list[tuple[str, int]] = []
         attempt = 0
-        display.start()
+        display: Any = None
+        recorder = _OutputMetrics(session)
+        output: _OutputParser | None = None
         flusher_stop = threading.Event()
 
         def flush_loop() -> None:
             while not flusher_stop.wait(1.0):
                 recorder.flush()
 
-        flusher = threading.Thread(target=flush_loop, daemon=True, name="trainctl-output-metrics")
-        flusher.start()
+        def attach_output() -> None:
+            nonlocal display, output
+            from ..metrics import MetricParser, infer_totals
+            from .progress import ProgressDisplay
+
+            display = ProgressDisplay(session, totals=infer_totals(spec.args), quiet=spec.quiet)
+            if self.cfg.get("metrics", "parse_output"):
+                parser = MetricParser(self.cfg.get("metrics", "patterns"))
+
+                def on_parsed(parsed: dict[str, Any]) -> None:
+                    display.on_parsed(parsed)
+                    recorder.add(parsed)
+
+                output = _OutputParser(parser, on_parsed)
+            backend.attach(display, output.feed if output else None)
+            display.start()
+            threading.Thread(target=flush_loop, daemon=True, name="trainctl-output-metrics").start()
+
         try:
             while True:
                 recorder.attempt = attempt
@@ -348,6 +353,8 @@ class Supervisor:
                 args = with_resume_args(spec.args, flag, resume, takes_flag)
                 env = self._env(session, checkpoint_dir, resume, attempt)
                 self._handle = backend.launch(spec, env, attempt, args=args)
+                if display is None:
+                    attach_output()
                 pid = backend.pid(self._handle)
                 data = session.read()
                 attempts = data.get("attempts") or []
@@ -391,7 +398,8 @@ class Supervisor:
                     return outcome, attempt
         finally:
             flusher_stop.set()
-            display.close()
+            if display is not None:
+                display.close()
             recorder.close()
 
     def _classify(self, session: Session, outcome: Outcome, attempt: int) -> str:
