@@ -275,6 +275,8 @@ BAD_INPUT = [
     ("malformed toml", ["sessions", "list"], {"trainctl.toml": "checkpoint_dir = \n"}, 2, "trainctl.toml:1"),
     ("unknown key", ["sessions", "list"], {"trainctl.toml": "chekpoint_dir = 'x'\n"}, 2, "Did you mean 'checkpoint_dir'"),
     ("wrong type", ["sessions", "list"], {"trainctl.toml": "[retention]\nkeep_last_n = 'three'\n"}, 2, "trainctl.toml:2"),
+    ("bad pattern", ["sessions", "list"], {"trainctl.toml": "[metrics]\npatterns = ['(?P<x>[0-9']\n"}, 2, "trainctl.toml:2: metrics pattern"),
+    ("pattern without name", ["sessions", "list"], {"trainctl.toml": "[metrics]\npatterns = ['gnorm=([0-9.]+)']\n"}, 2, "no named group"),
     ("unknown session", ["sessions", "show", "20990101"], {}, 3, "No session '20990101'"),
     ("negative restarts", ["local", "--max-restarts", "-1", "ok.py"], {"ok.py": "pass"}, 2, "--max-restarts"),
     ("bad restart-on", ["local", "--restart-on", "always", "ok.py"], {"ok.py": "pass"}, 2, "Valid: preempted, failed"),
