@@ -173,7 +173,7 @@ def test_byte_flip_is_caught_by_verify_and_newest_valid_falls_back(tmp_path):
 
 
 def test_newest_valid_filters_and_reports_unverified(tmp_path):
-    save_model(tmp_path / "a.pt", step=1, name="exp-a")
+    save_model(tmp_path / "a.pt", step=1, run_name="exp-a")
     save_model(tmp_path / "b.pt", step=2, script="/elsewhere/other.py")
     save_model(tmp_path / "c.pt", step=3)
     (tmp_path / "c.pt.json").unlink()  # as if killed between the file and its manifest

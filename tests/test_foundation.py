@@ -295,3 +295,76 @@ def test_bad_input(project, name, args, files, code, fragment):
     assert fragment in r.stderr
     assert "Traceback" not in r.stderr
     assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == before
+
+
+def test_resume_flag_among_script_args_is_verified_and_passed_on(project, cli):
+    write(project / "argv.py", """
+        import json, os, sys
+        json.dump({"argv": sys.argv[1:], "env": os.environ.get("TRAIN_OPS_RESUME")}, open("seen.json", "w"))
+        import argparse  # the script takes the flag: "--resume"
+    """)
+    from trainctl import checkpoint
+
+    ckpt = project / "old.pt"
+    checkpoint.save(ckpt, {"w": [1.0]}, {"step": 3, "script": str(project / "argv.py")})
+    r = cli("local", "--no-preflight", "argv.py", "--lr", "0.1", "--resume", "old.pt")
+    assert r.returncode == 0, r.stderr
+    seen = json.loads((project / "seen.json").read_text())
+    assert seen["argv"] == ["--lr", "0.1", "--resume", str(ckpt)]
+    assert seen["env"] == str(ckpt)
+    assert only_session(project).read()["resume_from"] == str(ckpt)
+    r = cli("local", "--no-preflight", "argv.py", "--resume", "missing.pt")
+    assert r.returncode == 3 and "missing.pt does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("body,status", [
+    ("import sys\nsys.exit(3)", "failed"),
+    ("raise KeyboardInterrupt", "killed"),
+    ("import sys\nsys.exit(0)", "completed"),
+])
+def test_standalone_exit_paths_are_recorded(project, body, status):
+    (project / "s.py").write_text("import trainctl\nrun = trainctl.init()\nrun.log({'loss': 1.0})\n" + body + "\n")
+    subprocess.run([sys.executable, "s.py"], cwd=project, capture_output=True, env=clean_env(), timeout=60)
+    assert only_session(project).read()["status"] == status
+
+
+def test_failed_async_checkpoint_does_not_leave_the_session_running(project):
+    write(project / "a.py", """
+        import trainctl
+        run = trainctl.init()
+        run.save_checkpoint({"bad": lambda: 0}, step=1, blocking=False)  # can't be pickled
+    """)
+    subprocess.run([sys.executable, "a.py"], cwd=project, capture_output=True, env=clean_env(), timeout=60)
+    session = only_session(project)
+    assert session.read()["status"] == "completed"
+    assert any("failed" in e.get("message", "") for e in session.iter_events(("warning",)))
+
+
+def test_background_process_left_by_the_script_is_reaped(project, cli):
+    write(project / "bg.py", """
+        import subprocess, sys
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        open("bg.pid", "w").write(str(p.pid))
+    """)
+    r = cli("local", "--no-preflight", "bg.py")
+    assert r.returncode == 0
+    with pytest.raises(ProcessLookupError):
+        os.kill(int((project / "bg.pid").read_text()), 0)
+
+
+def test_resume_auto_skips_checkpoints_of_running_sessions(project, cli):
+    from trainctl import checkpoint, sysinfo
+
+    write(project / "t.py", "import os\nprint('resume', os.environ.get('TRAIN_OPS_RESUME'))\n")
+    store = SessionStore(project / ".trainctl")
+    done = store.create(status="completed", script=str(project / "t.py"))
+    live = store.create(status="running", script=str(project / "t.py"), processes=[
+        {"pid": os.getpid(), "start_ticks": sysinfo.process_start_ticks(os.getpid()), "role": "script"}])
+    older = project / "checkpoints" / done.id / "ckpt-step00000001.pt"
+    checkpoint.save(older, {"w": [1.0]}, {"step": 1, "session_id": done.id, "script": str(project / "t.py")})
+    time.sleep(0.01)
+    newer = project / "checkpoints" / live.id / "ckpt-step00000009.pt"
+    checkpoint.save(newer, {"w": [2.0]}, {"step": 9, "session_id": live.id, "script": str(project / "t.py")})
+    r = cli("local", "--no-preflight", "--resume", "auto", "t.py")
+    assert r.returncode == 0, r.stderr
+    assert f"resume {older}" in r.stdout

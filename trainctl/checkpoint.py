@@ -164,7 +164,7 @@ def _zip_digest(path: Path) -> str:
     return "zipcrc:" + hashlib.sha256(json.dumps(rows, separators=(",", ":")).encode()).hexdigest()
 
 
-def _sha256_file(path: Path) -> str:
+def file_sha256(path: str | os.PathLike[str]) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CRC_CHUNK):
@@ -191,7 +191,7 @@ def save(path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, An
             size = os.fstat(fd).st_size
         finally:
             os.close(fd)
-        digest = _zip_digest(tmp) if _crc_enabled() else _sha256_file(tmp)
+        digest = _zip_digest(tmp) if _crc_enabled() else file_sha256(tmp)
         # drop an older manifest first: a crash before the new one lands leaves an unverified
         # file, never a new file under an old manifest
         old_manifest = manifest_path(path)
@@ -223,9 +223,9 @@ def register(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, An
         os.close(fd)
     fsync_dir(path.parent)
     try:
-        digest = _zip_digest(path) if _crc_enabled() else _sha256_file(path)
+        digest = _zip_digest(path) if _crc_enabled() else file_sha256(path)
     except (zipfile.BadZipFile, ValueError):
-        digest = _sha256_file(path)  # a legacy (non-zip) file
+        digest = file_sha256(path)  # a legacy (non-zip) file
     full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION,
                  "saved_at": meta.get("saved_at") or time.time()}
     manifest = {"format_version": FORMAT_VERSION, "file": path.name, "bytes": size,
@@ -461,7 +461,7 @@ def _check_manifest(path: Path, manifest: dict[str, Any], *, full: bool) -> Veri
             if problem:
                 return VerifyResult(path, False, "corrupt", problem)
     elif digest.startswith("sha256:"):
-        if full and _sha256_file(path) != digest:
+        if full and file_sha256(path) != digest:
             return VerifyResult(path, False, "corrupt", "contents do not match the manifest's sha256")
     else:
         return VerifyResult(path, False, "unsupported", f"unknown digest kind {digest.split(':')[0]!r}")
@@ -491,6 +491,23 @@ def verify(path: str | os.PathLike[str]) -> VerifyResult:
     if info.kind == "trainctl":
         return VerifyResult(path, False, "unverified", "no complete manifest (an interrupted save?)")
     return VerifyResult(path, True, "foreign", f"{info.kind} checkpoint without a trainctl manifest; readable")
+
+
+def require_valid(path: str | os.PathLike[str], *, suggestion: str = "{found}") -> VerifyResult:
+    """Verify a checkpoint someone wants to resume from; refuse a bad one, naming the nearest
+    valid checkpoint beside it (`suggestion` formats it into the command to run)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"checkpoint {path} does not exist.",
+                                      "List checkpoints with: trainctl checkpoint list")
+    result = verify(path)
+    if result.status in ("corrupt", "unsupported"):
+        found, _ = newest_valid(path.parent if path.is_file() else path)
+        raise CorruptCheckpointError(
+            f"checkpoint {path} failed verification: {result.reason}.",
+            "Resume from the nearest valid one: " + suggestion.format(found=found) if found
+            else "No valid checkpoint is beside it; start without resuming.")
+    return result
 
 
 # --- inspecting ------------------------------------------------------------------------------
@@ -614,7 +631,7 @@ def _matches(info: CheckpointInfo, script: str | None, name: str | None, session
     meta = info.meta
     if session_id is not None and meta.get("session_id") != session_id:
         return False
-    if name is not None and meta.get("name") != name:
+    if name is not None and meta.get("run_name") != name:
         return False
     if script is not None:
         recorded = meta.get("script")
@@ -628,10 +645,17 @@ def _matches(info: CheckpointInfo, script: str | None, name: str | None, session
 
 def newest_valid(directory: str | os.PathLike[str], *, script: str | None = None, name: str | None = None,
                  session_id: str | None = None, verify_digest: bool = True,
+                 skip_sessions: Iterable[str] = (),
                  ) -> tuple[Path | None, list[tuple[Path, str]]]:
-    """The newest trainctl checkpoint that verifies, and the newer ones skipped with why."""
+    """The newest trainctl checkpoint that verifies, and the newer ones skipped with why.
+
+    `skip_sessions`: ids whose checkpoints don't count (sessions still running, say).
+    """
     skipped: list[tuple[Path, str]] = []
+    skip = set(skip_sessions)
     for info in scan(directory):
+        if skip and info.meta.get("session_id") in skip:
+            continue
         if info.kind != "trainctl":
             continue
         if info.status == "unverified":

@@ -9,7 +9,7 @@ finish, exit and preemption.
 from __future__ import annotations
 
 import atexit
-import hashlib
+import collections
 import math
 import os
 import signal
@@ -26,8 +26,8 @@ from . import env as env_mod
 from . import sysinfo
 from .errors import (
     EXIT_PREEMPTED,
-    CheckpointNotFoundError,
     CorruptCheckpointError,
+    TrainctlError,
     TrainctlWarning,
     UsageError,
 )
@@ -83,9 +83,10 @@ def _resume_from_argv(flag: str, argv: list[str]) -> str | None:
 
 
 def _file_digest(path: str) -> str | None:
+    from .checkpoint import file_sha256
+
     try:
-        with open(path, "rb") as f:
-            return "sha256:" + hashlib.sha256(f.read()).hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 
@@ -155,8 +156,11 @@ class Run:
         self._resume_meta: dict[str, Any] | None = None
         self._step = 0
         self._epoch: Any = None
-        self._buffer: list[tuple[float, Any, Any, dict[str, Any]]] = []
-        self._buffer_lock = threading.Lock()
+        # a deque: append (training thread) and popleft (flusher) are atomic, so no lock and no
+        # window where a swap could drop an event
+        self._buffer: collections.deque[tuple[float, Any, Any, dict[str, Any]]] = collections.deque()
+        self._unsent: list[dict[str, Any]] = []
+        self._exit_code: Any = None
         self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._flush_interval_s = flush_interval_s
@@ -175,8 +179,14 @@ class Run:
         self.standalone = not self.launch.launched
         self.script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
 
+        self.name = name
         if self.launch.launched:
             self.session = Session(Path(self.launch.session_dir))
+            if name is None:
+                try:  # `trainctl local --name X`: checkpoints carry it for --resume auto --name X
+                    self.name = self.session.read().get("name")
+                except TrainctlError:
+                    pass
             self.id = self.launch.session_id
             self.checkpoint_dir = Path(self.launch.checkpoint_dir or self.session.dir / "checkpoints")
             self.tensorboard_dir = Path(self.launch.tensorboard_dir or self.session.tensorboard_dir)
@@ -226,6 +236,8 @@ class Run:
         self._install_signal_handlers(preempt_signals)
         self._prev_excepthook = sys.excepthook
         sys.excepthook = self._excepthook
+        self._prev_exit = sys.exit
+        sys.exit = self._exit
         atexit.register(self._atexit)
 
     # ------------------------------------------------------------------ configuration
@@ -281,8 +293,8 @@ class Run:
         return self._step
 
     def _take_buffer(self) -> list[dict[str, Any]]:
-        with self._buffer_lock:
-            buffered, self._buffer = self._buffer, []
+        buffer = self._buffer
+        buffered = [buffer.popleft() for _ in range(len(buffer))]
         events = []
         attempt = self.attempt
         for t, step, epoch, values in buffered:
@@ -299,12 +311,17 @@ class Run:
         if not self._writes:
             return
         with self._flush_lock:
-            events = self._take_buffer()
+            events = self._unsent + self._take_buffer()
             if not events:
                 return
+            try:
+                self.session.append_events(events)
+            except BaseException:
+                self._unsent = events  # kept for the next flush, not dropped
+                raise
+            self._unsent = []
             if self.standalone:  # under a launcher, the launcher summarises the whole session
                 self._update_summary(events)
-            self.session.append_events(events)
             self._write_tensorboard(events)
 
     def _flush_loop(self) -> None:
@@ -386,7 +403,7 @@ class Run:
             }
         meta: dict[str, Any] = {
             "session_id": self.id, "script": self.script, **self._static_meta,
-            "name": name, "epoch": epoch, "step": step,
+            "name": name, "run_name": self.name, "epoch": epoch, "step": step,
             "metrics": {str(k): _scalar(v) for k, v in (metrics or {}).items()},
             "config": redact_mapping(self.config), "world_size": self.world_size,
             "wall_time_s": round(time.time() - self._started, 3), "attempt": self.attempt,
@@ -495,15 +512,7 @@ class Run:
             return self._resume_cache[1]
         from . import checkpoint
 
-        if not os.path.exists(path):
-            raise CheckpointNotFoundError(f"resume checkpoint {path} does not exist.",
-                                          "List checkpoints with: trainctl checkpoint list")
-        result = checkpoint.verify(path)
-        if result.status == "corrupt":
-            found, _ = checkpoint.newest_valid(Path(path).parent)
-            raise CorruptCheckpointError(f"resume checkpoint {path} failed verification: {result.reason}.",
-                                         f"Resume from the newest valid one instead: {found}" if found else
-                                         "No valid checkpoint is left beside it; start without --resume.")
+        checkpoint.require_valid(path)
         state = checkpoint.load(path, trust=trust)
         self._resume_cache = (path, state)
         meta = state.get(checkpoint.META_KEY) if isinstance(state, dict) else None
@@ -571,7 +580,6 @@ class Run:
         self._should_stop = True
         self.preempted = True
         self.stop_signal = signal.Signals(signum).name
-        self._wake.set()
         prev = self._prev_handlers.get(signum)
         if callable(prev) and prev not in (signal.SIG_DFL, signal.SIG_IGN):
             prev(signum, frame)
@@ -613,14 +621,27 @@ class Run:
         self._exception = exc
         self._prev_excepthook(exc_type, exc, tb)
 
+    def _exit(self, code: Any = None) -> None:
+        # sys.exit raises SystemExit, which no excepthook sees: remember the code for _atexit
+        self._exit_code = code
+        self._prev_exit(code)
+
     def _atexit(self) -> None:
-        if not self.finished:
-            if self._exception is not None:
-                self.finish(status="failed", error=f"{type(self._exception).__name__}: {self._exception}")
-            elif self.preempted:
-                self.finish(status="preempted")
-            else:
-                self.finish()
+        if sys.exit == self._exit:
+            sys.exit = self._prev_exit
+        if self.finished:
+            return
+        exc, code = self._exception, self._exit_code
+        if isinstance(exc, KeyboardInterrupt):
+            self.finish(status="killed", error="KeyboardInterrupt")
+        elif exc is not None:
+            self.finish(status="failed", error=f"{type(exc).__name__}: {exc}")
+        elif self.preempted:
+            self.finish(status="preempted")
+        elif code not in (None, 0):
+            self.finish(status="failed", error=f"sys.exit({code!r})")
+        else:
+            self.finish()
 
     def finish(self, status: str | None = None, *, error: str | None = None) -> None:
         """Flush everything and record how the run ended (also done at exit)."""
@@ -628,10 +649,15 @@ class Run:
             return
         status = status or ("preempted" if self.preempted else "completed")
         if self._async_saver is not None:
-            self._async_saver.wait()
-        self.flush()
-        self.finished = True
-        self._wake.set()
+            try:
+                self._async_saver.wait()
+            except Exception:
+                pass  # _async_done already recorded the failure; the session must still end
+        try:
+            self.flush()
+        finally:
+            self.finished = True
+            self._wake.set()
         if self._tb is not None:
             try:
                 self._tb.close()

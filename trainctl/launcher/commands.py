@@ -78,7 +78,7 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
     """
     from ..errors import ScriptNotFoundError, UsageError
     from .backend import RestartPolicy, RunSpec
-    from .supervisor import Supervisor, validate_restart_options
+    from .supervisor import Supervisor, split_resume_arg, validate_restart_options
 
     if not script.exists():
         raise ScriptNotFoundError(f"script {script} does not exist.",
@@ -88,6 +88,9 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
                                   f"Name the file to run, e.g. trainctl local {script / 'train.py'}",
                                   path=str(script))
     cfg = _config()
+    args_list = list(args)
+    if resume is None:
+        resume, args_list = split_resume_arg(args_list, cfg.resume_flag)
     restart = RestartPolicy(
         max_restarts=cfg.get("restart", "max_restarts") if max_restarts is None else max_restarts,
         restart_on=tuple(cfg.get("restart", "restart_on")) if restart_on is None
@@ -102,7 +105,7 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
     resources: dict[str, Any] = {"nproc_per_node": nproc_per_node}
     if gpus is not None:
         resources["gpus"] = gpus
-    spec = RunSpec(script=script, args=list(args), resources=resources, resume=resume,
+    spec = RunSpec(script=script, args=args_list, resources=resources, resume=resume,
                    restart=restart, name=name, quiet=quiet)
     code = Supervisor(spec, cfg, backend="local", preflight=not no_preflight).run()
     sys.exit(code)

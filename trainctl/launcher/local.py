@@ -35,7 +35,7 @@ class _Attempt:
         self.sink = sink
         self.master_fd = master_fd
         self.stop_requested = False
-        self.kill_timer: threading.Timer | None = None
+        self.kill_at: float | None = None
         self.readers = [threading.Thread(target=self._read, args=(fd, is_err), daemon=True,
                                          name=f"trainctl-read-{fd}") for fd, is_err in fds]
         for t in self.readers:
@@ -196,18 +196,21 @@ class LocalBackend(Backend):
         att: _Attempt = handle.ref
         while True:
             try:
-                returncode = att.proc.wait()
+                returncode = att.proc.wait(timeout=0.1)
                 break
+            except subprocess.TimeoutExpired:
+                # the grace period is enforced here, not from a signal handler or a timer thread
+                if att.kill_at is not None and time.monotonic() >= att.kill_at:
+                    self.terminate(handle)
+                    att.kill_at = None
             except KeyboardInterrupt:  # the supervisor's handler forwards; keep waiting
                 continue
+        # whatever the script left running in its group goes now, so the readers see EOF
+        self._reap_group(att.proc.pid)
         for t in att.readers:
-            # grandchildren may keep the pipe open; don't hang on them
             t.join(timeout=5)
-        if att.kill_timer is not None:
-            att.kill_timer.cancel()
         att.sink.close()
         att.log.close()
-        self._reap_group(att.proc.pid)
         sig = signal.Signals(-returncode).name if returncode < 0 else None
         return Outcome(status="", exit_code=returncode, signal=sig, output_tail=att.sink.tail,
                        stopped_by_user=att.stop_requested)
@@ -223,15 +226,15 @@ class LocalBackend(Backend):
             pass
 
     def stop(self, handle: Handle, grace_period_s: float, signum: int = signal.SIGTERM) -> None:
+        """Forward `signum` to the script's group; SIGKILL after the grace period (or at once,
+        when asked twice). Safe to call from a signal handler: no locks, no threads."""
         att: _Attempt = handle.ref
         first = not att.stop_requested
         att.stop_requested = True
         self.send_signal(handle, signum)
         if first:
-            att.kill_timer = threading.Timer(grace_period_s, self.terminate, args=(handle,))
-            att.kill_timer.daemon = True
-            att.kill_timer.start()
-        else:  # asked twice: don't wait
+            att.kill_at = time.monotonic() + grace_period_s
+        else:
             self.terminate(handle)
 
     def terminate(self, handle: Handle) -> None:

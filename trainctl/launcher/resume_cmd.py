@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
 import click
-
-
-def _digest(path: Path) -> str | None:
-    try:
-        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
 
 
 def _where(epoch: object, step: object) -> str:
@@ -48,30 +40,21 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
     """
     from .. import checkpoint as ckpt_mod
     from .. import config as config_mod
-    from ..errors import CheckpointNotFoundError, CorruptCheckpointError, ScriptNotFoundError
+    from ..errors import ScriptNotFoundError
     from .backend import RestartPolicy, RunSpec
     from .supervisor import Supervisor
 
-    if not ckpt.exists():
-        raise CheckpointNotFoundError(f"checkpoint {ckpt} does not exist.",
-                                      "List checkpoints with: trainctl checkpoint list")
     if not script.is_file():
         raise ScriptNotFoundError(f"script {script} does not exist or is not a file.",
                                   "Name the training script to run, e.g. trainctl checkpoint resume CKPT train.py",
                                   path=str(script))
-    result = ckpt_mod.verify(ckpt)
-    if result.status == "corrupt":
-        found, _ = ckpt_mod.newest_valid(ckpt.parent if ckpt.is_file() else ckpt)
-        raise CorruptCheckpointError(
-            f"checkpoint {ckpt} failed verification: {result.reason}.",
-            f"The nearest valid one: trainctl checkpoint resume {found} {script}" if found
-            else "No valid checkpoint is beside it.")
+    ckpt_mod.require_valid(ckpt, suggestion=f"trainctl checkpoint resume {{found}} {script}")
     info = ckpt_mod.inspect(ckpt)
     meta = info.meta or {}
     warn = []
     if info.script and Path(info.script).name != script.name:
         warn.append(f"it was written by {info.script}, not {script}")
-    elif meta.get("script_digest") and meta["script_digest"] != _digest(script):
+    elif meta.get("script_digest") and meta["script_digest"] != ckpt_mod.file_sha256(script):
         warn.append(f"{script} changed since the checkpoint was written")
     for w in warn:
         click.secho(f"warning: {w}.", err=True, fg="yellow")

@@ -21,8 +21,6 @@ from .. import sysinfo
 from ..errors import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
-    CheckpointNotFoundError,
-    CorruptCheckpointError,
     UsageError,
 )
 from ..fsutil import atomic_write_json
@@ -108,8 +106,10 @@ def resolve_resume(ref: str | None, cfg: config_mod.Config, *, script: Path,
     from .. import checkpoint
 
     if ref == "auto":
+        # never continue from a checkpoint of a session that is still running (a sweep sibling)
+        running, _ = SessionStore(cfg.state_dir).list(status="running")
         found, skipped = checkpoint.newest_valid(cfg.checkpoint_dir, script=None if name else str(script.resolve()),
-                                                 name=name)
+                                                 name=name, skip_sessions={r["id"] for r in running})
         for path, why in skipped:
             _say(f"skipping checkpoint {path}: {why}")
         if found is None:
@@ -118,21 +118,15 @@ def resolve_resume(ref: str | None, cfg: config_mod.Config, *, script: Path,
         _say(f"resuming from {found}")
         return str(found)
     path = Path(ref)
-    if not path.exists():
-        raise CheckpointNotFoundError(f"checkpoint {ref} does not exist.",
-                                      "List checkpoints with: trainctl checkpoint list")
-    result = checkpoint.verify(path)
-    if result.status == "corrupt":
-        found, _ = checkpoint.newest_valid(path.parent if path.is_file() else path)
-        raise CorruptCheckpointError(
-            f"checkpoint {ref} failed verification: {result.reason}.",
-            f"Resume from the newest valid one: --resume {found}" if found else
-            "No valid checkpoint is beside it; start without --resume.")
+    checkpoint.require_valid(path, suggestion="--resume {found}")
     return str(path.resolve())
 
 
 def with_resume_args(args: list[str], flag: str, resume: str | None, takes_flag: bool) -> list[str]:
-    """Args without any old resume flag, plus `flag resume` when the script takes the flag."""
+    """When trainctl resumes: args without any old resume flag, plus `flag resume` when the
+    script takes the flag. When it doesn't resume, the args are the user's, untouched."""
+    if not resume:
+        return list(args)
     name = flag.split("=", 1)[0]
     out: list[str] = []
     skip = False
@@ -146,9 +140,22 @@ def with_resume_args(args: list[str], flag: str, resume: str | None, takes_flag:
         if arg.startswith(name + "="):
             continue
         out.append(arg)
-    if resume and takes_flag:
+    if takes_flag:
         out += [flag] if "=" in flag else [flag, resume]
     return out
+
+
+def split_resume_arg(args: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """`train.py --lr 1 --resume x.pt` -> ('x.pt', ['--lr', '1']): a resume the user put among
+    the script's own arguments, so trainctl verifies and records it like --resume before SCRIPT."""
+    if "=" in flag:  # '--init_from=resume' style: the script resolves its own checkpoint
+        return None, list(args)
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1], [*args[:i], *args[i + 2:]]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1], [*args[:i], *args[i + 1:]]
+    return None, list(args)
 
 
 @dataclass
@@ -227,7 +234,6 @@ class Supervisor:
         self.stop_signal: int | None = None
         self._handle: Any = None
         self._backend: Backend | None = None
-        self._wake = threading.Event()
 
     # -------------------------------------------------------------- set-up
     def _run_preflight(self) -> None:
@@ -268,8 +274,8 @@ class Supervisor:
 
     # -------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
+        # plain assignments and a kill(2) only: a handler that takes a lock can deadlock
         self.stop_signal = signum
-        self._wake.set()
         if self._handle is not None and self._backend is not None:
             self._backend.stop(self._handle, self.spec.restart.grace_period_s, signum)
 
@@ -392,7 +398,10 @@ class Supervisor:
                 _say(f"attempt {attempt - 1} {outcome.status} ({reason}); restart {attempt}/{policy.max_restarts} "
                      f"in {policy.restart_delay_s:g}s" + (f", resuming from {resume}" if resume else ""))
                 session.event("restart", attempt=attempt, reason=f"{outcome.status}: {reason}", resume=resume)
-                if self._wake.wait(policy.restart_delay_s) and self.stop_signal is not None:
+                deadline = time.monotonic() + policy.restart_delay_s
+                while self.stop_signal is None and time.monotonic() < deadline:
+                    time.sleep(min(0.05, policy.restart_delay_s))
+                if self.stop_signal is not None:
                     outcome.stopped_by_user = True
                     outcome.status = "killed"
                     return outcome, attempt
