@@ -277,6 +277,8 @@ BAD_INPUT = [
     ("wrong type", ["sessions", "list"], {"trainctl.toml": "[retention]\nkeep_last_n = 'three'\n"}, 2, "trainctl.toml:2"),
     ("bad pattern", ["sessions", "list"], {"trainctl.toml": "[metrics]\npatterns = ['(?P<x>[0-9']\n"}, 2, "trainctl.toml:2: metrics pattern"),
     ("pattern without name", ["sessions", "list"], {"trainctl.toml": "[metrics]\npatterns = ['gnorm=([0-9.]+)']\n"}, 2, "no named group"),
+    ("bad signal name", ["sessions", "list"], {"trainctl.toml": "[signals]\npreempt = ['SIGFOO']\n"}, 2, "unknown signal 'SIGFOO'"),
+    ("toml ends early", ["sessions", "list"], {"trainctl.toml": "a = 1\nstate_dir = [\n"}, 2, "trainctl.toml:2: malformed TOML"),
     ("unknown session", ["sessions", "show", "20990101"], {}, 3, "No session '20990101'"),
     ("negative restarts", ["local", "--max-restarts", "-1", "ok.py"], {"ok.py": "pass"}, 2, "--max-restarts"),
     ("bad restart-on", ["local", "--restart-on", "always", "ok.py"], {"ok.py": "pass"}, 2, "Valid: preempted, failed"),
@@ -368,3 +370,24 @@ def test_resume_auto_skips_checkpoints_of_running_sessions(project, cli):
     r = cli("local", "--no-preflight", "--resume", "auto", "t.py")
     assert r.returncode == 0, r.stderr
     assert f"resume {older}" in r.stdout
+
+
+def test_resume_auto_without_checkpoints_starts_fresh_even_without_the_flag(project, cli):
+    (project / "plain.py").write_text("print('loss: 0.5')\n")
+    r = cli("local", "--resume", "auto", "plain.py")
+    assert r.returncode == 0, r.stderr
+    assert "starting from scratch" in r.stderr
+
+
+def test_failure_without_checkpoint_suggests_running_again_not_resuming(project, cli):
+    (project / "crash.py").write_text("raise KeyError('x')\n")
+    r = cli("local", "--no-preflight", "crash.py")
+    assert r.returncode == 1
+    assert "run again    trainctl local crash.py" in r.stderr and "checkpoint resume" not in r.stderr
+
+
+def test_ambiguous_session_prefix_says_so(project, cli):
+    store = SessionStore(project / ".trainctl")
+    a, b = store.create(script="a.py"), store.create(script="b.py")
+    r = cli("sessions", "show", "20")
+    assert r.returncode == 3 and "matches 2 sessions" in r.stderr and "No session" not in r.stderr

@@ -80,6 +80,21 @@ class Config:
     def resume_flag(self) -> str:
         return self.get("", "resume_flag")
 
+    @classmethod
+    def from_resolved(cls, path: str | Path) -> Config:
+        """Read back what `resolved()` wrote (the launcher hands it to the script as JSON)."""
+        import json
+
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        values = {section: {k: v for k, v in (data if not section else data.get(section) or {}).items()
+                            if k in keys}
+                  for section, keys in SCHEMA.items()}
+        return cls(root=Path(data.get("project_root") or Path.cwd()),
+                   path=Path(data["config_file"]) if data.get("config_file") else None,
+                   values=values)
+
     def resolved(self) -> dict[str, Any]:
         """Every key with its effective value, as plain JSON data."""
         out: dict[str, Any] = {}
@@ -189,6 +204,13 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                     if compiled is None or not compiled.groupindex:
                         fail(f"metrics pattern {pattern!r} has no named group.",
                              "Name what it captures, e.g. 'gnorm=(?P<grad_norm>[0-9.e+-]+)'.", k, section)
+            if (section, k) == ("signals", "preempt"):
+                import signal as signal_mod
+
+                bad = [x for x in v if not (isinstance(x, str) and isinstance(getattr(signal_mod, x.upper(), None), signal_mod.Signals))]
+                if bad:
+                    fail(f"'signals.preempt' has unknown signal {bad[0]!r}.",
+                         "Use names like \"SIGTERM\", \"SIGUSR1\", \"SIGUSR2\".", k, section)
             if (section, k) == ("restart", "restart_on"):
                 bad = [s for s in v if s not in ("preempted", "failed")]
                 if bad:
@@ -215,7 +237,7 @@ def load(start: Path | None = None) -> Config:
         line = getattr(e, "lineno", None)
         if line is None:
             m = re.search(r"line (\d+)", str(e))
-            line = int(m.group(1)) if m else None
+            line = int(m.group(1)) if m else (text.count("\n") or 1)  # "at end of document"
         msg = getattr(e, "msg", str(e))
         raise ConfigError(f"malformed TOML: {msg}.", "Fix the syntax at that line (strings need quotes).",
                           path=str(path), line=line) from e

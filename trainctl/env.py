@@ -15,7 +15,7 @@ VARIABLES: dict[str, str] = {
     "TRAIN_OPS_TENSORBOARD_DIR": "TensorBoard log dir of this session",
     "TRAIN_OPS_RESUME": "checkpoint to resume from, when resuming (also passed as --resume PATH)",
     "TRAIN_OPS_ATTEMPT": "0 for the first run, n for the n-th automatic restart",
-    "TRAIN_OPS_BACKEND": "local, aws or runpod",
+    "TRAIN_OPS_BACKEND": "where the script runs: local (aws and runpod are reserved for the cloud backends)",
     "TRAIN_OPS_CONFIG": "path of the resolved config (JSON)",
 }
 

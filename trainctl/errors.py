@@ -75,6 +75,10 @@ class CorruptCheckpointError(CheckpointError, ValueError):
     """The file is not a readable checkpoint, or does not match its manifest."""
 
 
+class ResumeMismatchError(CheckpointError, ValueError):
+    """A readable checkpoint that doesn't hold what this run tracks (another model, a bare state_dict)."""
+
+
 class UntrustedCheckpointError(CheckpointError, PermissionError):
     """Loading needs full unpickling, which can run code from the file."""
 

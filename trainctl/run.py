@@ -26,7 +26,7 @@ from . import env as env_mod
 from . import sysinfo
 from .errors import (
     EXIT_PREEMPTED,
-    CorruptCheckpointError,
+    ResumeMismatchError,
     TrainctlError,
     TrainctlWarning,
     UsageError,
@@ -197,7 +197,8 @@ class Run:
                 status="running", name=name, project=project, backend="local",
                 script=self.script, args=redact_args(args),
                 command=redact_args([sys.executable, *sys.argv]), cwd=os.getcwd(),
-                started_at=time.time(), git=sysinfo.git_info(os.getcwd()),
+                started_at=time.time(),
+                git=sysinfo.git_info(os.path.dirname(self.script) if self.script else os.getcwd()),
                 gpus=sysinfo.gpu_description(),
                 trainctl_config=self.project_config.resolved(),
                 processes=[{"pid": os.getpid(), "start_ticks": sysinfo.process_start_ticks(os.getpid()),
@@ -242,20 +243,13 @@ class Run:
 
     # ------------------------------------------------------------------ configuration
     def _load_project_config(self) -> config_mod.Config:
-        path = self.launch.config
-        if path:
+        """The launcher's resolved config (TRAIN_OPS_CONFIG), else the project's trainctl.toml."""
+        if self.launch.config:
             try:
-                import json
-
-                resolved = json.loads(Path(path).read_text())
-                root = Path(resolved.get("project_root") or os.getcwd())
-                values = {s: {k: resolved.get(s, {}).get(k) if s else resolved.get(k)
-                              for k in keys if (resolved.get(s, {}) if s else resolved).get(k) is not None}
-                          for s, keys in config_mod.SCHEMA.items()}
-                return config_mod.Config(root=root, path=Path(resolved["config_file"]) if resolved.get("config_file") else None,
-                                         values=values)
-            except (OSError, ValueError, KeyError, AttributeError):
-                pass
+                return config_mod.Config.from_resolved(self.launch.config)
+            except (OSError, ValueError) as e:
+                warnings.warn(f"TRAIN_OPS_CONFIG {self.launch.config} is unreadable ({e}); using trainctl.toml",
+                              TrainctlWarning, stacklevel=3)
         return config_mod.load()
 
     @property
@@ -398,7 +392,8 @@ class Run:
             # facts that don't change during a run: computed once, not at every save
             self._static_meta = {
                 "script_digest": _file_digest(self.script) if self.script else None,
-                "git": sysinfo.git_info(os.getcwd()), "python": sysinfo.python_version(),
+                "git": sysinfo.git_info(os.path.dirname(self.script) if self.script else os.getcwd()),
+                "python": sysinfo.python_version(),
                 "torch": sysinfo.torch_version(), "gpus": sysinfo.gpu_description(),
             }
         meta: dict[str, Any] = {
@@ -549,9 +544,11 @@ class Run:
 
         missing = [k for k in self._tracked if k not in state]
         if missing:
-            raise CorruptCheckpointError(
-                f"resume checkpoint has no state for tracked {', '.join(missing)} (it holds: {', '.join(k for k in state if k != checkpoint.META_KEY)}).",
-                "Track the same objects as the run that wrote it, or load it yourself with run.resume_state().")
+            holds = ", ".join(str(k) for k in state if k != checkpoint.META_KEY) or "nothing"
+            raise ResumeMismatchError(
+                f"{self.resume_path()} holds {holds}, not the tracked {', '.join(missing)}",
+                "Resume from a checkpoint this script wrote (trainctl checkpoint list), or load this one "
+                "yourself: state = run.resume_state(); model.load_state_dict(state)")
         for key, obj in self._tracked.items():
             obj.load_state_dict(state[key])
         meta = dict(self._resume_meta or {})

@@ -113,6 +113,15 @@ class CorruptSessionError(TrainctlError, ValueError):
     pass
 
 
+class AmbiguousSessionError(SessionNotFoundError):
+    def __init__(self, ref: str, matches: list[str]) -> None:
+        TrainctlError.__init__(self, f"'{ref}' matches {len(matches)} sessions ({', '.join(matches[:3])}"
+                               + (", ..." if len(matches) > 3 else "") + ").",
+                               "Give more of the id, or use latest / latest~N.")
+        self.session_ref = ref
+        self.matches = matches
+
+
 @dataclass
 class Session:
     """One session directory. Cheap to construct; reads happen on demand."""
@@ -357,7 +366,7 @@ class SessionStore:
         if len(matches) == 1:
             return Session(self.sessions_dir / matches[0])
         if len(matches) > 1:
-            raise SessionNotFoundError(ref, f"'{ref}' matches {len(matches)} sessions; give more of the id.")
+            raise AmbiguousSessionError(ref, matches)
         for i in ids:  # by name, newest first
             try:
                 if Session(self.sessions_dir / i).read().get("name") == ref:

@@ -208,7 +208,7 @@ def verify_cmd(target: Path | None, as_json: bool) -> None:
         raise CheckpointError(
             f"{len(bad)} of {len(results)} checkpoint(s) failed verification"
             + (f": {bad[0].path.name}: {bad[0].reason}" if len(bad) == 1 else "") + ".",
-            "A resume skips these; remove them with: trainctl checkpoint cleanup, or re-save.")
+            "--resume auto skips these and uses the newest valid one; delete a bad file and its .json manifest by hand once you have looked at it.")
 
 
 def _running_resume_paths(config: Any) -> list[str]:

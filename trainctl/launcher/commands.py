@@ -31,8 +31,14 @@ def init_cmd(force: bool) -> None:
     path = Path.cwd() / CONFIG_FILE
     if path.exists() and not force:
         raise UsageError(f"{path} already exists.", "Keep it, or overwrite it with: trainctl init --force")
+    from ..config import find_project_root
+
+    outer_root, outer = find_project_root(Path.cwd().parent)
     path.write_text(template(), encoding="utf-8")
     click.echo(f"Wrote {path}.")
+    if outer is not None:
+        click.secho(f"note: {outer} also configures the folder above; runs started here now belong "
+                    f"to this new project, not to {outer_root}.", fg="yellow", err=True)
     gitignore = Path.cwd() / ".gitignore"
     if not gitignore.exists() or ".trainctl" not in gitignore.read_text(errors="replace"):
         click.echo("Consider adding '.trainctl/' and 'checkpoints/' to .gitignore.")
@@ -208,11 +214,14 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         click.echo(f"checkpoints     {len(checkpoints)}")
         for c in checkpoints[-5:]:
             m = ", ".join(f"{k} {number(v)}" for k, v in (c.get("metrics") or {}).items())
-            click.echo(f"  {c.get('path')}  epoch {c.get('epoch')} step {c.get('step')}" + (f"  {m}" if m else ""))
-    for a in data.get("attempts") or []:
-        if len(data.get("attempts") or []) > 1:
-            click.echo(f"attempt {a.get('attempt')}: {a.get('status', 'running')}"
-                       + (f", resumed from {a['resume_from']}" if a.get("resume_from") else ""))
+            where = " ".join(f"{k} {c[k]}" for k in ("epoch", "step") if c.get(k) is not None)
+            click.echo(f"  {c.get('path')}  {where}" + (f"  {m}" if m else ""))
+    attempts = data.get("attempts") or []
+    for a in attempts if len(attempts) > 1 else []:
+        why = f"signal {a['signal']}" if a.get("signal") else (
+            f"exit code {a['exit_code']}" if a.get("exit_code") not in (None, 0) else "")
+        click.echo(f"attempt {a.get('attempt')}: {a.get('status', 'running')}" + (f" ({why})" if why else "")
+                   + (f", resumed from {a['resume_from']}" if a.get("resume_from") else ""))
     diag = data.get("diagnosis")
     if diag:
         click.secho(f"what happened   {diag.get('what')}", fg="red")
@@ -221,9 +230,10 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
                 click.echo(f"{'likely cause' if key == 'cause' else 'fix':<15} {diag[key]}")
         if diag.get("command"):
             click.echo(f"{'run':<15} {diag['command']}")
-    if data["status"] in ("failed", "preempted", "killed", "crashed"):
+    if data["status"] in ("failed", "preempted", "killed", "crashed") and not (diag and diag.get("command")):
         last = summary.get("last_checkpoint") or (checkpoints[-1].get("path") if checkpoints else None)
-        click.echo(f"{'resume':<15} {resume_command(str(data.get('script')), list(data.get('args') or []), last)}")
+        label = "resume" if last else "run again"
+        click.echo(f"{label:<15} {resume_command(str(data.get('script')), list(data.get('args') or []), last)}")
 
 
 def _add_extra_commands() -> None:

@@ -159,6 +159,10 @@ def _check_script(script: Path) -> tuple[CheckResult, bytes | None]:
     except OSError as e:
         return CheckResult("script", "fail", f"{shown} cannot be read ({e.strerror or e}).",
                            f"Check its permissions: chmod u+r {shown}"), None
+    if script.suffix not in (".py", ".pyw", "") and not source.startswith(b"#!"):
+        # it would still run as Python: a config file passed by mistake "works" until it doesn't
+        return CheckResult("script", "warn", f"{shown} is not a .py file; it will be run with Python.",
+                           "Name the training script (e.g. train.py); settings go after it as arguments."), source
     return CheckResult("script", "pass", f"{shown} is readable"), source
 
 

@@ -146,8 +146,9 @@ class ProgressDisplay:
         self._thread = threading.Thread(target=self._run, name="trainctl-progress", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """Stop following; leave the final bar (or status line) behind."""
+    def close(self, status: str = "done") -> None:
+        """Stop following; leave the final bar (or status line, ending in `status`) behind."""
+        self._final_status = status
         with self._lock:
             if self._closed:
                 return
@@ -330,7 +331,7 @@ class ProgressDisplay:
 
     def _write_status(self, final: bool = False) -> None:
         self._last_status = time.monotonic()
-        line = self.status_line() + ("" if not final else " (done)")
+        line = self.status_line() + ("" if not final else f" ({getattr(self, '_final_status', 'done')})")
         try:
             self.stream.write(line + "\n")
             self.stream.flush()

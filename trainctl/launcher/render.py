@@ -66,9 +66,10 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def resume_command(script: str, args: list[str], checkpoint: str | None) -> str:
+    """How to continue: from the newest checkpoint, or (none written) simply run it again."""
     if checkpoint:
         return shlex.join(["trainctl", "checkpoint", "resume", checkpoint, script, *args])
-    return shlex.join(["trainctl", "local", "--resume", "auto", script, *args])
+    return shlex.join(["trainctl", "local", script, *args])
 
 
 def print_run_summary(session: Any, outcome: Any, summary: dict[str, Any],
@@ -102,6 +103,7 @@ def print_run_summary(session: Any, outcome: Any, summary: dict[str, Any],
         if diagnosis.get("fix"):
             out(f"  fix          {diagnosis.get('fix')}")
     if status != "completed":
-        out(f"  resume       {resume_command(str(spec.script), spec.args, newest)}")
+        label = "resume" if newest else "run again"
+        out(f"  {label:<12} {resume_command(str(spec.script), spec.args, newest)}")
     out(f"  details      trainctl sessions show {session.id}")
     sys.stderr.flush()

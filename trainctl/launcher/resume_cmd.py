@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -25,14 +26,18 @@ def _where(epoch: object, step: object) -> str:
 @click.option("--name", help="A name for the new session.")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=None,
               help="Restart after a preemption or crash, from the newest valid checkpoint.")
+@click.option("--restart-on", default=None, metavar="STATUSES",
+              help="Which endings restart: preempted,failed (default from trainctl.toml).")
 @click.option("--restart-delay", type=float, default=None, metavar="SECONDS")
 @click.option("--grace-period", type=float, default=None, metavar="SECONDS")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=1)
+@click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs the script needs (checked before start).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")
 @click.option("--no-preflight", is_flag=True, help="Skip the pre-flight checks.")
 def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
-           max_restarts: int | None, restart_delay: float | None, grace_period: float | None,
-           nproc_per_node: int, quiet: bool, no_preflight: bool) -> None:
+           max_restarts: int | None, restart_on: str | None, restart_delay: float | None,
+           grace_period: float | None, nproc_per_node: int, gpus: int | None, quiet: bool,
+           no_preflight: bool) -> None:
     """Run SCRIPT [ARGS]... as a new session resuming from CKPT.
 
     The checkpoint is verified first; the script gets `--resume CKPT` (the flag is `resume_flag`
@@ -42,13 +47,14 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
     from .. import config as config_mod
     from ..errors import ScriptNotFoundError
     from .backend import RestartPolicy, RunSpec
-    from .supervisor import Supervisor
+    from .supervisor import Supervisor, validate_restart_options
 
     if not script.is_file():
         raise ScriptNotFoundError(f"script {script} does not exist or is not a file.",
                                   "Name the training script to run, e.g. trainctl checkpoint resume CKPT train.py",
                                   path=str(script))
-    ckpt_mod.require_valid(ckpt, suggestion=f"trainctl checkpoint resume {{found}} {script}")
+    command = shlex.join([str(script), *args]).replace("{", "{{").replace("}", "}}")
+    ckpt_mod.require_valid(ckpt, suggestion="trainctl checkpoint resume {found} " + command)
     info = ckpt_mod.inspect(ckpt)
     meta = info.meta or {}
     warn = []
@@ -62,11 +68,15 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
     cfg = config_mod.load()
     restart = RestartPolicy(
         max_restarts=cfg.get("restart", "max_restarts") if max_restarts is None else max_restarts,
-        restart_on=tuple(cfg.get("restart", "restart_on")),
+        restart_on=tuple(cfg.get("restart", "restart_on")) if restart_on is None
+        else validate_restart_options(0, restart_on),
         restart_delay_s=cfg.get("restart", "restart_delay_s") if restart_delay is None else restart_delay,
         grace_period_s=cfg.get("restart", "grace_period_s") if grace_period is None else grace_period,
     )
-    spec = RunSpec(script=script, args=list(args), resources={"nproc_per_node": nproc_per_node},
+    resources: dict[str, int] = {"nproc_per_node": nproc_per_node}
+    if gpus is not None:
+        resources["gpus"] = gpus
+    spec = RunSpec(script=script, args=list(args), resources=resources,
                    resume=str(ckpt), restart=restart, name=name, quiet=quiet)
     supervisor = Supervisor(spec, cfg, backend="local", parent=info.session_id,
                             preflight=not no_preflight, resume_verified=True)

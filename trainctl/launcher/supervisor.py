@@ -290,14 +290,16 @@ class Supervisor:
 
     # -------------------------------------------------------------- the run
     def run(self) -> int:
-        if self.preflight:
-            self._run_preflight()
         spec = self.spec
+        # resolved first: a missing checkpoint fails before anything else, and `--resume auto`
+        # with nothing to resume from is a fresh start that needs no resume flag
         if self.resume_verified and spec.resume:
             resume = str(Path(spec.resume).resolve())
         else:
             resume = resolve_resume(spec.resume, self.cfg, script=spec.script, name=spec.name)
         spec.resume = resume
+        if self.preflight:
+            self._run_preflight()
         session = self.session = self.create_session()
         checkpoint_dir = self.cfg.checkpoint_dir / session.id
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -329,6 +331,7 @@ class Supervisor:
         recorder = _OutputMetrics(session)
         output: _OutputParser | None = None
         flusher_stop = threading.Event()
+        final_status = "ended"
 
         def flush_loop() -> None:
             while not flusher_stop.wait(1.0):
@@ -376,7 +379,7 @@ class Supervisor:
                 if output is not None:
                     output.finish()
                 recorder.flush()
-                outcome.status = self._classify(session, outcome, attempt)
+                outcome.status = final_status = self._classify(session, outcome, attempt)
                 attempts = session.read().get("attempts") or attempts
                 attempts[-1].update(ended_at=time.time(), exit_code=outcome.exit_code,
                                     signal=outcome.signal, status=outcome.status)
@@ -391,12 +394,11 @@ class Supervisor:
                     session.event("warning", message=f"skipped checkpoint {path}: {why}")
                 if found is not None:
                     resume = str(found)
-                elif resume is None:
-                    _say("no checkpoint written yet: restarting from scratch")
                 attempt += 1
                 reason = outcome.signal or f"exit code {outcome.exit_code}"
                 _say(f"attempt {attempt - 1} {outcome.status} ({reason}); restart {attempt}/{policy.max_restarts} "
-                     f"in {policy.restart_delay_s:g}s" + (f", resuming from {resume}" if resume else ""))
+                     f"in {policy.restart_delay_s:g}s" + (f", resuming from {resume}" if resume else
+                                                          "; no checkpoint written yet: restarting from scratch"))
                 session.event("restart", attempt=attempt, reason=f"{outcome.status}: {reason}", resume=resume)
                 deadline = time.monotonic() + policy.restart_delay_s
                 while self.stop_signal is None and time.monotonic() < deadline:
@@ -408,7 +410,7 @@ class Supervisor:
         finally:
             flusher_stop.set()
             if display is not None:
-                display.close()
+                display.close(final_status)
             recorder.close()
 
     def _classify(self, session: Session, outcome: Outcome, attempt: int) -> str:
