@@ -388,6 +388,7 @@ def test_failure_without_checkpoint_suggests_running_again_not_resuming(project,
 
 def test_ambiguous_session_prefix_says_so(project, cli):
     store = SessionStore(project / ".trainctl")
-    a, b = store.create(script="a.py"), store.create(script="b.py")
+    store.create(script="a.py")
+    store.create(script="b.py")
     r = cli("sessions", "show", "20")
     assert r.returncode == 3 and "matches 2 sessions" in r.stderr and "No session" not in r.stderr
