@@ -82,9 +82,9 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
     The script runs as it would with `python SCRIPT ARGS`, with TRAIN_OPS_* variables telling it
     where its session, checkpoints and TensorBoard logs go.
     """
-    from ..errors import ScriptNotFoundError, UsageError
-    from .backend import RestartPolicy, RunSpec
-    from .supervisor import Supervisor, split_resume_arg, validate_restart_options
+    from ..errors import ScriptNotFoundError
+    from .backend import RunSpec
+    from .supervisor import Supervisor, restart_policy, split_resume_arg
 
     if not script.exists():
         raise ScriptNotFoundError(f"script {script} does not exist.",
@@ -97,17 +97,8 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
     args_list = list(args)
     if resume is None:
         resume, args_list = split_resume_arg(args_list, cfg.resume_flag)
-    restart = RestartPolicy(
-        max_restarts=cfg.get("restart", "max_restarts") if max_restarts is None else max_restarts,
-        restart_on=tuple(cfg.get("restart", "restart_on")) if restart_on is None
-        else validate_restart_options(0, restart_on),
-        restart_delay_s=cfg.get("restart", "restart_delay_s") if restart_delay is None else restart_delay,
-        grace_period_s=cfg.get("restart", "grace_period_s") if grace_period is None else grace_period,
-    )
-    validate_restart_options(restart.max_restarts, ",".join(restart.restart_on))
-    if restart.restart_delay_s < 0 or restart.grace_period_s < 0:
-        raise UsageError("--restart-delay and --grace-period must not be negative.",
-                         "Use 0 or a positive number of seconds.")
+    restart = restart_policy(cfg, max_restarts=max_restarts, restart_on=restart_on,
+                             restart_delay_s=restart_delay, grace_period_s=grace_period)
     resources: dict[str, Any] = {"nproc_per_node": nproc_per_node}
     if gpus is not None:
         resources["gpus"] = gpus

@@ -464,28 +464,12 @@ RULES: list[Callable[[Failure], Diagnosis | None]] = [
 ]
 
 
-def _strip_resume(args: Sequence[str], flag: str) -> list[str]:
-    name = flag.split("=", 1)[0]
-    out: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if arg == name:
-            skip = "=" not in flag
-            continue
-        if arg.startswith(name + "="):
-            continue
-        out.append(arg)
-    return out
-
-
 def diagnose(output_tail: str, *, exit_code: int | None, signal_name: str | None = None,
              script: str = "", args: Sequence[str] = (), checkpoint: str | None = None,
              resume_flag: str = "--resume") -> Diagnosis | None:
     """Classify a failed run from its last lines of output and exit status; None when nothing is known."""
     from ..redact import redact_args
+    from .supervisor import strip_resume_args
 
     lines = _clean(output_tail or "")
     text = "\n".join(lines)
@@ -498,6 +482,6 @@ def diagnose(output_tail: str, *, exit_code: int | None, signal_name: str | None
         if found is not None:
             if checkpoint:
                 found.command = shlex.join(["trainctl", "checkpoint", "resume", checkpoint, script,
-                                            *redact_args(_strip_resume(args, failure.resume_flag))])
+                                            *redact_args(strip_resume_args(args, failure.resume_flag))])
             return found
     return None

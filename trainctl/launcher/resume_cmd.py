@@ -46,8 +46,8 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
     from .. import checkpoint as ckpt_mod
     from .. import config as config_mod
     from ..errors import ScriptNotFoundError
-    from .backend import RestartPolicy, RunSpec
-    from .supervisor import Supervisor, validate_restart_options
+    from .backend import RunSpec
+    from .supervisor import Supervisor, restart_policy
 
     if not script.is_file():
         raise ScriptNotFoundError(f"script {script} does not exist or is not a file.",
@@ -66,13 +66,8 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
         click.secho(f"warning: {w}.", err=True, fg="yellow")
 
     cfg = config_mod.load()
-    restart = RestartPolicy(
-        max_restarts=cfg.get("restart", "max_restarts") if max_restarts is None else max_restarts,
-        restart_on=tuple(cfg.get("restart", "restart_on")) if restart_on is None
-        else validate_restart_options(0, restart_on),
-        restart_delay_s=cfg.get("restart", "restart_delay_s") if restart_delay is None else restart_delay,
-        grace_period_s=cfg.get("restart", "grace_period_s") if grace_period is None else grace_period,
-    )
+    restart = restart_policy(cfg, max_restarts=max_restarts, restart_on=restart_on,
+                             restart_delay_s=restart_delay, grace_period_s=grace_period)
     resources: dict[str, int] = {"nproc_per_node": nproc_per_node}
     if gpus is not None:
         resources["gpus"] = gpus

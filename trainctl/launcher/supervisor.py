@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from ..errors import (
 from ..fsutil import atomic_write_json
 from ..redact import redact_args
 from ..session import Session, SessionStore, summarize_metrics
-from .backend import Backend, Outcome, RunSpec
+from .backend import Backend, Outcome, RestartPolicy, RunSpec
 
 CRASH_LOOP_REPEATS = 3
 FULL_PARSE_LINES_PER_S = 500.0  # output lines a second parsed one by one
@@ -122,11 +123,8 @@ def resolve_resume(ref: str | None, cfg: config_mod.Config, *, script: Path,
     return str(path.resolve())
 
 
-def with_resume_args(args: list[str], flag: str, resume: str | None, takes_flag: bool) -> list[str]:
-    """When trainctl resumes: args without any old resume flag, plus `flag resume` when the
-    script takes the flag. When it doesn't resume, the args are the user's, untouched."""
-    if not resume:
-        return list(args)
+def strip_resume_args(args: Sequence[str], flag: str) -> list[str]:
+    """The args without any `flag PATH` / `flag=...` (the resume flag)."""
     name = flag.split("=", 1)[0]
     out: list[str] = []
     skip = False
@@ -134,15 +132,41 @@ def with_resume_args(args: list[str], flag: str, resume: str | None, takes_flag:
         if skip:
             skip = False
             continue
-        if arg == name and "=" not in flag:
-            skip = True
+        if arg == name:
+            skip = "=" not in flag
             continue
         if arg.startswith(name + "="):
             continue
         out.append(arg)
+    return out
+
+
+def with_resume_args(args: list[str], flag: str, resume: str | None, takes_flag: bool) -> list[str]:
+    """When trainctl resumes: args without any old resume flag, plus `flag resume` when the
+    script takes the flag. When it doesn't resume, the args are the user's, untouched."""
+    if not resume:
+        return list(args)
+    out = strip_resume_args(args, flag)
     if takes_flag:
         out += [flag] if "=" in flag else [flag, resume]
     return out
+
+
+def restart_policy(cfg: config_mod.Config, *, max_restarts: int | None, restart_on: str | None,
+                   restart_delay_s: float | None, grace_period_s: float | None) -> RestartPolicy:
+    """Command-line options over trainctl.toml's [restart]; bad values are a UsageError."""
+    policy = RestartPolicy(
+        max_restarts=cfg.get("restart", "max_restarts") if max_restarts is None else max_restarts,
+        restart_on=tuple(cfg.get("restart", "restart_on")) if restart_on is None
+        else validate_restart_options(0, restart_on),
+        restart_delay_s=cfg.get("restart", "restart_delay_s") if restart_delay_s is None else restart_delay_s,
+        grace_period_s=cfg.get("restart", "grace_period_s") if grace_period_s is None else grace_period_s,
+    )
+    validate_restart_options(policy.max_restarts, ",".join(policy.restart_on))
+    if policy.restart_delay_s < 0 or policy.grace_period_s < 0:
+        raise UsageError("--restart-delay and --grace-period must not be negative.",
+                         "Use 0 or a positive number of seconds.")
+    return policy
 
 
 def split_resume_arg(args: list[str], flag: str) -> tuple[str | None, list[str]]:
