@@ -199,7 +199,7 @@ def compare_sessions(items: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
     return {"sessions": sessions, "differences": differences, "metrics": metrics}
 
 
-def _cell(value: Any, limit: int = 32) -> str:
+def _cell(value: Any, limit: int = 44) -> str:
     if value is None:
         text = "—"
     elif isinstance(value, float):
@@ -208,8 +208,9 @@ def _cell(value: Any, limit: int = 32) -> str:
         text = json.dumps(value, separators=(",", ":"))
     else:
         text = str(value)
-    if len(text) > limit:
-        text = text[: limit - 1] + "…"
+    if len(text) > limit:  # cut in the middle: a path's file name and an id's end tell runs apart
+        head = (limit - 1) // 2
+        text = text[:head] + "…" + text[len(text) - (limit - 1 - head):]
     return text
 
 
