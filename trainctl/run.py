@@ -588,6 +588,12 @@ class Run:
             self._stop_observed = True
         return self._should_stop
 
+    def request_stop(self) -> None:
+        """Act as if a preemption signal arrived (e.g. when another rank got one)."""
+        self._should_stop = True
+        self.preempted = True
+        self.stop_signal = self.stop_signal or "requested"
+
     def checkpoint_if_requested(self) -> None:
         """A safe point: when a preemption signal arrived, checkpoint the tracked state and exit."""
         if self._should_stop and not self._stopping:
