@@ -266,3 +266,25 @@ def test_signal_during_emergency_checkpoint_writes_exactly_one(project):
     assert len(ckpts) == 1 and "emergency" in ckpts[0]["path"]
     assert session.read()["status"] == "preempted"
     assert torch.load(ckpts[0]["path"], weights_only=True)["trainctl"]["step"] == ckpts[0]["step"]
+
+
+def test_torchrun_preemption_reaches_every_rank_and_writes_one_emergency_checkpoint(project):
+    script = str(REPO / "tests" / "scripts" / "ddp_train.py")
+    proc = start_launcher(project, "--nproc-per-node", "2", "--max-restarts", "1", "--restart-delay", "0",
+                          script, "--steps", "40", "--checkpoint-every", "100", "--step-delay", "0.05")
+    session = wait_for_session(project)
+    deadline = time.time() + 120
+    while not all((project / f"pid{r}").exists() for r in (0, 1)) and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    torchrun_pid = next(p["pid"] for p in session.read()["processes"] if p["role"] == "script")
+    os.killpg(torchrun_pid, signal.SIGTERM)  # as a spot notice or a cluster would: the whole group
+    _out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    data = session.read()
+    assert data["attempts"][0]["status"] == "preempted"
+    emergency = [e for e in session.iter_events(("checkpoint",)) if "emergency" in e["path"]]
+    assert len(emergency) == 1
+    assert data["attempts"][1]["resume_from"] == emergency[0]["path"]
+    steps = [e["step"] for e in session.metrics()]
+    assert sorted(steps) == list(range(1, 41))
