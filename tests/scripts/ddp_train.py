@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ start = meta["step"] if meta else 0
 with open(f"rank{rank}.json", "w") as f:
     json.dump({"rank": rank, "start": start, "is_main": run.is_main,
                "session": os.environ.get("TRAIN_OPS_SESSION_ID")}, f)
-open(f"pid{rank}", "w").write(str(os.getpid()))
+Path(f"pid{rank}").write_text(str(os.getpid()))
 for step in range(start + 1, args.steps + 1):
     # ranks agree on a preemption before the step's collectives, so all stop on the same step
     flag = torch.tensor([1.0 if run.should_stop else 0.0])
