@@ -371,7 +371,7 @@ def _untrusted_message(path: Path, detail: str) -> UntrustedCheckpointError:
     what = f"it references {', '.join(names[:3])}" if names else "it holds objects other than tensors and plain data"
     return UntrustedCheckpointError(
         f"{path} needs full unpickling to load ({what}), and unpickling can run any code stored in the file.",
-        "Load it only if you trust where it came from: pass --trust (trust=True).")
+        "Load it only if you trust where it came from: run.resume_state(trust=True) / run.restore(trust=True).")
 
 
 def load(path: str | os.PathLike[str], *, trust: bool = False, map_location: Any = "cpu") -> dict[str, Any]:

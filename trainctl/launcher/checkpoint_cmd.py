@@ -173,7 +173,7 @@ def _print_info(info: Any) -> None:
             text = format_size(v) if k == "tensor_bytes" and isinstance(v, int) else json.dumps(v, default=str)
             click.echo(f"  {k}: {text[:300]}")
     if info.summary.get("untrusted_globals"):
-        click.secho("note: loading this file needs --trust: it references "
+        click.secho("note: loading this file needs trust=True (full unpickling can run code): it references "
                     + ", ".join(info.summary["untrusted_globals"][:5]), fg="yellow", err=True)
 
 
