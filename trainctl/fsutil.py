@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int |
     may be the previous version, never a torn one (enough for records rewritten often).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # O_EXCL with a random name is what tempfile.mkstemp does, without its import (launcher start-up)
+    tmp = str(path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if mode is None else mode)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -46,7 +45,7 @@ def metric_mode(name: str) -> str:
 def new_session_id(now: float | None = None) -> str:
     """Sortable: UTC time first, then a short random part."""
     t = time.gmtime(now if now is not None else time.time())
-    return time.strftime("%Y%m%d-%H%M%S", t) + "-" + secrets.token_hex(3)
+    return time.strftime("%Y%m%d-%H%M%S", t) + "-" + os.urandom(3).hex()
 
 
 @contextmanager

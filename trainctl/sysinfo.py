@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
-import socket
 import subprocess
 import sys
 from functools import lru_cache
@@ -15,13 +13,11 @@ from typing import Any
 
 def git_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any] | None:
     """{'commit', 'dirty', 'branch'} of the repository holding `cwd`, or None outside one."""
-    if shutil.which("git") is None:
-        return None
     try:
         out = subprocess.run(
             ["git", "status", "--porcelain=v2", "--branch", "--untracked-files=no"],
             cwd=cwd, capture_output=True, text=True, timeout=5, check=False)
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):  # no git installed, or it hung
         return None
     if out.returncode != 0:
         return None
@@ -40,7 +36,7 @@ def git_info(cwd: str | os.PathLike[str] | None = None) -> dict[str, Any] | None
 
 
 def host() -> str:
-    return socket.gethostname()
+    return platform.node()
 
 
 def python_version() -> str:
@@ -88,8 +84,6 @@ def gpu_description() -> list[dict[str, Any]]:
 
 @lru_cache(maxsize=1)
 def _nvidia_smi() -> list[dict[str, Any]]:
-    if shutil.which("nvidia-smi") is None:
-        return []
     try:
         out = subprocess.run(
             ["nvidia-smi", "--query-gpu=index,name,memory.total,driver_version",

@@ -480,13 +480,16 @@ class Supervisor:
     # -------------------------------------------------------------- the end
     def _finish(self, session: Session, outcome: Outcome, attempts: int, started: float,
                 checkpoint_dir: Path) -> int:
-        from .. import checkpoint
-
         ended = time.time()
         metrics = session.metrics()
         summary = summarize_metrics(metrics)
         ckpt_events = list(session.iter_events(("checkpoint",)))
-        newest, _ = checkpoint.newest_valid(checkpoint_dir, verify_digest=False)
+        # every checkpoint this session wrote has an event: none, nothing to look for
+        newest = None
+        if ckpt_events:
+            from .. import checkpoint
+
+            newest = checkpoint.newest_valid(checkpoint_dir, verify_digest=False)[0]
         summary.update(checkpoints=len(ckpt_events), last_checkpoint=str(newest) if newest else None,
                        duration_s=round(ended - started, 3), attempts=attempts)
         diagnosis = None
