@@ -145,7 +145,7 @@ def test_sessions_list_and_show(project, cli):
     assert listed[0]["id"] > listed[1]["id"]  # newest first
     shown = cli("sessions", "show", "latest")
     assert shown.returncode == 0 and listed[0]["id"] in shown.stdout
-    as_json = json.loads(cli("sessions", "show", listed[1]["id"][:17], "--json").stdout)
+    as_json = json.loads(cli("sessions", "show", listed[1]["id"][-6:], "--json").stdout)  # the random part
     assert as_json["id"] == listed[1]["id"]
     assert len(json.loads(cli("sessions", "list", "--json", "--limit", "1").stdout)) == 1
     assert json.loads(cli("sessions", "show", "latest~1", "--json").stdout)["id"] == listed[1]["id"]
