@@ -116,7 +116,7 @@ def test_chaos_sigkill_at_random_moments_ends_bit_identical(project):
             while time.time() < deadline and not any(p.name.endswith(".tmp") for p in ckpt_dir.iterdir()):
                 time.sleep(0.001)
         else:
-            time.sleep(rng.uniform(0.1, 0.6))
+            time.sleep(rng.uniform(0.1, 0.4))
         try:
             os.kill(pid, signal.SIGKILL)
             kills.append(pid)
