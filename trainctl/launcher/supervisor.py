@@ -280,8 +280,7 @@ class Supervisor:
             status="running", name=spec.name, backend=self.backend_name, script=str(script),
             args=redact_args(spec.args),
             command=redact_args(["trainctl", self.backend_name, str(spec.script), *spec.args]),
-            cwd=os.getcwd(), started_at=time.time(), git=sysinfo.git_info(script.parent),
-            gpus=sysinfo.gpu_description(), trainctl_config=self.cfg.resolved(),
+            cwd=os.getcwd(), started_at=time.time(), trainctl_config=self.cfg.resolved(),
             parent=self.parent, resume_from=spec.resume, attempts=[],
             resources=spec.resources,
             processes=[{"pid": os.getpid(), "start_ticks": sysinfo.process_start_ticks(os.getpid()),
@@ -393,7 +392,10 @@ class Supervisor:
                 attempts = data.get("attempts") or []
                 attempts.append({"attempt": attempt, "started_at": time.time(), "resume_from": resume,
                                  "pid": pid})
-                session.update(attempts=attempts, resume_from=resume, processes=[
+                # git status and nvidia-smi (~10-100 ms) run while the script starts, not before
+                facts = {} if attempt else {"git": sysinfo.git_info(spec.script.resolve().parent),
+                                            "gpus": sysinfo.gpu_description()}
+                session.update(attempts=attempts, resume_from=resume, **facts, processes=[
                     {"pid": os.getpid(), "start_ticks": sysinfo.process_start_ticks(os.getpid()), "role": "launcher"},
                     {"pid": pid, "start_ticks": sysinfo.process_start_ticks(pid), "role": "script"}])
                 if self.stop_signal is not None:  # a signal raced the launch
