@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import secrets
 import sys
 import threading
 import time
@@ -182,15 +181,10 @@ def save(path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, An
         raise TypeError(f"checkpoint state must be a dict, not {type(state).__name__}")
     full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION, "saved_at": time.time()}
     payload = {**state, META_KEY: full_meta}
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
     try:
         torch.save(payload, str(tmp))
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            size = os.fstat(fd).st_size
-        finally:
-            os.close(fd)
+        size = _fsync_file(tmp)
         digest = _zip_digest(tmp) if _crc_enabled() else file_sha256(tmp)
         # drop an older manifest first: a crash before the new one lands leaves an unverified
         # file, never a new file under an old manifest
@@ -205,6 +199,21 @@ def save(path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, An
             pass
         raise
     fsync_dir(path.parent)
+    return _write_manifest(path, size, digest, full_meta)
+
+
+def _fsync_file(path: Path) -> int:
+    """Make a written file durable; return its size."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        return os.fstat(fd).st_size
+    finally:
+        os.close(fd)
+
+
+def _write_manifest(path: Path, size: int, digest: str, full_meta: dict[str, Any]) -> dict[str, Any]:
+    """The sidecar `<file>.json`, written only once the checkpoint itself is durable."""
     manifest = {"format_version": FORMAT_VERSION, "file": path.name, "bytes": size,
                 "digest": digest, "meta": _json_meta(full_meta)}
     atomic_write_json(manifest_path(path), manifest)
@@ -215,12 +224,7 @@ def register(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, An
     """Adopt a checkpoint another tool wrote (Lightning's ModelCheckpoint): make it durable, digest
     it and write its manifest, so list/verify/cleanup/--resume auto treat it like our own."""
     path = Path(path)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        size = os.fstat(fd).st_size
-    finally:
-        os.close(fd)
+    size = _fsync_file(path)
     fsync_dir(path.parent)
     try:
         digest = _zip_digest(path) if _crc_enabled() else file_sha256(path)
@@ -228,10 +232,7 @@ def register(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, An
         digest = file_sha256(path)  # a legacy (non-zip) file
     full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION,
                  "saved_at": meta.get("saved_at") or time.time()}
-    manifest = {"format_version": FORMAT_VERSION, "file": path.name, "bytes": size,
-                "digest": digest, "meta": _json_meta(full_meta)}
-    atomic_write_json(manifest_path(path), manifest)
-    return manifest
+    return _write_manifest(path, size, digest, full_meta)
 
 
 def _to_cpu_copy(value: Any) -> Any:
