@@ -431,6 +431,18 @@ def eta_seconds(current: float | None, total: float | None, per_second: float | 
     return max(0.0, (total - current) / per_second)
 
 
+def format_pace(step_rate: float | None, epoch_rate: float | None, eta_s: float | None) -> list[str]:
+    """['12.3 step/s', 'ETA 4m'] (or epochs a minute when no step rate is known), for status lines."""
+    parts = []
+    if step_rate:
+        parts.append(f"{step_rate:.3g} step/s")
+    elif epoch_rate:
+        parts.append(f"{epoch_rate * 60:.3g} epoch/min")
+    if eta_s is not None:
+        parts.append(f"ETA {format_duration(eta_s)}")
+    return parts
+
+
 def format_duration(seconds: float | None) -> str:
     """'45s', '6m', '1h05m', '2d3h': short enough for a status line."""
     if seconds is None or not math.isfinite(seconds):

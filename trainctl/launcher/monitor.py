@@ -430,12 +430,7 @@ def render(snap: dict[str, Any], width: int = 80) -> list[str]:
         parts.append(f"step {p['step']}/{p['total_steps']}" if p["total_steps"] else f"step {p['step']}")
     if p["fraction"] is not None:
         parts.append(f"({100 * p['fraction']:.0f}%)")
-    if p["step_rate"]:
-        parts.append(f"{p['step_rate']:.3g} step/s")
-    elif p["epoch_rate"]:
-        parts.append(f"{p['epoch_rate'] * 60:.3g} epoch/min")
-    if p["eta_s"] is not None:
-        parts.append(f"ETA {metrics.format_duration(p['eta_s'])}")
+    parts += metrics.format_pace(p["step_rate"], p["epoch_rate"], p["eta_s"])
     lines.append("progress  " + (" ".join(parts) if parts else "no step or epoch reported yet"))
 
     if not snap["metrics"]:

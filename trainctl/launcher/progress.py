@@ -319,12 +319,7 @@ class ProgressDisplay:
             parts.append(f"({100.0 * s['epoch'] / s['total_epochs']:.0f}%)")
         if s["loss"] is not None:
             parts.append(f"{s['loss_name']} {metrics.format_value(s['loss'])}")
-        if s["step_rate"]:
-            parts.append(f"{s['step_rate']:.3g} step/s")
-        elif s["epoch_rate"]:
-            parts.append(f"{s['epoch_rate'] * 60:.3g} epoch/min")
-        if s["eta_s"] is not None:
-            parts.append(f"ETA {metrics.format_duration(s['eta_s'])}")
+        parts += metrics.format_pace(s["step_rate"], s["epoch_rate"], s["eta_s"])
         if s["checkpoints"]:
             parts.append(f"ckpt {s['checkpoints']}")
         return " ".join(parts)
