@@ -45,7 +45,7 @@ from .errors import (
     UnsupportedCheckpointError,
     UntrustedCheckpointError,
 )
-from .fsutil import atomic_write_json, fsync_dir
+from .fsutil import atomic_write_json, fsync_dir, temp_beside
 
 FORMAT_VERSION: int = 1
 META_KEY = "trainctl"
@@ -181,8 +181,7 @@ def save(path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, An
         raise TypeError(f"checkpoint state must be a dict, not {type(state).__name__}")
     full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION, "saved_at": time.time()}
     payload = {**state, META_KEY: full_meta}
-    tmp = path.with_name(f".{path.name}.{os.urandom(4).hex()}.tmp")
-    try:
+    with temp_beside(path) as tmp:
         torch.save(payload, str(tmp))
         size = _fsync_file(tmp)
         digest = _zip_digest(tmp) if _crc_enabled() else file_sha256(tmp)
@@ -192,12 +191,6 @@ def save(path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, An
         if old_manifest.exists():
             old_manifest.unlink()
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     fsync_dir(path.parent)
     return _write_manifest(path, size, digest, full_meta)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,21 @@ def fsync_dir(folder: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
+@contextmanager
+def temp_beside(path: Path) -> Iterator[Path]:
+    """A fresh temp name in `path`'s folder (same filesystem, so os.replace is atomic); the temp
+    file is removed when the block fails."""
+    tmp = path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp"
+    try:
+        yield tmp
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int | None = None,
                        sync_dir: bool = True) -> None:
     """Write to a temp file in the same folder, fsync, os.replace, fsync the folder.
@@ -30,10 +47,9 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int |
     may be the previous version, never a torn one (enough for records rewritten often).
     """
     path = Path(path)
-    # O_EXCL with a random name is what tempfile.mkstemp does, without its import (launcher start-up)
-    tmp = str(path.parent / f".{path.name}.{os.urandom(4).hex()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if mode is None else mode)
-    try:
+    with temp_beside(path) as tmp:
+        # O_EXCL on a random name is what tempfile.mkstemp does, without its import (start-up)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if mode is None else mode)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -41,12 +57,6 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, mode: int |
         if mode is not None:
             os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
     if sync_dir:
         fsync_dir(path.parent)
 
