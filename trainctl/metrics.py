@@ -28,7 +28,9 @@ _TOTAL_STEP_KEYS = frozenset({"max_steps", "max_iters", "total_steps", "num_step
                               "max_iterations", "num_train_steps", "total_iters"})
 _TOTAL_EPOCH_KEYS = frozenset({"max_epochs", "num_epochs", "total_epochs", "num_train_epochs",
                                "n_epochs", "epochs"})
-_IGNORED_KEYS = frozenset({"v_num"})  # Lightning's logger version in its bar
+# Lightning's logger version in its bar; a phase word alone ("Train: 0 [..]" in timm) is a label
+_IGNORED_KEYS = frozenset({"v_num", "train", "training", "val", "valid", "validation", "test",
+                           "eval"})
 _PREFIXES = ("train", "val", "valid", "validation", "test", "eval")
 
 # Cheap gate: a line needs one of these words before the real parse runs. Lower-cased
@@ -41,11 +43,13 @@ _NUM = r"[-+]?(?:(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|(?i:nan|inf(?:inity)?)
 _PAIR = re.compile(
     r"(?<![\w.])"
     r"(?:(?P<pre>train|training|val|valid|validation|test|eval)[ _](?=\w))?"  # "train loss 2.3"
-    r"['\"]?(?=(?P<key>[A-Za-z_][\w./-]*))(?P=key)['\"]?"  # atomic: no backtracking into names
+    r"['\"]?(?=(?P<key>[A-Za-z_][\w./@-]*))(?P=key)['\"]?"  # atomic: no backtracking into names
     r"(?P<sep>\s*[:=]\s*|\s+)"
     r"[\[(]?(?:tensor\()?"
+    r"(?P<q>['\"]?)"  # a number written as a string: {'loss': '4.553'} (transformers 5)
     rf"(?P<num>{_NUM})"
     r"(?:\s*/\s*(?P<total>\d+))?"
+    r"(?P=q)"
     r"(?!\.?\d|[A-Za-z_])",  # "2.2.0" and "45ms" are not metric values
     re.IGNORECASE,
 )
@@ -236,6 +240,8 @@ def _parse_builtin(line: str) -> dict[str, Any] | None:
                 epoch = _as_int_or_float(value)
                 if total:
                     total_epochs = int(total)
+                    if "\u2022" in line:  # Lightning's rich bar: "Epoch 1/1" is the last of 0..1
+                        total_epochs += 1
             elif value == int(value):
                 step = int(value)
                 if total:
