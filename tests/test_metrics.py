@@ -7,8 +7,10 @@ import math
 import pytest
 
 from trainctl import metrics
-from trainctl.errors import ConfigError
+from trainctl.errors import ConfigError, TrainctlWarning
 from trainctl.metrics import MetricParser, infer_totals
+
+from .conftest import run_cli
 
 NAN = float("nan")
 INF = float("inf")
@@ -141,6 +143,55 @@ def test_bad_user_pattern_names_it(pattern, fragment):
         MetricParser([pattern])
     assert fragment in info.value.message
     assert repr(pattern) in info.value.message
+
+
+CATASTROPHIC = [r"(?P<x>(a+)+)b", r"(?P<x>(a*)*b)", r"loss=(?P<loss>(\d{1,3},?)+)x",
+                r"(?P<x>(?:(?:a|b)+)+)c", r"(?P<x>a+)+?!"]
+SAFE = [r"gnorm=(?P<grad_norm>[0-9.e+-]+)", r"(?P<x>(?:ab)+)", r"t=(?P<t>(?:\d{2}:)+\d{2})",
+        r"(?P<x>(?>a+)+)b", r"(?P<x>a+)++b"]
+
+
+@pytest.mark.parametrize("pattern", CATASTROPHIC)
+def test_nested_repeats_are_refused(pattern):
+    with pytest.raises(ConfigError) as info:
+        MetricParser([pattern])
+    assert "repeats a part that itself repeats" in info.value.message
+    assert "(?P<x>a+)b" in info.value.hint
+
+
+@pytest.mark.parametrize("pattern", SAFE)
+def test_patterns_without_nested_repeats_are_kept(pattern):
+    assert len(MetricParser([pattern]).patterns) == 1
+
+
+@pytest.mark.parametrize("where", ["config", "option"])
+def test_catastrophic_pattern_is_refused_before_it_can_hang_a_command(tmp_path, where):
+    """Without the check `local` reads 'aaaa...a' through (a+)+b for ever (2**60 tries)."""
+    pattern = r"(?P<x>(a+)+)b"
+    config = 'checkpoint_dir = "checkpoints"\n'
+    if where == "config":
+        config += f"[metrics]\npatterns = ['{pattern}']\n"
+    (tmp_path / "trainctl.toml").write_text(config)
+    (tmp_path / "train.py").write_text("print('loss ' + 'a' * 60)\n")
+    (tmp_path / "out.log").write_text("loss " + "a" * 60 + "\n")
+    args = (["local", "--no-preflight", "train.py"] if where == "config"
+            else ["monitor", "--log", "out.log", "--pattern", pattern])
+    proc = run_cli(args, tmp_path, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert "repeats a part that itself repeats" in proc.stderr and "Traceback" not in proc.stderr
+    if where == "config":
+        assert "trainctl.toml:3" in proc.stderr
+        assert not (tmp_path / ".trainctl" / "sessions").exists()  # refused before anything ran
+
+
+def test_a_pattern_too_slow_on_one_line_is_turned_off_with_a_warning():
+    # polynomial, not nested: passes the static check, but costs ~n**4 steps on a line of a's
+    parser = MetricParser([r"(?P<x>a*a*a*c)", r"loss=(?P<loss>[0-9.]+)"])
+    with pytest.warns(TrainctlWarning, match="no longer used for this run"):
+        parser.feed("a" * 400)
+    assert [p.pattern for p in parser.patterns] == [r"loss=(?P<loss>[0-9.]+)"]
+    assert parser.dropped == [r"(?P<x>a*a*a*c)"]
+    assert parser.feed("loss=0.5")["values"] == {"loss": 0.5}
 
 
 def test_feed_text_matches_line_by_line():

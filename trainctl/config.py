@@ -204,6 +204,10 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                     if compiled is None or not compiled.groupindex:
                         fail(f"metrics pattern {pattern!r} has no named group.",
                              "Name what it captures, e.g. 'gnorm=(?P<grad_norm>[0-9.e+-]+)'.", k, section)
+                    from .metrics import BACKTRACKING_HINT, backtracking_risk
+
+                    if backtracking_risk(pattern):
+                        fail(f"metrics pattern {pattern!r} {backtracking_risk(pattern)}.", BACKTRACKING_HINT, k, section)
             if (section, k) == ("signals", "preempt"):
                 import signal as signal_mod
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import math
 import re
 import shutil
+import time
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, TrainctlWarning
 
 # -- parsing ------------------------------------------------------------------------------------
 
@@ -58,6 +60,10 @@ _LR_TEXT = re.compile(r"learning.rate|\blr\b", re.IGNORECASE)
 _LR_KEYS = frozenset({"lr", "learning_rate", "learning-rate"})
 
 MAX_LINE_CHARS = 4096  # metrics sit near the start; a megabyte line must not cost a megabyte
+# User patterns are matched against the first USER_PATTERN_LINE_CHARS of a line; one that takes
+# longer than USER_PATTERN_BUDGET_S on a line is turned off (with a warning) for the rest of the run.
+USER_PATTERN_LINE_CHARS = 1024
+USER_PATTERN_BUDGET_S = 0.1
 
 
 _KIND_CACHE: dict[str, str] = {}
@@ -104,6 +110,7 @@ class MetricParser:
 
     def __init__(self, patterns: Sequence[str] = ()) -> None:
         self.patterns = [compile_pattern(p) for p in patterns]
+        self.dropped: list[str] = []  # patterns turned off for being too slow
         self.step: int | None = None
         self.epoch: int | float | None = None
 
@@ -120,10 +127,8 @@ class MetricParser:
             if word in lowered:
                 result = _parse_builtin(line)
                 break
-        for pattern in self.patterns:
-            match = pattern.search(line)
-            if match:
-                result = _merge(result, _from_groups(match.groupdict()))
+        if self.patterns:
+            result = self._user_patterns(line, result)
         if result is None:
             return None
         if result.get("step") is not None:
@@ -135,6 +140,22 @@ class MetricParser:
                 result["step"] = self.step
             if result.get("epoch") is None:
                 result["epoch"] = self.epoch
+        return result
+
+    def _user_patterns(self, line: str, result: dict[str, Any] | None) -> dict[str, Any] | None:
+        for pattern in list(self.patterns):
+            started = time.perf_counter()
+            match = pattern.search(line[:USER_PATTERN_LINE_CHARS])
+            spent_s = time.perf_counter() - started
+            if spent_s > USER_PATTERN_BUDGET_S:
+                # a pattern this slow on one line would stall the launcher's output reader
+                self.patterns.remove(pattern)
+                self.dropped.append(pattern.pattern)
+                warnings.warn(f"[metrics] pattern {pattern.pattern!r} took {spent_s:.2f} s on one "
+                              "line and is no longer used for this run. " + BACKTRACKING_HINT,
+                              TrainctlWarning, stacklevel=3)
+            if match:
+                result = _merge(result, _from_groups(match.groupdict()))
         return result
 
     def feed_text(self, text: str, *, limit: int | None = None) -> list[dict[str, Any]]:
@@ -220,7 +241,62 @@ def compile_pattern(pattern: Any) -> re.Pattern[str]:
     if not compiled.groupindex:
         raise ConfigError(f"{where}: pattern {pattern!r} has no named group, so it names no metric.",
                           "Name what it captures: (?P<loss>[0-9.]+) becomes the metric 'loss'.")
+    risk = backtracking_risk(pattern)
+    if risk:
+        raise ConfigError(f"{where}: pattern {pattern!r} {risk}.", BACKTRACKING_HINT)
     return compiled
+
+
+BACKTRACKING_HINT = ("Repeat the inner part only, e.g. (?P<x>a+)b instead of (?P<x>(a+)+)b, or "
+                     "use a character class: (?P<loss>[0-9.]+).")
+
+
+def backtracking_risk(pattern: str) -> str | None:
+    """Why `pattern` can take exponential time on some line (a repeat of a repeat), or None.
+
+    Python's re backtracks: `(a+)+b` on a line of 30 a's tries 2**30 ways. A repeat inside a
+    repeat whose length varies is the shape of every such pattern, so it is refused up front.
+    """
+    try:
+        from re import _constants as c  # type: ignore[attr-defined]
+        from re import _parser as p  # type: ignore[attr-defined]
+    except ImportError:  # Python 3.10
+        import sre_constants as c  # type: ignore[no-redef]
+        import sre_parse as p  # type: ignore[no-redef]
+    try:
+        tree = p.parse(pattern)
+    except (re.error, RecursionError, OverflowError):
+        return None  # re.compile reports it
+    repeats = {c.MAX_REPEAT, c.MIN_REPEAT}
+    atomic = {getattr(c, "POSSESSIVE_REPEAT", None), getattr(c, "ATOMIC_GROUP", None)} - {None}
+
+    def walk(items: Any, inside_repeat: bool) -> bool:
+        for op, av in items:
+            if op in repeats:
+                low, high, sub = av
+                varies = high != low and high != 1
+                if (varies and inside_repeat) or walk(sub, inside_repeat or varies):
+                    return True
+            elif op in atomic:
+                continue  # no backtracking into it
+            elif op is c.SUBPATTERN:
+                parts = [av[-1]]
+            elif op is c.BRANCH:
+                parts = av[1]
+            elif op in (c.ASSERT, c.ASSERT_NOT):
+                parts = [av[1]]
+            elif op is c.GROUPREF_EXISTS:
+                parts = [branch for branch in av[1:] if branch is not None]
+            else:
+                continue
+            if op not in repeats and any(walk(part, inside_repeat) for part in parts):
+                return True
+        return False
+
+    if walk(tree, False):
+        return ("repeats a part that itself repeats (like (a+)+), which can take exponential "
+                "time on some lines and hang the launcher")
+    return None
 
 
 def _parse_builtin(line: str) -> dict[str, Any] | None:
