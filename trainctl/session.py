@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -152,12 +153,22 @@ class Session:
         return self.dir / "config.json"
 
     def read(self) -> dict[str, Any]:
+        """session.json, checked against SESSION_FIELDS: CorruptSessionError saying what is wrong."""
+        data = self.read_raw()
+        problem = session_problem(data)
+        if problem:
+            raise CorruptSessionError(f"session {self.id}: session.json is unreadable: {problem}.",
+                                      f"Fix or remove that field in {self.json_path}; other sessions are unaffected.")
+        return data
+
+    def read_raw(self) -> dict[str, Any]:
+        """session.json as stored (a JSON object), without checking its fields."""
         try:
             data = json.loads(self.json_path.read_text(encoding="utf-8"))
         except FileNotFoundError as e:
             raise CorruptSessionError(f"session {self.id}: session.json is missing.",
                                       f"The folder {self.dir} is not a complete session.") from e
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
             raise CorruptSessionError(f"session {self.id}: session.json is unreadable ({e}).",
                                       "It may have been written by a crashed process; other sessions are unaffected.") from e
         if not isinstance(data, dict):
@@ -168,7 +179,7 @@ class Session:
         """Merge `fields` into session.json under the session lock; dict values merge one level."""
         with _lock(self.dir / "session.json.lock"):
             try:
-                data = self.read()
+                data = self.read_raw()  # a field another writer got wrong is kept, not dropped
             except CorruptSessionError:
                 data = {"id": self.id}
             for key, value in fields.items():
@@ -190,19 +201,25 @@ class Session:
             return
         payload = ("\n".join(lines) + "\n").encode("utf-8")
         with _lock(self.dir / "events.jsonl.lock"):
-            fd = os.open(self.events_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.events_path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                # a torn last line from a writer killed mid-write must not glue onto ours
                 size = os.fstat(fd).st_size
-                if size:
-                    with open(self.events_path, "rb") as f:
-                        f.seek(size - 1)
-                        if f.read(1) != b"\n":
-                            payload = b"\n" + payload
-                view = memoryview(payload)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
+                # a torn last line from a writer killed mid-write must not glue onto ours
+                if size and os.pread(fd, 1, size - 1) != b"\n":
+                    payload = b"\n" + payload
+                try:
+                    written = os.write(fd, payload)  # whole records in one write
+                    if written != len(payload):
+                        raise OSError(errno.ENOSPC, f"short write to {self.events_path} "
+                                                    f"({written} of {len(payload)} bytes)")
+                except BaseException:
+                    # back to the last whole line: the caller keeps these events and retries
+                    # them, and a partial copy left here would be a torn line plus duplicates
+                    try:
+                        os.ftruncate(fd, size)
+                    except OSError:
+                        pass
+                    raise
             finally:
                 os.close(fd)
 
@@ -249,8 +266,16 @@ def effective_metrics(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+_LINE_AT: dict[tuple[str, int], int] = {}  # (events file, byte offset) -> line number there
+_WARNED: set[str] = set()
+
+
 def read_events(path: Path, *, offset: int = 0) -> tuple[list[dict[str, Any]], int]:
-    """Parse events.jsonl from byte `offset`; return (events, offset after the last full line)."""
+    """Parse events.jsonl from byte `offset`; return (events, offset after the last full line).
+
+    A line that is not JSON or breaks its kind's schema (EVENT_FIELDS) is skipped with one
+    warning naming the file and line; a torn last line is left for the next read.
+    """
     try:
         with open(path, "rb") as f:
             f.seek(offset)
@@ -259,22 +284,148 @@ def read_events(path: Path, *, offset: int = 0) -> tuple[list[dict[str, Any]], i
         return [], offset
     end = data.rfind(b"\n") + 1  # an unterminated last line may still be being written
     events: list[dict[str, Any]] = []
-    bad = 0
-    for raw in data[:end].splitlines():
+    bad: list[tuple[int, str]] = []
+    first = _LINE_AT.get((str(path), offset), 1 if offset == 0 else None)
+    for index, raw in enumerate(data[:end].split(b"\n")[:-1]):
         if not raw.strip():
             continue
         try:
             event = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            bad += 1
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+            bad.append((index, f"not JSON ({str(e).split(':')[0]})"))
             continue
-        if isinstance(event, dict):
-            events.append(event)
-        else:
-            bad += 1
+        except RecursionError:
+            bad.append((index, "nested too deeply"))
+            continue
+        problem = event_problem(event)
+        if problem:
+            bad.append((index, problem))
+            continue
+        events.append(event)
+    if first is not None and end:
+        if len(_LINE_AT) > 256:
+            _LINE_AT.clear()
+        _LINE_AT[(str(path), offset + end)] = first + data[:end].count(b"\n")
     if bad:
-        warnings.warn(f"{path}: skipped {bad} malformed line(s)", TrainctlWarning, stacklevel=3)
+        def where(index: int) -> str:
+            return f"{path}:{first + index}" if first is not None else f"{path} (line {index + 1} after byte {offset})"
+
+        index, why = bad[0]
+        more = f"; {len(bad) - 1} more bad line(s) skipped too" if len(bad) > 1 else ""
+        message = f"{where(index)}: skipped a malformed record ({why}){more}"
+        if message not in _WARNED:  # once per process, however often the file is read
+            _WARNED.add(message)
+            warnings.warn(message, TrainctlWarning, stacklevel=3)
     return events, offset + end
+
+
+# -- record schemas --------------------------------------------------------------------------
+# A record is checked when read; a bad one is skipped (events) or makes its session
+# `unreadable` (session.json), so one hand-edited or half-written file never breaks a command.
+
+_MAX_INT = 2**63  # what TensorBoard, JSON readers in other languages and torch hold
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -_MAX_INT <= v < _MAX_INT
+
+
+def _is_num(v: Any) -> bool:
+    return (isinstance(v, float) or _is_int(v)) and not isinstance(v, bool)
+
+
+def _opt(check: Any) -> Any:
+    return lambda v: v is None or check(v)
+
+
+def _is_str(v: Any) -> bool:
+    return isinstance(v, str)
+
+
+def _is_dict(v: Any) -> bool:
+    return isinstance(v, dict)
+
+
+def _is_list(v: Any) -> bool:
+    return isinstance(v, list)
+
+
+def _is_step(v: Any) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def _is_value(v: Any) -> bool:
+    """A logged metric value: a number (NaN/Inf included) or a label; never a container."""
+    return v is None or isinstance(v, (str, bool, int, float))  # ints beyond float: drawn as inf
+
+
+def _is_process(v: Any) -> bool:
+    return (isinstance(v, dict) and _is_int(v.get("pid")) and 0 < v["pid"] < 2**31
+            and (v.get("start_ticks") is None or (_is_int(v["start_ticks"]) and v["start_ticks"] >= 0)))
+
+
+_EVENT_COMMON = {"kind": _is_str, "t": _opt(_is_num), "v": _opt(_is_int), "attempt": _opt(_is_step),
+                 "source": _opt(_is_str)}
+EVENT_FIELDS: dict[str, dict[str, Any]] = {
+    "metric": {"step": _opt(_is_step), "epoch": _opt(_is_num),
+               "values": lambda v: isinstance(v, dict) and all(_is_value(x) for x in v.values())},
+    "checkpoint": {"path": _is_str, "step": _opt(_is_step), "epoch": _opt(_is_num),
+                   "metrics": _opt(_is_dict), "bytes": _opt(_is_int), "digest": _opt(_is_str)},
+    "checkpoint_failed": {"path": _opt(_is_str), "error": _is_str, "step": _opt(_is_step)},
+    "supersede": {"from_step": _opt(_is_step), "resume": _opt(_is_str)},
+    "status": {"status": _is_str, "exit_code": _opt(_is_int), "signal": _opt(_is_str),
+               "error": _opt(_is_str)},
+    "totals": {"steps": _opt(_is_step), "epochs": _opt(_is_step)},
+    "restart": {"reason": _opt(_is_str), "resume": _opt(_is_str)},
+    "warning": {"message": _is_str},
+    "retention": {"removed": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)},
+}
+
+SESSION_FIELDS: dict[str, Any] = {
+    "id": _is_str, "status": _is_str, "name": _opt(_is_str), "script": _opt(_is_str),
+    "cwd": _opt(_is_str), "host": _opt(_is_str), "backend": _opt(_is_str),
+    "parent": _opt(_is_str), "resume_from": _opt(_is_str), "error": _opt(_is_str),
+    "signal": _opt(_is_str), "exit_code": _opt(_is_int),
+    "created_at": _opt(_is_num), "started_at": _opt(_is_num), "ended_at": _opt(_is_num),
+    "args": _opt(lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "command": _opt(_is_list),
+    "processes": _opt(lambda v: isinstance(v, list) and all(_is_process(p) for p in v)),
+    "attempts": _opt(lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v)),
+    "summary": _opt(lambda v: isinstance(v, dict) and isinstance(v.get("last", {}), dict)
+                    and isinstance(v.get("best", {}), dict)
+                    and all(isinstance(b, dict) for b in v.get("best", {}).values())
+                    and (v.get("checkpoints") is None or _is_int(v["checkpoints"]))),
+    "totals": _opt(lambda v: isinstance(v, dict) and all(x is None or _is_step(x) for x in v.values())),
+    "config": _opt(_is_dict), "trainctl_config": _opt(_is_dict), "git": _opt(_is_dict),
+    "runtime": _opt(_is_dict), "resources": _opt(_is_dict), "diagnosis": _opt(_is_dict),
+    "degraded": _opt(_is_dict),
+}
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def event_problem(event: Any) -> str | None:
+    """What is wrong with one events.jsonl record, or None (unknown kinds pass: newer writers)."""
+    if not isinstance(event, dict):
+        return f"a {type(event).__name__}, not an object"
+    fields = EVENT_FIELDS.get(event.get("kind"), {}) if isinstance(event.get("kind"), str) else {}
+    for schema in (_EVENT_COMMON, fields):
+        for name, check in schema.items():
+            value = event.get(name)  # a missing field reads as None: fine where optional
+            if not check(value):
+                return f"'{name}' is {_short(value)}" if name in event else f"no '{name}'"
+    return None
+
+
+def session_problem(data: dict[str, Any]) -> str | None:
+    """What is wrong with a session.json object, or None."""
+    for name, check in SESSION_FIELDS.items():
+        if name in data and not check(data[name]):
+            return f"'{name}' is {_short(data[name])}"
+    return None
 
 
 def effective_status(data: dict[str, Any]) -> str:
@@ -385,6 +536,13 @@ class SessionStore:
                 data = session.read()
             except CorruptSessionError as e:
                 problems.append(str(e))
+                data = {"id": i, "status": "unreadable", "error": e.message}
+                if status and status != "unreadable":
+                    continue
+                data["dir"] = str(session.dir)
+                records.append(data)
+                if limit and len(records) >= limit:
+                    break
                 continue
             data["status"] = effective_status(data)
             if status and data["status"] != status:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
 
 import click
 
@@ -75,4 +76,16 @@ def cli() -> None:
 def main(argv: list[str] | None = None) -> None:
     from .errors_cli import run_cli
 
+    warnings.showwarning = _show_warning
+
     sys.exit(run_cli(cli, argv))
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """trainctl's own warnings as one line ('warning: ...'), not Python's file:line + source."""
+    from ..errors import TrainctlWarning
+
+    if issubclass(category, TrainctlWarning):
+        click.secho(f"warning: {message}", err=True, fg="yellow")
+    else:
+        warnings._showwarnmsg_impl(warnings.WarningMessage(message, category, filename, lineno, file, line))  # type: ignore[attr-defined]

@@ -13,13 +13,12 @@ import os
 import re
 import textwrap
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .. import metrics
-from ..errors import NotFoundError, TrainctlWarning, UsageError
+from ..errors import NotFoundError, UsageError
 from ..metrics import MetricParser
 from ..session import Session, effective_metrics, effective_status, metric_mode, read_events
 
@@ -107,9 +106,8 @@ class Monitor:
         """Read what was appended since the last call."""
         if self.session is not None:
             self.data = self.session.read()
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", TrainctlWarning)  # a torn line is normal while live
-                new, self._offset = read_events(self.session.events_path, offset=self._offset)
+            # a torn last line is left for the next read; a malformed one is warned about once
+            new, self._offset = read_events(self.session.events_path, offset=self._offset)
             self.events.extend(new)
             if not any(e.get("kind") == "metric" for e in self.events) and self.session.output_log.exists():
                 # no metric events (parsing off, or an old session): read the output itself
