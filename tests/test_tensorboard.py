@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shlex
 import signal
 import socket
@@ -220,3 +221,111 @@ def test_serves_sessions_and_stops_with_its_launcher(project: Path) -> None:
     assert "Traceback" not in stderr
     with socket.socket() as s:  # TensorBoard went with it: the port is free again
         s.bind(("127.0.0.1", port))
+
+
+LIVE = """
+import sys, time
+from pathlib import Path
+import trainctl
+
+marks = Path(sys.argv[1])
+run = trainctl.init()
+for step in range(1, 51):
+    run.log({"loss": 1.0 / step}, step=step)
+    time.sleep(0.01)
+while not (marks / "stop").exists():  # alive: TensorBoard must already show every point
+    time.sleep(0.02)
+"""
+
+KILLED = """
+import os, sys, time
+from pathlib import Path
+import torch
+import trainctl
+
+marks = Path(sys.argv[1])
+run = trainctl.init(total_steps=60)
+model = torch.nn.Linear(2, 1)
+run.track(model=model)
+meta = run.restore()
+(marks / f"pid{run.attempt}").write_text(str(os.getpid()))
+for step in range((meta or {}).get("step") or 0, 60):
+    run.log({"loss": 1.0 / (step + 1)}, step=step + 1)
+    if step + 1 == 40:
+        run.save_checkpoint(step=40)
+    if step + 1 == 45 and run.attempt == 0:
+        while True:  # past the checkpoint, until killed
+            time.sleep(0.05)
+"""
+
+
+def _metric_steps(session_dir: Path, attempt: int | None = None) -> list[int]:
+    try:
+        lines = (session_dir / "events.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("kind") == "metric" and (attempt is None or e.get("attempt") == attempt):
+            out.append(e["step"])
+    return out
+
+
+def _wait(predicate, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert proc.poll() is None, "the run ended early"
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.05)
+
+
+def _launch(project: Path, script: str, marks: Path, *options: str) -> subprocess.Popen:
+    (project / "train.py").write_text(script)
+    return subprocess.Popen([sys.executable, "-m", "trainctl", "local", "--quiet", "--no-preflight",
+                             *options, "train.py", str(marks)], cwd=project, env=clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _session_dir(project: Path) -> Path:
+    store = SessionStore(load(project).state_dir)
+    return store.sessions_dir / store.ids()[0] if store.ids() else project / "none"
+
+
+@pytest.mark.parametrize("reader", [read_plugin, read_classic])
+def test_tensorboard_holds_what_the_session_log_holds_while_the_run_is_live(project: Path, reader) -> None:
+    marks = project / "marks"
+    marks.mkdir()
+    proc = _launch(project, LIVE, marks)
+    try:
+        # the session log is flushed every second; TensorBoard is written before it
+        _wait(lambda: len(_metric_steps(_session_dir(project))) == 50, proc)
+        points = reader(_session_dir(project) / "tensorboard")
+        assert [s for s, _ in points["loss"]] == list(range(1, 51))
+    finally:
+        (marks / "stop").touch()
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+
+
+def test_kill_9_under_max_restarts_keeps_attempt_0s_points(project: Path) -> None:
+    marks = project / "marks"
+    marks.mkdir()
+    proc = _launch(project, KILLED, marks, "--max-restarts", "1", "--restart-delay", "0")
+    try:
+        _wait(lambda: (marks / "pid0").exists() and 45 in _metric_steps(_session_dir(project), 0), proc)
+        os.kill(int((marks / "pid0").read_text()), signal.SIGKILL)
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    logdir = _session_dir(project) / "tensorboard"
+    files = sorted(logdir.glob("events.out.tfevents.*"))
+    assert len(files) == 2 and files[0].stat().st_size > 0  # attempt 0's file is not empty
+    for reader in (read_plugin, read_classic):
+        steps = [s for s, _ in reader(logdir)["loss"]]
+        assert steps == list(range(1, 61))  # every step once: 41-45 of attempt 0 purged

@@ -12,6 +12,7 @@ import atexit
 import collections
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -36,6 +37,29 @@ from .session import Session, SessionStore, metric_mode
 
 DEFAULT_PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 _PLAIN_NUMBERS = (float, int)
+SUMMARY_INTERVAL_S = 5.0  # session.json's summary trails the events log by at most this
+MAX_UNSENT_EVENTS = 100_000  # kept in memory while the events log can't be written
+
+
+class CheckpointSaveError(TrainctlError, OSError):
+    """A background save (save_checkpoint(..., blocking=False)) failed; raised at the next
+    save_checkpoint() or an explicit finish(), carrying every failure not yet reported."""
+
+    def __init__(self, failures: list[dict[str, Any]]) -> None:
+        first = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        super().__init__(f"background checkpoint save {first['path']} failed: {first['error']}{more}.",
+                         "Free space or fix the checkpoint folder, then save again; the failure is "
+                         "also in: trainctl sessions show")
+        self.failures = failures
+
+
+def _say(message: str) -> None:
+    """One line on the script's stderr: trainctl's own news, apart from Python warnings."""
+    try:
+        print(f"[trainctl] {message}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 _current: Run | None = None
 _current_lock = threading.Lock()
@@ -169,12 +193,21 @@ class Run:
         self._best: dict[str, dict[str, Any]] = {}
         self._checkpoints = 0
         self._last_checkpoint: str | None = None
+        self._points = 0
+        self._summary_at = 0.0  # monotonic time of the last summary write
+        self._degraded: dict[str, Any] | None = None  # the events log can't be written
+        self._dropped_events = 0
+        self._save_failures: list[dict[str, Any]] = []
+        self._unreported_failures: list[dict[str, Any]] = []
+        self._saves_done = threading.Condition()
+        self._saves_in_flight = 0
         self._tb = None
         self._tb_enabled = tensorboard
         self._tb_purge_step: int | None = None
         self._async_saver = None
         self._static_meta: dict[str, Any] | None = None
         self._exception: BaseException | None = None
+        self._at_exit = False
         self.session: Session | None = None
         self.standalone = not self.launch.launched
         self.script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
@@ -182,11 +215,14 @@ class Run:
         self.name = name
         if self.launch.launched:
             self.session = Session(Path(self.launch.session_dir))
-            if name is None:
-                try:  # `trainctl local --name X`: checkpoints carry it for --resume auto --name X
-                    self.name = self.session.read().get("name")
-                except TrainctlError:
-                    pass
+            try:
+                recorded = self.session.read()
+            except TrainctlError:
+                recorded = {}
+            if name is None:  # `trainctl local --name X`: checkpoints carry it for --resume auto --name X
+                self.name = recorded.get("name")
+            if self.attempt:
+                self._continue_summary(recorded.get("summary") or {})
             self.id = self.launch.session_id
             self.checkpoint_dir = Path(self.launch.checkpoint_dir or self.session.dir / "checkpoints")
             self.tensorboard_dir = Path(self.launch.tensorboard_dir or self.session.tensorboard_dir)
@@ -258,7 +294,8 @@ class Run:
 
     # ------------------------------------------------------------------ logging
     def log(self, values: Mapping[str, Any], step: int | None = None, epoch: Any = None) -> None:
-        """Record metrics for `step` (default: one past the last). Cheap: no I/O here.
+        """Record metrics for `step` (default: one past the last) and `epoch` (recorded as given:
+        values logged without one have none). Cheap: no I/O here.
 
         Also a safe point: after a preemption signal the emergency checkpoint is written here,
         labelled with this step (the state the script has reached when it reports it).
@@ -271,7 +308,9 @@ class Run:
         if epoch is not None:
             self._epoch = epoch
         if self._writes:
-            self._buffer.append((time.time(), step, self._epoch, dict(values)))
+            # the epoch given with these values only: one carried over from an earlier call, a
+            # checkpoint or a resume would label them with an epoch the run has left
+            self._buffer.append((time.time(), step, epoch, dict(values)))
         if self._should_stop and not self._stopping:
             self._on_stop_request()
 
@@ -301,22 +340,76 @@ class Run:
         return events
 
     def flush(self) -> None:
-        """Write buffered metrics to the session log (and TensorBoard) now."""
+        """Write buffered metrics to TensorBoard and the session log now.
+
+        Never raises for a log that can't be written (a full disk): the events stay in memory
+        (up to MAX_UNSENT_EVENTS) and are retried at the next flush; training goes on.
+        """
         if not self._writes:
             return
         with self._flush_lock:
-            events = self._unsent + self._take_buffer()
-            if not events:
+            fresh = self._take_buffer()
+            if fresh:
+                # TensorBoard first: its file never trails the session log
+                self._write_tensorboard(fresh)
+                self._update_summary(fresh)
+            events = self._unsent + fresh
+            if events:
+                try:
+                    self.session.append_events(events)
+                except OSError as e:
+                    self._keep_unsent(events, e)
+                    return
+                self._unsent = []
+                if self._degraded is not None:
+                    self._log_recovered()
+        self._write_summary()
+
+    def _event(self, kind: str, **fields: Any) -> None:
+        """Append one event now, or keep it for the next flush when the log can't be written."""
+        if not self._writes:
+            return
+        event = {"v": 1, "t": time.time(), "kind": kind, **fields}
+        with self._flush_lock:
+            if self._unsent:  # keep the order: behind what is already waiting
+                self._unsent.append(event)
                 return
             try:
-                self.session.append_events(events)
-            except BaseException:
-                self._unsent = events  # kept for the next flush, not dropped
-                raise
-            self._unsent = []
-            if self.standalone:  # under a launcher, the launcher summarises the whole session
-                self._update_summary(events)
-            self._write_tensorboard(events)
+                self.session.append_events([event])
+            except OSError as e:
+                self._keep_unsent([event], e)
+
+    def _keep_unsent(self, events: list[dict[str, Any]], error: OSError) -> None:
+        """The events log failed (caller holds the flush lock): keep a bounded backlog, say so once."""
+        if len(events) > MAX_UNSENT_EVENTS:
+            drop = len(events) - MAX_UNSENT_EVENTS
+            self._dropped_events += drop
+            events = events[drop:]
+        self._unsent = events
+        if self._degraded is None:
+            reason = error.strerror or str(error)
+            self._degraded = {"since": time.time(), "reason": reason}
+            _say(f"warning: cannot write the session log {self.session.events_path} ({reason}). "
+                 f"Training continues: metrics are kept in memory (up to {MAX_UNSENT_EVENTS}) and "
+                 "written once it can be; the session is marked degraded.")
+            try:
+                self.session.update(degraded=dict(self._degraded))
+            except OSError:
+                pass  # the same disk: recorded once writes work again
+
+    def _log_recovered(self) -> None:
+        degraded, self._degraded = self._degraded or {}, None
+        lost = self._dropped_events
+        record = {**degraded, "until": time.time(), "dropped_events": lost}
+        message = (f"the session log could not be written from {time.ctime(degraded.get('since'))} "
+                   f"({degraded.get('reason')}); " + (f"{lost} event(s) were dropped" if lost
+                                                       else "nothing was lost"))
+        _say(f"the session log is writable again; {message.split('; ')[-1]}")
+        try:
+            self.session.append_events([{"kind": "warning", "message": message, "source": "run"}])
+            self.session.update(degraded=record)
+        except OSError:
+            pass
 
     def _flush_loop(self) -> None:
         while not self.finished:
@@ -329,8 +422,23 @@ class Run:
                               stacklevel=1)
                 time.sleep(self._flush_interval_s)
 
+    def _continue_summary(self, summary: dict[str, Any]) -> None:
+        """A restarted attempt carries on the session's counts (list reads them mid-run)."""
+        if isinstance(summary.get("checkpoints"), int):
+            self._checkpoints = summary["checkpoints"]
+        if isinstance(summary.get("last_checkpoint"), str):
+            self._last_checkpoint = summary["last_checkpoint"]
+        if isinstance(summary.get("points"), int):
+            self._points = summary["points"]
+        if isinstance(summary.get("last"), dict):
+            self._last.update(summary["last"])
+        for name, best in (summary.get("best") or {}).items():
+            if isinstance(best, dict) and isinstance(best.get("value"), (int, float)) and best.get("mode") in ("min", "max"):
+                self._best[name] = dict(best)
+
     def _update_summary(self, events: list[dict[str, Any]]) -> None:
         last, best = self._last, self._best
+        self._points += len(events)
         for e in events:
             for name, value in e["values"].items():
                 last[name] = value
@@ -342,6 +450,39 @@ class Run:
                 elif (value < cur["value"] if cur["mode"] == "min" else value > cur["value"]) \
                         and math.isfinite(value):
                     cur.update(value=value, step=e["step"], epoch=e["epoch"])
+
+    def summary(self) -> dict[str, Any]:
+        """What session.json's summary holds: last/best metrics, checkpoints, failed saves."""
+        failures = self._save_failures
+        summary: dict[str, Any] = {
+            "last": dict(self._last), "best": {k: dict(v) for k, v in self._best.items()},
+            "points": self._points, "checkpoints": self._checkpoints,
+            "last_checkpoint": self._last_checkpoint, "failed_saves": len(failures),
+            "duration_s": round(time.time() - self._started, 3), "updated_at": time.time(),
+        }
+        notes = []
+        if failures:
+            summary["last_save_error"] = failures[-1]["error"]
+            attempted = len(failures) + self._checkpoints
+            notes.append(f"{len(failures)} of {attempted} checkpoint save(s) failed"
+                         + ("; none succeeded" if not self._checkpoints else "")
+                         + f"; last: {failures[-1]['error']}")
+        if self._degraded is not None or self._dropped_events:
+            notes.append("the session log could not always be written"
+                         + (f"; {self._dropped_events} event(s) dropped" if self._dropped_events else ""))
+        summary["warnings"] = notes
+        return summary
+
+    def _write_summary(self, *, force: bool = False) -> None:
+        """Keep session.json's summary current (sessions list reads only that), cheaply."""
+        now = time.monotonic()
+        if not self._writes or (not force and now - self._summary_at < SUMMARY_INTERVAL_S):
+            return
+        self._summary_at = now
+        try:
+            self.session.update(summary=self.summary())
+        except OSError:
+            pass  # the events log says the same: degraded is reported there
 
     def _write_tensorboard(self, events: list[dict[str, Any]]) -> None:
         if not self._tb_enabled:
@@ -355,6 +496,7 @@ class Run:
             self._tb = TensorBoardSink(self.tensorboard_dir, purge_step=self._tb_purge_step)
         try:
             self._tb.write(events)
+            self._tb.flush()  # visible now, and a kill -9 loses at most one flush interval
         except Exception as e:
             self._tb_enabled = False
             warnings.warn(f"TensorBoard logging stopped: {e}", TrainctlWarning, stacklevel=1)
@@ -425,6 +567,9 @@ class Run:
         if not self.is_main:
             self._after_checkpoint_safe_point()
             return None
+        if self._unreported_failures:
+            failures, self._unreported_failures = self._unreported_failures, []
+            raise CheckpointSaveError(failures)
         if state is None:
             if not self._tracked:
                 raise UsageError("save_checkpoint() got no state and nothing is tracked.",
@@ -437,24 +582,76 @@ class Run:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = self.checkpoint_metadata(epoch, step, metrics, name)
         if blocking:
-            manifest = checkpoint.save(path, dict(state), meta)
+            try:
+                manifest = checkpoint.save(path, dict(state), meta)
+            except Exception as e:
+                self._save_failed(path, step, e, background=False)
+                raise
             self.record_checkpoint(path, manifest)
         else:
             if self._async_saver is None:
                 self._async_saver = checkpoint.AsyncSaver()
-            future = self._async_saver.submit(path, dict(state), meta)
-            future.add_done_callback(lambda f, p=path: self._async_done(p, f))
+            with self._saves_done:
+                self._saves_in_flight += 1
+            try:
+                future = self._async_saver.submit(path, dict(state), meta)
+            except BaseException:
+                self._async_finished()
+                raise
+            future.add_done_callback(lambda f, p=path, s=step: self._async_done(p, s, f))
         self._after_checkpoint_safe_point()
         return path
 
-    def _async_done(self, path: Path, future: Any) -> None:
+    def _async_done(self, path: Path, step: Any, future: Any) -> None:
         try:
-            manifest = future.result()
-        except Exception as e:
-            if self._writes:
-                self.session.event("warning", message=f"asynchronous checkpoint {path.name} failed: {e}")
-            return
-        self.record_checkpoint(path, manifest)
+            try:
+                manifest = future.result()
+            except Exception as e:
+                self._save_failed(path, step, e, background=True)
+                return
+            self.record_checkpoint(path, manifest)
+        finally:
+            self._async_finished()
+
+    def _async_finished(self) -> None:
+        with self._saves_done:
+            self._saves_in_flight -= 1
+            self._saves_done.notify_all()
+
+    def _wait_for_saves(self) -> None:
+        """Until every background save and its bookkeeping is done (a future's result comes
+        before its callbacks have run)."""
+        if self._async_saver is not None:
+            try:
+                self._async_saver.wait()
+            except Exception:
+                pass  # _async_done records it
+        with self._saves_done:
+            self._saves_done.wait_for(lambda: self._saves_in_flight <= 0, timeout=60)
+
+    def _save_failed(self, path: Path, step: Any, error: BaseException, *, background: bool) -> None:
+        """A save failed: say it on the terminal now, record it, count it in the summary."""
+        text = f"{type(error).__name__}: {error}"
+        try:  # torch reports a full disk as "unexpected pos": name the likely cause
+            free = shutil.disk_usage(path.parent).free
+        except OSError:
+            free = None
+        if free is not None and free < 64 << 20:
+            text += f" (the checkpoint disk at {path.parent} has only {free >> 10} KiB free)"
+        failure = {"path": str(path), "step": step if isinstance(step, int) else None,
+                   "error": text, "t": time.time()}
+        self._save_failures.append(failure)
+        if background:
+            self._unreported_failures.append(failure)
+        _say(f"checkpoint save failed{' (in the background)' if background else ''}: {path}: {text}"
+             + (". save_checkpoint() raises it next time; the run goes on." if background else ""))
+        self._event("checkpoint_failed", path=str(path), step=failure["step"], error=text,
+                    attempt=self.attempt, background=background)
+        self._write_summary(force=True)
+
+    def save_failures(self) -> list[dict[str, Any]]:
+        """Every failed checkpoint save of this run so far: {path, step, error, t}."""
+        return list(self._save_failures)
 
     def record_checkpoint(self, path: Path, manifest: dict[str, Any]) -> None:
         """A durable, manifested checkpoint exists at `path`: event, summary, retention."""
@@ -463,21 +660,20 @@ class Run:
         self._checkpoints += 1
         self._last_checkpoint = str(path)
         meta = manifest.get("meta", {})
-        if self._writes:
-            self.session.event("checkpoint", path=str(path), step=meta.get("step"),
-                               epoch=meta.get("epoch"), metrics=meta.get("metrics"),
-                               bytes=manifest.get("bytes"), digest=manifest.get("digest"),
-                               attempt=self.attempt)
+        self._event("checkpoint", path=str(path), step=meta.get("step"),
+                    epoch=meta.get("epoch"), metrics=meta.get("metrics"),
+                    bytes=manifest.get("bytes"), digest=manifest.get("digest"),
+                    attempt=self.attempt)
+        self._write_summary(force=True)
         protected = [self._resume_cache[0]] if self._resume_cache else []
         try:
             removed = checkpoint.apply_retention(self.checkpoint_dir, self.project_config,
                                                  protected=protected)
         except Exception as e:
             removed = []
-            if self._writes:
-                self.session.event("warning", message=f"checkpoint retention failed: {e}")
-        if removed and self._writes:
-            self.session.event("retention", removed=[str(p) for p in removed])
+            self._event("warning", message=f"checkpoint retention failed: {e}")
+        if removed:
+            self._event("retention", removed=[str(p) for p in removed])
 
     def _after_checkpoint_safe_point(self) -> None:
         if self._should_stop and not self._stopping and not self._stop_observed:
@@ -527,10 +723,12 @@ class Run:
         """
         if step is not None:
             self._tb_purge_step = step + 1
-            if self._writes:
-                self.session.event("supersede", attempt=self.attempt, from_step=step + 1, resume=path)
+            self._event("supersede", attempt=self.attempt, from_step=step + 1, resume=path)
         if self._writes:
-            self.session.update(resume_from=path)
+            try:
+                self.session.update(resume_from=path)
+            except OSError:
+                pass
 
     def restore(self, *, trust: bool = False, restore_rng: bool = True) -> dict[str, Any] | None:
         """Load tracked objects in place from the resume checkpoint; return its metadata.
@@ -609,13 +807,11 @@ class Run:
         if emergency and self._tracked and self.is_main:
             try:
                 path = self.save_checkpoint(name=f"ckpt-step{int(self._step):08d}-emergency")
-                if self._writes:
-                    self.session.event("warning", message=f"{self.stop_signal}: emergency checkpoint {path}")
+                self._event("warning", message=f"{self.stop_signal}: emergency checkpoint {path}")
             except Exception as e:
-                if self._writes:
-                    self.session.event("warning", message=f"emergency checkpoint failed: {e}")
+                self._event("warning", message=f"emergency checkpoint failed: {e}")
         elif emergency and self._writes:
-            self.session.event("warning", message=f"{self.stop_signal}: stopping without a checkpoint (nothing is tracked; use run.track(model=..., optimizer=...))")
+            self._event("warning", message=f"{self.stop_signal}: stopping without a checkpoint (nothing is tracked; use run.track(model=..., optimizer=...))")
         self.finish(status="preempted")
         sys.exit(EXIT_PREEMPTED)
 
@@ -634,6 +830,7 @@ class Run:
             sys.exit = self._prev_exit
         if self.finished:
             return
+        self._at_exit = True
         exc, code = self._exception, self._exit_code
         if isinstance(exc, KeyboardInterrupt):
             self.finish(status="killed", error="KeyboardInterrupt")
@@ -647,15 +844,21 @@ class Run:
             self.finish()
 
     def finish(self, status: str | None = None, *, error: str | None = None) -> None:
-        """Flush everything and record how the run ended (also done at exit)."""
+        """Flush everything and record how the run ended (also done at exit).
+
+        Waits for background saves first. When one failed and no save_checkpoint() call has
+        raised it yet, an explicit finish() of a completing run raises CheckpointSaveError (the
+        run is then recorded as failed); at exit the run ends `completed` with the failure in
+        its summary's warnings and on stderr.
+        """
         if self.finished:
             return
+        self._wait_for_saves()
         status = status or ("preempted" if self.preempted else "completed")
-        if self._async_saver is not None:
-            try:
-                self._async_saver.wait()
-            except Exception:
-                pass  # _async_done already recorded the failure; the session must still end
+        if status == "completed" and self._unreported_failures and not self._at_exit:
+            failures, self._unreported_failures = self._unreported_failures, []
+            raise CheckpointSaveError(failures)
+        self._unreported_failures = []
         try:
             self.flush()
         finally:
@@ -673,14 +876,22 @@ class Run:
             event["error"] = error
         if self.stop_signal:
             event["signal"] = self.stop_signal
-        self.session.event("status", **event)
-        if self.standalone:
-            now = time.time()
-            self.session.update(
-                status=status, ended_at=now, exit_code=None, error=error,
-                summary={"last": self._last, "best": self._best, "checkpoints": self._checkpoints,
-                         "last_checkpoint": self._last_checkpoint,
-                         "duration_s": round(now - self._started, 3)})
+        self._event("status", **event)
+        summary = self.summary()
+        for note in summary["warnings"]:
+            _say(f"warning: {note}")
+        fields: dict[str, Any] = {"summary": summary}
+        if self.standalone:  # under a launcher, the launcher records how the session ended
+            fields.update(status=status, ended_at=time.time(), exit_code=None, error=error)
+        try:
+            with self._flush_lock:
+                if self._unsent:  # a last try for what the full disk held back
+                    self.session.append_events(self._unsent)
+                    self._unsent = []
+            self.session.update(**fields)
+        except OSError as e:
+            _say(f"could not record the end of session {self.id} ({e.strerror or e}); "
+                 "`trainctl sessions list` will show it as crashed.")
 
     def __enter__(self) -> Run:
         return self

@@ -194,6 +194,8 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         ("parent", data.get("parent")),
         ("resumed from", data.get("resume_from")),
         ("metrics", metrics_line(summary, limit=6)),
+        ("failed saves", f"{summary['failed_saves']} (last: {summary.get('last_save_error')})"
+         if summary.get("failed_saves") else None),
         ("output", str(session.output_log)),
     ]
     for key, value in rows:
