@@ -210,8 +210,8 @@ class Session:
                 try:
                     written = os.write(fd, payload)  # whole records in one write
                     if written != len(payload):
-                        raise OSError(errno.ENOSPC, f"short write to {self.events_path} "
-                                                    f"({written} of {len(payload)} bytes)")
+                        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (wrote {written} "
+                                      f"of {len(payload)} bytes)", str(self.events_path))
                 except BaseException:
                     # back to the last whole line: the caller keeps these events and retries
                     # them, and a partial copy left here would be a torn line plus duplicates
