@@ -17,6 +17,7 @@ from trainctl.launcher.monitor import Monitor, render
 from trainctl.session import SessionStore
 
 from .conftest import clean_env, run_cli
+from .test_progress import PROGRESS_CASES, _steady
 
 CONFIG = """
 checkpoint_dir = "checkpoints"
@@ -251,3 +252,62 @@ def test_render_fits_a_narrow_terminal(tmp_path):
     lines = render(mon.snapshot(), width=24)
     assert lines and all(len(line) <= 24 for line in lines)
     assert any(line.startswith("! nan") for line in lines)
+
+
+@pytest.mark.parametrize(("case", "events", "totals", "status", "epoch", "fraction", "eta", "parts"),
+                         PROGRESS_CASES, ids=[c[0] for c in PROGRESS_CASES])
+def test_progress_and_eta_from_timestamps(tmp_path, case, events, totals, status, epoch, fraction,
+                                          eta, parts):
+    project = _project(tmp_path)
+    session = SessionStore(project / ".trainctl").create(status=status, processes=_alive(),
+                                                         started_at=events[0]["t"])
+    session.append_events([{"kind": "totals", **totals}, *events])
+    mon = Monitor(session=session)
+    mon.refresh()
+    snap = mon.snapshot(now=events[-1]["t"])
+    p = snap["progress"]
+    assert p["epoch"] == epoch
+    assert p["fraction"] == pytest.approx(fraction, abs=0.01)
+    if eta is None:
+        assert p["eta_s"] is None
+    else:
+        assert p["eta_s"] == pytest.approx(eta, rel=0.2)
+    text = "\n".join(render(snap, 100))
+    for part in parts:
+        assert part in text, text
+
+
+def test_epoch_comes_from_the_newest_metric_not_the_last_checkpoint(tmp_path):
+    """run.log(..., step=s) without an epoch after save_checkpoint(epoch=2, step=100)."""
+    project = _project(tmp_path)
+    events = [{**e, "epoch": e["epoch"] if e["step"] <= 100 else None} for e in _steady(50, 137)]
+    session = SessionStore(project / ".trainctl").create(status="running", processes=_alive(),
+                                                         started_at=events[0]["t"])
+    session.append_events([{"kind": "totals", "epochs": 3}, *events[:100],
+                           {"kind": "checkpoint", "path": str(project / "c.pt"), "step": 100, "epoch": 2,
+                            "t": events[99]["t"]}, *events[100:]])
+    snap = _monitor_json(project, session.id)
+    assert snap["progress"]["epoch"] == 3 and snap["progress"]["fraction"] == pytest.approx(137 / 150, abs=0.01)
+
+
+RUN_LOGS_WITHOUT_EPOCH = """
+import trainctl
+run = trainctl.init(total_epochs=3)
+for step in range(1, 138):
+    run.log({"loss": 1.0 / step}, step=step, epoch=(step - 1) // 50 + 1 if step <= 100 else None)
+    if step == 100:
+        run.save_checkpoint({"w": [step]}, epoch=2, step=step)
+"""
+
+
+def test_metrics_logged_after_a_checkpoint_do_not_inherit_its_epoch(tmp_path):
+    project = _project(tmp_path)
+    (project / "train.py").write_text(RUN_LOGS_WITHOUT_EPOCH)
+    proc = subprocess.run([sys.executable, "train.py"], cwd=project, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    session = SessionStore(project / ".trainctl").get("latest")
+    epochs = {e["step"]: e["epoch"] for e in session.metrics()}
+    assert epochs[100] == 2 and epochs[101] is None and epochs[137] is None
+    snap = _monitor_json(project, session.id)
+    assert snap["progress"]["epoch"] == 3  # from step 137 and 50 steps an epoch, not the checkpoint's 2

@@ -253,3 +253,64 @@ def test_events_drive_progress_totals_from_init_win(tmp_path):
     assert s["step_rate"] == pytest.approx(5.0)
     assert s["eta_s"] == pytest.approx(9.0)
     assert "ETA 9s" in display.status_line()
+
+
+def _steady(steps_per_epoch: int, upto: int, *, first_epoch: int = 1, per_epoch_steps: bool = False,
+            every: int = 1, steps_per_s: float = 10.0, t0: float = 1_000_000.0) -> list[dict]:
+    """Metric events of a steady run: `steps_per_s`, epochs counted from `first_epoch`."""
+    events = []
+    for step in range(every, upto + 1, every):
+        epoch = (step - 1) // steps_per_epoch + first_epoch
+        logged = (step - 1) % steps_per_epoch + 1 if per_epoch_steps else step
+        events.append({"kind": "metric", "step": logged, "epoch": epoch, "values": {"loss": 1 / step},
+                       "source": "run", "t": t0 + step / steps_per_s})
+    return events
+
+
+def _fractional(upto: float, total_epochs: int) -> list[dict]:
+    """Hugging Face Trainer style: epoch as a fraction, one log every 0.05 epoch, 1 s apart."""
+    return [{"kind": "metric", "epoch": round(i * 0.05, 4), "values": {"loss": 1 / i}, "source": "run",
+             "t": 1_000_000.0 + i} for i in range(1, round(upto / 0.05) + 1)]
+
+
+# (case, events, totals event, final status, shown epoch, fraction, ETA s (None: none), line parts)
+PROGRESS_CASES = [
+    ("1-based, late in the last epoch", _steady(50, 137), {"epochs": 3}, "running", 3, 137 / 150, 1.3,
+     ["epoch 3/3", "step 137/150 (91%)"]),
+    ("1-based, middle epoch", _steady(50, 75), {"epochs": 3}, "running", 2, 0.5, 7.5,
+     ["epoch 2/3", "step 75/150 (50%)"]),
+    ("logged every 5 steps", _steady(50, 135, every=5), {"epochs": 3}, "running", 3, 0.9, 1.5,
+     ["epoch 3/3"]),
+    ("0-based (Lightning), finished", _steady(16, 80, first_epoch=0), {"steps": 80, "epochs": 5},
+     "completed", 5, 1.0, None, ["epoch 5/5", "step 80/80 (100%)"]),
+    ("1-based, finished", _steady(50, 250), {"epochs": 5}, "completed", 5, 1.0, None,
+     ["epoch 5/5", "(100%)"]),
+    ("steps restart each epoch", _steady(600, 1500, per_epoch_steps=True, every=100), {"epochs": 10},
+     "running", 3, 0.25, 450.0, ["epoch 3/10", "(25%)"]),
+    ("fractional epochs (Hugging Face)", _fractional(0.7, 3), {"epochs": 3}, "running", 1, 0.7 / 3, 46.0,
+     ["epoch 1/3", "(23%)"]),
+    ("first epoch not over yet", _steady(50, 30), {"epochs": 3}, "running", 1, 0.0, None,
+     ["epoch 1/3", "step 30 (0%)"]),
+]
+
+
+@pytest.mark.parametrize(("case", "events", "totals", "status", "epoch", "fraction", "eta", "parts"),
+                         PROGRESS_CASES, ids=[c[0] for c in PROGRESS_CASES])
+def test_progress_and_eta_from_timestamps(tmp_path, case, events, totals, status, epoch, fraction,
+                                          eta, parts):
+    session = SessionStore(tmp_path).create()
+    session.append_events([{"kind": "totals", **totals}, *events])
+    stream = io.StringIO()
+    display = ProgressDisplay(session, totals={}, stream=stream, is_tty=False, stdout=_Sink(),
+                              stderr=_Sink())
+    display.close(status)  # reads the whole log once, then prints the final status line
+    s = display.summary()
+    assert s["epoch"] == epoch
+    assert s["fraction"] == pytest.approx(fraction, abs=0.01)
+    if eta is None:
+        assert s["eta_s"] is None
+    else:  # within 20% of the true time left
+        assert s["eta_s"] == pytest.approx(eta, rel=0.2)
+    line = stream.getvalue()
+    for part in parts:
+        assert part in line, line

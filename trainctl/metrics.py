@@ -12,6 +12,7 @@ import shutil
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from itertools import pairwise
 from typing import Any
 
 from .errors import ConfigError, TrainctlWarning
@@ -513,6 +514,158 @@ def eta_seconds(current: float | None, total: float | None, per_second: float | 
     return max(0.0, (total - current) / per_second)
 
 
+class EpochModel:
+    """How a run's steps map to its epochs, learned from the (step, epoch) pairs it reports.
+
+    Epochs are counted from 0 (Lightning, `range(n)`) or from 1 (most printed loops): the first
+    epoch seen tells which. Once an epoch is over (a later one was seen), its last step gives
+    the steps per epoch, so the fraction within the current epoch counts. Steps either run on
+    across epochs (a global step) or restart each epoch ("Step [100/600]"); both are handled.
+    Epochs reported as fractions (Hugging Face's 0.7031) are their own measure of progress.
+    """
+
+    def __init__(self) -> None:
+        self._steps: dict[int, list[int]] = {}  # epoch -> [first step, last step] seen in it
+        self._epochs: set[int] = set()
+        self.fractional = False
+
+    def observe(self, step: Any, epoch: Any) -> None:
+        if not is_finite(epoch) or epoch < 0:
+            return
+        if epoch != int(epoch):
+            self.fractional = True
+            return
+        e = int(epoch)
+        self._epochs.add(e)
+        if isinstance(step, int) and not isinstance(step, bool) and step >= 0:
+            seen = self._steps.get(e)
+            if seen is None:
+                self._steps[e] = [step, step]
+            else:
+                seen[0] = min(seen[0], step)
+                seen[1] = max(seen[1], step)
+
+    def rewind(self, step: int) -> None:
+        """A resume went back to `step`: forget what was seen after it."""
+        for e, seen in list(self._steps.items()):
+            if seen[0] > step:
+                del self._steps[e]
+                self._epochs.discard(e)
+            else:
+                seen[1] = min(seen[1], step)
+
+    @property
+    def base(self) -> int:
+        return 0 if 0 in self._epochs else 1
+
+    @property
+    def restarting_steps(self) -> bool:
+        """Steps count within each epoch (they go back when a new epoch starts)."""
+        epochs = sorted(self._steps)
+        return any(self._steps[b][0] < self._steps[a][1] for a, b in pairwise(epochs))
+
+    def steps_per_epoch(self) -> float | None:
+        """Learned once an epoch is over (a later epoch was seen); None before that."""
+        if not self._epochs:
+            return None
+        latest = max(self._epochs)
+        over = [e for e in self._steps if e < latest]
+        if not over:
+            return None
+        if self.restarting_steps:
+            first = min(self._steps[e][0] for e in self._steps)
+            return float(max(self._steps[e][1] for e in over) + (1 if first == 0 else 0))
+        e = max(over)
+        per = self._steps[e][1] / (e - self.base + 1)
+        return per if per > 0 else None
+
+    def position(self, step: Any, epoch: Any) -> float | None:
+        """Epochs done, with the fraction of the current one: 2.73 = two over, 73% of the third."""
+        if not is_finite(epoch):
+            per = self.steps_per_epoch()
+            if per and isinstance(step, int) and not self.restarting_steps and not self.fractional:
+                return step / per
+            return None
+        if self.fractional or epoch != int(epoch):
+            return float(epoch)
+        done = int(epoch) - self.base
+        per = self.steps_per_epoch()
+        if not per or not isinstance(step, int) or isinstance(step, bool):
+            return float(max(0, done))
+        into = step if self.restarting_steps else step - done * per
+        return max(0, done) + min(max(into / per, 0.0), 0.999)
+
+    def current_epoch(self, step: Any, epoch: Any) -> int | None:
+        """The epoch the run is in, counted from 1 (what a person calls the first epoch)."""
+        position = self.position(step, epoch)
+        if position is None:
+            return None
+        return int(position) + 1
+
+    def total_steps(self, total_epochs: int | None) -> int | None:
+        """Steps of the whole run, when steps run on across epochs and their count is learned."""
+        per = self.steps_per_epoch()
+        if not per or not total_epochs or self.restarting_steps or self.fractional:
+            return None
+        return round(per * total_epochs)
+
+
+def run_progress(points: Sequence[tuple[float | None, Any, Any]], *, total_steps: int | None,
+                 total_epochs: int | None, model: EpochModel | None = None,
+                 finished: bool = False, window: int | None = None) -> dict[str, Any]:
+    """Where a run stands, from its (time, step, epoch) points, oldest first (the latest attempt's
+    stretch for the rate): fraction done, the current epoch (from 1), ETA at the pace of the last
+    `window` points.
+
+    A total number of steps is used when known; else the epochs, with the fraction within the
+    current one once steps per epoch are known. A finished run is at 100% of its last epoch.
+    """
+    if model is None:
+        model = EpochModel()
+        for _, step, epoch in points:
+            model.observe(step, epoch)
+    step = next((p[1] for p in reversed(points) if isinstance(p[1], int)), None)
+    newest = points[-1] if points else (None, None, None)
+    # the newest point's own epoch; when it has none, what its step says (not an older epoch)
+    epoch = newest[2] if is_finite(newest[2]) else None
+    if epoch is None and not (isinstance(newest[1], int) and model.steps_per_epoch()):
+        epoch = next((p[2] for p in reversed(points) if is_finite(p[2])), None)
+    steps_known = bool(total_steps) and not model.restarting_steps
+
+    def fraction_at(step: Any, epoch: Any) -> float | None:
+        if steps_known and isinstance(step, int):
+            return step / total_steps
+        if total_epochs:
+            position = model.position(step, epoch)
+            if position is not None:
+                return position / total_epochs
+        return None
+
+    fraction = fraction_at(step, epoch)
+    current = model.current_epoch(step, epoch)
+    if current is None and is_finite(epoch):
+        current = int(epoch) - model.base + 1
+    eta = None
+    timed = [(t, fraction_at(s, e)) for t, s, e in (points[-window:] if window else points)
+             if is_finite(t)]
+    timed = [(t, f) for t, f in timed if f is not None]
+    per_second = rate(timed)
+    if fraction is not None and per_second:
+        eta = max(0.0, (1.0 - min(fraction, 1.0)) / per_second)
+    if finished:
+        if fraction is not None or total_epochs or total_steps:
+            fraction = 1.0
+        if total_epochs:
+            current = total_epochs
+        eta = None
+    if total_epochs and current is not None:
+        current = min(current, total_epochs)
+    return {"fraction": min(1.0, max(0.0, fraction)) if fraction is not None else None,
+            "epoch": current, "epoch_logged": epoch, "step": step, "eta_s": eta,
+            "steps_per_epoch": model.steps_per_epoch(),
+            "total_steps_estimated": None if total_steps else model.total_steps(total_epochs)}
+
+
 def format_pace(step_rate: float | None, epoch_rate: float | None, eta_s: float | None) -> list[str]:
     """['12.3 step/s', 'ETA 4m'] (or epochs a minute when no step rate is known), for status lines."""
     parts = []
@@ -529,7 +682,7 @@ def format_duration(seconds: float | None) -> str:
     """'45s', '6m', '1h05m', '2d3h': short enough for a status line."""
     if seconds is None or not math.isfinite(seconds):
         return "?"
-    s = int(max(0, seconds))
+    s = int(max(0, seconds) + 0.5)  # 8.9999 s of float arithmetic is 9 s
     if s < 60:
         return f"{s}s"
     if s < 3600:
@@ -712,9 +865,23 @@ def disk_warning(usage: dict[str, Any] | None, *, min_free_bytes: float,
                        "trainctl checkpoint cleanup --dry-run"}
 
 
-def crashed_warning(status: str | None) -> dict[str, str] | None:
+def save_failed_warning(failed: int, last_error: str | None) -> dict[str, str] | None:
+    """Checkpoint saves that failed (a full or read-only checkpoint disk, most often)."""
+    if not failed:
+        return None
+    return {"kind": "checkpoint_failed",
+            "message": f"{failed} checkpoint save(s) failed; last: {last_error}. Progress since "
+                       "the newest good checkpoint is not saved: free space (trainctl checkpoint "
+                       "cleanup --dry-run) or fix the checkpoint folder."}
+
+
+def crashed_warning(status: str | None, resume_command: str | None = None) -> dict[str, str] | None:
     if status != "crashed":
         return None
-    return {"kind": "crashed",
-            "message": "the session's processes are gone without recording an end (killed or "
-                       "crashed); resume it with: trainctl checkpoint resume"}
+    how = f"resume it with: {resume_command}" if resume_command else "its script is unknown"
+    warning = {"kind": "crashed",
+               "message": "the session's processes are gone without recording an end (killed "
+                          f"or crashed); {how}"}
+    if resume_command:
+        warning["command"] = resume_command
+    return warning

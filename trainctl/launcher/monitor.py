@@ -11,6 +11,7 @@ import json
 import math
 import os
 import re
+import shlex
 import textwrap
 import time
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from ..metrics import MetricParser
 from ..session import Session, effective_metrics, effective_status, metric_mode, read_events
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
+ENDED_BADLY = ("crashed", "failed", "preempted", "killed")
 MAX_SCAN_FILES = 20000
 _LOG_TIME = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})")
 
@@ -203,20 +205,19 @@ class Monitor:
         status = effective_status(self.data) if self.session is not None else None
         live = status == "running" if self.session is not None else self.follow
 
-        # progress
-        step = next((p["step"] for p in reversed(points) if p.get("step") is not None), None)
-        epoch = next((p["epoch"] for p in reversed(points) if p.get("epoch") is not None), None)
+        # progress: the newest metric says where the run is (epochs counted from 1)
         totals = self._totals()
         timed = [p for p in points if metrics.is_finite(p.get("t"))]
+        model = metrics.EpochModel()
+        for p in points:
+            model.observe(p.get("step"), p.get("epoch"))
+        recent = [(p.get("t"), p.get("step"), p.get("epoch")) for p in _latest_attempt(points)]
+        where = metrics.run_progress(recent, total_steps=totals["steps"], total_epochs=totals["epochs"],
+                                     model=model, finished=status == "completed",
+                                     window=settings.window)
+        step, epoch, fraction, eta = where["step"], where["epoch"], where["fraction"], where["eta_s"]
         step_rate = metrics.rate(_trailing_run(timed, "step")[-settings.window:])
         epoch_rate = metrics.rate(_trailing_run(timed, "epoch")[-settings.window:])
-        eta = fraction = None
-        if totals["steps"] and step is not None:
-            fraction = step / totals["steps"]
-            eta = metrics.eta_seconds(step, totals["steps"], step_rate)
-        elif totals["epochs"] and epoch is not None:
-            fraction = epoch / totals["epochs"]
-            eta = metrics.eta_seconds(epoch, totals["epochs"], epoch_rate)
         if status is not None and status != "running":
             eta = None
         last_metric_t = timed[-1]["t"] if timed else None
@@ -224,8 +225,10 @@ class Monitor:
         ended = self.data.get("ended_at")
         progress = {
             "step": step, "total_steps": totals["steps"], "epoch": epoch,
-            "total_epochs": totals["epochs"],
-            "fraction": min(1.0, fraction) if fraction is not None else None,
+            "epoch_logged": where["epoch_logged"], "total_epochs": totals["epochs"],
+            "steps_per_epoch": where["steps_per_epoch"],
+            "total_steps_estimated": where["total_steps_estimated"],
+            "fraction": fraction,
             "step_rate": step_rate, "epoch_rate": epoch_rate, "eta_s": eta,
             "eta_at": (last_metric_t + eta) if eta is not None and last_metric_t else None,
             "elapsed_s": ((ended or now) - started) if started else None,
@@ -259,7 +262,8 @@ class Monitor:
             disk = metrics.disk_usage(folder)
 
         # warnings
-        found: list[dict[str, str] | None] = [metrics.crashed_warning(status),
+        resume = self.resume_command() if status in ENDED_BADLY else None
+        found: list[dict[str, str] | None] = [metrics.crashed_warning(status, resume),
                                               metrics.nonfinite_warning(series)]
         if primary is not None:
             mode = metric_mode(primary)
@@ -279,6 +283,7 @@ class Monitor:
                 now=now, newest_t=newest.get("t"), started_t=started or (None if not self.follow else self._watch_start(now)),
                 overdue_s=settings.overdue_s))
         found.append(metrics.disk_warning(disk, min_free_bytes=settings.min_free_bytes))
+        found.append(metrics.save_failed_warning(checkpoints["failed"], checkpoints["last_error"]))
 
         return {
             "session": self.session.id if self.session is not None else None,
@@ -292,8 +297,36 @@ class Monitor:
             "metrics": table,
             "checkpoints": checkpoints,
             "disk": disk,
+            "resume_command": resume,
             "warnings": [w for w in found if w],
         }
+
+    def resume_command(self, cwd: str | None = None) -> str | None:
+        """The command that continues this session, complete and runnable as printed: from its
+        newest checkpoint that is still there, else the same command again."""
+        data = self.data
+        script = data.get("script")
+        if self.session is None or not isinstance(script, str):
+            return None
+        flag = str((data.get("trainctl_config") or {}).get("resume_flag") or "--resume")
+        args = _without_flag([str(a) for a in data.get("args") or []], flag)
+        checkpoint = self._resume_checkpoint()
+        parts = (["trainctl", "checkpoint", "resume", checkpoint, script, *args] if checkpoint
+                 else ["trainctl", "local", script, *args])
+        command = shlex.join(parts)
+        run_dir = data.get("cwd")
+        if isinstance(run_dir, str) and os.path.realpath(run_dir) != os.path.realpath(cwd or os.getcwd()):
+            command = f"cd {shlex.quote(run_dir)} && {command}"  # its config and relative paths
+        return command
+
+    def _resume_checkpoint(self) -> str | None:
+        for e in reversed([e for e in self.events if e.get("kind") == "checkpoint"]):
+            path = e.get("path")
+            if path and Path(path).is_file() and Path(path + ".json").is_file():
+                return str(path)
+        folder = self._checkpoint_dir()
+        files = scan_checkpoints(folder) if folder is not None else []
+        return str(files[-1][0]) if files else None
 
     def _watch_start(self, now: float) -> float:
         if not hasattr(self, "_watch_t"):
@@ -324,6 +357,13 @@ class Monitor:
         return None
 
     def _checkpoints(self, now: float) -> dict[str, Any]:
+        found = self._checkpoints_found(now)
+        failed = [e for e in self.events if e.get("kind") == "checkpoint_failed"]
+        found["failed"] = len(failed)
+        found["last_error"] = failed[-1].get("error") if failed else None
+        return found
+
+    def _checkpoints_found(self, now: float) -> dict[str, Any]:
         folder = self._checkpoint_dir()
         events = [e for e in self.events if e.get("kind") == "checkpoint"]
         if events and self.checkpoint_dir is None:
@@ -347,6 +387,21 @@ class Monitor:
                       "t": mtime, "age_s": now - mtime, "exists": True}
             newest.update(_manifest_facts(path))
         return {"source": "scan", "count": len(files), "newest": newest, "dir": str(folder)}
+
+
+def _without_flag(args: list[str], flag: str) -> list[str]:
+    """`args` less any `flag VALUE` / `flag=VALUE` (the resume command passes its own)."""
+    name = flag.split("=", 1)[0]
+    out: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = "=" not in flag
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
 
 
 def scan_checkpoints(folder: Path) -> list[tuple[Path, float, int]]:
@@ -381,6 +436,18 @@ def _manifest_facts(path: Path) -> dict[str, Any]:
     if isinstance(data.get("metrics"), dict):
         out["metrics"] = data["metrics"]
     return out
+
+
+def _latest_attempt(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The points since the step last went back (a restart resumed from an earlier step)."""
+    start, last = 0, None
+    for i, p in enumerate(points):
+        step = p.get("step")
+        if isinstance(step, int):
+            if last is not None and step < last:
+                start = i
+            last = step
+    return points[start:]
 
 
 def _trailing_run(points: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
@@ -425,7 +492,8 @@ def render(snap: dict[str, Any], width: int = 80) -> list[str]:
         e = metrics.format_value(p["epoch"])
         parts.append(f"epoch {e}/{p['total_epochs']}" if p["total_epochs"] else f"epoch {e}")
     if p["step"] is not None:
-        parts.append(f"step {p['step']}/{p['total_steps']}" if p["total_steps"] else f"step {p['step']}")
+        total = p["total_steps"] or p.get("total_steps_estimated")
+        parts.append(f"step {p['step']}/{total}" if total else f"step {p['step']}")
     if p["fraction"] is not None:
         parts.append(f"({100 * p['fraction']:.0f}%)")
     parts += metrics.format_pace(p["step_rate"], p["epoch_rate"], p["eta_s"])
@@ -460,6 +528,13 @@ def render(snap: dict[str, Any], width: int = 80) -> list[str]:
     else:
         lines.append("checkpoints none" + (f" in {c['dir']}" if c.get("dir") else ""))
     lines = [line if len(line) <= width else line[:width - 1] + "…" for line in lines]
+    if snap.get("resume_command") and snap["status"] != "crashed":  # crashed: in its warning
+        lines.append(f"resume    {snap['resume_command']}")  # never cut: it must run as printed
     for w in snap["warnings"]:  # warnings are wrapped, never cut
-        lines += textwrap.wrap(f"! {w['kind']}: {w['message']}", width, subsequent_indent="  ")
+        text, command = w["message"], w.get("command")
+        if command and text.endswith(command):  # a command goes on a line of its own, whole
+            text = text[:-len(command)].rstrip()
+        lines += textwrap.wrap(f"! {w['kind']}: {text}", width, subsequent_indent="  ")
+        if command:
+            lines.append(f"  {command}")
     return lines

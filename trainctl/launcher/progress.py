@@ -123,6 +123,10 @@ class ProgressDisplay:
         self.checkpoints = 0
         self._points: collections.deque[tuple[float, float]] = collections.deque(maxlen=60)
         self._epoch_points: collections.deque[tuple[float, float]] = collections.deque(maxlen=60)
+        # (t, step, epoch) for the fraction's pace, and how steps map to epochs
+        self._recent: collections.deque[tuple[float, Any, Any]] = collections.deque(maxlen=60)
+        self._model = metrics.EpochModel()
+        self._finished = False
         self._changed = False
         # screen state (bar mode)
         self._col: int | None = 0  # the script's cursor column; None: unknown (no bar)
@@ -149,6 +153,7 @@ class ProgressDisplay:
     def close(self, status: str = "done") -> None:
         """Stop following; leave the final bar (or status line, ending in `status`) behind."""
         self._final_status = status
+        self._finished = status == "completed"  # a finished run is at 100% of its last epoch
         with self._lock:
             if self._closed:
                 return
@@ -214,9 +219,14 @@ class ProgressDisplay:
 
     def _update(self, record: dict[str, Any], t: float) -> None:
         step, epoch = record.get("step"), record.get("epoch")
-        if isinstance(step, int) and not isinstance(step, bool):
+        is_step = isinstance(step, int) and not isinstance(step, bool)
+        if is_step:
             if self.step is not None and step < self.step:
-                self._points.clear()  # a restart resumed from an earlier step
+                self._points.clear()
+                new_epoch = metrics.is_finite(epoch) and self.epoch is not None and epoch > self.epoch
+                if not new_epoch:  # a restart resumed from an earlier step (else: steps per epoch)
+                    self._recent.clear()
+                    self._model.rewind(step)
             self.step = step
             _add_point(self._points, t, step)
         if metrics.is_finite(epoch):
@@ -224,6 +234,13 @@ class ProgressDisplay:
                 self._epoch_points.clear()
             self.epoch = epoch
             _add_point(self._epoch_points, t, epoch)
+        if is_step or metrics.is_finite(epoch):
+            self._model.observe(step, epoch)
+            point = (t, step if is_step else None, epoch if metrics.is_finite(epoch) else None)
+            if len(self._recent) >= 2 and t - self._recent[-2][0] < _RATE_POINT_S:
+                self._recent[-1] = point
+            else:
+                self._recent.append(point)
         values = record.get("values") or {}
         if values:
             if self.loss_name not in values:
@@ -292,14 +309,14 @@ class ProgressDisplay:
         total_steps, total_epochs = self._totals()
         step_rate = metrics.rate(list(self._points))
         epoch_rate = metrics.rate(list(self._epoch_points))
-        eta = None
-        if total_steps and self.step is not None:
-            eta = metrics.eta_seconds(self.step, total_steps, step_rate)
-        elif total_epochs and self.epoch is not None:
-            eta = metrics.eta_seconds(self.epoch, total_epochs, epoch_rate)
-        return {"step": self.step, "total_steps": total_steps, "epoch": self.epoch,
-                "total_epochs": total_epochs, "step_rate": step_rate, "epoch_rate": epoch_rate,
-                "eta_s": eta, "loss_name": self.loss_name, "loss": self.loss,
+        where = metrics.run_progress(list(self._recent), total_steps=total_steps,
+                                     total_epochs=total_epochs, model=self._model,
+                                     finished=self._finished)
+        return {"step": self.step, "total_steps": total_steps,
+                "total_steps_estimated": where["total_steps_estimated"], "epoch": where["epoch"],
+                "total_epochs": total_epochs, "fraction": where["fraction"],
+                "step_rate": step_rate, "epoch_rate": epoch_rate,
+                "eta_s": where["eta_s"], "loss_name": self.loss_name, "loss": self.loss,
                 "checkpoints": self.checkpoints, "elapsed_s": time.time() - self._started}
 
     def status_line(self) -> str:
@@ -309,14 +326,11 @@ class ProgressDisplay:
         if s["epoch"] is not None:
             epoch = metrics.format_value(s["epoch"])
             parts.append(f"epoch {epoch}/{s['total_epochs']}" if s["total_epochs"] else f"epoch {epoch}")
+        total = s["total_steps"] or s["total_steps_estimated"]
         if s["step"] is not None:
-            if s["total_steps"]:
-                pct = 100.0 * s["step"] / s["total_steps"]
-                parts.append(f"step {s['step']}/{s['total_steps']} ({pct:.0f}%)")
-            else:
-                parts.append(f"step {s['step']}")
-        elif s["epoch"] is not None and s["total_epochs"]:
-            parts.append(f"({100.0 * s['epoch'] / s['total_epochs']:.0f}%)")
+            parts.append(f"step {s['step']}/{total}" if total else f"step {s['step']}")
+        if s["fraction"] is not None:
+            parts.append(f"({100.0 * s['fraction']:.0f}%)")
         if s["loss"] is not None:
             parts.append(f"{s['loss_name']} {metrics.format_value(s['loss'])}")
         parts += metrics.format_pace(s["step_rate"], s["epoch_rate"], s["eta_s"])
@@ -345,10 +359,11 @@ class ProgressDisplay:
             epoch = metrics.format_value(s["epoch"])
             prefix = f"epoch {epoch}/{s['total_epochs']}" if s["total_epochs"] else f"epoch {epoch}"
         if s["step"] is not None:
-            n, total, unit, rate = s["step"], s["total_steps"], "step", s["step_rate"]
-        elif s["epoch"] is not None and s["total_epochs"]:
-            n, total, unit, rate = s["epoch"], s["total_epochs"], "epoch", s["epoch_rate"]
-            prefix = "trainctl"
+            n, total, unit, rate = s["step"], s["total_steps"] or s["total_steps_estimated"], "step", s["step_rate"]
+            if not total and s["fraction"] is not None and s["fraction"] > 0:
+                total = round(s["step"] / s["fraction"])  # what the fraction done says the run is
+        elif s["fraction"] is not None:
+            n, total, unit, rate = round(100 * s["fraction"]), 100, "%", None
         else:
             elapsed = metrics.format_duration(s["elapsed_s"])
             text = f"{prefix}: {elapsed} elapsed" + (f", {postfix}" if postfix else "")
