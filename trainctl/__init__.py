@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "init": "trainctl.run", "Run": "trainctl.run", "current_run": "trainctl.run",
+    "CheckpointSaveError": "trainctl.run",
     "TrainctlError": "trainctl.errors", "ConfigError": "trainctl.errors",
     "CheckpointError": "trainctl.errors", "CorruptCheckpointError": "trainctl.errors",
     "UntrustedCheckpointError": "trainctl.errors",
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
         TrainctlError,
         UntrustedCheckpointError,
     )
-    from .run import Run, current_run, init
+    from .run import CheckpointSaveError, Run, current_run, init
 
 
 def __getattr__(name: str) -> Any:
@@ -48,5 +49,5 @@ def __dir__() -> list[str]:
     return sorted([*globals(), *_LAZY])
 
 
-__all__ = ["CheckpointError", "ConfigError", "CorruptCheckpointError", "Run", "TrainctlError",
+__all__ = ["CheckpointError", "CheckpointSaveError", "ConfigError", "CorruptCheckpointError", "Run", "TrainctlError",
            "UntrustedCheckpointError", "__version__", "current_run", "init"]
