@@ -202,3 +202,34 @@ def test_failed_background_saves_are_said_recorded_and_raised(tmp_path, ending):
         assert snap["checkpoints"]["failed"] == 3
         assert "checkpoint_failed" in [w["kind"] for w in snap["warnings"]]
         assert "3 checkpoint save(s) failed" in run_cli(["monitor", session.id], project).stdout
+
+
+PREEMPTED_AFTER_A_FAILED_SAVE = """
+import os, signal, time
+import torch
+import trainctl
+
+run = trainctl.init()
+model = torch.nn.Linear(2, 1)
+run.track(model=model)
+run.save_checkpoint({"bad": lambda: 0}, step=1, name="bad", blocking=False)  # can't be pickled
+while not run.save_failures():
+    time.sleep(0.01)
+os.kill(os.getpid(), signal.SIGTERM)  # a preemption notice
+run.log({"loss": 0.5}, step=2)  # the safe point: an emergency checkpoint, then exit 75
+"""
+
+
+def test_a_failed_background_save_does_not_cost_the_emergency_checkpoint(tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "trainctl.toml").write_text('checkpoint_dir = "checkpoints"\n')
+    (project / "train.py").write_text(PREEMPTED_AFTER_A_FAILED_SAVE)
+    proc = subprocess.run([sys.executable, "train.py"], cwd=project, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 75, proc.stderr
+    session = SessionStore(project / ".trainctl").get("latest")
+    saved = [e["path"] for e in session.iter_events(("checkpoint",))]
+    assert len(saved) == 1 and "emergency" in saved[0], proc.stderr
+    data = session.read()
+    assert data["status"] == "preempted" and data["summary"]["failed_saves"] == 1

@@ -805,6 +805,9 @@ class Run:
     def _stop(self, *, emergency: bool) -> None:
         self._stopping = True
         if emergency and self._tracked and self.is_main:
+            # a failed background save is recorded already: it must not cost the emergency one
+            self._wait_for_saves()
+            self._unreported_failures = []
             try:
                 path = self.save_checkpoint(name=f"ckpt-step{int(self._step):08d}-emergency")
                 self._event("warning", message=f"{self.stop_signal}: emergency checkpoint {path}")
