@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,19 @@ def run_cli(args: list[str], cwd: Path, *, timeout: float = 120, env: dict[str, 
             input: str | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "trainctl", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=timeout, env=env or clean_env(), input=input)
+
+
+def write_entry_point(folder: Path) -> Path:
+    """`folder/trainctl`, the script pip writes for pyproject.toml's [project.scripts] entry,
+    for this checkout: an installed one names the module that held `main` when it was installed."""
+    text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+    module, function = re.search(r'^trainctl\s*=\s*"([\w.]+):(\w+)"', text, re.MULTILINE).groups()
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "trainctl"
+    script.write_text(f"#!{sys.executable}\nimport sys\nfrom {module} import {function}\n"
+                      f"if __name__ == '__main__':\n    sys.exit({function}())\n")
+    script.chmod(0o755)
+    return folder
 
 
 @pytest.fixture

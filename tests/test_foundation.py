@@ -225,7 +225,7 @@ def test_import_guard_keeps_heavy_packages_out():
     code = textwrap.dedent("""
         import sys, subprocess
         import trainctl
-        from trainctl.launcher import cli
+        from trainctl.cli import main as cli
         heavy = [m for m in ("torch", "lightning", "boto3", "runpod", "tensorboard", "numpy", "matplotlib") if m in sys.modules]
         print(",".join(heavy))
     """)
@@ -236,7 +236,7 @@ def test_import_guard_keeps_heavy_packages_out():
             import sys, runpy
             sys.argv = ["trainctl", *{args!r}]
             try:
-                from trainctl.launcher.cli import cli
+                from trainctl.cli.main import cli
                 cli.main(args=sys.argv[1:], standalone_mode=False)
             except SystemExit:
                 pass

@@ -19,6 +19,7 @@ from typing import Any
 from .. import config as config_mod
 from .. import env as env_mod
 from .. import sysinfo
+from ..backends.base import Backend, Outcome, RestartPolicy, RunSpec
 from ..errors import (
     EXIT_INTERRUPTED,
     EXIT_PREEMPTED,
@@ -27,7 +28,6 @@ from ..errors import (
 from ..fsutil import atomic_write_json
 from ..redact import redact_args
 from ..session import Session, SessionStore, summarize_metrics
-from .backend import Backend, Outcome, RestartPolicy, RunSpec
 
 CRASH_LOOP_REPEATS = 3
 FULL_PARSE_LINES_PER_S = 500.0  # output lines a second parsed one by one
@@ -327,7 +327,7 @@ class Supervisor:
         checkpoint_dir = self.cfg.checkpoint_dir / session.id
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         flag = self.cfg.resume_flag
-        from .local import script_takes_flag
+        from ..backends.local import script_takes_flag
 
         takes_flag = script_takes_flag(spec.script, flag)
         previous = self._install_signals()
@@ -341,7 +341,7 @@ class Supervisor:
 
     def _attempts(self, session: Session, checkpoint_dir: Path, resume: str | None, flag: str,
                   takes_flag: bool) -> tuple[Outcome, int]:
-        from .local import LocalBackend
+        from ..backends.local import LocalBackend
 
         spec = self.spec
         policy = spec.restart
@@ -362,8 +362,8 @@ class Supervisor:
 
         def attach_output() -> None:
             nonlocal display, output
+            from ..cli.progress import ProgressDisplay
             from ..metrics import MetricParser, infer_totals
-            from .progress import ProgressDisplay
 
             display = ProgressDisplay(session, totals=infer_totals(spec.args), quiet=spec.quiet)
             if self.cfg.get("metrics", "parse_output"):
@@ -507,7 +507,7 @@ class Supervisor:
                        signal=outcome.signal, summary=summary, diagnosis=diagnosis)
         session.event("status", status=outcome.status, source="launcher",
                       exit_code=outcome.exit_code, signal=outcome.signal)
-        from .render import print_run_summary
+        from ..cli.render import print_run_summary
 
         print_run_summary(session, outcome, summary, diagnosis, spec=self.spec,
                           newest=str(newest) if newest else None)

@@ -38,8 +38,8 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
 
     from .. import config as config_mod
     from ..errors import UsageError
+    from ..launcher.monitor import Monitor, Settings, open_log, render
     from ..session import TERMINAL, SessionStore
-    from .monitor import Monitor, Settings, open_log, render
 
     if interval <= 0:
         raise UsageError(f"--interval must be positive, not {interval}.", "Use e.g. --interval 2")

@@ -301,7 +301,7 @@ def cleanup_cmd(directory: Path | None, keep_last_n: int | None, keep_best_k: in
 
 
 def _add_resume() -> None:
-    from .resume_cmd import resume
+    from .resume import resume
 
     checkpoint.add_command(resume, "resume")
 

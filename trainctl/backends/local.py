@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..session import Session
-from .backend import Backend, Handle, Outcome, RunSpec
+from .base import Backend, Handle, Outcome, RunSpec
 
 TAIL_LINES = 200
 TAIL_CHARS = 64 * 1024

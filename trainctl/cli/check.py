@@ -29,7 +29,7 @@ def check(script: Path, args: tuple[str, ...], resume: str | None, gpus: int | N
     """
     from .. import config as config_mod
     from ..errors import EXIT_USAGE
-    from .preflight import run_preflight
+    from ..launcher.preflight import run_preflight
 
     cfg = config_mod.load()
     report = run_preflight(script, list(args), cfg, resume=resume, gpus=gpus,

@@ -82,9 +82,9 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
     The script runs as it would with `python SCRIPT ARGS`, with TRAIN_OPS_* variables telling it
     where its session, checkpoints and TensorBoard logs go.
     """
+    from ..backends.base import RunSpec
     from ..errors import ScriptNotFoundError
-    from .backend import RunSpec
-    from .supervisor import Supervisor, restart_policy, split_resume_arg
+    from ..launcher.supervisor import Supervisor, restart_policy, split_resume_arg
 
     if not script.exists():
         raise ScriptNotFoundError(f"script {script} does not exist.",
@@ -229,7 +229,7 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
 
 def _add_extra_commands() -> None:
     try:
-        from . import sessions_extra
+        from . import compare as sessions_extra
     except ImportError:
         return
     for name in ("plot", "compare"):

@@ -36,7 +36,7 @@ def choose_runs(refs: tuple[str, ...]) -> tuple[list[tuple[str, Path]], list[str
     """(run name, TensorBoard folder) for the chosen sessions (all when none), and notes."""
     from ..errors import NotFoundError
     from ..session import CorruptSessionError
-    from .sessions_extra import open_store, resolve_sessions, run_label
+    from .compare import open_store, resolve_sessions, run_label
 
     store = open_store()
     if refs:

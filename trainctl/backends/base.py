@@ -12,7 +12,7 @@ from ..errors import UsageError
 
 # name -> "module:Class", imported on first use so the CLI stays fast (torchx-style registry)
 BACKENDS: dict[str, str] = {
-    "local": "trainctl.launcher.local:LocalBackend",
+    "local": "trainctl.backends.local:LocalBackend",
 }
 
 

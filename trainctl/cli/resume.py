@@ -45,9 +45,9 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
     """
     from .. import checkpoint as ckpt_mod
     from .. import config as config_mod
+    from ..backends.base import RunSpec
     from ..errors import ScriptNotFoundError
-    from .backend import RunSpec
-    from .supervisor import Supervisor, restart_policy
+    from ..launcher.supervisor import Supervisor, restart_policy
 
     if not script.is_file():
         raise ScriptNotFoundError(f"script {script} does not exist or is not a file.",

@@ -15,13 +15,13 @@ from .. import __version__
 
 # command name -> "module:attribute"; each module imports its heavy parts inside functions.
 COMMANDS: dict[str, str] = {
-    "init": "trainctl.launcher.commands:init_cmd",
-    "local": "trainctl.launcher.commands:local_cmd",
-    "sessions": "trainctl.launcher.commands:sessions",
-    "checkpoint": "trainctl.launcher.checkpoint_cmd:checkpoint",
-    "check": "trainctl.launcher.preflight_cmd:check",
-    "monitor": "trainctl.launcher.monitor_cmd:monitor",
-    "tensorboard": "trainctl.launcher.tensorboard_cmd:tensorboard",
+    "init": "trainctl.cli.sessions:init_cmd",
+    "local": "trainctl.cli.sessions:local_cmd",
+    "sessions": "trainctl.cli.sessions:sessions",
+    "checkpoint": "trainctl.cli.checkpoint:checkpoint",
+    "check": "trainctl.cli.check:check",
+    "monitor": "trainctl.cli.monitor:monitor",
+    "tensorboard": "trainctl.cli.tensorboard:tensorboard",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -73,6 +73,6 @@ def cli() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .errors_cli import run_cli
+    from .errors import run_cli
 
     sys.exit(run_cli(cli, argv))
