@@ -613,6 +613,12 @@ def _candidates(directory: Path, recursive: bool) -> Iterable[Path]:
             yield p
 
 
+def candidate_paths(directory: str | os.PathLike[str], *, recursive: bool = True) -> Iterable[Path]:
+    """Paths under `directory` that look like checkpoints (CHECKPOINT_SUFFIXES, a file with a
+    manifest, a Hugging Face folder), found without opening any of them."""
+    return _candidates(Path(directory), recursive)
+
+
 def scan(directory: str | os.PathLike[str], *, recursive: bool = True) -> list[CheckpointInfo]:
     """Every checkpoint under `directory`, newest first; manifests first, files walked only without one."""
     directory = Path(directory)

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .errors import ConfigError
+from .formatting import format_duration, format_pace, format_value  # noqa: F401 - callers use metrics.*
 
 # -- parsing ------------------------------------------------------------------------------------
 
@@ -429,46 +430,6 @@ def eta_seconds(current: float | None, total: float | None, per_second: float | 
     if current is None or not total or not per_second or per_second <= 0:
         return None
     return max(0.0, (total - current) / per_second)
-
-
-def format_pace(step_rate: float | None, epoch_rate: float | None, eta_s: float | None) -> list[str]:
-    """['12.3 step/s', 'ETA 4m'] (or epochs a minute when no step rate is known), for status lines."""
-    parts = []
-    if step_rate:
-        parts.append(f"{step_rate:.3g} step/s")
-    elif epoch_rate:
-        parts.append(f"{epoch_rate * 60:.3g} epoch/min")
-    if eta_s is not None:
-        parts.append(f"ETA {format_duration(eta_s)}")
-    return parts
-
-
-def format_duration(seconds: float | None) -> str:
-    """'45s', '6m', '1h05m', '2d3h': short enough for a status line."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = int(max(0, seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s" if s < 600 else f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
-
-
-def format_value(value: Any) -> str:
-    """A metric value in at most ~8 characters."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, int) or (value == int(value) and abs(value) < 1e6):
-        return str(int(value)) if abs(value) < 1e9 else f"{value:.3g}"
-    magnitude = abs(value)
-    if magnitude >= 1e5 or magnitude < 1e-3:
-        return f"{value:.3g}"
-    return f"{value:.4g}"
 
 
 def primary_metric(names: Iterable[str]) -> str | None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import click
+
+from ..formatting import format_duration, format_value
 
 STATUS_COLORS = {"valid": "green", "foreign": "cyan", "unverified": "yellow", "corrupt": "red",
                  "unsupported": "red"}
@@ -26,23 +27,9 @@ def _config() -> Any:
     return load()
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
-def _fmt_number(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _metrics_text(metrics: dict[str, Any], limit: int = 3) -> str:
     items = [(k, v) for k, v in (metrics or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)]
-    return " ".join(f"{k}={_fmt_number(v)}" for k, v in items[:limit]) or "-"
+    return " ".join(f"{k}={format_value(v)}" for k, v in items[:limit]) or "-"
 
 
 def _status_text(info: Any) -> str:
@@ -71,10 +58,11 @@ def _require_exists(path: Path) -> None:
 
 
 def _session_dir(config: Any, ref: str) -> Path:
+    """Where the session's checkpoints are, as its record says."""
     from ..session import SessionStore
 
     session = SessionStore(config.state_dir).get(ref)
-    return config.checkpoint_dir / session.id
+    return Path(session.checkpoint_location() or config.checkpoint_dir / session.id)
 
 
 @checkpoint.command("list")
@@ -108,9 +96,9 @@ def list_cmd(directory: Path | None, session_ref: str | None, as_json: bool) -> 
     now = time.time()
     rows = [("NAME", "EPOCH", "STEP", "METRICS", "SIZE", "AGE", "STATUS")]
     for i in infos:
-        rows.append((_relative(i.path, base), _fmt_number(i.epoch) if i.epoch is not None else "-",
+        rows.append((_relative(i.path, base), format_value(i.epoch) if i.epoch is not None else "-",
                      str(i.step) if i.step is not None else "-", _metrics_text(i.metrics),
-                     format_size(i.bytes), _age(now - i.time), _status_text(i)))
+                     format_size(i.bytes), format_duration(now - i.time), _status_text(i)))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     for n, row in enumerate(rows):
         line = "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths[:-1], strict=True))
@@ -154,13 +142,13 @@ def _print_info(info: Any) -> None:
     click.echo(f"size:     {format_size(info.bytes)}")
     when = info.time
     if when:
-        click.echo(f"saved:    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))} ({_age(time.time() - when)} ago)")
+        click.echo(f"saved:    {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(when))} ({format_duration(time.time() - when)} ago)")
     for label, value in (("epoch", info.epoch), ("step", info.step), ("session", info.session_id),
                          ("script", info.script)):
         if value is not None:
             click.echo(f"{label + ':':<10}{value}")
     if info.metrics:
-        click.echo("metrics:  " + ", ".join(f"{k}={_fmt_number(v)}" for k, v in info.metrics.items()))
+        click.echo("metrics:  " + ", ".join(f"{k}={format_value(v)}" for k, v in info.metrics.items()))
     meta = {k: v for k, v in info.meta.items()
             if k not in ("epoch", "step", "metrics", "session_id", "script", "saved_at")}
     if meta:
@@ -211,19 +199,6 @@ def verify_cmd(target: Path | None, as_json: bool) -> None:
             "--resume auto skips these and uses the newest valid one; delete a bad file and its .json manifest by hand once you have looked at it.")
 
 
-def _running_resume_paths(config: Any) -> list[str]:
-    """Checkpoints that running sessions resume from: cleanup never deletes them."""
-    from ..session import SessionStore
-
-    records, _problems = SessionStore(config.state_dir).list(status="running")
-    paths = []
-    for r in records:
-        for value in [r.get("resume_from"), *[a.get("resume_from") for a in r.get("attempts") or [] if isinstance(a, dict)]]:
-            if isinstance(value, str) and value:
-                paths.append(value if os.path.isabs(value) else os.path.join(r.get("cwd") or str(config.root), value))
-    return paths
-
-
 @checkpoint.command("cleanup")
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 @click.option("--keep-last-n", type=click.IntRange(min=0), help="Keep the newest N checkpoints of each session.")
@@ -239,7 +214,8 @@ def cleanup_cmd(directory: Path | None, keep_last_n: int | None, keep_best_k: in
     from .. import checkpoint as ckpt
     from ..config import format_size, parse_size
     from ..errors import UsageError
-    from ..session import metric_mode
+    from ..launcher.control import running_resume_paths
+    from ..session import SessionStore, metric_mode
 
     config = _config()
     root = config.checkpoint_dir
@@ -267,7 +243,7 @@ def cleanup_cmd(directory: Path | None, keep_last_n: int | None, keep_best_k: in
     if not (settings["keep_last_n"] or settings["keep_best_k"] or settings["max_total_bytes"]):
         raise UsageError("no retention rule: nothing to decide what to delete.",
                          "Give --keep-last-n N, --keep-best K or --max-total-size SIZE, or set [retention] in trainctl.toml.")
-    protected = _running_resume_paths(config)
+    protected = sorted(running_resume_paths(SessionStore(config.state_dir)))
     groups: dict[Path, list[Any]] = {}
     for info in ckpt.scan(directory):
         groups.setdefault(info.path.parent, []).append(info)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -150,14 +149,9 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    return value
-
-
 def compare_sessions(items: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
     """{'sessions': [...], 'differences': {key: [value per session]}, 'metrics': {name: {...}}}."""
+    from ..formatting import json_safe
     from ..session import effective_status, summarize_metrics
 
     flat: list[dict[str, Any]] = []
@@ -188,8 +182,8 @@ def compare_sessions(items: list[tuple[Any, dict[str, Any]]]) -> dict[str, Any]:
         best = [s["best"].get(name) for s in summaries]
         metrics[name] = {
             "mode": next((b["mode"] for b in best if b), None),
-            "final": [_json_number(s["last"].get(name)) for s in summaries],
-            "best": [_json_number(b["value"]) if b else None for b in best],
+            "final": [json_safe(s["last"].get(name)) for s in summaries],
+            "best": [json_safe(b["value"]) if b else None for b in best],
             "best_step": [b["step"] if b else None for b in best],
         }
     sessions = [{"id": session.id, "label": run_label(session.id, data), "name": data.get("name"),

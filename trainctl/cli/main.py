@@ -15,8 +15,8 @@ from .. import __version__
 
 # command name -> "module:attribute"; each module imports its heavy parts inside functions.
 COMMANDS: dict[str, str] = {
-    "init": "trainctl.cli.sessions:init_cmd",
-    "local": "trainctl.cli.sessions:local_cmd",
+    "init": "trainctl.cli.init:init_cmd",
+    "local": "trainctl.cli.local:local_cmd",
     "sessions": "trainctl.cli.sessions:sessions",
     "checkpoint": "trainctl.cli.checkpoint:checkpoint",
     "check": "trainctl.cli.check:check",
@@ -27,7 +27,7 @@ COMMANDS: dict[str, str] = {
 SHORT_HELP: dict[str, str] = {
     "init": "Write a commented trainctl.toml for this project.",
     "local": "Run a training script here, as a recorded session.",
-    "sessions": "List, show, compare and plot recorded sessions.",
+    "sessions": "List, show, follow, stop, delete, compare and plot recorded sessions.",
     "checkpoint": "List, inspect, verify, clean up and resume checkpoints.",
     "check": "Run the pre-flight checks on a script without starting it.",
     "monitor": "Show where a run stands: progress, ETA, trends, warnings.",

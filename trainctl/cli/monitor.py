@@ -10,7 +10,7 @@ import click
 @click.option("--log", "log_file", metavar="FILE",
               help="Watch a bare log file (any script's output, from anywhere) instead of a session.")
 @click.option("--checkpoint", "checkpoint_dir", metavar="DIR",
-              help="Folder to scan for *.pt/*.pth/*.ckpt files (default: the session's checkpoints).")
+              help="Folder to scan for checkpoints (default: the session's checkpoint location).")
 @click.option("--follow/--once", default=False,
               help="Refresh in place until the session ends (Ctrl-C stops), or print once (default).")
 @click.option("--json", "as_json", is_flag=True,
@@ -38,6 +38,7 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
 
     from .. import config as config_mod
     from ..errors import UsageError
+    from ..formatting import json_safe
     from ..launcher.monitor import Monitor, Settings, open_log, render
     from ..session import TERMINAL, SessionStore
 
@@ -64,7 +65,7 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
         if mon.log is None:
             mon.log = open_log(mon.session.output_log)  # type: ignore[union-attr]
         for number, line, result in mon.parsed_lines():
-            click.echo(json.dumps(_clean({"line": number, **result, "text": line[:200]})))
+            click.echo(json.dumps(json_safe({"line": number, **result, "text": line[:200]})))
         return
 
     tty = sys.stdout.isatty() and not as_json
@@ -74,7 +75,7 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
             mon.refresh()
             snap = mon.snapshot()
             if as_json:
-                click.echo(json.dumps(_clean(snap), allow_nan=False))
+                click.echo(json.dumps(json_safe(snap), allow_nan=False))
             else:
                 width = shutil.get_terminal_size((100, 24)).columns
                 lines = render(snap, width - 1 if tty else 100)
@@ -91,15 +92,3 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
     except KeyboardInterrupt:
         return  # Ctrl-C is how a --follow on a log ends
 
-
-def _clean(value: object) -> object:
-    """NaN and Infinity are not JSON: write them as the strings 'nan', 'inf', '-inf'."""
-    import math
-
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NotFoundError, UsageError
+from ..values import is_number
 
 MARKERS = ("●", "▲", "■", "◆", "○", "△", "□", "◇", "+", "x")
 IMAGE_MARKERS = ("o", "^", "s", "D", "v", "P", "X", "*", "<", ">")
@@ -41,15 +42,11 @@ class Series:
     notes: list[str] = field(default_factory=list)
 
 
-def _numeric(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _metric_names(events: list[dict[str, Any]]) -> list[str]:
     names: dict[str, None] = {}
     for event in events:
         for name, value in (event.get("values") or {}).items():
-            if _numeric(value):
+            if is_number(value):
                 names.setdefault(name, None)
     return list(names)
 
@@ -83,7 +80,7 @@ def collect_series(items: list[tuple[str, str, list[dict[str, Any]]]], metric: s
             continue
         curve = Curve(sid, label)
         points = []
-        for index, event in enumerate(e for e in events if _numeric((e.get("values") or {}).get(metric))):
+        for index, event in enumerate(e for e in events if is_number((e.get("values") or {}).get(metric))):
             try:
                 value = float(event["values"][metric])
             except OverflowError:  # an integer beyond float range
@@ -91,9 +88,9 @@ def collect_series(items: list[tuple[str, str, list[dict[str, Any]]]], metric: s
             if not math.isfinite(value):
                 curve.skipped += 1
                 continue
-            if _numeric(event.get("step")):
+            if is_number(event.get("step")):
                 axis, x_value = "step", event["step"]
-            elif _numeric(event.get("epoch")):
+            elif is_number(event.get("epoch")):
                 axis, x_value = "epoch", event["epoch"]
             else:
                 axis, x_value = "point", index

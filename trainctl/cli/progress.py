@@ -89,13 +89,16 @@ def _isatty(stream: Any) -> bool:
 
 
 class ProgressDisplay:
-    """Progress of one session while the launcher runs it; thread-safe."""
+    """Progress of one session while the launcher runs it (or a terminal attaches to it); thread-safe."""
 
     def __init__(self, session: Session, *, totals: dict[str, Any], quiet: bool = False,
                  stream: TextIO | None = None, is_tty: bool | None = None,
                  status_interval_s: float = 30.0, poll_interval_s: float = 0.5,
-                 stdout: BinaryIO | None = None, stderr: BinaryIO | None = None) -> None:
+                 stdout: BinaryIO | None = None, stderr: BinaryIO | None = None,
+                 parsed_from_events: bool = False) -> None:
         self.session = session
+        # attached to a run another process watches: its parsed metrics arrive as events
+        self.parsed_from_events = parsed_from_events
         self.quiet = quiet
         self.stream = stream if stream is not None else sys.stderr
         self.is_tty = _isatty(self.stream) if is_tty is None else is_tty
@@ -262,7 +265,7 @@ class ProgressDisplay:
         with self._lock:
             for e in events:
                 kind = e.get("kind")
-                if kind == "metric" and e.get("source") != "output":  # output ones come via on_parsed
+                if kind == "metric" and (self.parsed_from_events or e.get("source") != "output"):
                     self._update(e, float(e.get("t") or time.time()))
                 elif kind == "totals":
                     for key in ("steps", "epochs"):

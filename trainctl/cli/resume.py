@@ -47,7 +47,8 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
     from .. import config as config_mod
     from ..backends.base import RunSpec
     from ..errors import ScriptNotFoundError
-    from ..launcher.supervisor import Supervisor, restart_policy
+    from ..launcher.supervisor import restart_policy
+    from .watch import run_here
 
     if not script.is_file():
         raise ScriptNotFoundError(f"script {script} does not exist or is not a file.",
@@ -71,15 +72,12 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
     resources: dict[str, int] = {"nproc_per_node": nproc_per_node}
     if gpus is not None:
         resources["gpus"] = gpus
-    spec = RunSpec(script=script, args=list(args), resources=resources,
-                   resume=str(ckpt), restart=restart, name=name, quiet=quiet)
-    supervisor = Supervisor(spec, cfg, backend="local", parent=info.session_id,
-                            preflight=not no_preflight, resume_verified=True)
-    code = supervisor.run()
-    if supervisor.session is not None:
-        metrics = supervisor.session.metrics()
-        last = metrics[-1] if metrics else {}
-        reached = _where(last.get("epoch"), last.get("step")) if last else "no new step"
-        click.echo(f"  resumed      from {_where(info.epoch, info.step)} of {ckpt}, reached {reached}"
-                   + (f" (parent session {info.session_id})" if info.session_id else ""), err=True)
-    sys.exit(code)
+    spec = RunSpec(script=script, args=tuple(args), resources=resources, resume=str(ckpt), name=name)
+    _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight,
+                                   parent=info.session_id, resume_verified=True)
+    metrics = result.session.metrics()
+    last = metrics[-1] if metrics else {}
+    reached = _where(last.get("epoch"), last.get("step")) if last else "no new step"
+    click.echo(f"  resumed      from {_where(info.epoch, info.step)} of {ckpt}, reached {reached}"
+               + (f" (parent session {info.session_id})" if info.session_id else ""), err=True)
+    sys.exit(result.exit_code)

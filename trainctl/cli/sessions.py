@@ -1,18 +1,17 @@
-"""`trainctl init`, `trainctl local` and `trainctl sessions`: parse, call, print."""
+"""`trainctl sessions`: list, show, follow, stop and delete recorded sessions (plot and compare
+live in compare.py)."""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import click
 
-from .. import env as env_mod
+from ..session import TERMINAL, State
 
-STATUS_CHOICES = ["pending", "running", "completed", "failed", "preempted", "killed", "crashed"]
+STATUS_CHOICES = [s.value for s in State]
 
 
 def _config():
@@ -21,96 +20,9 @@ def _config():
     return config.load()
 
 
-@click.command("init")
-@click.option("--force", is_flag=True, help="Overwrite an existing trainctl.toml.")
-def init_cmd(force: bool) -> None:
-    """Write a commented trainctl.toml (every key at its default) in this folder."""
-    from ..config import CONFIG_FILE, template
-    from ..errors import UsageError
-
-    path = Path.cwd() / CONFIG_FILE
-    if path.exists() and not force:
-        raise UsageError(f"{path} already exists.", "Keep it, or overwrite it with: trainctl init --force")
-    from ..config import find_project_root
-
-    outer_root, outer = find_project_root(Path.cwd().parent)
-    path.write_text(template(), encoding="utf-8")
-    click.echo(f"Wrote {path}.")
-    if outer is not None:
-        click.secho(f"note: {outer} also configures the folder above; runs started here now belong "
-                    f"to this new project, not to {outer_root}.", fg="yellow", err=True)
-    gitignore = Path.cwd() / ".gitignore"
-    if not gitignore.exists() or ".trainctl" not in gitignore.read_text(errors="replace"):
-        click.echo("Consider adding '.trainctl/' and 'checkpoints/' to .gitignore.")
-    click.echo("Next: trainctl local train.py [ARGS]...")
-
-
-LOCAL_EPILOG = "\b\nThe script gets these variables:\n" + env_mod.help_table() + """
-
-\b
-Exit codes: the script's own; 75 when it stopped on a preemption signal
-after an emergency checkpoint; 130 when trainctl was interrupted; 2 when a
-pre-flight check failed."""
-
-
-@click.command("local", epilog=LOCAL_EPILOG,
-               context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
-@click.argument("script", type=click.Path(path_type=Path))
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-@click.option("--name", help="A name for this run (used by --resume auto and in listings).")
-@click.option("--resume", "resume", metavar="auto|PATH",
-              help="Resume from a checkpoint; 'auto' picks the newest valid one of this script.")
-@click.option("--max-restarts", type=int, default=None,
-              help="Restart after a preemption or crash, resuming from the newest valid checkpoint.")
-@click.option("--restart-on", default=None, metavar="STATUSES",
-              help="Which endings restart: preempted,failed (default from trainctl.toml).")
-@click.option("--restart-delay", type=float, default=None, metavar="SECONDS",
-              help="Seconds to wait before a restart.")
-@click.option("--grace-period", type=float, default=None, metavar="SECONDS",
-              help="Seconds between forwarding a stop signal and SIGKILL (default 30).")
-@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1,
-              help="Processes to start through torchrun (torch.distributed.run).")
-@click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs the script needs (checked before start).")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")
-@click.option("--no-preflight", is_flag=True, help="Skip the pre-flight checks.")
-def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str | None,
-              max_restarts: int | None, restart_on: str | None, restart_delay: float | None,
-              grace_period: float | None, nproc_per_node: int, gpus: int | None, quiet: bool,
-              no_preflight: bool) -> None:
-    """Run SCRIPT [ARGS]... here as a recorded session.
-
-    The script runs as it would with `python SCRIPT ARGS`, with TRAIN_OPS_* variables telling it
-    where its session, checkpoints and TensorBoard logs go.
-    """
-    from ..backends.base import RunSpec
-    from ..errors import ScriptNotFoundError
-    from ..launcher.supervisor import Supervisor, restart_policy, split_resume_arg
-
-    if not script.exists():
-        raise ScriptNotFoundError(f"script {script} does not exist.",
-                                  "Check the path (relative to the current folder).", path=str(script))
-    if script.is_dir():
-        raise ScriptNotFoundError(f"{script} is a directory, not a script.",
-                                  f"Name the file to run, e.g. trainctl local {script / 'train.py'}",
-                                  path=str(script))
-    cfg = _config()
-    args_list = list(args)
-    if resume is None:
-        resume, args_list = split_resume_arg(args_list, cfg.resume_flag)
-    restart = restart_policy(cfg, max_restarts=max_restarts, restart_on=restart_on,
-                             restart_delay_s=restart_delay, grace_period_s=grace_period)
-    resources: dict[str, Any] = {"nproc_per_node": nproc_per_node}
-    if gpus is not None:
-        resources["gpus"] = gpus
-    spec = RunSpec(script=script, args=args_list, resources=resources, resume=resume,
-                   restart=restart, name=name, quiet=quiet)
-    code = Supervisor(spec, cfg, backend="local", preflight=not no_preflight).run()
-    sys.exit(code)
-
-
 @click.group("sessions")
 def sessions() -> None:
-    """List, show, compare and plot recorded sessions."""
+    """List, show, follow, stop, delete, compare and plot recorded sessions."""
 
 
 def _store():
@@ -130,7 +42,8 @@ def _warn_problems(problems: list[str]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
 def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
     """Every session of this project, newest first (reads session.json files only)."""
-    from .render import age, duration, metrics_line, table
+    from ..formatting import format_duration
+    from .render import age, metrics_line, table
 
     records, problems = _store().list(status=status, limit=limit)
     _warn_problems(problems)
@@ -145,11 +58,11 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
     rows = []
     for r in records:
         summary = r.get("summary") or {}
-        ended = r.get("ended_at") or (now if r["status"] == "running" else None)
+        ended = r.get("ended_at") or (now if r["status"] == State.RUNNING else None)
         started = r.get("started_at") or r.get("created_at")
         label = r.get("name") or Path(r.get("script") or "?").name
         rows.append([r["id"], label, r["status"], age(r.get("created_at"), now),
-                     duration(ended - started) if ended and started else "-",
+                     format_duration(ended - started) if ended and started else "-",
                      str(len(r.get("attempts") or []) or 1),
                      str(summary.get("checkpoints", 0)), metrics_line(summary, limit=2)])
     click.echo(table(["ID", "NAME", "STATUS", "STARTED", "DURATION", "ATTEMPTS", "CKPTS", "METRICS"], rows))
@@ -160,8 +73,9 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="The session record as JSON.")
 def sessions_show(session_ref: str, as_json: bool) -> None:
     """One session: what ran, how it ended, metrics, checkpoints, diagnosis, how to resume."""
+    from ..formatting import format_duration, format_value
     from ..session import effective_status, summarize_metrics
-    from .render import age, duration, metrics_line, number, resume_command
+    from .render import age, continue_command, metrics_line
 
     session = _store().get(session_ref)
     data = session.read()
@@ -183,7 +97,7 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
          + (f" (signal {data['signal']})" if data.get("signal") else "")),
         ("script", " ".join([str(data.get("script") or "?"), *map(str, data.get("args") or [])])),
         ("started", age(started)),
-        ("duration", duration((ended or time.time()) - started) if started else "-"),
+        ("duration", format_duration((ended or time.time()) - started) if started else "-"),
         ("attempts", str(len(data.get("attempts") or []) or 1)),
         ("backend", data.get("backend")),
         ("host", data.get("host")),
@@ -204,7 +118,7 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
     if checkpoints:
         click.echo(f"checkpoints     {len(checkpoints)}")
         for c in checkpoints[-5:]:
-            m = ", ".join(f"{k} {number(v)}" for k, v in (c.get("metrics") or {}).items())
+            m = ", ".join(f"{k} {format_value(v)}" for k, v in (c.get("metrics") or {}).items())
             where = " ".join(f"{k} {c[k]}" for k in ("epoch", "step") if c.get(k) is not None)
             click.echo(f"  {c.get('path')}  {where}" + (f"  {m}" if m else ""))
     attempts = data.get("attempts") or []
@@ -221,21 +135,128 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
                 click.echo(f"{'likely cause' if key == 'cause' else 'fix':<15} {diag[key]}")
         if diag.get("command"):
             click.echo(f"{'run':<15} {diag['command']}")
-    if data["status"] in ("failed", "preempted", "killed", "crashed") and not (diag and diag.get("command")):
+    if data["status"] in (*TERMINAL - {State.COMPLETED}, State.CRASHED) and not (diag and diag.get("command")):
         last = summary.get("last_checkpoint") or (checkpoints[-1].get("path") if checkpoints else None)
         label = "resume" if last else "run again"
-        click.echo(f"{label:<15} {resume_command(str(data.get('script')), list(data.get('args') or []), last)}")
+        click.echo(f"{label:<15} {continue_command(data, last)}")
+
+
+@sessions.command("logs")
+@click.argument("session_ref", metavar="ID|latest")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the session ends (Ctrl-C stops).")
+@click.option("--tail", "-n", "tail", type=click.IntRange(min=0), default=None, metavar="N",
+              help="Only the last N lines (default: all of it).")
+def sessions_logs(session_ref: str, follow: bool, tail: int | None) -> None:
+    """The session's output (every attempt), as its script printed it."""
+    from ..launcher.control import follow_output, output_tail
+
+    session = _store().get(session_ref)
+    data, offset = output_tail(session, -1 if tail is None else tail)
+    out = click.get_binary_stream("stdout")
+    out.write(data)
+    out.flush()
+    if not follow:
+        return
+    try:
+        for chunk in follow_output(session, offset):
+            out.write(chunk.data)
+            out.flush()
+    except KeyboardInterrupt:
+        return
+
+
+@sessions.command("attach")
+@click.argument("session_ref", metavar="ID|latest")
+@click.option("--tail", "-n", "tail", type=click.IntRange(min=0), default=10, show_default=True, metavar="N",
+              help="Lines of earlier output to show first.")
+def sessions_attach(session_ref: str, tail: int) -> None:
+    """Show a running session's output and progress until it ends. Ctrl-C detaches: the run
+    goes on. Exits as `trainctl local` would have for the run."""
+    from .watch import attach
+
+    raise SystemExit(attach(_store().get(session_ref), tail_lines=tail))
+
+
+@sessions.command("stop")
+@click.argument("session_ref", metavar="ID|latest")
+@click.option("--now", is_flag=True, help="Kill at once (SIGKILL), without the grace period for a checkpoint.")
+@click.option("--grace-period", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
+              help="Seconds between SIGTERM and SIGKILL (default: the session's own, 30).")
+def sessions_stop(session_ref: str, now: bool, grace_period: float | None) -> None:
+    """Stop a running session: SIGTERM to its script, which writes its emergency checkpoint;
+    SIGKILL if it is still running after the grace period. The session ends `stopped`."""
+    from ..launcher.control import stop
+    from .render import continue_command
+
+    session = _store().get(session_ref)
+    if not now:
+        click.echo(f"Stopping session {session.id}: SIGTERM, waiting for its emergency checkpoint...", err=True)
+    result = stop(session, now=now, grace_period_s=grace_period)
+    if not result.was_running:
+        click.echo(f"Session {session.id} is not running ({result.status}); nothing to stop.")
+        return
+    data = result.data
+    if result.status not in TERMINAL:
+        click.echo(f"Session {session.id}: stop requested and its script ended; its launcher has not "
+                   f"recorded the end yet. See: trainctl sessions show {session.id}")
+        return
+    last = (data.get("summary") or {}).get("last_checkpoint")
+    click.echo(f"Session {session.id} {result.status}" + (f"; newest checkpoint {last}" if last else "; no checkpoint written") + ".")
+    click.echo(f"{'resume' if last else 'run again':<10} {continue_command(data, last)}")
+
+
+@sessions.command("delete")
+@click.argument("session_refs", nargs=-1, required=True, metavar="ID...")
+@click.option("--checkpoints", is_flag=True, help="Also delete the sessions' checkpoints.")
+@click.option("--dry-run", is_flag=True, help="Show what would be deleted; delete nothing.")
+@click.option("--yes", "-y", is_flag=True, help="Delete without asking.")
+def sessions_delete(session_refs: tuple[str, ...], checkpoints: bool, dry_run: bool, yes: bool) -> None:
+    """Delete finished sessions (their folder: record, events, output, TensorBoard logs) and,
+    with --checkpoints, their checkpoints. A running session is refused."""
+    import sys
+
+    from ..config import format_size
+    from ..errors import UsageError
+    from ..launcher.control import delete, plan_delete
+
+    cfg = _config()
+    removals, gone = plan_delete(_store(), list(session_refs), checkpoints=checkpoints,
+                                 checkpoint_root=cfg.checkpoint_dir)
+    for ref in gone:
+        click.echo(f"Session {ref}: already deleted, nothing to do.")
+    refused = [r for r in removals if r.refused]
+    if refused:
+        raise UsageError(f"{refused[0].refused}; nothing deleted.",
+                         f"Stop it first: trainctl sessions stop {refused[0].session_id}")
+    if not removals:
+        return
+    freed = sum(r.bytes for r in removals)
+    click.echo(f"{'Would delete' if dry_run else 'To delete:'} {len(removals)} session(s), freeing {format_size(freed)}:")
+    for r in removals:
+        click.echo(f"  session {r.session_id}")
+        for path in r.paths:
+            click.echo(f"    {path}")
+        for path, why in r.kept:
+            click.echo(f"    kept: {path} ({why})")
+    if dry_run:
+        return
+    if not yes:
+        if not sys.stdin.isatty():
+            raise UsageError(f"refusing to delete {len(removals)} session(s) without confirmation.",
+                             "Pass --yes to delete, or --dry-run to preview.")
+        if not click.confirm("Delete them?", default=False):
+            click.echo("Nothing deleted.")
+            return
+    for r in removals:
+        delete(r)
+    click.echo(f"Deleted {len(removals)} session(s), freed {format_size(freed)}.")
 
 
 def _add_extra_commands() -> None:
-    try:
-        from . import compare as sessions_extra
-    except ImportError:
-        return
+    from . import compare
+
     for name in ("plot", "compare"):
-        cmd = getattr(sessions_extra, name, None)
-        if isinstance(cmd, click.Command):
-            sessions.add_command(cmd, name)
+        sessions.add_command(getattr(compare, name), name)
 
 
 _add_extra_commands()

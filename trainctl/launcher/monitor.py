@@ -8,7 +8,6 @@ MetricParser; times come from timestamps at the start of lines, or from watching
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import textwrap
@@ -20,10 +19,10 @@ from typing import Any
 
 from .. import metrics
 from ..errors import NotFoundError, TrainctlWarning, UsageError
+from ..formatting import json_safe
 from ..metrics import MetricParser
-from ..session import Session, effective_metrics, effective_status, metric_mode, read_events
+from ..session import Session, State, effective_metrics, effective_status, metric_mode, read_events
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
 MAX_SCAN_FILES = 20000
 _LOG_TIME = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})")
 
@@ -203,7 +202,7 @@ class Monitor:
         settings = self.settings
         points = self._points()
         status = effective_status(self.data) if self.session is not None else None
-        live = status == "running" if self.session is not None else self.follow
+        live = status is State.RUNNING if self.session is not None else self.follow
 
         # progress
         step = next((p["step"] for p in reversed(points) if p.get("step") is not None), None)
@@ -219,7 +218,7 @@ class Monitor:
         elif totals["epochs"] and epoch is not None:
             fraction = epoch / totals["epochs"]
             eta = metrics.eta_seconds(epoch, totals["epochs"], epoch_rate)
-        if status is not None and status != "running":
+        if status is not None and status is not State.RUNNING:
             eta = None
         last_metric_t = timed[-1]["t"] if timed else None
         started = self.data.get("started_at") or self.data.get("created_at")
@@ -247,7 +246,7 @@ class Monitor:
             mode = metric_mode(name)
             t = metrics.trend(values, mode=mode, window=settings.window)
             best_step = steps_of[name][t["best_index"]] if t["best_index"] is not None else None
-            table[name] = {"last": _json_number(t["last"]), "best": _json_number(t["best"]),
+            table[name] = {"last": json_safe(t["last"]), "best": json_safe(t["best"]),
                            "best_step": best_step, "mode": mode, "slope": t["slope"],
                            "direction": t["direction"], "points": t["points"],
                            "sparkline": metrics.sparkline(values[-settings.window * 4:], spark_width)}
@@ -318,12 +317,8 @@ class Monitor:
             return self.checkpoint_dir
         if self.session is None:
             return None
-        cfg = self.data.get("trainctl_config") or {}
-        base = cfg.get("checkpoint_dir")
-        if isinstance(base, str) and base:
-            root = Path(cfg.get("project_root") or self.data.get("cwd") or ".")
-            return (root / base / self.session.id).resolve()
-        return None
+        location = self.session.checkpoint_location(self.data)
+        return Path(location) if location and "://" not in location else None
 
     def _checkpoints(self, now: float) -> dict[str, Any]:
         folder = self._checkpoint_dir()
@@ -352,21 +347,20 @@ class Monitor:
 
 
 def scan_checkpoints(folder: Path) -> list[tuple[Path, float, int]]:
-    """(path, mtime, bytes) of checkpoint-looking files under `folder`, oldest first."""
+    """(path, mtime, bytes) of checkpoint files under `folder`, oldest first, found the way
+    `checkpoint list` finds them but without opening any."""
+    from ..checkpoint import candidate_paths
+
     found = []
-    try:
-        for index, path in enumerate(folder.rglob("*")):
-            if index > MAX_SCAN_FILES:
-                break
-            if path.suffix in CHECKPOINT_SUFFIXES and not path.name.startswith("."):
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue
-                if path.is_file():
-                    found.append((path, st.st_mtime, st.st_size))
-    except OSError:
-        pass
+    for index, path in enumerate(candidate_paths(folder)):
+        if index > MAX_SCAN_FILES:
+            break
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if path.is_file():
+            found.append((path, st.st_mtime, st.st_size))
     found.sort(key=lambda item: item[1])
     return found
 
@@ -396,13 +390,6 @@ def _trailing_run(points: list[dict[str, Any]], key: str) -> list[tuple[float, f
             run = []
         run.append((p["t"], value))
     return run
-
-
-def _json_number(value: Any) -> Any:
-    """JSON has no NaN/Infinity: they become the strings 'nan', 'inf', '-inf'."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return metrics.format_value(value)
-    return value
 
 
 # -- text -------------------------------------------------------------------------------------
