@@ -39,6 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from ..errors import TrainctlError
 from .base import (
     CHUNK_BYTES,
     ObjectInfo,
@@ -182,6 +183,9 @@ class S3Store(Store):
                 f"No usable credentials for {self._where()} ({describe_error(e)}).",
                 "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE); keys of R2, B2 or "
                 "MinIO go in the same variables.", uri=url)
+        if isinstance(e, bex.FlexibleChecksumError):
+            return IntegrityError(f"{url}: the bytes received do not match the store's checksum ({describe_error(e)}).",
+                                  "The data was damaged in transit or at rest; download it again.", uri=url)
         if isinstance(e, bex.ParamValidationError):
             return StorageConfigError(f"{what} was refused by the S3 client: {describe_error(e)}",
                                       "Check the bucket name and key.", uri=url)
@@ -219,10 +223,12 @@ class S3Store(Store):
                             uri=url)
 
     def _call(self, what: str, key: str | None, fn: Callable[[], Any]) -> Any:
+        """`fn` with bounded retries; what it raises, as a typed error."""
+        _ = self.client  # without boto3: StorageDependencyError, before anything else
+        url = self.url(key) if key else self.uri
         try:
-            return with_retries(fn, policy=self.retry, is_transient=is_transient, what=f"{what} of {self.url(key) if key else self.uri}",
-                                uri=self.url(key) if key else self.uri)
-        except StorageError:
+            return with_retries(fn, policy=self.retry, is_transient=is_transient, what=f"{what} of {url}", uri=url)
+        except TrainctlError:
             raise
         except Exception as e:
             raise self._translate(e, key, what) from e
@@ -401,7 +407,12 @@ class S3Store(Store):
                 Metadata={META_DIGEST: digest, META_WRITER: token}))
             _check_unchanged(path, before, self.url(key))
             return self._verify_stored(key, len(data), digest, token, conditional=False)
-        digest = sha256 or sha256_file(path)[0]
+        # the digest goes into the object's metadata when the upload is created, so it is taken
+        # first (one read of the file, mostly from the page cache after a checkpoint write)
+        digest = sha256_file(path)[0]
+        if sha256 is not None and digest != sha256:
+            raise IntegrityError(f"{path} does not match the expected digest ({digest[:19]}... != {sha256[:19]}...).",
+                                 "The file changed after its digest was taken.", uri=self.url(key))
         return _MultipartUpload(self, key, path, before, digest).run()
 
     def get_file(self, key: str, path: str | os.PathLike[str], *, sha256: str | None = None) -> ObjectInfo:
