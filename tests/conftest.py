@@ -46,7 +46,7 @@ def cli(project: Path):
 # --- no network but loopback; servers for the cloud tests (tests/servers.py) -------------------
 
 from .netguard import loopback_guard  # noqa: E402
-from .servers import FAKE_AWS_ENV, UNSET_AWS_ENV, FakeIMDS, FaultProxy, MotoServer  # noqa: E402
+from .servers import FAKE_AWS_ENV, UNSET_AWS_ENV, FakeIMDS, FaultProxy, MotoServer, make_s3_store  # noqa: E402
 
 loopback_guard.install()
 
@@ -101,3 +101,14 @@ def imds():
     server = FakeIMDS().start()
     yield server
     server.stop()
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    """The same test over each storage implementation: a folder, and S3 on moto's server."""
+    if request.param == "local":
+        from trainctl.storage import LocalStore
+
+        return LocalStore(tmp_path / "store")
+    moto = request.getfixturevalue("moto_server")
+    return make_s3_store(moto.endpoint_url, request.getfixturevalue("s3_bucket"), tmp_path / "upload-state")

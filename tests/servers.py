@@ -63,6 +63,20 @@ def loopback_env(base: dict[str, str] | None = None, *, guard_log: Path | None =
 
 # --- moto ---------------------------------------------------------------------------------------
 
+def make_s3_store(endpoint_url: str, bucket: str, state_dir: Path, **options: Any) -> Any:
+    """An S3Store for tests: 5 MiB parts (multipart at test sizes), fast bounded retries, its
+    upload records under `state_dir`, keys under the prefix 'proj/sess' unless told."""
+    from trainctl.storage import RetryPolicy
+    from trainctl.storage.s3 import S3Store
+
+    settings: dict[str, Any] = {"region": "us-east-1", "part_size_mb": 5,
+                                "retry": RetryPolicy(attempts=4, base_delay_s=0.01, max_delay_s=0.05),
+                                "upload_state_dir": state_dir, "prefix": "proj/sess"}
+    settings.update(options)
+    prefix = settings.pop("prefix")
+    return S3Store(bucket, prefix, endpoint_url=endpoint_url, **settings)
+
+
 class MotoServer:
     """moto's S3 (and every other service) on 127.0.0.1, in this process's threads."""
 

@@ -73,7 +73,7 @@ def open_store(uri: str | os.PathLike[str] | StorageURI, *, endpoint_url: str | 
 
 
 __all__ = [
-    "AccessDeniedError", "Bundle", "BucketNotFoundError", "ConditionalWriteError",
+    "AccessDeniedError", "BucketNotFoundError", "Bundle", "ConditionalWriteError",
     "ConditionalWritesUnsupportedError", "IntegrityError", "LocalStore", "ObjectInfo",
     "ObjectNotFoundError", "RemoteSession", "RetryPolicy", "S3Store", "SegmentReader", "SegmentWriter",
     "StorageConfigError", "StorageDependencyError", "StorageError", "StorageURI", "StorageUnavailableError",
