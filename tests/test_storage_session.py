@@ -288,3 +288,13 @@ def test_pull_mirrors_incrementally(store, tmp_path):
     assert sorted(again.downloaded) == ["checkpoints/ckpt-1.pt", "events/000000.jsonl"]
     assert (dest / "events.jsonl").read_text().count("\n") == 2
     assert (dest / "checkpoints" / "ckpt-1.pt").stat().st_size == 3000
+
+
+def test_pull_never_writes_outside_its_folder(moto_server, s3_bucket, tmp_path):
+    store = make_s3_store(moto_server.endpoint_url, s3_bucket, tmp_path / "state", prefix="")
+    session = RemoteSession(store, "proj/s1")
+    session.write_session({"id": "s1"})
+    moto_server.client().put_object(Bucket=s3_bucket, Key="proj/s1/../../escape.txt", Body=b"x")
+    result = session.pull(tmp_path / "mirror")
+    assert result.downloaded == ["session.json"] and result.skipped == ["../../escape.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mirror"]

@@ -425,6 +425,11 @@ class RemoteSession:
         logs_changed = False
         for info in self.store.list(self.prefix):
             name = info.key[len(self.prefix):]
+            try:
+                check_key(name)  # a key written by something else must not lead out of dest
+            except UsageError:
+                result.skipped.append(name)
+                continue
             is_checkpoint_file = name.startswith(CHECKPOINTS) and not name.endswith(".json")
             if (is_checkpoint_file and not checkpoints) or (name.startswith(CODE) and not code):
                 result.skipped.append(name)
@@ -433,12 +438,15 @@ class RemoteSession:
             if state.get(name) == info.etag and local.exists():
                 result.unchanged += 1
                 continue
-            if info.size > SEGMENT_BYTES * 2:
-                self.store.get_file(info.key, local)
-            else:
-                data, info = self.store.get_bytes(info.key)
-                local.parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(local, data, sync_dir=False)
+            try:
+                if info.size > SEGMENT_BYTES * 2:
+                    info = self.store.get_file(info.key, local)
+                else:
+                    data, info = self.store.get_bytes(info.key)
+                    local.parent.mkdir(parents=True, exist_ok=True)
+                    atomic_write_bytes(local, data, sync_dir=False)
+            except ObjectNotFoundError:
+                continue  # deleted between the listing and the read (retention, a probe)
             state[name] = info.etag
             result.downloaded.append(name)
             logs_changed |= name.startswith((EVENTS, OUTPUT))
