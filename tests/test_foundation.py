@@ -226,7 +226,9 @@ def test_import_guard_keeps_heavy_packages_out():
         import sys, subprocess
         import trainctl
         from trainctl.cli import main as cli
-        heavy = [m for m in ("torch", "lightning", "boto3", "runpod", "tensorboard", "numpy", "matplotlib") if m in sys.modules]
+        import trainctl.storage, trainctl.storage.s3, trainctl.storage.remote, trainctl.storage.bundle
+        trainctl.storage.open_store("s3://some-bucket/x", endpoint_url="http://127.0.0.1:9")  # no client yet
+        heavy = [m for m in ("torch", "lightning", "boto3", "botocore", "runpod", "tensorboard", "numpy", "matplotlib") if m in sys.modules]
         print(",".join(heavy))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env())
