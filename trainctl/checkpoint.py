@@ -45,7 +45,7 @@ from .errors import (
     UnsupportedCheckpointError,
     UntrustedCheckpointError,
 )
-from .fsutil import atomic_write_json, fsync_dir, temp_beside
+from .fsutil import atomic_write_json, crash_point, fsync_dir, temp_beside
 
 FORMAT_VERSION: int = 1
 META_KEY = "trainctl"
@@ -54,6 +54,10 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar", "
 STATUSES = ("valid", "unverified", "corrupt", "foreign", "unsupported")
 _SKIP_DIRS = {".git", "__pycache__", ".trainctl", "node_modules", ".venv"}
 _CRC_CHUNK = 4 << 20
+# the steps of save(), in order; fsutil.crash_point() can kill the process at each (tests)
+SAVE_CRASH_POINTS = ("checkpoint:data-written", "checkpoint:data-synced", "checkpoint:old-manifest-removed",
+                     "checkpoint:data-replaced", "checkpoint:dir-synced", "manifest:written",
+                     "manifest:replaced")
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -183,15 +187,20 @@ def save(path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, An
     payload = {**state, META_KEY: full_meta}
     with temp_beside(path) as tmp:
         torch.save(payload, str(tmp))
+        crash_point("checkpoint:data-written")
         size = _fsync_file(tmp)
         digest = _zip_digest(tmp) if _crc_enabled() else file_sha256(tmp)
+        crash_point("checkpoint:data-synced")
         # drop an older manifest first: a crash before the new one lands leaves an unverified
         # file, never a new file under an old manifest
         old_manifest = manifest_path(path)
         if old_manifest.exists():
             old_manifest.unlink()
+        crash_point("checkpoint:old-manifest-removed")
         os.replace(tmp, path)
+        crash_point("checkpoint:data-replaced")
     fsync_dir(path.parent)
+    crash_point("checkpoint:dir-synced")
     return _write_manifest(path, size, digest, full_meta)
 
 
@@ -209,7 +218,7 @@ def _write_manifest(path: Path, size: int, digest: str, full_meta: dict[str, Any
     """The sidecar `<file>.json`, written only once the checkpoint itself is durable."""
     manifest = {"format_version": FORMAT_VERSION, "file": path.name, "bytes": size,
                 "digest": digest, "meta": _json_meta(full_meta)}
-    atomic_write_json(manifest_path(path), manifest)
+    atomic_write_json(manifest_path(path), manifest, crash_label="manifest")
     return manifest
 
 
