@@ -58,6 +58,10 @@ class UnreadableCheckpoint(ValueError):
     """The file is not a checkpoint this reader understands; the message says what it is."""
 
 
+class TooComplexCheckpoint(UnreadableCheckpoint):
+    """The file's pickle is past one of the reader's bounds (ReadLimits); it was not walked."""
+
+
 # --- placeholders -------------------------------------------------------------------------
 
 @dataclass(frozen=True)

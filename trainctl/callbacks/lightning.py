@@ -17,7 +17,6 @@ its manifest first. This is the only module that imports lightning.
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import time
 import warnings
@@ -44,7 +43,7 @@ from ..errors import (
     CorruptCheckpointError,
     TrainctlWarning,
 )
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, temp_name
 from ..redact import redact_mapping
 from ..run import Run, current_run, init, plain_data, requested_resume
 from ..session import State
@@ -155,7 +154,7 @@ class _RegisteringCheckpointIO(CheckpointIO):
             return
         final = Path(target).absolute()
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        tmp = temp_name(final, self.callback.run.id if self.callback.run is not None else None)
         try:
             self.base.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
             fd = os.open(tmp, os.O_RDONLY)

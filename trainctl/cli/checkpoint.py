@@ -13,7 +13,7 @@ import click
 from ..formatting import format_duration, format_value
 
 STATUS_COLORS = {"valid": "green", "foreign": "cyan", "unverified": "yellow", "corrupt": "red",
-                 "unsupported": "red"}
+                 "unreadable": "red", "unsupported": "red", "partial": "yellow"}
 
 
 @click.group("checkpoint")
@@ -68,8 +68,9 @@ def _session_dir(config: Any, ref: str) -> Path:
 @checkpoint.command("list")
 @click.argument("directory", required=False, type=click.Path(path_type=Path))
 @click.option("--session", "session_ref", metavar="ID", help="Only this session's checkpoints (id, prefix, name or 'latest').")
+@click.option("--all", "show_all", is_flag=True, help="Also list partial files of interrupted saves, with their size.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def list_cmd(directory: Path | None, session_ref: str | None, as_json: bool) -> None:
+def list_cmd(directory: Path | None, session_ref: str | None, show_all: bool, as_json: bool) -> None:
     """Every checkpoint under DIR (default: the checkpoint dir), newest first, with its status."""
     from .. import checkpoint as ckpt
     from ..config import format_size
@@ -87,11 +88,13 @@ def list_cmd(directory: Path | None, session_ref: str | None, as_json: bool) -> 
     single = directory.is_file() or (directory / "trainer_state.json").is_file()
     infos = [ckpt.inspect(directory)] if single else ckpt.scan(directory)
     base = directory.parent if single else directory
+    partials = [] if single else ckpt.partial_files(directory)
     if as_json:
-        _dump_json([i.to_dict() for i in infos])
+        _dump_json([i.to_dict() for i in infos] + [p.to_dict() for p in partials if show_all])
         return
-    if not infos:
+    if not infos and not (show_all and partials):
         click.echo(f"No checkpoints under {directory}.")
+        _note_partials(partials, show_all)
         return
     now = time.time()
     rows = [("NAME", "EPOCH", "STEP", "METRICS", "SIZE", "AGE", "STATUS")]
@@ -99,14 +102,30 @@ def list_cmd(directory: Path | None, session_ref: str | None, as_json: bool) -> 
         rows.append((_relative(i.path, base), format_value(i.epoch) if i.epoch is not None else "-",
                      str(i.step) if i.step is not None else "-", _metrics_text(i.metrics),
                      format_size(i.bytes), format_duration(now - i.time), _status_text(i)))
+    if show_all:
+        for p in partials:
+            rows.append((_relative(p.path, base), "-", "-", f"of {p.target}", format_size(p.bytes),
+                         format_duration(now - p.mtime), "partial"))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    statuses = [i.status for i in infos] + ["partial"] * (len(rows) - 1 - len(infos))
     for n, row in enumerate(rows):
         line = "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths[:-1], strict=True))
-        status = row[-1] if n == 0 else click.style(row[-1], fg=STATUS_COLORS.get(infos[n - 1].status))
+        status = row[-1] if n == 0 else click.style(row[-1], fg=STATUS_COLORS.get(statuses[n - 1]))
         click.echo(f"{line}  {status}")
-    problems = [i for i in infos if i.status in ("corrupt", "unsupported", "unverified")]
+    problems = [i for i in infos if i.status in ("corrupt", "unreadable", "unsupported", "unverified")]
     for i in problems:
         click.echo(f"{_relative(i.path, base)}: {i.status}: {i.error}", err=True)
+    _note_partials(partials, show_all)
+
+
+def _note_partials(partials: list[Any], show_all: bool) -> None:
+    from ..config import format_size
+
+    if partials and not show_all:
+        total = sum(p.bytes for p in partials)
+        click.echo(f"note: {len(partials)} partial file(s) of interrupted saves take {format_size(total)}; "
+                   "see them with: trainctl checkpoint list --all (cleanup removes those older than 15 minutes)",
+                   err=True)
 
 
 @checkpoint.command("info")
