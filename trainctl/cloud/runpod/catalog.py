@@ -115,8 +115,10 @@ def find_gpu(offers: Sequence[GpuOffer], name: str) -> GpuOffer:
         if wanted in (offer.id.casefold(), offer.display_name.casefold()):
             return offer
     names = [o.id for o in offers]
-    near = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
-    near += [n for n in names if wanted and wanted in n.casefold() and n not in near][:3]
+    near = [n for n in names if wanted and n.casefold().startswith(wanted)]
+    near += [n for n in names if wanted and wanted in n.casefold() and n not in near]
+    near += [n for n in difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+             if n not in near]
     raise UnknownGpuTypeError(name, near[:3])
 
 
@@ -133,11 +135,11 @@ def alternatives(offers: Sequence[GpuOffer], wanted: GpuOffer | None, cloud: str
     memory on the requested cloud and market, cheapest first."""
     out: list[str] = []
     if wanted is not None:
-        for other_cloud in CLOUDS:
-            for other_market in (market, *[m for m in MARKETS if m != market]):
-                if (other_cloud, other_market) != (cloud, market) and \
-                        wanted.available(other_cloud, other_market, gpu_count):
-                    out.append(describe_offer(wanted, other_cloud, other_market, gpu_count))
+        # the same market elsewhere, then the other market here, then the other market elsewhere
+        places = sorted(((c, m) for c in CLOUDS for m in MARKETS if (c, m) != (cloud, market)),
+                        key=lambda cm: (cm[1] != market, cm[0] != cloud))
+        out += [describe_offer(wanted, c, m, gpu_count) for c, m in places
+                if wanted.available(c, m, gpu_count)]
     floor = wanted.memory_gb if wanted else 0
     others = [o for o in offers if o is not wanted and o.memory_gb >= floor
               and o.available(cloud, market, gpu_count)]

@@ -8,6 +8,7 @@ same plan, byte for byte (``--dry-run`` prints it, and the payload it holds is e
 from __future__ import annotations
 
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -217,10 +218,11 @@ class PodPlan:
              + (f", network volume {r.network_volume_id} (datacenter {self.data_center})"
                 if r.network_volume_id else "")),
             *r.notes,
-            ("env", ", ".join(f"{k}={v}" for k, v in display_env(self.env).items())),
+            *[("env" if i == 0 else "", f"{k}={v}")
+              for i, (k, v) in enumerate(display_env(self.env).items())],
             ("from RunPod", "RUNPOD_POD_ID, RUNPOD_API_KEY (pod-scoped: your own key never "
                             "reaches the pod)"),
-            ("runs", f"{' '.join(r.agent_command)}; the pod is terminated when it exits"
+            ("runs", f"{shlex.join(r.agent_command)}; the pod is terminated when it exits"
                      + (" (kept until the deadline if it fails)" if r.keep_on_failure else "")),
             ("recovery", "an interruption gives ~5 s before SIGKILL: a new pod resumes from the "
                          "newest checkpoint in storage, work lost <= the checkpoint interval"
