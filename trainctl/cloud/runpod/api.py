@@ -251,7 +251,8 @@ class RunPodClient:
                 raise ApiKeyRejectedError(self.api_key.source) from e
             except runpod_error.QueryError as e:
                 raise _classify(str(e), operation) from e
-            except (requests.RequestException, ValueError) as e:
+            except (requests.RequestException, ValueError, KeyError, TypeError) as e:
+                # the SDK indexes answers without checking them: a 5xx body ends up here too
                 raise RunPodApiError(f"Could not read {operation} from RunPod at "
                                      f"{self.graphql_url} ({type(e).__name__}).",
                                      operation=operation, retryable=True) from e

@@ -25,15 +25,20 @@ set -u
 DEADLINE_EPOCH=@EPOCH@
 GRACE_S=@GRACE@
 KEEP_ON_FAILURE=@KEEP@
+ENDED="/tmp/trainctl-ended.$$"  # $$ is this script's pid in the watchdog subshell too
+DEADLINE_REACHED="/tmp/trainctl-deadline.$$"
+trap 'rm -f "$ENDED" "$DEADLINE_REACHED"' EXIT
 
 end_pod() {
+  [ -e "$ENDED" ] && return 0  # a terminated pod's own key is refused: end it once
   echo "trainctl: ending pod ${RUNPOD_POD_ID:-?}: $1" >&2
   if [ -z "${RUNPOD_API_BASE_URL:-}" ] && command -v runpodctl >/dev/null 2>&1 \
       && runpodctl remove pod "${RUNPOD_POD_ID:-}"; then
+    : >"$ENDED"
     return 0
   fi
-  python3 - <<'PY' || echo "trainctl: could not end this pod; trainctl runpod list flags it" >&2
-import json, os, sys, time, urllib.request
+  python3 - <<'PY'
+import json, os, sys, time, urllib.error, urllib.request
 url = os.environ.get("RUNPOD_API_BASE_URL", "https://api.runpod.io").rstrip("/") + "/graphql"
 query = "mutation TrainctlTerminatePod($input: PodTerminateInput!) { podTerminate(input: $input) }"
 body = json.dumps({"query": query,
@@ -48,11 +53,20 @@ for delay in (1, 2, 4, 8, 16, 32, 0):
         if not errors or "not found" in str(errors[0].get("message", "")).lower():
             sys.exit(0)
         print("trainctl: terminate refused:", errors[0].get("message"), file=sys.stderr)
+    except urllib.error.HTTPError as e:
+        print("trainctl: terminate failed:", e, file=sys.stderr)
+        if e.code in (401, 403):
+            sys.exit(1)  # a refused key stays refused
     except Exception as e:
         print("trainctl: terminate failed:", e, file=sys.stderr)
     time.sleep(delay)
 sys.exit(1)
 PY
+  if [ $? -eq 0 ]; then
+    : >"$ENDED"
+  else
+    echo "trainctl: could not end this pod; trainctl runpod list flags it" >&2
+  fi
 }
 
 # The image's own start-up (sshd for `trainctl runpod ssh`), when it has one.
@@ -60,13 +74,15 @@ if [ -x /start.sh ]; then /start.sh >/tmp/runpod-start.log 2>&1 & fi
 
 @AGENT@ &
 AGENT_PID=$!
-trap 'kill -TERM "$AGENT_PID" 2>/dev/null; wait "$AGENT_PID"; exit 143' TERM INT
+trap 'kill -TERM "$AGENT_PID" 2>/dev/null; kill "${WATCHDOG_PID:-}" 2>/dev/null
+      wait "$AGENT_PID"; exit 143' TERM INT
 (
   while :; do
     left=$((DEADLINE_EPOCH - $(date +%s)))
     [ "$left" -le 0 ] && break
-    sleep $((left < 60 ? left : 60))
+    sleep $((left < 60 ? left : 60)) >/dev/null 2>&1  # holds no pipe if left behind
   done
+  : >"$DEADLINE_REACHED"
   echo "trainctl: max-hours deadline @DEADLINE@ reached; stopping the agent" >&2
   kill -TERM "$AGENT_PID" 2>/dev/null
   waited=0
@@ -83,7 +99,11 @@ if [ "$rc" -ne 0 ] && [ "$KEEP_ON_FAILURE" = 1 ]; then
   echo "trainctl: agent failed ($rc); pod kept for debugging until @DEADLINE@" >&2
   wait "$WATCHDOG_PID"
 fi
-kill "$WATCHDOG_PID" 2>/dev/null
+if [ -e "$DEADLINE_REACHED" ]; then
+  wait "$WATCHDOG_PID"  # it is ending the pod
+else
+  kill "$WATCHDOG_PID" 2>/dev/null
+fi
 end_pod "agent exited with status $rc"
 exit "$rc"
 """
