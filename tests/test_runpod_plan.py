@@ -16,6 +16,7 @@ from trainctl.cloud.runpod.catalog import (
     find_gpu,
     gpu_table,
     parse_gpu_types,
+    read_offers,
     render_gpu_table,
 )
 from trainctl.cloud.runpod.errors import (
@@ -280,3 +281,13 @@ def test_facts_read_from_runpod_give_the_same_plan_as_the_pure_offers(fake: Fake
     expected = plan(request(), dataclasses.replace(facts(), spend_per_hr_usd=0.0))
     assert plan(request(), read) == expected
     assert fake.operations() == ["gpuTypes", "myself", "myself"]
+
+
+def test_gpus_listing_reads_offers_for_the_gpu_count_with_the_time(fake: FakeRunPod, client):
+    fake.gpus["NVIDIA RTX A4000"].max_count = 2
+    listed, read_at = read_offers(client, gpu_count=4)
+    assert read_at.tzinfo is not None
+    a4000 = find_gpu(listed, "NVIDIA RTX A4000")
+    assert not a4000.available("secure", "on-demand", 4)  # too many for that type
+    assert find_gpu(listed, "NVIDIA RTX A4500").available("secure", "on-demand", 4)
+    assert "RTX A4000" in render_gpu_table(listed, read_at, gpu_count=4)

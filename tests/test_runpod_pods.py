@@ -18,6 +18,7 @@ import pytest
 
 from tests.conftest import clean_env
 from tests.fake_runpod import PULL_FAILED, FakeRunPod, client, fake
+from tests.test_runpod_api import HOSTILE
 from trainctl.cloud.runpod import pods
 from trainctl.cloud.runpod.api import RunPodClient
 from trainctl.cloud.runpod.errors import (
@@ -241,27 +242,28 @@ def test_when_even_the_check_fails_the_user_is_told_what_to_run(fake: FakeRunPod
 # --- the start script, run for real with the pod's environment ---------------------------------
 
 AGENT = textwrap.dedent("""
-    import pathlib, signal, sys, time
+    import json, pathlib, signal, sys, time
     here = pathlib.Path(sys.argv[1])
     def stop(signum, frame):
         (here / "agent-got-sigterm").write_text("")
         sys.exit(0)
     signal.signal(signal.SIGTERM, stop)
-    (here / "agent-started").write_text("")
+    (here / "agent-started").write_text(json.dumps(sys.argv[4:]))
     time.sleep(float(sys.argv[2]))
     sys.exit(int(sys.argv[3]))
 """)
 
 
 def start_pod(fake: FakeRunPod, client, tmp_path: Path, *, sleep_s: float, exit_code: int,
-              deadline_in_s: float = 3600, **over) -> tuple[subprocess.Popen, LaunchedPod]:
+              deadline_in_s: float = 3600, agent_args: tuple[str, ...] = (),
+              **over) -> tuple[subprocess.Popen, LaunchedPod]:
     """Create a pod through the fake, then be that pod: run its dockerArgs with its env."""
     agent = tmp_path / "agent.py"
     agent.write_text(AGENT)
     now = datetime.now(timezone.utc)
     request = PodRequest(session_id=SESSION, gpu="NVIDIA RTX A4000", grace_period_s=5,
                          agent_command=(sys.executable, str(agent), str(tmp_path), str(sleep_s),
-                                        str(exit_code)),
+                                        str(exit_code), *agent_args),
                          deadline_utc=now + timedelta(seconds=deadline_in_s), **over)
     p = plan(request, gather_facts(client, 1, now=now))
     pod = pods.launch_pod(client, p)
@@ -332,3 +334,17 @@ def test_keep_on_failure_keeps_the_pod_until_the_deadline_only(fake: FakeRunPod,
     assert rc == 1
     assert "pod kept for debugging until" in err
     assert [p for p, who in fake.terminated] == [pod.pod_id]
+
+
+def test_hostile_names_env_and_agent_arguments_survive_every_layer(fake: FakeRunPod, client,
+                                                                   tmp_path):
+    proc, pod = start_pod(fake, client, tmp_path, sleep_s=0, exit_code=0,
+                          agent_args=tuple(HOSTILE), name=HOSTILE[2],
+                          env={f"V{i}": value for i, value in enumerate(HOSTILE)})
+    rc, _ = finish(proc)
+    assert rc == 0 and fake.terminated == [(pod.pod_id, "pod")]
+    assert json.loads((tmp_path / "agent-started").read_text()) == HOSTILE
+    [create] = [r for r in fake.requests if r["operation"] == "podFindAndDeployOnDemand"]
+    sent = create["variables"]["input"]
+    assert sent["name"] == f"trainctl-{HOSTILE[2]}-a0"
+    assert [e["value"] for e in sent["env"] if e["key"].startswith("V")] == HOSTILE

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from .errors import InvalidPodRequestError, UnknownGpuTypeError
@@ -106,6 +106,12 @@ def parse_gpu_types(raw: Iterable[Mapping[str, Any]]) -> list[GpuOffer]:
                                memory_gb=_count(g.get("memoryInGb")) or 0,
                                max_gpu_count=_count(g.get("maxGpuCount")), **clouds))
     return sorted(offers, key=lambda o: (o.memory_gb, o.display_name))
+
+
+def read_offers(client: Any, gpu_count: int = 1) -> tuple[list[GpuOffer], datetime]:
+    """The offers for ``gpu_count`` GPUs, and when they were read (`trainctl runpod gpus`)."""
+    raw = client.gpu_types(gpu_count)
+    return parse_gpu_types(raw), datetime.now(timezone.utc)
 
 
 def find_gpu(offers: Sequence[GpuOffer], name: str) -> GpuOffer:
