@@ -29,7 +29,9 @@ from trainctl.cloud.runpod.errors import (
     InvalidPodRequestError,
     NoApiKeyError,
     RunPodApiError,
+    SdkMissingError,
 )
+from trainctl.errors import EXIT_USAGE
 
 __all__ = ["client", "fake"]  # fixtures
 
@@ -255,3 +257,12 @@ def test_a_pod_scoped_key_ends_its_own_pod_and_nothing_else(fake: FakeRunPod, cl
         as_pod.terminate_pod(other["id"])
     assert as_pod.terminate_pod(mine["id"]) is True
     assert fake.terminated == [(mine["id"], "pod")]
+
+
+def test_without_the_sdk_reads_say_how_to_install_it(fake: FakeRunPod, client, monkeypatch):
+    monkeypatch.setitem(sys.modules, "runpod", None)  # as if `pip install trainctl` alone
+    with pytest.raises(SdkMissingError) as info:
+        client.list_pods()
+    assert info.value.hint == "Install with: pip install 'trainctl[runpod]'"
+    assert info.value.exit_code == EXIT_USAGE
+    assert client.gpu_types()  # trainctl's own requests need no SDK

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ... import __version__
 from .errors import (
     AmbiguousCreateError,
     ApiKeyRejectedError,
@@ -31,6 +32,7 @@ from .errors import (
     InvalidPodRequestError,
     NoApiKeyError,
     RunPodApiError,
+    SdkMissingError,
 )
 
 if sys.version_info >= (3, 11):
@@ -174,8 +176,6 @@ class RunPodClient:
                 retry: bool = True) -> dict[str, Any]:
         """POST one operation with its variables; return ``data`` or raise a typed error."""
         body = json.dumps({"query": query, "variables": dict(variables or {})}).encode()
-        from ... import __version__
-
         request = urllib.request.Request(self.graphql_url, data=body, method="POST", headers={
             "Content-Type": "application/json",
             "Authorization": f"Bearer {self.api_key.value}",
@@ -236,9 +236,12 @@ class RunPodClient:
 
     def _sdk_call(self, call: Callable[[Any], T], operation: str) -> T:
         """Run an SDK read with this client's key, its errors turned into trainctl's."""
-        import requests  # the SDK's own transport; installed with it
-        import runpod  # ~1.3 s, so only reads of pods pay it
-        from runpod import error as runpod_error
+        try:
+            import requests  # the SDK's own transport; installed with it
+            import runpod  # ~1.3 s, so only reads of pods pay it
+            from runpod import error as runpod_error
+        except ImportError as e:
+            raise SdkMissingError() from e
 
         if api_base_url() != self.base_url:
             raise RunPodApiError(f"{BASE_URL_VARIABLE} changed after this client was made.",
