@@ -7,7 +7,9 @@ name lookup fail loudly.
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import socket
 import time
@@ -80,6 +82,13 @@ def aws_isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
                 os.environ[key] = value
 
 
+@functools.lru_cache(maxsize=1)
+def _shared_loader() -> Any:
+    import botocore.loaders
+
+    return botocore.loaders.create_loader()
+
+
 class MotoAws:
     """One moto server and helpers to seed it and to build trainctl contexts against it."""
 
@@ -91,9 +100,12 @@ class MotoAws:
 
     def session(self, hooks: dict[str, Callable[..., Any]] | None = None, *, credentials: bool = True) -> Any:
         import boto3
+        import botocore.session
 
+        core = botocore.session.get_session()
+        core.register_component("data_loader", _shared_loader())  # parse AWS's model files once
         keys = ({"aws_access_key_id": "testing", "aws_secret_access_key": "testing"} if credentials else {})
-        session = boto3.Session(region_name=REGION, **keys)
+        session = boto3.Session(region_name=REGION, botocore_session=core, **keys)
         for event, handler in (hooks or {}).items():
             session.events.register(event, handler)
         return session
@@ -137,6 +149,7 @@ class MotoAws:
 def moto_server(loopback_only: None, aws_isolated_env: dict[str, str]) -> Iterator[MotoAws]:
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

@@ -103,14 +103,14 @@ def test_on_demand_plan_holds_the_exact_run_instances_request():
         "ImageId": "ami-0123456789abcdef0", "InstanceType": "g5.xlarge", "MinCount": 1, "MaxCount": 1,
         "SubnetId": "subnet-0a", "SecurityGroupIds": ["sg-0trainctl"],
         "IamInstanceProfile": {"Arn": "arn:aws:iam::123456789012:instance-profile/trainctl-demo-machine"},
-        "UserData": base64.b64encode(plan.boot_script.encode()).decode(),
+        "UserData": plan.boot_script,  # boto3 encodes RunInstances user data itself
         "InstanceInitiatedShutdownBehavior": "terminate",
         "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 2,
                             "InstanceMetadataTags": "enabled"},
         "BlockDeviceMappings": [{"DeviceName": "/dev/sda1", "Ebs": {"VolumeSize": 100, "VolumeType": "gp3",
                                                                    "DeleteOnTermination": True, "Encrypted": True}}],
         "TagSpecifications": [{"ResourceType": r, "Tags": tags} for r in ("instance", "volume", "network-interface")],
-        "ClientToken": "20261130-070000-ab12-0-run",
+        "ClientToken": "20261130-070000-ab12-0-us-east-1a",
     }
     assert plan.projected_cost_usd == pytest.approx(1.006 * 12)
     assert plan.deadline == NOW + timedelta(hours=12)
@@ -128,6 +128,7 @@ def test_spot_plan_uses_a_maintain_fleet_that_aws_ends_at_the_deadline():
     assert {(o["InstanceType"], o["SubnetId"]) for o in overrides} == {
         ("g5.xlarge", "subnet-0a"), ("g5.xlarge", "subnet-0b"), ("g5.2xlarge", "subnet-0a"), ("g5.2xlarge", "subnet-0b")}
     template = plan.request_params("CreateLaunchTemplate")["LaunchTemplateData"]
+    assert base64.b64decode(template["UserData"]).decode() == plan.boot_script  # templates take base64
     assert "InstanceMarketOptions" not in template  # the fleet sets the market; a template with one is refused
     # A maintain fleet can't tag its instances: the template must.
     assert {t["ResourceType"] for t in template["TagSpecifications"]} >= {"instance", "volume"}
@@ -138,7 +139,7 @@ def test_spot_plan_uses_a_maintain_fleet_that_aws_ends_at_the_deadline():
 def test_user_data_is_redacted_for_display_and_holds_no_secret_values():
     plan = plan_launch(request(env={"WANDB_PROJECT": "demo"}), facts())
     shown = json.dumps(plan.redacted_requests())
-    assert plan.requests[0]["params"]["UserData"] not in shown and "base64 of the boot script" in shown
+    assert "#!/bin/bash" not in shown and "the boot script below" in shown
     assert "WANDB_API_KEY" in plan.boot_script  # the name, so the agent reads it from SSM ...
     assert "TRAINCTL_SSM_PATH=/trainctl/demo/" in plan.boot_script  # ... under the project's path
     with pytest.raises(UsageError, match="HF_TOKEN looks like a secret"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -48,7 +49,8 @@ class AwsSettings:
         return cls(**values)
 
 
-def known_regions() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def known_regions() -> tuple[str, ...]:
     """Regions botocore knows for EC2 (from its bundled endpoint data; no network)."""
     try:
         import botocore.session
@@ -58,7 +60,7 @@ def known_regions() -> list[str]:
     regions: set[str] = set()
     for partition in ("aws", "aws-us-gov", "aws-cn"):
         regions.update(session.get_available_regions("ec2", partition_name=partition))
-    return sorted(regions)
+    return tuple(sorted(regions))
 
 
 def validate_region(region: str) -> str:

@@ -345,9 +345,8 @@ def missing_launch_permissions(ctx: AwsContext, ami: AmiFact, instance_type: str
         ctx.call("ec2", "run_instances", **params)
     except AccessDeniedError as e:
         return (_decoded_action(ctx, e) or e.action,)
-    except AwsRequestError as e:
-        if e.code != "DryRunOperation":
-            return ()  # not a permission question; the launch itself will say what is wrong
+    except AwsError:
+        return ()  # DryRunOperation (allowed), or not a permission question: the launch will say
     return ()
 
 

@@ -138,7 +138,7 @@ class AwsPlan:
         secret-looking names in user data; values travel through SSM).
         """
         digest = hashlib.sha256(self.boot_script.encode()).hexdigest()[:16]
-        summary = f"<base64 of the boot script: {boot_script_size(self.boot_script)} bytes, sha256 {digest}...>"
+        summary = f"<the boot script below: {boot_script_size(self.boot_script)} bytes, sha256 {digest}...>"
         shown = []
         for item in copy.deepcopy(self.requests):
             params = item["params"]
@@ -191,7 +191,7 @@ def _price_dict(price: PriceFact) -> dict[str, Any]:
     return data
 
 
-def _client_token(*parts: object) -> str:
+def client_token(*parts: object) -> str:
     """Idempotency token (EC2: at most 64 ASCII characters): readable when short, hashed when long."""
     text = "-".join(str(p) for p in parts)
     return text if len(text) <= 64 else hashlib.sha256(text.encode()).hexdigest()[:64]
@@ -241,9 +241,11 @@ def _requests(request: LaunchRequest, facts: Facts, boot_script: str, zones: tup
     if request.market == "on-demand":
         return [{"operation": "RunInstances",
                  "zones": list(zones),  # tried in this order on InsufficientInstanceCapacity
-                 "params": spec | {"MinCount": 1, "MaxCount": 1,
+                 # boto3 base64-encodes RunInstances user data itself (not a template's)
+                 "params": spec | {"UserData": boot_script, "MinCount": 1, "MaxCount": 1,
                                    "SubnetId": subnets.get(zones[0]) if zones else None,
-                                   "ClientToken": _client_token(request.session_id, request.attempt, "run")}}]
+                                   "ClientToken": client_token(request.session_id, request.attempt,
+                                                               zones[0] if zones else "run")}}]
     name = launch_template_name(request.session_id, request.attempt)
     tags = tag_list(session_tags(request.project, request.session_id, request.attempt, request.name))
     overrides = [{"InstanceType": info.name, "SubnetId": subnets[zone]}
@@ -253,12 +255,12 @@ def _requests(request: LaunchRequest, facts: Facts, boot_script: str, zones: tup
         {"operation": "CreateLaunchTemplate", "params": {
             "LaunchTemplateName": name,
             "VersionDescription": f"trainctl session {request.session_id} attempt {request.attempt}",
-            "ClientToken": _client_token(request.session_id, request.attempt, "lt"),
+            "ClientToken": client_token(request.session_id, request.attempt, "lt"),
             "LaunchTemplateData": spec,
             "TagSpecifications": [{"ResourceType": "launch-template", "Tags": tags}]}},
         {"operation": "CreateFleet", "params": {
             "Type": "maintain",
-            "ClientToken": _client_token(request.session_id, request.attempt, "fleet"),
+            "ClientToken": client_token(request.session_id, request.attempt, "fleet"),
             "TargetCapacitySpecification": {"TotalTargetCapacity": 1, "SpotTargetCapacity": 1,
                                             "OnDemandTargetCapacity": 0,
                                             "DefaultTargetCapacityType": "spot"},
