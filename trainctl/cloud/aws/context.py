@@ -115,7 +115,7 @@ class AwsContext:
         if key not in self._clients:
             from botocore.config import Config
 
-            config = Config(retries={"mode": "standard", "max_attempts": self.max_attempts},
+            config = Config(retries={"mode": "standard", "total_max_attempts": self.max_attempts},
                             user_agent_extra="trainctl", connect_timeout=10, read_timeout=60)
             self._clients[key] = self.session.client(service, region_name=region,
                                                      endpoint_url=self.endpoint_url, config=config)

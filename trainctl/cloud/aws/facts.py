@@ -296,8 +296,8 @@ def resolve_ami(ctx: AwsContext, ami: str, arch: str) -> AmiFact:
 def _describe_ami(ctx: AwsContext, image_id: str, source: str) -> AmiFact:
     try:
         images = ctx.call("ec2", "describe_images", ImageIds=[image_id])["Images"]
-    except AwsRequestError as e:
-        raise AmiNotFoundError(f"AMI {image_id} is not available in {ctx.region} ({e.code}).") from e
+    except (AmiNotFoundError, AwsRequestError) as e:
+        raise AmiNotFoundError(f"AMI {image_id} is not available in {ctx.region}.") from e
     if not images:
         raise AmiNotFoundError(f"AMI {image_id} is not available in {ctx.region}.")
     image = images[0]

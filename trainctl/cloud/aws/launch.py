@@ -118,6 +118,7 @@ def _launch_on_demand(ctx: AwsContext, plan: AwsPlan, result: LaunchResult) -> N
     subnets = dict(plan.subnets)
     primary = plan.instance_types[0]
     failures: list[str] = []
+    not_offered: list[str] = []
     for zone in item["zones"]:
         params = copy.deepcopy(item["params"])
         params["SubnetId"] = subnets[zone]
@@ -127,6 +128,8 @@ def _launch_on_demand(ctx: AwsContext, plan: AwsPlan, result: LaunchResult) -> N
                 "instance_type": primary.name, "market": "on-demand", "zone": zone, "vcpus": primary.vcpus}, **params)
         except (CapacityUnavailableError, InstanceTypeNotOfferedError) as e:
             failures.append(zone)
+            if isinstance(e, InstanceTypeNotOfferedError):
+                not_offered.append(zone)
             result.notes.append(f"{zone}: {e.message}")
             continue
         except TrainctlError as e:
@@ -138,6 +141,8 @@ def _launch_on_demand(ctx: AwsContext, plan: AwsPlan, result: LaunchResult) -> N
         if failures:
             result.notes.append(f"started in {result.zone} after no capacity in {', '.join(failures)}")
         return
+    if failures and not_offered == failures:
+        raise _attach_cleanup_note(InstanceTypeNotOfferedError(primary.name, ", ".join(failures)), [], [])
     raise _attach_cleanup_note(CapacityUnavailableError(primary.name, failures, "on-demand"), [], [])
 
 

@@ -9,9 +9,11 @@ with no inbound rules. Without ``yes`` nothing is created: the report says what 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ...errors import UsageError
 from .context import AwsContext
 from .errors import (
     AwsRequestError,
@@ -136,6 +138,29 @@ def machine_policy(*, partition: str, account_id: str, bucket: str, prefix: str,
 def lifecycle_rule(prefix: str) -> dict[str, Any]:
     return {"ID": LIFECYCLE_RULE_ID, "Status": "Enabled", "Filter": {"Prefix": f"{prefix}/"},
             "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": ABORT_AFTER_DAYS}}
+
+
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+
+
+def validate_bucket_name(bucket: str) -> str:
+    """S3's naming rules, checked before any request so the error can say which rule."""
+    if (not _BUCKET_NAME.match(bucket) or ".." in bucket or re.match(r"^\d+\.\d+\.\d+\.\d+$", bucket)
+            or bucket.startswith("xn--") or bucket.endswith("-s3alias")):
+        raise UsageError(f"'{bucket}' is not a valid S3 bucket name.",
+                         "Use 3-63 lowercase letters, digits, hyphens or dots, starting and ending with a "
+                         "letter or digit, e.g. my-project-trainctl.")
+    return bucket
+
+
+def check_bucket(ctx: AwsContext, bucket: str) -> str:
+    """The bucket's region if it exists in ``ctx.region``; else a typed error with the fix."""
+    region = bucket_region(ctx, validate_bucket_name(bucket))
+    if region is None:
+        raise BucketNotFoundError(bucket)
+    if region != ctx.region:
+        raise BucketRegionError(bucket, region, ctx.region)
+    return region
 
 
 def bucket_region(ctx: AwsContext, bucket: str) -> str | None:
@@ -314,6 +339,7 @@ def _setup_security_group(ctx: AwsContext, report: SetupReport, yes: bool) -> No
 def setup(ctx: AwsContext, *, bucket: str, project: str, prefix: str = "trainctl", yes: bool = False,
           fleets: bool = True) -> SetupReport:
     """Inspect (and with ``yes``, create) what a project needs in ``ctx.region``; safe to rerun."""
+    validate_bucket_name(bucket)
     report = SetupReport(region=ctx.region, project=project, bucket=bucket, prefix=prefix.strip("/"), applied=yes)
     _setup_bucket(ctx, report, yes)
     _setup_iam(ctx, report, yes)
