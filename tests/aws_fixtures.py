@@ -8,6 +8,7 @@ name lookup fail loudly.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ import socket
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -166,6 +168,46 @@ def moto(moto_server: MotoAws) -> MotoAws:
     return moto_server
 
 
+@dataclass
+class Account:
+    """One prepared account shared by this module's tests: `aws setup` done, DLAMIs published.
+
+    Tests keep to their own session ids, so they can share it without seeing each other.
+    """
+
+    moto: MotoAws
+    seeded: dict[str, str]
+
+    def context(self, hooks: dict[str, Any] | None = None) -> Any:
+        return self.moto.context(REGION, {**standard_hooks(), **(hooks or {})})
+
+    def instances(self, session: str) -> list[dict[str, Any]]:
+        reservations = self.moto.client("ec2").describe_instances(
+            Filters=[{"Name": "tag:trainctl:session", "Values": [session]}])["Reservations"]
+        return [i for r in reservations for i in r["Instances"]]
+
+    def templates(self, session: str) -> list[dict[str, Any]]:
+        return self.moto.client("ec2").describe_launch_templates(
+            Filters=[{"Name": "tag:trainctl:session", "Values": [session]}])["LaunchTemplates"]
+
+
+@pytest.fixture(scope="module")
+def account(moto_server: MotoAws) -> Account:
+    """A fresh account per test module, prepared once."""
+    moto_server.reset()
+    seeded = moto_server.seed_dlami(REGION)
+    from trainctl.cloud.aws.setup import setup
+
+    setup(moto_server.context(REGION), bucket="demo-bucket-us-east-1", project="demo", yes=True)
+    return Account(moto_server, seeded)
+
+
+@pytest.fixture
+def sid(request: pytest.FixtureRequest) -> str:
+    """A session id of this test's own."""
+    return "s-" + hashlib.sha1(request.node.name.encode()).hexdigest()[:10]
+
+
 # ----------------------------------------------------------------- answers moto doesn't give
 
 def http_response(status: int = 200) -> Any:
@@ -191,12 +233,14 @@ def request_params(params: dict[str, Any]) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def pricing_hook(prices: dict[str, float], publication_date: str = PUBLICATION_DATE) -> Callable[..., Any]:
-    """Answer Pricing GetProducts like AWS: PriceList entries are JSON strings."""
+def pricing_hook(prices: dict[Any, float], publication_date: str = PUBLICATION_DATE) -> Callable[..., Any]:
+    """Answer Pricing GetProducts like AWS (PriceList entries are JSON strings); ``prices`` is
+    keyed by instance type, or by (instance type, region) for a region's own price."""
 
     def handler(params: dict[str, Any], **_: Any) -> Any:
         filters = {f["Field"]: f["Value"] for f in request_params(params).get("Filters", [])}
-        usd = prices.get(filters.get("instanceType", ""))
+        itype = filters.get("instanceType", "")
+        usd = prices.get((itype, filters.get("regionCode")), prices.get(itype))
         if usd is None:
             return http_response(), {"PriceList": [], "FormatVersion": "aws_v1"}
         sku = "SKU" + filters["instanceType"].replace(".", "")
@@ -209,7 +253,7 @@ def pricing_hook(prices: dict[str, float], publication_date: str = PUBLICATION_D
     return handler
 
 
-def quota_hook(values: dict[str, float], *, default: bool = False) -> Callable[..., Any]:
+def quota_hook(values: dict[str, float]) -> Callable[..., Any]:
     """Answer Service Quotas GetServiceQuota (or the default-value call) from ``values`` by code."""
 
     def handler(params: dict[str, Any], **_: Any) -> Any:

@@ -3,62 +3,22 @@
 from __future__ import annotations
 
 import base64
-import hashlib
-from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
 
-from tests.aws_fixtures import REGION, MotoAws, error_answer, quota_hook, standard_hooks
+from tests.aws_fixtures import Account, error_answer, quota_hook
 from trainctl.cloud.aws.errors import CapacityUnavailableError, QuotaExceededError
 from trainctl.cloud.aws.facts import gather_facts
 from trainctl.cloud.aws.inventory import list_resources, session_status
 from trainctl.cloud.aws.launch import end_fleet, launch, terminate
 from trainctl.cloud.aws.names import USER_DATA_LIMIT_BYTES
 from trainctl.cloud.aws.plan import LaunchRequest, plan_launch
-from trainctl.cloud.aws.setup import setup
 from trainctl.errors import UsageError
 
 NOW = datetime(2026, 11, 30, 7, 0, tzinfo=timezone.utc)
 AGENT = ("/opt/pytorch/bin/python", "-m", "trainctl", "agent")
-
-
-@dataclass
-class Account:
-    """One prepared account shared by this module's tests: `aws setup` done, DLAMIs published.
-
-    Tests keep to their own session ids, so they can share it without seeing each other.
-    """
-
-    moto: MotoAws
-    seeded: dict[str, str]
-
-    def context(self, hooks: dict[str, Any] | None = None) -> Any:
-        return self.moto.context(REGION, {**standard_hooks(), **(hooks or {})})
-
-    def instances(self, session: str) -> list[dict[str, Any]]:
-        reservations = self.moto.client("ec2").describe_instances(
-            Filters=[{"Name": "tag:trainctl:session", "Values": [session]}])["Reservations"]
-        return [i for r in reservations for i in r["Instances"]]
-
-    def templates(self, session: str) -> list[dict[str, Any]]:
-        return self.moto.client("ec2").describe_launch_templates(
-            Filters=[{"Name": "tag:trainctl:session", "Values": [session]}])["LaunchTemplates"]
-
-
-@pytest.fixture(scope="module")
-def account(moto_server: MotoAws) -> Account:
-    moto_server.reset()
-    seeded = moto_server.seed_dlami(REGION)
-    setup(moto_server.context(REGION), bucket="demo-bucket-us-east-1", project="demo", yes=True)
-    return Account(moto_server, seeded)
-
-
-@pytest.fixture
-def sid(request: pytest.FixtureRequest) -> str:
-    """A session id of this test's own."""
-    return "s-" + hashlib.sha1(request.node.name.encode()).hexdigest()[:10]
 
 
 def request(session: str, **changes: Any) -> LaunchRequest:

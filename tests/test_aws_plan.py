@@ -246,9 +246,11 @@ def run_boot_script(tmp_path: Path, spec: BootSpec) -> tuple[list[str], str]:
 ])
 def test_boot_script_powers_off_unless_preempted(tmp_path, exit_code, powers_off, said):
     deadline = datetime.now(timezone.utc) + timedelta(hours=2)
-    agent = ("bash", "-c", f'echo "agent sees $TRAINCTL_SESSION_ID $TRAINCTL_PROJECT in $PWD"; exit {exit_code}')
+    agent = ("bash", "-c", f'echo "agent sees $TRAINCTL_SESSION_ID $TRAINCTL_PROJECT in $PWD"; echo $$ > me; exit {exit_code}')
     calls, log = run_boot_script(tmp_path, boot_spec(tmp_path, deadline, agent))
     assert f"agent sees s1 demo in {tmp_path / 'work'}" in log
+    # the pid a stop request signals is the agent's own
+    assert (tmp_path / "work" / "agent.pid").read_text() == (tmp_path / "work" / "me").read_text()
     assert said in log
     assert ("systemctl poweroff" in calls) is powers_off
     # The deadline is scheduled at the OS level whatever happens next, as an absolute time.

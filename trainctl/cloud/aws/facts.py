@@ -362,6 +362,56 @@ def _decoded_action(ctx: AwsContext, error: AccessDeniedError) -> str | None:
         return None
 
 
+# Where `--region auto` looks unless told otherwise: regions with broad GPU offerings.
+DEFAULT_AUTO_REGIONS = ("us-east-1", "us-east-2", "us-west-2", "eu-west-1", "eu-central-1", "ap-northeast-1")
+GOOD_PLACEMENT_SCORE = 5  # EC2's spot placement score, 1-10: likely to get capacity from here up
+
+
+@dataclass(frozen=True)
+class RegionOption:
+    region: str
+    zones: tuple[str, ...]
+    price: PriceFact
+    placement_score: int | None = None  # spot only; None: not known
+
+    def describe(self) -> str:
+        score = f", spot placement score {self.placement_score}/10" if self.placement_score is not None else ""
+        return f"{self.region}: {self.price.describe()}{score}"
+
+
+def rank_regions(ctx: AwsContext, instance_type: str, market: str,
+                 regions: tuple[str, ...] = DEFAULT_AUTO_REGIONS, now: datetime | None = None) -> list[RegionOption]:
+    """Regions offering the type, cheapest first; for spot, regions where EC2 rates capacity
+    likely (placement score >= 5) come before the rest. A region that can't be read is skipped."""
+    now = now or utcnow()
+    scores: dict[str, int] = {}
+    if market == "spot":
+        try:
+            answer = ctx.call("ec2", "get_spot_placement_scores", InstanceTypes=[instance_type], TargetCapacity=1,
+                              SingleAvailabilityZone=False, RegionNames=list(regions))
+            scores = {s["Region"]: int(s["Score"]) for s in answer.get("SpotPlacementScores", [])}
+        except AwsError:
+            scores = {}
+    options = []
+    for region in regions:
+        here = ctx.for_region(region)
+        try:
+            zones = offered_zones(here, instance_type)
+        except AwsError:
+            continue
+        if not zones:
+            continue
+        price = spot_price(here, [instance_type], list(zones), now) if market == "spot" else on_demand_price(here, instance_type)
+        options.append(RegionOption(region, zones, price, scores.get(region)))
+
+    def key(option: RegionOption) -> tuple[bool, bool, float]:
+        unlikely = option.placement_score is not None and option.placement_score < GOOD_PLACEMENT_SCORE
+        usd = option.price.usd_per_hour
+        return (usd is None, unlikely, usd if usd is not None else 0.0)
+
+    return sorted(options, key=key)
+
+
 def gather_facts(ctx: AwsContext, request: LaunchRequest, *, now: datetime | None = None) -> Facts:
     """All lookups ``plan_launch`` needs, for ``request`` in ``ctx.region``."""
     now = now or utcnow()

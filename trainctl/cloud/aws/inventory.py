@@ -350,3 +350,17 @@ def session_status(ctx: AwsContext, session_id: str, *, now: datetime | None = N
         state = "none"
     templates = [t["LaunchTemplateId"] for t in session_launch_templates(ctx, session_id)]
     return SessionStatus(session_id, ctx.region, state, machines, fleets, templates, session_cost(usages, now))
+
+
+def shell_command(ctx: AwsContext, target: str) -> list[str]:
+    """The command that opens a shell on a session's running machine through SSM (no open port)."""
+    from ...errors import NotFoundError
+
+    if target.startswith("i-"):
+        return ["aws", "ssm", "start-session", "--target", target, "--region", ctx.region]
+    running = [i for i in session_instances(ctx, target) if i["State"]["Name"] == "running"]
+    if not running:
+        raise NotFoundError(f"Session {target} has no running machine in {ctx.region}.",
+                            f"See where it stands with: trainctl aws status {target} --region {ctx.region}")
+    newest = max(running, key=lambda i: i["LaunchTime"])
+    return ["aws", "ssm", "start-session", "--target", newest["InstanceId"], "--region", ctx.region]

@@ -324,6 +324,29 @@ def _end_launch_templates(ctx: AwsContext, templates: list[dict[str, Any]], dry_
             report.actions.append(Action("launch template", tid, "already deleted", command))
 
 
+def _trainctl_instance(ctx: AwsContext, instance_id: str) -> tuple[dict[str, Any] | None, str | None]:
+    """The instance (None if gone) and its fleet; refuses a machine trainctl did not start."""
+    try:
+        reservations = ctx.call("ec2", "describe_instances", InstanceIds=[instance_id])["Reservations"]
+    except AwsRequestError as e:
+        if e.code.startswith("InvalidInstanceID"):
+            return None, None
+        raise
+    instances = [i for r in reservations for i in r["Instances"]]
+    if not instances:
+        return None, None
+    tags = tag_dict(instances[0].get("Tags"))
+    if TAG_SESSION not in tags:
+        raise UsageError(f"{instance_id} is not a trainctl machine (it has no {TAG_SESSION} tag).",
+                         "trainctl only ends what it started; end it in the EC2 console or with: "
+                         f"aws ec2 terminate-instances --instance-ids {instance_id} --region {ctx.region}")
+    fleet_id = tags.get("aws:ec2:fleet-id")
+    if fleet_id is None:
+        fleet_id = next((f["FleetId"] for f in session_fleets(ctx, tags[TAG_SESSION])
+                         if instance_id in fleet_instance_ids(ctx, f["FleetId"])), None)
+    return instances[0], fleet_id
+
+
 def terminate(ctx: AwsContext, target: str, *, dry_run: bool = False) -> EndReport:
     """End a session's machines now (``target`` = session id or instance id); safe to repeat.
 
@@ -332,27 +355,63 @@ def terminate(ctx: AwsContext, target: str, *, dry_run: bool = False) -> EndRepo
     """
     report = EndReport(target=target, region=ctx.region, dry_run=dry_run)
     if target.startswith("i-"):
-        try:
-            reservations = ctx.call("ec2", "describe_instances", InstanceIds=[target])["Reservations"]
-        except AwsRequestError as e:
-            if e.code.startswith("InvalidInstanceID"):
-                report.actions.append(Action("instance", target, "not found (already gone)"))
-                return report
-            raise
-        instances = [i for r in reservations for i in r["Instances"]]
-        tags = tag_dict(instances[0].get("Tags")) if instances else {}
-        if instances and TAG_SESSION not in tags:
-            raise UsageError(f"{target} is not a trainctl machine (it has no {TAG_SESSION} tag).",
-                             "trainctl only ends what it started; end it in the EC2 console or with: "
-                             f"aws ec2 terminate-instances --instance-ids {target} --region {ctx.region}")
-        fleet_id = tags.get("aws:ec2:fleet-id")
+        instance, fleet_id = _trainctl_instance(ctx, target)
+        if instance is None:
+            report.actions.append(Action("instance", target, "not found (already gone)"))
+            return report
         if fleet_id:  # a maintain fleet would replace the machine: end the fleet first
             _end_fleet(ctx, fleet_id, True, dry_run, report)
-        _end_instances(ctx, instances, dry_run, report)
+            if not dry_run:
+                instance = _trainctl_instance(ctx, target)[0] or instance
+        _end_instances(ctx, [instance], dry_run, report)
         return report
     for fleet in session_fleets(ctx, target):
         _end_fleet(ctx, fleet["FleetId"], True, dry_run, report)
     instances = session_instances(ctx, target)
     _end_instances(ctx, instances, dry_run, report)
     _end_launch_templates(ctx, session_launch_templates(ctx, target), dry_run, report)
+    return report
+
+
+def stop_session(ctx: AwsContext, target: str, *, workdir: str = "/opt/trainctl",
+                 dry_run: bool = False) -> EndReport:
+    """Stop like a preemption: no replacement, the agent checkpoints, syncs and powers off.
+
+    The session's fleet is deleted without terminating (AWS must not replace the machine),
+    then the agent gets SIGTERM through SSM Run Command. Returns at once; a caller that wants
+    a grace period waits, then calls ``terminate`` if a machine still runs.
+    """
+    from .userdata import AGENT_PID_FILE
+
+    report = EndReport(target=target, region=ctx.region, dry_run=dry_run)
+    if target.startswith("i-"):
+        instance, fleet_id = _trainctl_instance(ctx, target)
+        fleets = [fleet_id] if fleet_id else []
+        instances = ([target] if instance and instance["State"]["Name"] not in INSTANCE_GONE_STATES else [])
+        if instance is None:
+            report.actions.append(Action("instance", target, "not found (already gone)"))
+    else:
+        fleets = [f["FleetId"] for f in session_fleets(ctx, target)]
+        instances = [i["InstanceId"] for i in session_instances(ctx, target)
+                     if i["State"]["Name"] not in INSTANCE_GONE_STATES]
+    for fleet_id in fleets:
+        _end_fleet(ctx, fleet_id, False, dry_run, report)
+    pid_file = f"{workdir}/{AGENT_PID_FILE}"
+    script = f'kill -TERM "$(cat {pid_file})"'
+    for iid in instances:
+        command = (f"aws ssm send-command --region {ctx.region} --instance-ids {iid} "
+                   f"--document-name AWS-RunShellScript --parameters 'commands=[\"{script}\"]'")
+        if dry_run:
+            report.actions.append(Action("instance", iid, "would ask the agent to stop", command))
+            continue
+        try:
+            sent = ctx.call("ssm", "send_command", InstanceIds=[iid], DocumentName="AWS-RunShellScript",
+                            Comment=f"trainctl stop {target}"[:100], TimeoutSeconds=60,
+                            Parameters={"commands": [script]})
+        except AwsError as e:
+            report.actions.append(Action("instance", iid, f"could not reach its agent through SSM ({e.message}); "
+                                         f"end it now with: trainctl aws terminate {iid}", command))
+            continue
+        report.actions.append(Action("instance", iid, "asked to stop: emergency checkpoint, final sync, then it "
+                                     f"powers off (SSM command {sent['Command']['CommandId']})", command))
     return report

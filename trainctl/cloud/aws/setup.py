@@ -127,10 +127,13 @@ def machine_policy(*, partition: str, account_id: str, bucket: str, prefix: str,
          "Resource": [f"arn:{partition}:ec2:*:{account_id}:fleet/*",
                       f"arn:{partition}:ec2:*:{account_id}:launch-template/*"],
          "Condition": owned},
-        {"Sid": "SessionManagerShell", "Effect": "Allow",
+        # The SSM agent: a shell without inbound ports (aws ssh), and the stop request (Run Command).
+        {"Sid": "SsmAgent", "Effect": "Allow",
          "Action": ["ssm:UpdateInstanceInformation", "ssmmessages:CreateControlChannel",
                     "ssmmessages:CreateDataChannel", "ssmmessages:OpenControlChannel",
-                    "ssmmessages:OpenDataChannel"],
+                    "ssmmessages:OpenDataChannel", "ec2messages:AcknowledgeMessage",
+                    "ec2messages:DeleteMessage", "ec2messages:FailMessage", "ec2messages:GetEndpoint",
+                    "ec2messages:GetMessages", "ec2messages:SendReply"],
          "Resource": "*"},
     ]}
 

@@ -26,6 +26,7 @@ from .names import USER_DATA_LIMIT_BYTES
 
 EXIT_PREEMPTED = 75
 LOG_PATH = "/var/log/trainctl-boot.log"
+AGENT_PID_FILE = "agent.pid"  # in the work folder
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -96,7 +97,10 @@ bash -eu <<'TRAINCTL_PREPARE' || power_off "preparation failed"
 {prepare}
 TRAINCTL_PREPARE
 
-{agent}
+# The agent's pid, for a stop request (SIGTERM: emergency checkpoint, final sync, exit).
+{agent} &
+echo "$!" > {shlex.quote(spec.workdir + "/" + AGENT_PID_FILE)}
+wait "$!"
 rc=$?
 echo "agent exited with $rc at $(date -u +%FT%TZ)"
 if [ "$rc" -eq {EXIT_PREEMPTED} ]; then
