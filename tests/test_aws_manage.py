@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.aws_fixtures import Account, error_answer, http_response, pricing_hook, spot_price_hook
-from trainctl.cloud.aws.facts import gather_facts, rank_regions
+from trainctl.cloud.aws.facts import equivalent_instance_types, gather_facts, rank_regions
 from trainctl.cloud.aws.inventory import shell_command
 from trainctl.cloud.aws.launch import launch, stop_session
 from trainctl.cloud.aws.plan import LaunchRequest, plan_launch
@@ -100,3 +100,10 @@ def test_region_auto_ranks_by_price_and_spot_capacity(account: Account):
     assert spot[0].describe().startswith("eu-west-1: $0.4000/h spot in eu-west-1a")
     on_demand = rank_regions(ctx, "g5.xlarge", "on-demand", regions, now=when)
     assert [o.region for o in on_demand][-1] == "eu-west-1" and on_demand[0].price.usd_per_hour == 1.006
+
+
+def test_fleet_alternatives_have_the_same_gpus_and_at_most_twice_the_vcpus(account: Account):
+    ctx = account.context()
+    assert equivalent_instance_types(ctx, "g5.xlarge") == ["g5.2xlarge"]  # 1 x A10G, 8 vCPUs <= 2 x 4
+    assert equivalent_instance_types(ctx, "g5.xlarge", max_vcpu_ratio=4) == ["g5.2xlarge", "g5.4xlarge"]
+    assert "g5.12xlarge" not in equivalent_instance_types(ctx, "g5.xlarge", max_vcpu_ratio=100)  # 4 GPUs

@@ -77,7 +77,9 @@ def spot_facts() -> Facts:
 
 
 def test_dry_run_plan_of_a_spot_fleet_matches_the_golden_files():
-    plan = plan_launch(request(market="spot", also_instance_types=("g5.2xlarge",)), spot_facts())
+    plan = plan_launch(request(market="spot", also_instance_types=("g5.2xlarge",),
+                               display=(("code", "42 files, 1.3 MB (largest: train.py 12 kB)"),
+                                        ("resume", "none: a new run"))), spot_facts())
     assert plan.ok, plan.problems
     golden(GOLDEN / "plan_spot.txt", plan.render_text())
     golden(GOLDEN / "plan_spot.json", plan.to_json() + "\n")

@@ -189,6 +189,19 @@ def describe_instance_types(ctx: AwsContext, names: list[str]) -> dict[str, Inst
     return {n: found[n] for n in names}
 
 
+def equivalent_instance_types(ctx: AwsContext, instance_type: str, *, max_vcpu_ratio: float = 2.0) -> list[str]:
+    """Types of the same family with the same GPU model and count, up to ``max_vcpu_ratio`` times
+    the vCPUs (a bigger machine costs more): what a spot fleet may replace a machine with."""
+    primary = describe_instance_types(ctx, [instance_type])[instance_type]
+    family = instance_type.split(".")[0]
+    items = ctx.paginate("ec2", "describe_instance_types", "InstanceTypes",
+                         Filters=[{"Name": "instance-type", "Values": [f"{family}.*"]}])
+    same = [InstanceTypeInfo.from_api(i) for i in items]
+    fits = [t for t in same if t.name != instance_type and t.gpu_count == primary.gpu_count
+            and t.gpu_model == primary.gpu_model and t.vcpus <= primary.vcpus * max_vcpu_ratio]
+    return [t.name for t in sorted(fits, key=lambda t: (t.vcpus, t.name))]
+
+
 def offered_zones(ctx: AwsContext, instance_type: str) -> tuple[str, ...]:
     offers = ctx.paginate("ec2", "describe_instance_type_offerings", "InstanceTypeOfferings",
                           LocationType="availability-zone",

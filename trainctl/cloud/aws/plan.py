@@ -62,6 +62,8 @@ class LaunchRequest:
     prepare: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # not secret: it goes into user data
     secrets: tuple[str, ...] = ()  # names of SSM SecureString parameters the machine reads
+    # Rows the caller adds to the printed plan (code bundle summary, resume checkpoint, ...).
+    display: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.market not in MARKETS:
@@ -166,6 +168,7 @@ class AwsPlan:
             "quota": self.quota.__dict__,
             "disk_gb": req.disk_gb,
             "storage_uri": req.storage_uri,
+            "display": [list(row) for row in req.display],
             "boot_script": self.boot_script,
             "boot_script_bytes": boot_script_size(self.boot_script),
             "requests": self.redacted_requests(),
@@ -399,6 +402,7 @@ def render_plan(plan: AwsPlan) -> str:
     rows.append(("ami", f"{plan.ami.image_id} {plan.ami.name} [{plan.ami.source}]"))
     rows.append(("disk", f"{req.disk_gb} GB gp3, encrypted, deleted with the machine"))
     rows.append(("storage", req.storage_uri or "(none)"))
+    rows += list(req.display)
     rows.append(("boot script", f"{boot_script_size(plan.boot_script)} of {USER_DATA_LIMIT_BYTES} bytes, "
                                 "no secrets" + (f"; secrets from SSM: {', '.join(req.secrets)}" if req.secrets else "")))
     width = max(len(k) for k, _ in rows)
