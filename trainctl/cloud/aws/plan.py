@@ -311,17 +311,19 @@ def plan_launch(request: LaunchRequest, facts: Facts) -> AwsPlan:
 
     quota = facts.quota
     ref = quota_for(primary.name, request.market)
-    if quota.value_vcpus is not None and quota.value_vcpus < primary.vcpus:
+    # a fleet may start any of its types: the largest must fit
+    biggest = max(facts.instance_types, key=lambda t: t.vcpus)
+    if quota.value_vcpus is not None and quota.value_vcpus < biggest.vcpus:
         zero = " (new accounts often start at 0)" if quota.value_vcpus == 0 else ""
         problems.append(Problem(QuotaExceededError(
             f"The {request.market} quota '{quota.name}' ({quota.code}) is {quota.value_vcpus:g} vCPUs"
-            f"{zero}; {primary.name} needs {primary.vcpus}.",
-            quota=ref, region=facts.region, vcpus_needed=primary.vcpus, limit_vcpus=quota.value_vcpus)))
+            f"{zero}; {biggest.name} needs {biggest.vcpus}.",
+            quota=ref, region=facts.region, vcpus_needed=biggest.vcpus, limit_vcpus=quota.value_vcpus)))
     elif quota.value_vcpus is None:
         named = f" '{quota.name}' ({quota.code})" if quota.code else ""
         warnings.append(f"The {request.market} vCPU quota{named} is {quota.source}; if the launch fails on "
-                        f"it, raise it to {primary.vcpus}+ vCPUs"
-                        + (f": {ref.raise_command(facts.region, primary.vcpus)}" if ref else "."))
+                        f"it, raise it to {biggest.vcpus}+ vCPUs"
+                        + (f": {ref.raise_command(facts.region, biggest.vcpus)}" if ref else "."))
 
     if facts.network.security_group_id is None:
         problems.append(Problem(SetupMissingError(
@@ -397,8 +399,9 @@ def render_plan(plan: AwsPlan) -> str:
     quota = plan.quota
     quota_text = (f"{quota.value_vcpus:g} vCPUs ({quota.source})" if quota.value_vcpus is not None
                   else quota.source)
+    needs = max(t.vcpus for t in plan.instance_types)
     rows.append(("quota", f"{quota.name or 'unknown quota'}"
-                 + (f" ({quota.code})" if quota.code else "") + f": {quota_text}; needs {primary.vcpus}"))
+                 + (f" ({quota.code})" if quota.code else "") + f": {quota_text}; needs {needs}"))
     rows.append(("ami", f"{plan.ami.image_id} {plan.ami.name} [{plan.ami.source}]"))
     rows.append(("disk", f"{req.disk_gb} GB gp3, encrypted, deleted with the machine"))
     rows.append(("storage", req.storage_uri or "(none)"))
