@@ -290,3 +290,29 @@ def test_cost_sums_every_machine_of_a_session_spot_and_on_demand(account: Accoun
     assert status.cost.describe() == f"~${expected:.2f} (2 machines; 2.00 machine-hours; spot: estimate)"
     terminate(ctx, sid)
     assert session_status(ctx, sid, now=now).state == "ended"
+
+
+def test_a_replacement_belongs_to_the_session_and_the_expiry_leaves_nothing(account: Account, sid: str):
+    from moto.ec2.models import ec2_backends
+
+    from tests.aws_fixtures import ACCOUNT, REGION
+
+    ctx = account.context()
+    _, result = start(ctx, request(sid, market="spot"))
+    ec2 = account.moto.client("ec2")
+    # The test plays AWS (moto never replaces): the spot machine is reclaimed and the maintain
+    # fleet starts a replacement from the session's launch template.
+    ec2.terminate_instances(InstanceIds=result.instance_ids)
+    replacement = ec2.run_instances(MinCount=1, MaxCount=1, InstanceMarketOptions={"MarketType": "spot"},
+                                    LaunchTemplate={"LaunchTemplateId": result.launch_template_id, "Version": "1"},
+                                    )["Instances"][0]
+    assert_session_tags(replacement, sid)  # tagged by the template: the fleet can't tag it itself
+    status = session_status(ctx, sid)
+    assert status.state == "running" and len(status.machines) == 2
+    assert [m.state for m in status.machines] == ["terminated", "running"]
+    # ValidUntil passes: AWS deletes the fleet and terminates what it ran.
+    ec2_backends[ACCOUNT][REGION].fleets[result.fleet_id].state = "deleted"
+    ec2.terminate_instances(InstanceIds=[replacement["InstanceId"]])
+    inventory = list_resources(ctx, session_status={sid: "running"}.get)
+    assert [leak for leak in inventory.leaks if leak.session_id == sid] == []
+    assert session_status(ctx, sid).state == "ended"
