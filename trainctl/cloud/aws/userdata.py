@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 
 from ...errors import UsageError
 from ...redact import is_secret_name
-from .names import USER_DATA_LIMIT_BYTES
 
 EXIT_PREEMPTED = 75
 LOG_PATH = "/var/log/trainctl-boot.log"
@@ -114,9 +113,3 @@ fi
 def boot_script_size(script: str) -> int:
     return len(script.encode())
 
-
-def check_size(script: str) -> None:
-    size = boot_script_size(script)
-    if size > USER_DATA_LIMIT_BYTES:
-        raise UsageError(f"The boot script is {size} bytes; EC2 takes at most {USER_DATA_LIMIT_BYTES} bytes of user data.",
-                         "Move setup steps out of the boot script into the code bundle.")
