@@ -10,6 +10,9 @@ from pathlib import Path
 
 import pytest
 
+# moto's server and AWS answers for the AWS tests (fixtures start only when a test asks).
+pytest_plugins = ["tests.aws_fixtures"]
+
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
 
