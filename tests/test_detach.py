@@ -244,6 +244,16 @@ def test_delete_says_what_it_removes_refuses_running_and_is_idempotent(project, 
     assert gone.returncode == 0 and not running.dir.exists()
 
 
+def test_dry_run_shows_the_plan_with_secrets_redacted_and_starts_nothing(project, cli):
+    (project / "train.py").write_text("print('never runs')\n")
+    r = cli("local", "--dry-run", "--nproc-per-node", "2", "train.py", "--api-key", "s3cret", "--lr", "0.1")
+    assert r.returncode == 0, r.stderr
+    assert "s3cret" not in r.stdout and "--api-key '***' --lr 0.1" in r.stdout
+    assert "torch.distributed.run" in r.stdout and "TRAIN_OPS_BACKEND=local" in r.stdout
+    assert str(project / "checkpoints") in r.stdout and "never runs" not in r.stdout + r.stderr
+    assert not (project / ".trainctl" / "sessions").exists() or not any((project / ".trainctl" / "sessions").iterdir())
+
+
 @pytest.mark.parametrize(("args", "code", "fragment"), [
     (["sessions", "logs", "nope"], EXIT_NOT_FOUND, "No session 'nope'"),
     (["sessions", "attach", "nope"], EXIT_NOT_FOUND, "No session 'nope'"),

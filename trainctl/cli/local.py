@@ -40,10 +40,12 @@ was stopped (trainctl sessions stop); 2 when a pre-flight check failed."""
 @click.option("--no-preflight", is_flag=True, help="Skip the pre-flight checks.")
 @click.option("--detach", "-d", is_flag=True,
               help="Run in the background and return at once; follow with trainctl sessions attach ID.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what would run (command, environment, where output and checkpoints go); start nothing.")
 def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str | None,
               max_restarts: int | None, restart_on: str | None, restart_delay: float | None,
               grace_period: float | None, nproc_per_node: int, gpus: int | None, quiet: bool,
-              no_preflight: bool, detach: bool) -> None:
+              no_preflight: bool, detach: bool, dry_run: bool) -> None:
     """Run SCRIPT [ARGS]... here as a recorded session.
 
     The script runs as it would with `python SCRIPT ARGS`, with TRAIN_OPS_* variables telling it
@@ -54,7 +56,7 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
     from ..errors import ScriptNotFoundError
     from ..launcher.supervisor import restart_policy
     from ..resume import split_resume_arg
-    from .watch import run_here, start_in_background
+    from .watch import run_here, show_plan, start_in_background
 
     if not script.exists():
         raise ScriptNotFoundError(f"script {script} does not exist.",
@@ -73,6 +75,9 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
     if gpus is not None:
         resources["gpus"] = gpus
     spec = RunSpec(script=script, args=tuple(args_list), resources=resources, resume=resume, name=name)
+    if dry_run:
+        show_plan(spec, restart, cfg)
+        return
     if detach:
         start_in_background(spec, restart, cfg, preflight=not no_preflight)
         return

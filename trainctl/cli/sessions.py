@@ -100,6 +100,7 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         ("duration", format_duration((ended or time.time()) - started) if started else "-"),
         ("attempts", str(len(data.get("attempts") or []) or 1)),
         ("backend", data.get("backend")),
+        ("checkpoints at", session.checkpoint_location(data)),
         ("host", data.get("host")),
         ("git", (data.get("git") or {}).get("commit", "-") and
          f"{(data.get('git') or {}).get('commit', '')[:12]}{' (dirty)' if (data.get('git') or {}).get('dirty') else ''}"

@@ -104,6 +104,24 @@ def start_in_background(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, prefl
     return session
 
 
+def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any) -> None:
+    """`--dry-run`: the launch plan, secrets redacted; nothing is created or started."""
+    import shlex
+
+    plan = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=True, args=spec.args)).plan().display()
+    click.echo(f"backend      {plan['backend']}")
+    click.echo(f"command      {shlex.join(plan['command'])}")
+    click.echo(f"cwd          {plan['cwd']}")
+    for key, value in sorted(plan["env"].items()):
+        click.echo(f"env          {key}={value}")
+    click.echo(f"resources    {', '.join(f'{k}={v}' for k, v in plan['resources'].items()) or '-'}")
+    click.echo(f"output       {plan['output']}")
+    click.echo(f"checkpoints  {plan['checkpoint_location']}")
+    click.echo(f"restarts     up to {policy.max_restarts} on {', '.join(policy.restart_on)}, "
+               f"{policy.restart_delay_s:g}s apart; grace period {policy.grace_period_s:g}s")
+    click.echo("cost         " + (f"~${plan['cost_per_hour']:.2f}/h" if plan["cost_per_hour"] is not None else "none (this machine)"))
+
+
 def show_end(session: Session, output_tail: list[str]) -> None:
     """The closing lines of a run, from what session.json recorded."""
     render.run_summary({**session.read(), "output_log": str(session.output_log)}, output_tail)

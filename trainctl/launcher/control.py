@@ -136,6 +136,13 @@ def stop(session: Session, *, now: bool, grace_period_s: float | None = None,
     if status in TERMINAL or status is State.CRASHED:
         return StopResult(session, False, status, data)
     handle = recorded_handle(data)
+    deadline = time.monotonic() + settle_s
+    while handle is None and (data.get("command") or [None])[0] == "trainctl" and time.monotonic() < deadline:
+        time.sleep(0.05)  # started by trainctl, its first attempt not launched yet
+        data = _read(session)
+        if effective_status(data) is not State.RUNNING:
+            return StopResult(session, False, effective_status(data), data)
+        handle = recorded_handle(data)
     if handle is None:
         pid = next((p.get("pid") for p in data.get("processes") or [] if p.get("role") == "script"), None)
         raise UsageError(f"session {session.id} was not started by trainctl local (no recorded handle).",

@@ -21,7 +21,7 @@ from typing import Any
 from .. import config as config_mod
 from .. import resume as resume_mod
 from .. import sysinfo
-from ..backends.base import Backend, Description, Handle, LogChunk, RunSpec, get_backend
+from ..backends.base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec, get_backend
 from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UsageError
 from ..fsutil import atomic_write_json
 from ..redact import redact_args
@@ -162,6 +162,19 @@ class Supervisor:
             self._run_preflight()
         self.session = self._create_session()
         return self.session
+
+    def plan(self) -> LaunchPlan:
+        """What the first attempt would run, where its output and checkpoints would go, with
+        nothing created or started (what `--dry-run` shows). Resolves the resume first."""
+        spec = self.spec = replace(self.spec, resume=self.resolve_resume(self.spec.resume))
+        session_id = "<new session id>"
+        session_dir = self.cfg.state_dir / "sessions" / session_id
+        takes_flag = resume_mod.script_takes_flag(spec.script, self.cfg.resume_flag)
+        args = resume_mod.with_resume_args(spec.args, self.cfg.resume_flag, spec.resume, takes_flag)
+        backend = get_backend(self.backend_name, **self.backend_options)
+        return backend.plan(replace(spec, args=tuple(args), session_id=session_id, session_dir=session_dir,
+                                    checkpoint_location=str(self.cfg.checkpoint_dir / session_id),
+                                    config_path=session_dir / "config.json", cwd=spec.cwd or Path.cwd()))
 
     def resolve_resume(self, ref: str | None) -> str | None:
         """'auto' -> newest valid checkpoint of the same script (or name); a path is verified."""
