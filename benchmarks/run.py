@@ -1,4 +1,4 @@
-"""Run the benchmark figures B1-B10 and print one table: figure, trainctl, baseline, ratio, goal, result.
+"""Run the benchmark figures B1-B11 and print one table: figure, trainctl, baseline, ratio, goal, result.
 
     python benchmarks/run.py [--quick] [--smoke] [--only B1,B3] [--json OUT]
 
@@ -33,6 +33,7 @@ FIGURES = {
     "B8": "b08_output_throughput.py",
     "B9": "b09_concurrent_events.py",
     "B10": "b10_rss.py",
+    "B11": "b11_storage_upload.py",
 }
 DEFAULT_JSON = HERE / "results" / "latest.json"
 

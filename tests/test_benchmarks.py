@@ -83,7 +83,7 @@ def test_runner_prints_table_and_writes_json(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "fragment"), [
-    (["--only", "B11"], "unknown figure B11"),
+    (["--only", "B99"], "unknown figure B99"),
     (["--quick", "--smoke"], "not allowed with"),
 ])
 def test_runner_rejects_bad_arguments(tmp_path: Path, args: list[str], fragment: str) -> None:

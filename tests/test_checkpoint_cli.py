@@ -68,7 +68,7 @@ def test_list_marks_bad_files_and_keeps_going(cli, project, series):
     assert status == {"ep0.pt": "valid", "ep1.pt": "corrupt", "ep2.pt": "valid", "ep3.pt": "valid",
                       "empty.pt": "corrupt", "notes.pt": "corrupt"}
     r = cli("checkpoint", "list")
-    assert "ep1.pt: corrupt: size" in r.stderr and "Traceback" not in r.stderr
+    assert "ep1.pt: corrupt: the manifest was changed" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_info_shows_metadata_and_contents(cli, series):
@@ -214,10 +214,10 @@ def test_bad_input(cli, project, series, tmp_path_factory, command, case, code, 
 
 
 def test_cleanup_removes_partial_files_of_killed_saves_but_not_fresh_ones(cli, series):
-    stale = series / ".ep9.pt.deadbeef.tmp"
+    stale = series / ".ep9.pt.trainctl-s1-deadbeef.tmp"
     stale.write_bytes(b"\0" * 1000)
     os.utime(stale, (1_000_000_000, 1_000_000_000))
-    fresh = series / ".ep10.pt.cafe0001.tmp"  # a save in progress right now
+    fresh = series / ".ep10.pt.trainctl-s1-cafe0001.tmp"  # a save in progress right now
     fresh.write_bytes(b"\0" * 10)
     r = cli("checkpoint", "cleanup", "--keep-last-n", "4", "--yes")
     assert r.returncode == 0, r.stderr

@@ -225,8 +225,10 @@ def test_import_guard_keeps_heavy_packages_out():
     code = textwrap.dedent("""
         import sys, subprocess
         import trainctl
-        from trainctl.launcher import cli
-        heavy = [m for m in ("torch", "lightning", "boto3", "runpod", "tensorboard", "numpy", "matplotlib") if m in sys.modules]
+        from trainctl.cli import main as cli
+        import trainctl.storage, trainctl.storage.s3, trainctl.storage.remote, trainctl.storage.bundle
+        trainctl.storage.open_store("s3://some-bucket/x", endpoint_url="http://127.0.0.1:9")  # no client yet
+        heavy = [m for m in ("torch", "lightning", "boto3", "botocore", "runpod", "tensorboard", "numpy", "matplotlib") if m in sys.modules]
         print(",".join(heavy))
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env())
@@ -236,7 +238,7 @@ def test_import_guard_keeps_heavy_packages_out():
             import sys, runpy
             sys.argv = ["trainctl", *{args!r}]
             try:
-                from trainctl.launcher.cli import cli
+                from trainctl.cli.main import cli
                 cli.main(args=sys.argv[1:], standalone_mode=False)
             except SystemExit:
                 pass

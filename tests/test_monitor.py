@@ -165,6 +165,19 @@ def test_checkpoints_from_events_and_from_a_scanned_folder(tmp_path):
     assert scanned["newest"]["step"] == 7 and scanned["newest"]["metrics"] == {"val_loss": 0.3}
 
 
+def test_scan_reads_the_recorded_checkpoint_location_and_every_checkpoint_kind(tmp_path):
+    project = _project(tmp_path)
+    elsewhere = project / "moved"
+    elsewhere.mkdir()
+    for i, name in enumerate(["model.safetensors", "pytorch_model.bin", "ckpt.pt", "notes.txt"]):
+        (elsewhere / name).write_bytes(b"x" * 10)
+        os.utime(elsewhere / name, (time.time() - 100 + i, time.time() - 100 + i))
+    session = _session(project, FALLING, checkpoint_location=str(elsewhere))
+    snap = _monitor_json(project, session.id)["checkpoints"]
+    assert snap["source"] == "scan" and snap["dir"] == str(elsewhere) and snap["count"] == 3
+    assert snap["newest"]["path"].endswith("ckpt.pt")
+
+
 LOG = (
     "2024-01-05 12:00:00 Epoch 1/2\n"
     "2024-01-05 12:00:10 step 100/400 loss: 2.50\n"

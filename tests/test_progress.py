@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from trainctl.launcher.progress import ProgressDisplay
+from trainctl.cli.progress import ProgressDisplay
 from trainctl.session import SessionStore
 
 HEIGHT = 8  # rows: small, so the output scrolls and the bar has to follow the bottom
@@ -106,7 +106,7 @@ CHILD = textwrap.dedent("""
 
 DRIVER = textwrap.dedent("""
     import os, subprocess, sys, threading
-    from trainctl.launcher.progress import ProgressDisplay
+    from trainctl.cli.progress import ProgressDisplay
     from trainctl.metrics import MetricParser
     from trainctl.session import SessionStore
 

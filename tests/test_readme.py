@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, clean_env
+from .conftest import REPO, clean_env, write_entry_point
 
 EXPECTED_EXIT = {"examples/failing.py": None}  # None: any non-zero
 
@@ -47,7 +47,9 @@ def demo_project(tmp_path_factory) -> Path:
 def test_readme_command_works(demo_project, command):
     if "--follow" in command or command == "trainctl tensorboard":
         pytest.skip("runs until stopped")
-    env = clean_env(PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"], COLUMNS="120")
+    bin_dir = write_entry_point(demo_project.parent / "bin")
+    env = clean_env(PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
+                    COLUMNS="120")
     r = subprocess.run(["bash", "-c", command], cwd=demo_project, env=env, capture_output=True,
                        text=True, timeout=180)
     expected = next((code for key, code in EXPECTED_EXIT.items() if key in command), 0)

@@ -112,8 +112,8 @@ def test_flush_makes_points_visible_and_close_is_final(tmp_path: Path) -> None:
 
 
 def test_import_is_light() -> None:
-    code = ("import sys, trainctl.tensorboard_sink, trainctl.launcher.tensorboard_cmd, "
-            "trainctl.launcher.sessions_extra, trainctl.launcher.plot\n"
+    code = ("import sys, trainctl.tensorboard_sink, trainctl.cli.tensorboard, "
+            "trainctl.cli.compare, trainctl.cli.plot\n"
             "print(sorted(m for m in ('torch', 'tensorboard', 'matplotlib', 'numpy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env=clean_env(), check=True).stdout

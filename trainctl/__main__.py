@@ -1,3 +1,3 @@
-from trainctl.launcher.cli import main
+from trainctl.cli.main import main
 
 main()

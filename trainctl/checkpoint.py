@@ -28,6 +28,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import threading
 import time
@@ -45,15 +46,24 @@ from .errors import (
     UnsupportedCheckpointError,
     UntrustedCheckpointError,
 )
-from .fsutil import atomic_write_json, fsync_dir, temp_beside
+from .fsutil import atomic_write_json, crash_point, fsync_dir, parse_temp_name, temp_beside
 
 FORMAT_VERSION: int = 1
 META_KEY = "trainctl"
 MANIFEST_SUFFIX = ".json"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors", ".tar", ".pkl")
-STATUSES = ("valid", "unverified", "corrupt", "foreign", "unsupported")
+STATUSES = ("valid", "unverified", "corrupt", "unreadable", "foreign", "unsupported")
 _SKIP_DIRS = {".git", "__pycache__", ".trainctl", "node_modules", ".venv"}
 _CRC_CHUNK = 4 << 20
+# the steps of save() over an existing checkpoint, in order; fsutil.crash_point() can kill the
+# process at each (tests)
+SAVE_CRASH_POINTS = ("checkpoint:data-written", "checkpoint:data-synced", "manifest-transition:written",
+                     "manifest-transition:replaced", "checkpoint:data-replaced", "checkpoint:dir-synced",
+                     "manifest:written", "manifest:replaced")
+# a checkpoint dated further ahead than this is not taken by --resume auto (clock or forgery)
+FUTURE_SLACK_S = 86400.0
+# manifest meta fields that must agree with the checkpoint's embedded metadata
+_CROSS_CHECKED = ("step", "epoch", "saved_at", "session_id", "script", "run_name")
 
 
 # --- data ------------------------------------------------------------------------------------
@@ -181,18 +191,47 @@ def save(path: str | os.PathLike[str], state: dict[str, Any], meta: dict[str, An
         raise TypeError(f"checkpoint state must be a dict, not {type(state).__name__}")
     full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION, "saved_at": time.time()}
     payload = {**state, META_KEY: full_meta}
-    with temp_beside(path) as tmp:
+    tag = _tag(full_meta)
+    with temp_beside(path, tag) as tmp:
         torch.save(payload, str(tmp))
+        crash_point("checkpoint:data-written")
         size = _fsync_file(tmp)
         digest = _zip_digest(tmp) if _crc_enabled() else file_sha256(tmp)
-        # drop an older manifest first: a crash before the new one lands leaves an unverified
-        # file, never a new file under an old manifest
-        old_manifest = manifest_path(path)
-        if old_manifest.exists():
-            old_manifest.unlink()
-        os.replace(tmp, path)
+        crash_point("checkpoint:data-synced")
+        return _put_in_place(tmp, path, {"bytes": size, "digest": digest, "meta": _json_meta(full_meta)}, tag)
+
+
+def _tag(meta: Mapping[str, Any]) -> str | None:
+    session_id = meta.get("session_id")
+    return session_id if isinstance(session_id, str) else None
+
+
+def _put_in_place(tmp: Path, path: Path, version: dict[str, Any], tag: str | None) -> dict[str, Any]:
+    """Move a durable temp file to `path` and write its manifest, so that at every instant the
+    manifest vouches for whatever `path` holds: while an existing checkpoint is replaced, the
+    manifest names both versions (the file decides which one it is)."""
+    previous = _current_version(path)
+    if previous is not None:
+        _write_manifest_doc(path, {**version, "previous": previous}, "manifest-transition", tag)
+    else:
+        # a manifest that vouches for nothing here any more must not be taken for the new file's
+        manifest_path(path).unlink(missing_ok=True)
+    os.replace(tmp, path)
+    crash_point("checkpoint:data-replaced")
     fsync_dir(path.parent)
-    return _write_manifest(path, size, digest, full_meta)
+    crash_point("checkpoint:dir-synced")
+    return _write_manifest_doc(path, version, "manifest", tag)
+
+
+def _current_version(path: Path) -> dict[str, Any] | None:
+    """The manifest entry (bytes, digest, meta) of what `path` holds now, when one vouches for it."""
+    if not path.is_file():
+        return None
+    manifest = read_manifest(path)
+    if manifest is None:
+        return None
+    result, version = _check_manifest(path, manifest, full=False)
+    return version if result.ok else None
 
 
 def _fsync_file(path: Path) -> int:
@@ -205,12 +244,19 @@ def _fsync_file(path: Path) -> int:
         os.close(fd)
 
 
-def _write_manifest(path: Path, size: int, digest: str, full_meta: dict[str, Any]) -> dict[str, Any]:
-    """The sidecar `<file>.json`, written only once the checkpoint itself is durable."""
-    manifest = {"format_version": FORMAT_VERSION, "file": path.name, "bytes": size,
-                "digest": digest, "meta": _json_meta(full_meta)}
-    atomic_write_json(manifest_path(path), manifest)
-    return manifest
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 over a manifest's own fields (all but `manifest_digest`), as canonical JSON."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_digest"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_manifest_doc(path: Path, version: dict[str, Any], label: str, tag: str | None) -> dict[str, Any]:
+    doc = {"format_version": FORMAT_VERSION, "file": path.name, **version}
+    doc = json.loads(json.dumps(doc, default=str))  # digest the form a reader gets back
+    doc["manifest_digest"] = manifest_digest(doc)
+    atomic_write_json(manifest_path(path), doc, crash_label=label, tag=tag)
+    return doc
 
 
 def register(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
@@ -225,7 +271,8 @@ def register(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, An
         digest = file_sha256(path)  # a legacy (non-zip) file
     full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION,
                  "saved_at": meta.get("saved_at") or time.time()}
-    return _write_manifest(path, size, digest, full_meta)
+    return _write_manifest_doc(path, {"bytes": size, "digest": digest, "meta": _json_meta(full_meta)},
+                               "manifest", _tag(full_meta))
 
 
 def _to_cpu_copy(value: Any) -> Any:
@@ -429,62 +476,169 @@ def _check_zip_crcs(path: Path) -> str | None:
     return None
 
 
-def _check_manifest(path: Path, manifest: dict[str, Any], *, full: bool) -> VerifyResult:
+def _manifest_versions(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The file versions a manifest vouches for: its own, and while the file is being replaced
+    the previous one too."""
+    versions = [{"bytes": manifest["bytes"], "digest": manifest["digest"], "meta": manifest["meta"]}]
+    prev = manifest.get("previous")
+    if (isinstance(prev, dict) and isinstance(prev.get("bytes"), int) and isinstance(prev.get("digest"), str)
+            and isinstance(prev.get("meta"), dict)):
+        versions.append({"bytes": prev["bytes"], "digest": prev["digest"], "meta": prev["meta"]})
+    return versions
+
+
+def _check_manifest(path: Path, manifest: dict[str, Any], *,
+                    full: bool) -> tuple[VerifyResult, dict[str, Any] | None]:
+    """Does the file match (one version of) its manifest? Also the matching version's entry.
+
+    Cheap (`full=False`): size and the zip's central directory. Full: every member's CRC-32 too.
+    """
     version = manifest.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         return VerifyResult(path, False, "unsupported",
-                            f"written by trainctl checkpoint format {version}; this version reads up to {FORMAT_VERSION}")
+                            f"written by trainctl checkpoint format {version}; this version reads up to {FORMAT_VERSION}"), None
     if manifest.get("file") != path.name:
-        return VerifyResult(path, False, "corrupt", f"manifest describes {manifest.get('file')!r}, not {path.name!r}")
+        return VerifyResult(path, False, "corrupt", f"manifest describes {manifest.get('file')!r}, not {path.name!r}"), None
+    own = manifest.get("manifest_digest")
+    if own is not None and own != manifest_digest(manifest):
+        return VerifyResult(path, False, "corrupt",
+                            "the manifest was changed after it was written (its manifest_digest does not match its content)"), None
     try:
         size = path.stat().st_size
     except OSError as e:
-        return VerifyResult(path, False, "corrupt", f"unreadable: {e}")
-    if size != manifest["bytes"]:
-        return VerifyResult(path, False, "corrupt", f"size {size} bytes does not match the manifest's {manifest['bytes']}")
-    digest = str(manifest["digest"])
-    if digest.startswith("zipcrc:"):
+        return VerifyResult(path, False, "corrupt", f"unreadable: {e}"), None
+    candidates = [v for v in _manifest_versions(manifest) if v["bytes"] == size]
+    if not candidates:
+        return VerifyResult(path, False, "corrupt", f"size {size} bytes does not match the manifest's {manifest['bytes']}"), None
+    actual: dict[str, str] = {}
+
+    def digest_of(kind: str) -> str:
+        if kind not in actual:
+            actual[kind] = _zip_digest(path) if kind == "zipcrc" else file_sha256(path)
+        return actual[kind]
+
+    matched = None
+    for candidate in candidates:
+        digest = str(candidate["digest"])
+        kind = digest.split(":", 1)[0]
+        if kind not in ("zipcrc", "sha256"):
+            return VerifyResult(path, False, "unsupported", f"unknown digest kind {kind!r}"), None
+        if kind == "sha256" and not full and len(candidates) == 1:
+            matched = candidate  # the size matches; a full verify reads the bytes
+            break
         try:
-            actual = _zip_digest(path)
+            if digest_of(kind) == digest:
+                matched = candidate
+                break
         except (zipfile.BadZipFile, OSError, ValueError) as e:
-            return VerifyResult(path, False, "corrupt", f"damaged zip: {e}")
-        if actual != digest:
-            return VerifyResult(path, False, "corrupt", "contents do not match the manifest's digest")
-        if full:
-            problem = _check_zip_crcs(path)
-            if problem:
-                return VerifyResult(path, False, "corrupt", problem)
-    elif digest.startswith("sha256:"):
-        if full and file_sha256(path) != digest:
-            return VerifyResult(path, False, "corrupt", "contents do not match the manifest's sha256")
-    else:
-        return VerifyResult(path, False, "unsupported", f"unknown digest kind {digest.split(':')[0]!r}")
-    return VerifyResult(path, True, "valid", "digest matches" if full else "manifest matches size and index")
+            return VerifyResult(path, False, "corrupt", f"damaged zip: {e}"), None
+    if matched is None:
+        what = "digest" if any(str(c["digest"]).startswith("zipcrc:") for c in candidates) else "sha256"
+        return VerifyResult(path, False, "corrupt", f"contents do not match the manifest's {what}"), None
+    if full and str(matched["digest"]).startswith("zipcrc:"):
+        problem = _check_zip_crcs(path)
+        if problem:
+            return VerifyResult(path, False, "corrupt", problem), None
+    return VerifyResult(path, True, "valid", "digest matches" if full else "manifest matches size and index"), matched
 
 
-def verify(path: str | os.PathLike[str]) -> VerifyResult:
-    """Re-digest a checkpoint against its manifest; foreign checkpoints get a structural check."""
-    path = Path(path)
+@dataclass
+class _Contents:
+    """What walking a verified checkpoint's pickle found (without loading it)."""
+
+    refused: list[str] = field(default_factory=list)  # globals weights_only loading refuses
+    confirmed: bool = False  # its embedded trainctl metadata agrees with the manifest
+    too_complex: str | None = None  # past the reader's bounds: not walked
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    return a == b
+
+
+def _scalar_value(v: Any) -> bool:
+    return v is None or isinstance(v, (bool, int, float, str))
+
+
+def _cross_check(meta: dict[str, Any], embedded: dict[str, Any]) -> str | None:
+    """Where the manifest's meta disagrees with the metadata saved inside the checkpoint."""
+    for key in _CROSS_CHECKED:
+        if key in meta and key in embedded and _scalar_value(embedded[key]) and not _same(meta[key], embedded[key]):
+            return f"the manifest says {key} {meta[key]!r} but the checkpoint records {embedded[key]!r}"
+    ours, theirs = meta.get("metrics"), embedded.get("metrics")
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        for key in sorted(set(ours) | set(theirs)):
+            a, b = ours.get(key), theirs.get(key)
+            if key not in theirs or key not in ours:
+                return f"the manifest's metric {key!r} is not what the checkpoint records"
+            if _scalar_value(a) and _scalar_value(b) and not _same(a, b):
+                return f"the manifest says {key} {a!r} but the checkpoint records {b!r}"
+    return None
+
+
+def _walk_contents(path: Path, meta: dict[str, Any]) -> tuple[str | None, _Contents]:
+    """Walk the pickle of a file whose bytes matched its manifest: a problem, and what it holds."""
+    contents = _Contents()
+    try:
+        torch_file = reader.read_torch(path)
+    except reader.TooComplexCheckpoint as e:
+        contents.too_complex = str(e)
+        return None, contents
+    except (reader.UnreadableCheckpoint, OSError) as e:
+        return f"its pickle is unreadable: {e}", contents
+    contents.refused = torch_file.refused
+    obj = torch_file.obj
+    embedded = obj.get(META_KEY) if isinstance(obj, dict) else None
+    if isinstance(embedded, dict):
+        plain = reader.to_plain({k: v for k, v in embedded.items() if k != "rng"})
+        problem = _cross_check(meta, plain)
+        if problem:
+            return problem + " (the manifest was edited after the save?)", contents
+        contents.confirmed = any(k in meta and k in plain for k in ("step", "session_id", "saved_at"))
+    return None, contents
+
+
+def _verify(path: Path) -> tuple[VerifyResult, _Contents | None]:
     if not path.exists():
-        return VerifyResult(path, False, "corrupt", "file is missing")
+        return VerifyResult(path, False, "corrupt", "file is missing"), None
     if path.is_dir():
         if (path / "trainer_state.json").is_file():
             info = inspect(path)
-            return VerifyResult(path, info.status != "corrupt", info.status, info.error or "no digest to check (Hugging Face folder)")
-        return VerifyResult(path, False, "corrupt", "a directory without checkpoints")
+            return VerifyResult(path, info.status != "corrupt", info.status,
+                                info.error or "no digest to check (Hugging Face folder)"), None
+        return VerifyResult(path, False, "corrupt", "a directory without checkpoints"), None
     manifest = read_manifest(path)
     if manifest is not None:
-        return _check_manifest(path, manifest, full=True)
+        result, version = _check_manifest(path, manifest, full=True)
+        if not result.ok or version is None:
+            return result, None
+        problem, contents = _walk_contents(path, version["meta"])
+        if problem:
+            return VerifyResult(path, False, "corrupt", problem), contents
+        if contents.too_complex:
+            result.reason += f"; the manifest is not cross-checked: its pickle is {contents.too_complex}"
+        elif contents.refused:
+            result.reason += f"; loading it needs trust=True (it references {', '.join(contents.refused[:3])})"
+        return result, contents
     info = inspect(path)
-    if info.status == "corrupt":
-        return VerifyResult(path, False, "corrupt", info.error or "unreadable")
+    if info.status in ("corrupt", "unreadable"):
+        return VerifyResult(path, False, info.status, info.error or "unreadable"), None
     if reader.sniff(path) == "zip":
         problem = _check_zip_crcs(path)
         if problem:
-            return VerifyResult(path, False, "corrupt", problem)
+            return VerifyResult(path, False, "corrupt", problem), None
     if info.kind == "trainctl":
-        return VerifyResult(path, False, "unverified", "no complete manifest (an interrupted save?)")
-    return VerifyResult(path, True, "foreign", f"{info.kind} checkpoint without a trainctl manifest; readable")
+        return VerifyResult(path, False, "unverified", "no complete manifest (an interrupted save?)"), None
+    return VerifyResult(path, True, "foreign", f"{info.kind} checkpoint without a trainctl manifest; readable"), None
+
+
+def verify(path: str | os.PathLike[str]) -> VerifyResult:
+    """Re-digest a checkpoint against its manifest and cross-check the manifest's fields with the
+    metadata inside the file; foreign checkpoints get a structural check."""
+    return _verify(Path(path))[0]
 
 
 def require_valid(path: str | os.PathLike[str], *, suggestion: str = "{found}") -> VerifyResult:
@@ -495,7 +649,7 @@ def require_valid(path: str | os.PathLike[str], *, suggestion: str = "{found}") 
         raise CheckpointNotFoundError(f"checkpoint {path} does not exist.",
                                       "List checkpoints with: trainctl checkpoint list")
     result = verify(path)
-    if result.status in ("corrupt", "unsupported"):
+    if result.status in ("corrupt", "unreadable", "unsupported"):
         found, _ = newest_valid(path.parent if path.is_file() else path)
         raise CorruptCheckpointError(
             f"checkpoint {path} failed verification: {result.reason}.",
@@ -533,16 +687,17 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False) -> Checkpoi
         return info
     manifest = read_manifest(path)
     if manifest is not None:
-        meta = manifest["meta"]
-        check = _check_manifest(path, manifest, full=False)
+        check, version = _check_manifest(path, manifest, full=False)
         info.kind, info.status = "trainctl", check.status
         info.error = None if check.ok else check.reason
-        _fill_from_meta(info, meta)
-        info.summary = {"format_version": manifest["format_version"], "digest": manifest["digest"]}
-        if contents and check.status != "corrupt":
+        _fill_from_meta(info, (version or manifest)["meta"])
+        info.summary = {"format_version": manifest["format_version"], "digest": (version or manifest)["digest"]}
+        if contents and check.ok:
             try:
                 facts = reader.classify(reader.read_torch(path).obj, META_KEY)
                 info.summary.update({k: v for k, v in facts["summary"].items() if k != "keys"})
+            except reader.TooComplexCheckpoint as e:
+                info.summary["contents"] = f"not summarised: {e}"
             except (reader.UnreadableCheckpoint, OSError) as e:
                 info.status, info.error = "corrupt", str(e)
         return info
@@ -554,6 +709,9 @@ def inspect(path: str | os.PathLike[str], *, contents: bool = False) -> Checkpoi
             info.meta = facts.get("metadata") or {}
             return info
         torch_file = reader.read_torch(path)
+    except reader.TooComplexCheckpoint as e:
+        info.status, info.error = "unreadable", str(e)
+        return info
     except reader.UnreadableCheckpoint as e:
         info.status, info.error = "corrupt", str(e)
         return info
@@ -613,12 +771,27 @@ def _candidates(directory: Path, recursive: bool) -> Iterable[Path]:
             yield p
 
 
+def candidate_paths(directory: str | os.PathLike[str], *, recursive: bool = True) -> Iterable[Path]:
+    """Paths under `directory` that look like checkpoints (CHECKPOINT_SUFFIXES, a file with a
+    manifest, a Hugging Face folder), found without opening any of them."""
+    return _candidates(Path(directory), recursive)
+
+
 def scan(directory: str | os.PathLike[str], *, recursive: bool = True) -> list[CheckpointInfo]:
     """Every checkpoint under `directory`, newest first; manifests first, files walked only without one."""
     directory = Path(directory)
-    infos = [inspect(p) for p in _candidates(directory, recursive)]
+    infos = [_inspect_one(p) for p in _candidates(directory, recursive)]
     infos.sort(key=lambda i: i.time, reverse=True)
     return infos
+
+
+def _inspect_one(path: Path) -> CheckpointInfo:
+    """inspect() for a listing: one file that breaks the reader in a way nobody foresaw is shown
+    as unreadable, and the others are still listed."""
+    try:
+        return inspect(path)
+    except (RecursionError, MemoryError, ValueError, TypeError, LookupError, AttributeError, OSError) as e:
+        return CheckpointInfo(path=path, status="unreadable", error=f"{type(e).__name__}: {e}"[:300])
 
 
 def _matches(info: CheckpointInfo, script: str | None, name: str | None, session_id: str | None) -> bool:
@@ -643,10 +816,15 @@ def newest_valid(directory: str | os.PathLike[str], *, script: str | None = None
                  ) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest trainctl checkpoint that verifies, and the newer ones skipped with why.
 
-    `skip_sessions`: ids whose checkpoints don't count (sessions still running, say).
+    With `verify_digest` a candidate must also pass what loading it would need: a full verify
+    (digest, CRCs, manifest against the file's own metadata), a pickle the reader can walk within
+    its bounds, and no globals beyond weights_only's unless trainctl's metadata inside confirms
+    it is this project's own. `skip_sessions`: ids whose checkpoints don't count (sessions still
+    running, say).
     """
     skipped: list[tuple[Path, str]] = []
     skip = set(skip_sessions)
+    latest_ok = time.time() + FUTURE_SLACK_S
     for info in scan(directory):
         if skip and info.meta.get("session_id") in skip:
             continue
@@ -661,13 +839,31 @@ def newest_valid(directory: str | os.PathLike[str], *, script: str | None = None
         if info.status != "valid":
             skipped.append((info.path, info.error or info.status))
             continue
+        if info.saved_at is not None and info.saved_at > latest_ok:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.saved_at))
+            skipped.append((info.path, f"dated {when}, in the future (a wrong clock or a forged manifest)"))
+            continue
         if verify_digest:
-            result = verify(info.path)
-            if not result.ok:
-                skipped.append((info.path, result.reason))
+            result, contents = _verify(info.path)
+            why = result.reason if not result.ok else _refuse_to_resume(contents)
+            if why:
+                skipped.append((info.path, why))
                 continue
         return info.path, skipped
     return None, skipped
+
+
+def _refuse_to_resume(contents: _Contents | None) -> str | None:
+    """Why --resume auto must not pick a checkpoint that verified, if it must not."""
+    if contents is None:
+        return None
+    if contents.too_complex:
+        return (f"its pickle is {contents.too_complex}, too much to check before loading; "
+                "resume from it by path if you trust it")
+    if contents.refused and not contents.confirmed:
+        return (f"loading it needs full unpickling (it references {', '.join(contents.refused[:3])}) and "
+                "no trainctl metadata inside it confirms where it came from")
+    return None
 
 
 # --- retention -------------------------------------------------------------------------------
@@ -751,20 +947,50 @@ def delete_checkpoint(path: str | os.PathLike[str]) -> None:
     fsync_dir(path.parent)
 
 
+@dataclass
+class PartialFile:
+    """A temp file of a save that was killed midway (or is still being written)."""
+
+    path: Path
+    bytes: int
+    mtime: float
+    target: str  # the checkpoint (or manifest) the save was writing
+    session_id: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "status": "partial", "bytes": self.bytes, "mtime": self.mtime,
+                "target": self.target, "session_id": self.session_id}
+
+
+def partial_files(directory: str | os.PathLike[str], *, recursive: bool = True) -> list[PartialFile]:
+    """Temp files trainctl's own writes named (fsutil.temp_name) under `directory`, oldest first.
+
+    Anything else, a user's `.notes.tmp` included, is not trainctl's and never listed here.
+    """
+    found: list[PartialFile] = []
+    for folder, dirs, files in os.walk(directory):  # symlinked folders are not followed
+        dirs[:] = sorted(d for d in dirs if d not in _SKIP_DIRS) if recursive else []
+        for name in files:
+            parsed = parse_temp_name(name)
+            if parsed is None:
+                continue
+            path = Path(folder) / name
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.append(PartialFile(path, st.st_size, st.st_mtime, parsed[0], parsed[1]))
+    found.sort(key=lambda f: (f.mtime, str(f.path)))
+    return found
+
+
 def stale_temp_files(directory: str | os.PathLike[str], *, older_than_s: float = 900.0,
                      recursive: bool = False) -> list[Path]:
-    """Temp files of saves killed midway (`.<name>.<hex>.tmp`), untouched for `older_than_s`."""
-    directory = Path(directory)
-    pattern = "**/.*.tmp" if recursive else ".*.tmp"
+    """partial_files() untouched for `older_than_s`: leftovers of saves killed midway, not saves
+    still being written."""
     cutoff = time.time() - older_than_s
-    found = []
-    for p in directory.glob(pattern):
-        try:
-            if p.is_file() and p.stat().st_mtime < cutoff:
-                found.append(p)
-        except OSError:
-            continue
-    return sorted(found)
+    return sorted(f.path for f in partial_files(directory, recursive=recursive) if f.mtime < cutoff)
 
 
 def apply_retention(directory: str | os.PathLike[str], config: Any, *,

@@ -17,13 +17,14 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import pickle
 import struct
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .values import is_number
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 MAX_PICKLE_BYTES = 256 << 20  # a data.pkl larger than this is not metadata worth walking
@@ -55,6 +56,10 @@ _SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF
 
 class UnreadableCheckpoint(ValueError):
     """The file is not a checkpoint this reader understands; the message says what it is."""
+
+
+class TooComplexCheckpoint(UnreadableCheckpoint):
+    """The file's pickle is past one of the reader's bounds (ReadLimits); it was not walked."""
 
 
 # --- placeholders -------------------------------------------------------------------------
@@ -555,14 +560,10 @@ def tensor_stats(obj: Any) -> dict[str, Any]:
     return {"tensors": count, "parameters": params, "dtypes": dtypes, "tensor_bytes": sum(storages.values())}
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _number(v: Any) -> float | int | None:
     if isinstance(v, TensorRef):
         v = v.value
-    return v if _is_number(v) else None
+    return v if is_number(v) else None
 
 
 NANOGPT_KEYS = ("iter_num", "best_val_loss", "model_args", "config")
@@ -655,9 +656,9 @@ def read_hf_folder(folder: Path) -> dict[str, Any]:
     for entry in history if isinstance(history, list) else []:
         if isinstance(entry, dict):
             for k, v in entry.items():
-                if _is_number(v) and k not in ("epoch", "step") and ("loss" in k or k.startswith("eval_")):
+                if is_number(v) and k not in ("epoch", "step") and ("loss" in k or k.startswith("eval_")):
                     metrics[k] = v
-    if _is_number(state.get("best_metric")):
+    if is_number(state.get("best_metric")):
         metrics["best_metric"] = state["best_metric"]
     files = {}
     total = 0
@@ -680,12 +681,6 @@ def read_hf_folder(folder: Path) -> dict[str, Any]:
         except UnreadableCheckpoint as e:
             summary["weights_error"] = str(e)
     step = state.get("global_step")
-    return {"kind": "huggingface", "epoch": state.get("epoch"), "step": step if _is_number(step) else None,
+    return {"kind": "huggingface", "epoch": state.get("epoch"), "step": step if is_number(step) else None,
             "metrics": metrics, "summary": summary, "bytes": total}
 
-
-def file_size(path: Path) -> int:
-    try:
-        return os.stat(path).st_size
-    except OSError:
-        return 0

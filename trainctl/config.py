@@ -52,9 +52,15 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
         "parse_output": ((bool,), True, "parse metrics from the script's output"),
         "patterns": ((list,), [], "extra regexes with named groups (?P<name>...) for metrics"),
     },
+    "cloud": {
+        "storage": ((str,), "", "where cloud sessions live: s3://bucket/prefix (any S3-compatible store) or a folder (empty: none)"),
+        "endpoint_url": ((str,), "", "S3 endpoint of a store other than AWS, e.g. https://<account>.r2.cloudflarestorage.com (empty: AWS)"),
+        "region": ((str,), "", "region of the bucket (empty: from the AWS configuration)"),
+        "checksums": ((str,), "when_supported", "when_required for stores that reject the CRC checksums boto3 sends by default"),
+    },
 }
 
-CHOICES = {("retention", "mode"): ("min", "max")}
+CHOICES = {("retention", "mode"): ("min", "max"), ("cloud", "checksums"): ("when_supported", "when_required")}
 
 
 @dataclass
@@ -204,7 +210,7 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                     if compiled is None or not compiled.groupindex:
                         fail(f"metrics pattern {pattern!r} has no named group.",
                              "Name what it captures, e.g. 'gnorm=(?P<grad_norm>[0-9.e+-]+)'.", k, section)
-                    from .metrics import BACKTRACKING_HINT, backtracking_risk
+                    from .backtracking import BACKTRACKING_HINT, backtracking_risk
 
                     if backtracking_risk(pattern):
                         fail(f"metrics pattern {pattern!r} {backtracking_risk(pattern)}.", BACKTRACKING_HINT, k, section)
@@ -215,6 +221,15 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                 if bad:
                     fail(f"'signals.preempt' has unknown signal {bad[0]!r}.",
                          "Use names like \"SIGTERM\", \"SIGUSR1\", \"SIGUSR2\".", k, section)
+            if section == "cloud" and k in ("storage", "endpoint_url") and v:
+                # storage.uri is the one URI grammar (stdlib only), so this error and open_store agree
+                from .errors import UsageError
+                from .storage.uri import check_endpoint_url, parse_uri
+
+                try:
+                    parse_uri(v) if k == "storage" else check_endpoint_url(v)
+                except UsageError as e:
+                    fail(e.message, e.hint, k, section)
             if (section, k) == ("restart", "restart_on"):
                 bad = [s for s in v if s not in ("preempted", "failed")]
                 if bad:

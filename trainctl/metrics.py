@@ -15,7 +15,9 @@ from collections.abc import Iterable, Sequence
 from itertools import pairwise
 from typing import Any
 
+from .backtracking import BACKTRACKING_HINT, backtracking_risk
 from .errors import ConfigError, TrainctlWarning
+from .formatting import format_duration, format_pace, format_value  # noqa: F401 - callers use metrics.*
 
 # -- parsing ------------------------------------------------------------------------------------
 
@@ -246,58 +248,6 @@ def compile_pattern(pattern: Any) -> re.Pattern[str]:
     if risk:
         raise ConfigError(f"{where}: pattern {pattern!r} {risk}.", BACKTRACKING_HINT)
     return compiled
-
-
-BACKTRACKING_HINT = ("Repeat the inner part only, e.g. (?P<x>a+)b instead of (?P<x>(a+)+)b, or "
-                     "use a character class: (?P<loss>[0-9.]+).")
-
-
-def backtracking_risk(pattern: str) -> str | None:
-    """Why `pattern` can take exponential time on some line (a repeat of a repeat), or None.
-
-    Python's re backtracks: `(a+)+b` on a line of 30 a's tries 2**30 ways. A repeat inside a
-    repeat whose length varies is the shape of every such pattern, so it is refused up front.
-    """
-    try:
-        from re import _constants as c  # type: ignore[attr-defined]
-        from re import _parser as p  # type: ignore[attr-defined]
-    except ImportError:  # Python 3.10
-        import sre_constants as c  # type: ignore[no-redef]
-        import sre_parse as p  # type: ignore[no-redef]
-    try:
-        tree = p.parse(pattern)
-    except (re.error, RecursionError, OverflowError):
-        return None  # re.compile reports it
-    repeats = {c.MAX_REPEAT, c.MIN_REPEAT}
-    atomic = {getattr(c, "POSSESSIVE_REPEAT", None), getattr(c, "ATOMIC_GROUP", None)} - {None}
-
-    def walk(items: Any, inside_repeat: bool) -> bool:
-        for op, av in items:
-            if op in repeats:
-                low, high, sub = av
-                varies = high != low and high != 1
-                if (varies and inside_repeat) or walk(sub, inside_repeat or varies):
-                    return True
-            elif op in atomic:
-                continue  # no backtracking into it
-            elif op is c.SUBPATTERN:
-                parts = [av[-1]]
-            elif op is c.BRANCH:
-                parts = av[1]
-            elif op in (c.ASSERT, c.ASSERT_NOT):
-                parts = [av[1]]
-            elif op is c.GROUPREF_EXISTS:
-                parts = [branch for branch in av[1:] if branch is not None]
-            else:
-                continue
-            if op not in repeats and any(walk(part, inside_repeat) for part in parts):
-                return True
-        return False
-
-    if walk(tree, False):
-        return ("repeats a part that itself repeats (like (a+)+), which can take exponential "
-                "time on some lines and hang the launcher")
-    return None
 
 
 def _parse_builtin(line: str) -> dict[str, Any] | None:
@@ -664,46 +614,6 @@ def run_progress(points: Sequence[tuple[float | None, Any, Any]], *, total_steps
             "epoch": current, "epoch_logged": epoch, "step": step, "eta_s": eta,
             "steps_per_epoch": model.steps_per_epoch(),
             "total_steps_estimated": None if total_steps else model.total_steps(total_epochs)}
-
-
-def format_pace(step_rate: float | None, epoch_rate: float | None, eta_s: float | None) -> list[str]:
-    """['12.3 step/s', 'ETA 4m'] (or epochs a minute when no step rate is known), for status lines."""
-    parts = []
-    if step_rate:
-        parts.append(f"{step_rate:.3g} step/s")
-    elif epoch_rate:
-        parts.append(f"{epoch_rate * 60:.3g} epoch/min")
-    if eta_s is not None:
-        parts.append(f"ETA {format_duration(eta_s)}")
-    return parts
-
-
-def format_duration(seconds: float | None) -> str:
-    """'45s', '6m', '1h05m', '2d3h': short enough for a status line."""
-    if seconds is None or not math.isfinite(seconds):
-        return "?"
-    s = int(max(0, seconds) + 0.5)  # 8.9999 s of float arithmetic is 9 s
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s" if s < 600 else f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600}h"
-
-
-def format_value(value: Any) -> str:
-    """A metric value in at most ~8 characters."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return str(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, int) or (value == int(value) and abs(value) < 1e6):
-        return str(int(value)) if abs(value) < 1e9 else f"{value:.3g}"
-    magnitude = abs(value)
-    if magnitude >= 1e5 or magnitude < 1e-3:
-        return f"{value:.3g}"
-    return f"{value:.4g}"
 
 
 def primary_metric(names: Iterable[str]) -> str | None:

@@ -13,10 +13,6 @@ def is_secret_name(name: str) -> bool:
     return bool(_SECRET_NAME.search(name))
 
 
-def redact_value(name: str, value: Any) -> Any:
-    return REDACTED if is_secret_name(name) and value not in (None, "") else value
-
-
 def redact_mapping(data: Any) -> Any:
     """Copy of a (nested) mapping with credential-looking keys' values replaced."""
     if isinstance(data, dict):

@@ -24,6 +24,7 @@ from typing import Any
 
 from . import config as config_mod
 from . import env as env_mod
+from . import resume as resume_mod
 from . import sysinfo
 from .errors import (
     EXIT_PREEMPTED,
@@ -33,7 +34,8 @@ from .errors import (
     UsageError,
 )
 from .redact import redact_args, redact_mapping
-from .session import Session, SessionStore, metric_mode
+from .session import Session, SessionStore, State, metric_mode, new_session_id, summarize_metrics
+from .values import scalar
 
 DEFAULT_PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")
 _PLAIN_NUMBERS = (float, int)
@@ -94,16 +96,7 @@ def requested_resume(flag: str = "--resume", argv: list[str] | None = None,
     May be 'auto' (resolved by Run.resume_path); None when not resuming.
     """
     argv = sys.argv[1:] if argv is None else argv
-    return _resume_from_argv(flag, argv) or env_mod.read(environ).resume
-
-
-def _resume_from_argv(flag: str, argv: list[str]) -> str | None:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return None
+    return resume_mod.find_resume_arg(argv, flag) or env_mod.read(environ).resume
 
 
 def _file_digest(path: str) -> str | None:
@@ -132,24 +125,6 @@ def plain_data(value: Any) -> Any:
         except Exception:
             pass
     return str(value)
-
-
-def _scalar(value: Any) -> Any:
-    """A logged value as a float/int (tensors are converted here, off the training thread)."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return value
-    if isinstance(value, bool):
-        return int(value)
-    item = getattr(value, "item", None)
-    if callable(item):
-        try:
-            return item()
-        except Exception:
-            return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return None
 
 
 class Run:
@@ -213,6 +188,7 @@ class Run:
         self.script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
 
         self.name = name
+        self._launcher: tuple[int, int | None] | None = None
         if self.launch.launched:
             self.session = Session(Path(self.launch.session_dir))
             try:
@@ -223,14 +199,19 @@ class Run:
                 self.name = recorded.get("name")
             if self.attempt:
                 self._continue_summary(recorded.get("summary") or {})
+            # the launcher's process, to notice when it is gone (see _launcher_gone)
+            self._launcher = next(((p["pid"], p.get("start_ticks")) for p in recorded.get("processes") or []
+                                   if isinstance(p, dict) and p.get("role") == "launcher" and p.get("pid")), None)
             self.id = self.launch.session_id
             self.checkpoint_dir = Path(self.launch.checkpoint_dir or self.session.dir / "checkpoints")
             self.tensorboard_dir = Path(self.launch.tensorboard_dir or self.session.tensorboard_dir)
         elif self.is_main:
             store = SessionStore(self.project_config.state_dir)
             args = sys.argv[1:]
+            session_id = new_session_id()
             self.session = store.create(
-                status="running", name=name, project=project, backend="local",
+                session_id=session_id, checkpoint_location=str(self.project_config.checkpoint_dir / session_id),
+                status=State.RUNNING, name=name, project=project, backend="local",
                 script=self.script, args=redact_args(args),
                 command=redact_args([sys.executable, *sys.argv]), cwd=os.getcwd(),
                 started_at=time.time(),
@@ -242,7 +223,7 @@ class Run:
                 attempts=[{"attempt": 0, "started_at": time.time()}],
             )
             self.id = self.session.id
-            self.checkpoint_dir = self.project_config.checkpoint_dir / self.id
+            self.checkpoint_dir = Path(self.session.checkpoint_location() or self.project_config.checkpoint_dir / self.id)
             self.tensorboard_dir = self.session.tensorboard_dir
         else:
             # a non-zero rank without a launcher can't learn rank 0's session: it reads, never writes
@@ -262,7 +243,7 @@ class Run:
             fields["runtime"] = {"pid": os.getpid(), "rank": self.rank, "world_size": self.world_size,
                                  "attempt": self.attempt}
             self.session.update(**fields)
-            events: list[dict[str, Any]] = [{"kind": "status", "status": "running", "source": "run",
+            events: list[dict[str, Any]] = [{"kind": "status", "status": State.RUNNING, "source": "run",
                                             "attempt": self.attempt, "pid": os.getpid()}]
             if total_steps or total_epochs:
                 events.append({"kind": "totals", "steps": total_steps, "epochs": total_epochs})
@@ -333,7 +314,7 @@ class Run:
         for t, step, epoch, values in buffered:
             for v in values.values():
                 if type(v) not in _PLAIN_NUMBERS:  # tensors, numpy scalars, bools: convert here
-                    values = {str(k): s for k, v in values.items() if (s := _scalar(v)) is not None}
+                    values = {str(k): s for k, v in values.items() if (s := scalar(v)) is not None}
                     break
             events.append({"v": 1, "t": t, "kind": "metric", "step": step, "epoch": epoch,
                            "values": values, "attempt": attempt, "source": "run"})
@@ -541,7 +522,7 @@ class Run:
         meta: dict[str, Any] = {
             "session_id": self.id, "script": self.script, **self._static_meta,
             "name": name, "run_name": self.name, "epoch": epoch, "step": step,
-            "metrics": {str(k): _scalar(v) for k, v in (metrics or {}).items()},
+            "metrics": {str(k): scalar(v) for k, v in (metrics or {}).items()},
             "config": redact_mapping(self.config), "world_size": self.world_size,
             "wall_time_s": round(time.time() - self._started, 3), "attempt": self.attempt,
             "tracked": sorted(self._tracked),
@@ -685,13 +666,12 @@ class Run:
         ref = requested_resume(self.resume_flag)
         if not ref:
             return None
-        if ref == "auto":
-            from . import checkpoint
-
-            found, skipped = checkpoint.newest_valid(self.project_config.checkpoint_dir, script=self.script)
-            for p, why in skipped:
+        if ref == resume_mod.AUTO:
+            found = resume_mod.resolve_auto(self.project_config.checkpoint_dir, self.project_config.state_dir,
+                                            script=self.script, name=self.name)
+            for p, why in found.skipped:
                 warnings.warn(f"skipping checkpoint {p}: {why}", TrainctlWarning, stacklevel=2)
-            return str(found) if found else None
+            return str(found.path) if found.path else None
         return ref
 
     def resume_state(self, *, trust: bool = False) -> dict[str, Any] | None:
@@ -771,7 +751,9 @@ class Run:
                 continue
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        # no I/O here: flags only; the work happens at the next safe point
+        # flags only (and, when the launcher is gone, two dup2s): the work happens at the next safe point
+        if self._launcher_gone():
+            self._write_output_to_log()
         self._should_stop = True
         self.preempted = True
         self.stop_signal = signal.Signals(signum).name
@@ -815,8 +797,67 @@ class Run:
                 self._event("warning", message=f"emergency checkpoint failed: {e}")
         elif emergency and self._writes:
             self._event("warning", message=f"{self.stop_signal}: stopping without a checkpoint (nothing is tracked; use run.track(model=..., optimizer=...))")
-        self.finish(status="preempted")
+        self.finish(status=State.PREEMPTED)
         sys.exit(EXIT_PREEMPTED)
+
+    # ------------------------------------------------------------------ without a launcher
+    def _launcher_gone(self) -> bool:
+        """The launcher that started this process has died (killed, out of memory): its
+        parent-death signal is what stops us, and nobody else will record how the run ends."""
+        return self._launcher is not None and not sysinfo.pid_alive(*self._launcher)
+
+    def _write_output_to_log(self) -> None:
+        """The launcher read our stdout and stderr; with it gone, a print would fail (a closed
+        pipe): send both to the session's output.log from now on."""
+        if self.session is None or getattr(self, "_output_redirected", False):
+            return
+        self._output_redirected = True
+        try:
+            fd = os.open(self.session.output_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            for target in (1, 2):
+                os.dup2(fd, target)
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _record_end_without_launcher(self, status: str, error: str | None) -> None:
+        """What the launcher would have recorded at the end: status, summary, how to resume."""
+        assert self.session is not None
+        self._write_output_to_log()
+        try:
+            data = self.session.read()
+        except TrainctlError:
+            data = {}
+        if data.get("stop_request") and status == State.PREEMPTED:
+            status = State.STOPPED  # `trainctl sessions stop` asked for this end
+        checkpoints = [e for e in self.session.iter_events(("checkpoint",))]
+        newest = self._last_checkpoint or (checkpoints[-1].get("path") if checkpoints else None)
+        # this attempt's counts (failed saves, warnings), then the whole session's from its log
+        summary = {**self.summary(), **summarize_metrics(self.session.metrics()),
+                   "checkpoints": len(checkpoints), "last_checkpoint": newest}
+        for note in summary["warnings"]:
+            _say(f"warning: {note}")
+        now = time.time()
+        code = EXIT_PREEMPTED if status == State.PREEMPTED else (0 if status == State.COMPLETED else None)
+        attempts = data.get("attempts") or []
+        if attempts and isinstance(attempts[-1], dict) and not attempts[-1].get("ended_at"):
+            attempts[-1].update(ended_at=now, status=status, exit_code=code, signal=self.stop_signal)
+        try:
+            with self._flush_lock:
+                if self._unsent:  # a last try for what the full disk held back
+                    self.session.append_events(self._unsent)
+                    self._unsent = []
+            self.session.update(status=status, ended_at=now, exit_code=code, signal=self.stop_signal,
+                                error=error, summary=summary, attempts=attempts)
+            self.session.event("status", status=status, source="run", attempt=self.attempt, launcher="gone")
+        except OSError as e:
+            _say(f"could not record the end of session {self.id} ({e.strerror or e}); "
+                 "`trainctl sessions list` will show it as crashed.")
+        script = data.get("script") or self.script or "SCRIPT"
+        again = resume_mod.resume_command(script, list(data.get("args") or []), newest, self.resume_flag)
+        print(f"[trainctl] the launcher is gone: session {self.id} {status}"
+              + (f" after an emergency checkpoint {newest}" if newest else "") + f".\n"
+              f"[trainctl] {'resume' if newest else 'run again'}: {again}", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ lifecycle
     def _excepthook(self, exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:
@@ -836,13 +877,13 @@ class Run:
         self._at_exit = True
         exc, code = self._exception, self._exit_code
         if isinstance(exc, KeyboardInterrupt):
-            self.finish(status="killed", error="KeyboardInterrupt")
+            self.finish(status=State.KILLED, error="KeyboardInterrupt")
         elif exc is not None:
-            self.finish(status="failed", error=f"{type(exc).__name__}: {exc}")
+            self.finish(status=State.FAILED, error=f"{type(exc).__name__}: {exc}")
         elif self.preempted:
-            self.finish(status="preempted")
+            self.finish(status=State.PREEMPTED)
         elif code not in (None, 0):
-            self.finish(status="failed", error=f"sys.exit({code!r})")
+            self.finish(status=State.FAILED, error=f"sys.exit({code!r})")
         else:
             self.finish()
 
@@ -857,8 +898,8 @@ class Run:
         if self.finished:
             return
         self._wait_for_saves()
-        status = status or ("preempted" if self.preempted else "completed")
-        if status == "completed" and self._unreported_failures and not self._at_exit:
+        status = status or (State.PREEMPTED if self.preempted else State.COMPLETED)
+        if status == State.COMPLETED and self._unreported_failures and not self._at_exit:
             failures, self._unreported_failures = self._unreported_failures, []
             raise CheckpointSaveError(failures)
         self._unreported_failures = []
@@ -879,6 +920,9 @@ class Run:
             event["error"] = error
         if self.stop_signal:
             event["signal"] = self.stop_signal
+        if not self.standalone and self._launcher_gone():
+            self._record_end_without_launcher(status, error)
+            return
         self._event("status", **event)
         summary = self.summary()
         for note in summary["warnings"]:
@@ -903,13 +947,13 @@ class Run:
         if exc_type is None:
             self.finish()
         elif issubclass(exc_type, KeyboardInterrupt):
-            self.finish(status="killed")
+            self.finish(status=State.KILLED)
         elif issubclass(exc_type, SystemExit):
             if not self.finished:
-                self.finish(status="preempted" if self.preempted else
-                            ("completed" if not exc.code else "failed"))
+                self.finish(status=State.PREEMPTED if self.preempted else
+                            (State.COMPLETED if not exc.code else State.FAILED))
         else:
-            self.finish(status="failed", error=f"{exc_type.__name__}: {exc}")
+            self.finish(status=State.FAILED, error=f"{exc_type.__name__}: {exc}")
 
     def __repr__(self) -> str:
         return f"Run(id={self.id!r}, rank={self.rank}, attempt={self.attempt})"

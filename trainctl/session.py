@@ -11,6 +11,7 @@ import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -23,10 +24,30 @@ except ImportError:  # pragma: no cover - Windows
 from . import sysinfo
 from .errors import SessionNotFoundError, TrainctlError, TrainctlWarning
 from .fsutil import atomic_write_json
+from .values import is_number
 
 EVENT_SCHEMA_VERSION = 1
-STATUSES = ("pending", "running", "completed", "failed", "preempted", "killed")
-TERMINAL = frozenset({"completed", "failed", "preempted", "killed"})
+
+
+class State(str, Enum):
+    """How a session or one attempt stands. The values are what session.json records; a State
+    compares equal to its value, so records read back as strings work with it."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+    KILLED = "killed"
+    STOPPED = "stopped"  # `trainctl sessions stop`: emergency checkpoint, then the end
+    CRASHED = "crashed"  # never recorded: shown for a session whose processes are gone without an end
+
+    def __str__(self) -> str:
+        return self.value
+
+
+STATUSES = tuple(s.value for s in State if s is not State.CRASHED)  # what session.json may record
+TERMINAL = frozenset({State.COMPLETED, State.FAILED, State.PREEMPTED, State.KILLED, State.STOPPED})
 LOCK_TIMEOUT_S = 60.0
 LOCK_POLL_S = 0.0005
 
@@ -240,9 +261,27 @@ class Session:
             return [e for e in events if e.get("kind") == "metric"]
         return effective_metrics(events)
 
-    def status(self, data: dict[str, Any] | None = None) -> str:
+    def status(self, data: dict[str, Any] | None = None) -> State:
         data = data if data is not None else self.read()
         return effective_status(data)
+
+    def checkpoint_location(self, data: dict[str, Any] | None = None) -> str | None:
+        """Where this session's checkpoints go (a folder today, a URI later): recorded in
+        session.json when the session is created; older records are worked out from their config."""
+        if data is None:
+            try:
+                data = self.read()
+            except CorruptSessionError:
+                return None
+        location = data.get("checkpoint_location")
+        if isinstance(location, str) and location:
+            return location
+        cfg = data.get("trainctl_config") or {}
+        base = cfg.get("checkpoint_dir")
+        if isinstance(base, str) and base:
+            root = Path(cfg.get("project_root") or data.get("cwd") or ".")
+            return str((root / base / self.id).resolve())
+        return None
 
 
 def effective_metrics(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -331,7 +370,7 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, float) or _is_int(v)) and not isinstance(v, bool)
+    return is_number(v) and (isinstance(v, float) or _is_int(v))
 
 
 def _opt(check: Any) -> Any:
@@ -398,7 +437,8 @@ SESSION_FIELDS: dict[str, Any] = {
     "totals": _opt(lambda v: isinstance(v, dict) and all(x is None or _is_step(x) for x in v.values())),
     "config": _opt(_is_dict), "trainctl_config": _opt(_is_dict), "git": _opt(_is_dict),
     "runtime": _opt(_is_dict), "resources": _opt(_is_dict), "diagnosis": _opt(_is_dict),
-    "degraded": _opt(_is_dict),
+    "degraded": _opt(_is_dict), "checkpoint_location": _opt(_is_str), "handle": _opt(_is_dict),
+    "stop_request": _opt(_is_dict), "restart": _opt(_is_dict),
 }
 
 
@@ -428,9 +468,12 @@ def session_problem(data: dict[str, Any]) -> str | None:
     return None
 
 
-def effective_status(data: dict[str, Any]) -> str:
-    """The recorded status, or 'crashed' for a session whose processes are gone without an end."""
-    status = data.get("status", "pending")
+def effective_status(data: dict[str, Any]) -> State:
+    """The recorded status, or CRASHED for a session whose processes are gone without an end."""
+    try:
+        status = State(data.get("status", "pending"))
+    except ValueError:
+        return State.CRASHED  # written by something else: not a session we can vouch for
     if status in TERMINAL:
         return status
     if data.get("host") and data.get("host") != sysinfo.host():
@@ -440,7 +483,7 @@ def effective_status(data: dict[str, Any]) -> str:
         return status
     if any(sysinfo.pid_alive(pid, ticks) for pid, ticks in pids):
         return status
-    return "crashed"
+    return State.CRASHED
 
 
 def summarize_metrics(metrics: Iterable[dict[str, Any]]) -> dict[str, Any]:

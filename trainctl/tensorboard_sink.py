@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .values import is_number
+
 _EVENT_FILE_RE = re.compile(r"tfevents\.(\d+)\.")
 
 
@@ -168,7 +170,7 @@ def _numeric_values(values: Any) -> dict[str, float]:
         return {}
     out: dict[str, float] = {}
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             continue
         try:
             out[str(name)] = float(value)

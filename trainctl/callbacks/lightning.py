@@ -17,7 +17,6 @@ its manifest first. This is the only module that imports lightning.
 from __future__ import annotations
 
 import os
-import secrets
 import sys
 import time
 import warnings
@@ -37,43 +36,28 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from .. import checkpoint as checkpoint_mod
 from .. import config as config_mod
+from .. import resume as resume_mod
 from ..errors import (
     EXIT_PREEMPTED,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     TrainctlWarning,
 )
-from ..fsutil import fsync_dir
+from ..fsutil import fsync_dir, temp_name
 from ..redact import redact_mapping
 from ..run import Run, current_run, init, plain_data, requested_resume
+from ..session import State
+from ..values import scalar
 
 __all__ = ["TrainctlCallback", "TrainctlLogger"]
 
 
 # --- helpers ---------------------------------------------------------------------------------
 
-def _number(value: Any) -> int | float | None:
-    """A logged value as a Python number (one-element tensors included), else None."""
-    if isinstance(value, bool):
-        return int(value)
-    if isinstance(value, (int, float)):
-        return value
-    numel = getattr(value, "numel", None)
-    if callable(numel) and numel() != 1:
-        return None
-    item = getattr(value, "item", None)
-    if callable(item):
-        try:
-            return item()
-        except (TypeError, ValueError, RuntimeError):
-            return None
-    return None
-
-
 def _numbers(metrics: Mapping[str, Any]) -> dict[str, int | float]:
     out = {}
     for key, value in metrics.items():
-        number = _number(value)
+        number = scalar(value)
         if number is not None:
             out[str(key)] = number
     return out
@@ -145,13 +129,13 @@ def _requested_resume() -> str | None:
         return run.resume_path()
     cfg = config_mod.load()
     ref = requested_resume(cfg.resume_flag)
-    if ref != "auto":
+    if ref != resume_mod.AUTO:
         return ref or None
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    found, skipped = checkpoint_mod.newest_valid(cfg.checkpoint_dir, script=script)
-    for path, why in skipped:
+    found = resume_mod.resolve_auto(cfg.checkpoint_dir, cfg.state_dir, script=script)
+    for path, why in found.skipped:
         warnings.warn(f"skipping checkpoint {path}: {why}", TrainctlWarning, stacklevel=3)
-    return str(found) if found else None
+    return str(found.path) if found.path else None
 
 
 # --- checkpoint IO -----------------------------------------------------------------------------
@@ -170,7 +154,7 @@ class _RegisteringCheckpointIO(CheckpointIO):
             return
         final = Path(target).absolute()
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".{final.name}.{secrets.token_hex(4)}.tmp")
+        tmp = temp_name(final, self.callback.run.id if self.callback.run is not None else None)
         try:
             self.base.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
             fd = os.open(tmp, os.O_RDONLY)
@@ -418,7 +402,7 @@ class TrainctlCallback(Callback):
             message = f"emergency checkpoint failed: {type(e).__name__}: {e}"
         if _writes(run):
             run.session.event("warning", message=message)
-        run.finish(status="preempted")
+        run.finish(status=State.PREEMPTED)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         run = self.run
@@ -429,13 +413,13 @@ class TrainctlCallback(Callback):
             if not self._preempted and trainer.state.stage == RunningStage.TRAINING:
                 self._emergency_stop(trainer)
             else:
-                run.finish(status="preempted")
+                run.finish(status=State.PREEMPTED)
         elif isinstance(exception, KeyboardInterrupt):
-            run.finish(status="killed")
+            run.finish(status=State.KILLED)
         elif isinstance(exception, SystemExit):
-            run.finish(status="completed" if not exception.code else "failed")
+            run.finish(status=State.COMPLETED if not exception.code else State.FAILED)
         else:
-            run.finish(status="failed", error=f"{type(exception).__name__}: {exception}")
+            run.finish(status=State.FAILED, error=f"{type(exception).__name__}: {exception}")
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         # the session's final status is recorded when the process exits (or on_exception), so a
@@ -497,7 +481,7 @@ class TrainctlLogger(Logger):
     @rank_zero_only
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         values = dict(metrics)
-        epoch = _number(values.pop("epoch", None))
+        epoch = scalar(values.pop("epoch", None))
         numbers = _numbers(values)
         if numbers:
             self._run().log(numbers, step=step, epoch=epoch)

@@ -468,8 +468,7 @@ def diagnose(output_tail: str, *, exit_code: int | None, signal_name: str | None
              script: str = "", args: Sequence[str] = (), checkpoint: str | None = None,
              resume_flag: str = "--resume") -> Diagnosis | None:
     """Classify a failed run from its last lines of output and exit status; None when nothing is known."""
-    from ..redact import redact_args
-    from .supervisor import strip_resume_args
+    from ..resume import resume_command
 
     lines = _clean(output_tail or "")
     text = "\n".join(lines)
@@ -481,7 +480,6 @@ def diagnose(output_tail: str, *, exit_code: int | None, signal_name: str | None
         found = rule(failure)
         if found is not None:
             if checkpoint:
-                found.command = shlex.join(["trainctl", "checkpoint", "resume", checkpoint, script,
-                                            *redact_args(strip_resume_args(args, failure.resume_flag))])
+                found.command = resume_command(script, args, checkpoint, failure.resume_flag)
             return found
     return None

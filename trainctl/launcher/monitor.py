@@ -8,7 +8,6 @@ MetricParser; times come from timestamps at the start of lines, or from watching
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shlex
@@ -20,11 +19,19 @@ from typing import Any
 
 from .. import metrics
 from ..errors import NotFoundError, UsageError
+from ..formatting import json_safe
 from ..metrics import MetricParser
-from ..session import Session, effective_metrics, effective_status, metric_mode, read_events
+from ..session import (
+    TERMINAL,
+    Session,
+    State,
+    effective_metrics,
+    effective_status,
+    metric_mode,
+    read_events,
+)
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt")
-ENDED_BADLY = ("crashed", "failed", "preempted", "killed")
+ENDED_BADLY = (TERMINAL - {State.COMPLETED}) | {State.CRASHED}  # a resume command is shown
 MAX_SCAN_FILES = 20000
 _LOG_TIME = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})")
 
@@ -203,7 +210,7 @@ class Monitor:
         settings = self.settings
         points = self._points()
         status = effective_status(self.data) if self.session is not None else None
-        live = status == "running" if self.session is not None else self.follow
+        live = status is State.RUNNING if self.session is not None else self.follow
 
         # progress: the newest metric says where the run is (epochs counted from 1)
         totals = self._totals()
@@ -213,12 +220,12 @@ class Monitor:
             model.observe(p.get("step"), p.get("epoch"))
         recent = [(p.get("t"), p.get("step"), p.get("epoch")) for p in _latest_attempt(points)]
         where = metrics.run_progress(recent, total_steps=totals["steps"], total_epochs=totals["epochs"],
-                                     model=model, finished=status == "completed",
+                                     model=model, finished=status is State.COMPLETED,
                                      window=settings.window)
         step, epoch, fraction, eta = where["step"], where["epoch"], where["fraction"], where["eta_s"]
         step_rate = metrics.rate(_trailing_run(timed, "step")[-settings.window:])
         epoch_rate = metrics.rate(_trailing_run(timed, "epoch")[-settings.window:])
-        if status is not None and status != "running":
+        if status is not None and status is not State.RUNNING:
             eta = None
         last_metric_t = timed[-1]["t"] if timed else None
         started = self.data.get("started_at") or self.data.get("created_at")
@@ -248,7 +255,7 @@ class Monitor:
             mode = metric_mode(name)
             t = metrics.trend(values, mode=mode, window=settings.window)
             best_step = steps_of[name][t["best_index"]] if t["best_index"] is not None else None
-            table[name] = {"last": _json_number(t["last"]), "best": _json_number(t["best"]),
+            table[name] = {"last": json_safe(t["last"]), "best": json_safe(t["best"]),
                            "best_step": best_step, "mode": mode, "slope": t["slope"],
                            "direction": t["direction"], "points": t["points"],
                            "sparkline": metrics.sparkline(values[-settings.window * 4:], spark_width)}
@@ -303,27 +310,29 @@ class Monitor:
 
     def resume_command(self, cwd: str | None = None) -> str | None:
         """The command that continues this session, complete and runnable as printed: from its
-        newest checkpoint that is still there, else the same command again."""
+        newest checkpoint that is still there, else the same command again; from the folder the
+        run ran in (its config and relative paths) when that is not `cwd`."""
+        from ..resume import resume_command
+
         data = self.data
         script = data.get("script")
         if self.session is None or not isinstance(script, str):
             return None
         flag = str((data.get("trainctl_config") or {}).get("resume_flag") or "--resume")
-        args = _without_flag([str(a) for a in data.get("args") or []], flag)
-        checkpoint = self._resume_checkpoint()
-        parts = (["trainctl", "checkpoint", "resume", checkpoint, script, *args] if checkpoint
-                 else ["trainctl", "local", script, *args])
-        command = shlex.join(parts)
+        command = resume_command(script, [str(a) for a in data.get("args") or []],
+                                 self._resume_checkpoint(), flag)
         run_dir = data.get("cwd")
         if isinstance(run_dir, str) and os.path.realpath(run_dir) != os.path.realpath(cwd or os.getcwd()):
-            command = f"cd {shlex.quote(run_dir)} && {command}"  # its config and relative paths
+            command = f"cd {shlex.quote(run_dir)} && {command}"
         return command
 
     def _resume_checkpoint(self) -> str | None:
+        from ..checkpoint import manifest_path
+
         for e in reversed([e for e in self.events if e.get("kind") == "checkpoint"]):
             path = e.get("path")
-            if path and Path(path).is_file() and Path(path + ".json").is_file():
-                return str(path)
+            if isinstance(path, str) and path and Path(path).is_file() and manifest_path(path).is_file():
+                return path
         folder = self._checkpoint_dir()
         files = scan_checkpoints(folder) if folder is not None else []
         return str(files[-1][0]) if files else None
@@ -349,12 +358,8 @@ class Monitor:
             return self.checkpoint_dir
         if self.session is None:
             return None
-        cfg = self.data.get("trainctl_config") or {}
-        base = cfg.get("checkpoint_dir")
-        if isinstance(base, str) and base:
-            root = Path(cfg.get("project_root") or self.data.get("cwd") or ".")
-            return (root / base / self.session.id).resolve()
-        return None
+        location = self.session.checkpoint_location(self.data)
+        return Path(location) if location and "://" not in location else None
 
     def _checkpoints(self, now: float) -> dict[str, Any]:
         found = self._checkpoints_found(now)
@@ -389,37 +394,21 @@ class Monitor:
         return {"source": "scan", "count": len(files), "newest": newest, "dir": str(folder)}
 
 
-def _without_flag(args: list[str], flag: str) -> list[str]:
-    """`args` less any `flag VALUE` / `flag=VALUE` (the resume command passes its own)."""
-    name = flag.split("=", 1)[0]
-    out: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = "=" not in flag
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
-
-
 def scan_checkpoints(folder: Path) -> list[tuple[Path, float, int]]:
-    """(path, mtime, bytes) of checkpoint-looking files under `folder`, oldest first."""
+    """(path, mtime, bytes) of checkpoint files under `folder`, oldest first, found the way
+    `checkpoint list` finds them but without opening any."""
+    from ..checkpoint import candidate_paths
+
     found = []
-    try:
-        for index, path in enumerate(folder.rglob("*")):
-            if index > MAX_SCAN_FILES:
-                break
-            if path.suffix in CHECKPOINT_SUFFIXES and not path.name.startswith("."):
-                try:
-                    st = path.stat()
-                except OSError:
-                    continue
-                if path.is_file():
-                    found.append((path, st.st_mtime, st.st_size))
-    except OSError:
-        pass
+    for index, path in enumerate(candidate_paths(folder)):
+        if index > MAX_SCAN_FILES:
+            break
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        if path.is_file():
+            found.append((path, st.st_mtime, st.st_size))
     found.sort(key=lambda item: item[1])
     return found
 
@@ -461,13 +450,6 @@ def _trailing_run(points: list[dict[str, Any]], key: str) -> list[tuple[float, f
             run = []
         run.append((p["t"], value))
     return run
-
-
-def _json_number(value: Any) -> Any:
-    """JSON has no NaN/Infinity: they become the strings 'nan', 'inf', '-inf'."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return metrics.format_value(value)
-    return value
 
 
 # -- text -------------------------------------------------------------------------------------
@@ -528,7 +510,7 @@ def render(snap: dict[str, Any], width: int = 80) -> list[str]:
     else:
         lines.append("checkpoints none" + (f" in {c['dir']}" if c.get("dir") else ""))
     lines = [line if len(line) <= width else line[:width - 1] + "…" for line in lines]
-    if snap.get("resume_command") and snap["status"] != "crashed":  # crashed: in its warning
+    if snap.get("resume_command") and snap["status"] != State.CRASHED:  # crashed: in its warning
         lines.append(f"resume    {snap['resume_command']}")  # never cut: it must run as printed
     for w in snap["warnings"]:  # warnings are wrapped, never cut
         text, command = w["message"], w.get("command")

@@ -1,155 +1,90 @@
-"""Run a spec as one session on any backend: attempts, restarts with resume, the summary.
+"""Run a spec as one session on any backend: attempts, restarts with resume, the end.
 
-This is the template every `trainctl local/aws/runpod` shares; backends only start, wait and
-stop one attempt.
+This is the template `trainctl local` (and, on a rented machine, the agent) runs. It calls
+nothing on a backend outside `Backend` (plan, launch, describe, log_iter, stop, release), and it
+learns how the script is doing through the session store (status events, the runtime's record,
+a stop request) and the checkpoint location recorded in session.json, not through paths of its
+own. It prints nothing: what a person should see goes to the `EngineEvents` it is given, and
+`run()` returns the end as data (`RunResult`).
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .. import config as config_mod
-from .. import env as env_mod
+from .. import resume as resume_mod
 from .. import sysinfo
-from ..errors import (
-    EXIT_INTERRUPTED,
-    EXIT_PREEMPTED,
-    UsageError,
-)
+from ..backends.base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec, get_backend
+from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UsageError
 from ..fsutil import atomic_write_json
 from ..redact import redact_args
-from ..session import Session, SessionStore, summarize_metrics
-from .backend import Backend, Outcome, RestartPolicy, RunSpec
+from ..session import Session, SessionStore, State, new_session_id, summarize_metrics
+from .output import OutputMetrics, OutputParser, OutputText
 
 CRASH_LOOP_REPEATS = 3
-FULL_PARSE_LINES_PER_S = 500.0  # output lines a second parsed one by one
-NEWEST_WHEN_FAST = 2  # metric lines parsed per read of output beyond that rate
-FAST_TAIL_CHARS = 4096
-SAMPLE_INTERVAL_S = 0.05
+POLL_MAX_S = 0.1  # longest pause between two looks at a running attempt
+STOP_POLL_S = 0.25  # how often a restart delay looks for a stop request
+RESTARTABLE = (State.PREEMPTED, State.FAILED)
 
 
-class _OutputParser:
-    """Feeds the script's output to the metric parser without slowing the script.
-
-    Up to FULL_PARSE_LINES_PER_S every line is parsed. Past that nobody reads the lines and
-    parsing each one would slow the script (a full pipe blocks its writes), so the newest
-    metrics are sampled every SAMPLE_INTERVAL_S and the last unparsed output is read at the end.
-    """
-
-    def __init__(self, parser: Any, on_parsed: Any) -> None:
-        self.parser = parser
-        self.on_parsed = on_parsed
-        self.budget = _LineBudget(FULL_PARSE_LINES_PER_S)
-        self.lock = threading.Lock()
-        self.skip_until = 0.0
-        self.unparsed = ""
-
-    def feed(self, text: str) -> None:
-        now = time.monotonic()
-        if now < self.skip_until:  # in a flood: this call must cost next to nothing
-            self.unparsed = text
-            return
-        if self.budget.take(text.count("\n") + 1, now):
-            self._parse(text, None)
-            return
-        self.skip_until = now + SAMPLE_INTERVAL_S
-        self._parse(text, NEWEST_WHEN_FAST)
-
-    def finish(self) -> None:
-        text, self.unparsed = self.unparsed, ""
-        if text:
-            self._parse(text, NEWEST_WHEN_FAST)
-
-    def _parse(self, text: str, limit: int | None) -> None:
-        if limit is not None:
-            self.unparsed = ""
-            if len(text) > FAST_TAIL_CHARS:  # the newest lines are at the end: look only there
-                text = text[text.find("\n", len(text) - FAST_TAIL_CHARS) + 1:]
-        with self.lock:
-            for parsed in self.parser.feed_text(text, limit=limit):
-                self.on_parsed(parsed)
+@dataclass
+class RestartPolicy:
+    max_restarts: int = 0
+    restart_on: tuple[str, ...] = (State.PREEMPTED.value, State.FAILED.value)
+    restart_delay_s: float = 2.0
+    grace_period_s: float = 30.0
 
 
-class _LineBudget:
-    """A token bucket: `rate` lines a second (a second's worth may be saved up)."""
+@dataclass
+class Outcome:
+    """How one attempt ended."""
 
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.stamp = time.monotonic()
-
-    def take(self, n: int, now: float) -> bool:
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= n:
-            self.tokens -= n
-            return True
-        return False
+    status: State
+    exit_code: int | None
+    signal: str | None = None
+    output_tail: list[str] = field(default_factory=list)
 
 
-def _say(message: str) -> None:
-    print(f"[trainctl] {message}", file=sys.stderr, flush=True)
+@dataclass
+class RunResult:
+    """How the session ended, for the caller to show: the record is already in session.json."""
+
+    session: Session
+    outcome: Outcome
+    summary: dict[str, Any]
+    diagnosis: dict[str, Any] | None
+    newest_checkpoint: str | None
+    exit_code: int
 
 
-def resolve_resume(ref: str | None, cfg: config_mod.Config, *, script: Path,
-                   name: str | None = None) -> str | None:
-    """'auto' -> newest valid checkpoint of the same script (or name); a path is verified."""
-    if not ref:
-        return None
-    from .. import checkpoint
+class EngineEvents:
+    """What the engine tells whoever watches it. Every method does nothing here; the CLI
+    renders them on a terminal, a detached run writes them to the session's output.log."""
 
-    if ref == "auto":
-        # never continue from a checkpoint of a session that is still running (a sweep sibling)
-        running, _ = SessionStore(cfg.state_dir).list(status="running")
-        found, skipped = checkpoint.newest_valid(cfg.checkpoint_dir, script=None if name else str(script.resolve()),
-                                                 name=name, skip_sessions={r["id"] for r in running})
-        for path, why in skipped:
-            _say(f"skipping checkpoint {path}: {why}")
-        if found is None:
-            _say("--resume auto: no valid checkpoint of this script yet; starting from scratch.")
-            return None
-        _say(f"resuming from {found}")
-        return str(found)
-    path = Path(ref)
-    checkpoint.require_valid(path, suggestion="--resume {found}")
-    return str(path.resolve())
+    def message(self, text: str) -> None:
+        """A status line ("resuming from ...", "restart 1/3 in 2s")."""
 
+    def preflight(self, report: Any) -> None:
+        """The pre-flight report, before it is acted on (a failure raises after this)."""
 
-def strip_resume_args(args: Sequence[str], flag: str) -> list[str]:
-    """The args without any `flag PATH` / `flag=...` (the resume flag)."""
-    name = flag.split("=", 1)[0]
-    out: list[str] = []
-    skip = False
-    for arg in args:
-        if skip:
-            skip = False
-            continue
-        if arg == name:
-            skip = "=" not in flag
-            continue
-        if arg.startswith(name + "="):
-            continue
-        out.append(arg)
-    return out
+    def attempt_started(self, session: Session, attempt: int) -> None:
+        """Attempt `attempt` is running (output follows through `output`)."""
 
+    def output(self, chunk: LogChunk) -> None:
+        """A piece of the script's output, as the backend delivered it."""
 
-def with_resume_args(args: list[str], flag: str, resume: str | None, takes_flag: bool) -> list[str]:
-    """When trainctl resumes: args without any old resume flag, plus `flag resume` when the
-    script takes the flag. When it doesn't resume, the args are the user's, untouched."""
-    if not resume:
-        return list(args)
-    out = strip_resume_args(args, flag)
-    if takes_flag:
-        out += [flag] if "=" in flag else [flag, resume]
-    return out
+    def parsed(self, parsed: dict[str, Any]) -> None:
+        """Metrics parsed from the output (MetricParser's dicts)."""
+
+    def attempts_ended(self, status: State) -> None:
+        """No more attempts: the last ended with `status`."""
 
 
 def restart_policy(cfg: config_mod.Config, *, max_restarts: int | None, restart_on: str | None,
@@ -169,141 +104,137 @@ def restart_policy(cfg: config_mod.Config, *, max_restarts: int | None, restart_
     return policy
 
 
-def split_resume_arg(args: list[str], flag: str) -> tuple[str | None, list[str]]:
-    """`train.py --lr 1 --resume x.pt` -> ('x.pt', ['--lr', '1']): a resume the user put among
-    the script's own arguments, so trainctl verifies and records it like --resume before SCRIPT."""
-    if "=" in flag:  # '--init_from=resume' style: the script resolves its own checkpoint
-        return None, list(args)
-    for i, arg in enumerate(args):
-        if arg == flag and i + 1 < len(args):
-            return args[i + 1], [*args[:i], *args[i + 2:]]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1], [*args[:i], *args[i + 1:]]
-    return None, list(args)
+def validate_restart_options(max_restarts: int, restart_on: str) -> tuple[str, ...]:
+    statuses = tuple(s.strip() for s in restart_on.split(",") if s.strip())
+    bad = [s for s in statuses if s not in RESTARTABLE]
+    if bad:
+        raise UsageError(f"--restart-on: unknown status '{bad[0]}'. Valid: preempted, failed.",
+                         "Example: --restart-on preempted,failed")
+    if max_restarts < 0:
+        raise UsageError(f"--max-restarts must be 0 or more, not {max_restarts}.",
+                         "Example: --max-restarts 3")
+    return statuses
 
 
-@dataclass
-class _OutputMetrics:
-    """Metrics parsed from the script's output, recorded unless the script logs its own."""
-
-    session: Session
-    attempt: int = 0
-    buffer: list[dict[str, Any]] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    attached: bool = False
-    tensorboard: Any = None
-
-    totals: dict[str, Any] = field(default_factory=dict)
-
-    def add(self, parsed: dict[str, Any]) -> None:
-        if self.attached:
-            return
-        for key, name in (("total_steps", "steps"), ("total_epochs", "epochs")):
-            if parsed.get(key) and self.totals.get(name) != parsed[key]:
-                with self.lock:
-                    self.totals[name] = parsed[key]
-                    self.buffer.append({"v": 1, "t": time.time(), "kind": "totals", "source": "output",
-                                        "steps": self.totals.get("steps"), "epochs": self.totals.get("epochs")})
-        if not parsed.get("values"):
-            return
-        event = {"v": 1, "t": time.time(), "kind": "metric", "step": parsed.get("step"),
-                 "epoch": parsed.get("epoch"), "values": parsed["values"],
-                 "attempt": self.attempt, "source": "output"}
-        with self.lock:
-            self.buffer.append(event)
-
-    def flush(self) -> None:
-        with self.lock:
-            events, self.buffer = self.buffer, []
-        if not events:
-            return
-        if not self.attached:
-            runtime = (self.session.read().get("runtime") or {})
-            self.attached = runtime.get("attempt") == self.attempt and bool(runtime.get("pid"))
-        if self.attached:
-            return  # the script reports through trainctl.init(): its numbers are the record
-        self.session.append_events(events)
-        events = [e for e in events if e["kind"] == "metric"]
-        if not events:
-            return
-        if self.tensorboard is None:
-            from ..tensorboard_sink import TensorBoardSink
-
-            self.tensorboard = TensorBoardSink(self.session.tensorboard_dir / "output")
-        try:
-            self.tensorboard.write(events)
-        except Exception:
-            pass
-
-    def close(self) -> None:
-        self.flush()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+def exit_code_for(outcome: Outcome) -> int:
+    """The launcher's exit code: 0, the script's own, 75 preempted, 130 killed or stopped."""
+    if outcome.status is State.COMPLETED:
+        return 0
+    if outcome.status in (State.KILLED, State.STOPPED):
+        return EXIT_INTERRUPTED
+    if outcome.status is State.PREEMPTED:
+        return EXIT_PREEMPTED
+    code = outcome.exit_code if outcome.exit_code is not None else 1
+    return code if 0 < code < 256 else 128 + abs(code) if code < 0 else 1
 
 
 class Supervisor:
-    """Runs a RunSpec as one session: pre-flight, attempts, restarts, summary."""
+    """Runs a RunSpec as one session: pre-flight, attempts, restarts, the end."""
 
-    def __init__(self, spec: RunSpec, cfg: config_mod.Config, *, backend: str = "local",
-                 parent: str | None = None, preflight: bool = True,
-                 resume_verified: bool = False) -> None:
+    def __init__(self, spec: RunSpec, policy: RestartPolicy, cfg: config_mod.Config, *,
+                 backend: str = "local", backend_options: dict[str, Any] | None = None,
+                 events: EngineEvents | None = None, parent: str | None = None) -> None:
         self.spec = spec
-        self.resume_verified = resume_verified
+        self.policy = policy
         self.cfg = cfg
         self.backend_name = backend
+        self.backend_options = dict(backend_options or {})
+        self.events = events or EngineEvents()
         self.parent = parent
-        self.preflight = preflight
         self.store = SessionStore(cfg.state_dir)
         self.session: Session | None = None
         self.stop_signal: int | None = None
-        self._handle: Any = None
+        self._handle: Handle | None = None
         self._backend: Backend | None = None
 
     # -------------------------------------------------------------- set-up
+    def prepare(self, *, preflight: bool = True, resume_verified: bool = False) -> Session:
+        """Resolve the resume, run the pre-flight checks, create the session."""
+        spec = self.spec
+        # resolved first: a missing checkpoint fails before anything else, and `--resume auto`
+        # with nothing to resume from is a fresh start that needs no resume flag
+        if resume_verified and spec.resume:
+            resume = str(Path(spec.resume).resolve())
+        else:
+            resume = self.resolve_resume(spec.resume)
+        self.spec = replace(spec, resume=resume)
+        if preflight:
+            self._run_preflight()
+        self.session = self._create_session()
+        return self.session
+
+    def plan(self) -> LaunchPlan:
+        """What the first attempt would run, where its output and checkpoints would go, with
+        nothing created or started (what `--dry-run` shows). Resolves the resume first."""
+        spec = self.spec = replace(self.spec, resume=self.resolve_resume(self.spec.resume))
+        session_id = "<new session id>"
+        session_dir = self.cfg.state_dir / "sessions" / session_id
+        takes_flag = resume_mod.script_takes_flag(spec.script, self.cfg.resume_flag)
+        args = resume_mod.with_resume_args(spec.args, self.cfg.resume_flag, spec.resume, takes_flag)
+        backend = get_backend(self.backend_name, **self.backend_options)
+        return backend.plan(replace(spec, args=tuple(args), session_id=session_id, session_dir=session_dir,
+                                    checkpoint_location=str(self.cfg.checkpoint_dir / session_id),
+                                    config_path=session_dir / "config.json", cwd=spec.cwd or Path.cwd()))
+
+    def resolve_resume(self, ref: str | None) -> str | None:
+        """'auto' -> newest valid checkpoint of the same script (or name); a path is verified."""
+        if not ref:
+            return None
+        from .. import checkpoint
+
+        if ref == resume_mod.AUTO:
+            found = resume_mod.resolve_auto(self.cfg.checkpoint_dir, self.cfg.state_dir,
+                                            script=str(self.spec.script.resolve()), name=self.spec.name)
+            for path, why in found.skipped:
+                self.events.message(f"skipping checkpoint {path}: {why}")
+            if found.path is None:
+                self.events.message("--resume auto: no valid checkpoint of this script yet; starting from scratch.")
+                return None
+            self.events.message(f"resuming from {found.path}")
+            return str(found.path)
+        path = Path(ref)
+        checkpoint.require_valid(path, suggestion="--resume {found}")
+        return str(path.resolve())
+
     def _run_preflight(self) -> None:
         from .preflight import run_preflight
 
-        report = run_preflight(self.spec.script, self.spec.args, self.cfg, resume=self.spec.resume,
+        report = run_preflight(self.spec.script, list(self.spec.args), self.cfg, resume=self.spec.resume,
                                gpus=self.spec.resources.get("gpus"))
-        bad = [r for r in report.results if r.status != "pass"]
-        if bad or not report.ok:
-            for line in report.lines():
-                print(line, file=sys.stderr)
-        else:
-            _say(f"pre-flight: {len(report.results)} checks passed")
+        self.events.preflight(report)
         report.raise_if_failed()
 
-    def create_session(self) -> Session:
+    def _create_session(self) -> Session:
         spec = self.spec
-        script = spec.script.resolve()
+        session_id = new_session_id()
         session = self.store.create(
-            status="running", name=spec.name, backend=self.backend_name, script=str(script),
-            args=redact_args(spec.args),
+            session_id=session_id, status=State.RUNNING, name=spec.name, backend=self.backend_name,
+            script=str(spec.script.resolve()), args=redact_args(list(spec.args)),
             command=redact_args(["trainctl", self.backend_name, str(spec.script), *spec.args]),
             cwd=os.getcwd(), started_at=time.time(), trainctl_config=self.cfg.resolved(),
-            parent=self.parent, resume_from=spec.resume, attempts=[],
-            resources=spec.resources,
-            processes=[{"pid": os.getpid(), "start_ticks": sysinfo.process_start_ticks(os.getpid()),
-                        "role": "launcher"}],
+            parent=self.parent, resume_from=spec.resume, attempts=[], resources=spec.resources,
+            checkpoint_location=str(self.cfg.checkpoint_dir / session_id),
+            restart=asdict(self.policy), processes=[_this_process("launcher")],
         )
         atomic_write_json(session.config_path, self.cfg.resolved())
         return session
 
-    def _env(self, session: Session, checkpoint_dir: Path, resume: str | None, attempt: int) -> dict[str, str]:
-        return env_mod.LaunchEnv(
-            session_id=session.id, session_dir=str(session.dir), checkpoint_dir=str(checkpoint_dir),
-            tensorboard_dir=str(session.tensorboard_dir), resume=resume, attempt=attempt,
-            backend=self.backend_name, config=str(session.config_path)).to_environ()
-
     # -------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
         # plain assignments and a kill(2) only: a handler that takes a lock can deadlock
+        first = self.stop_signal is None
         self.stop_signal = signum
-        if self._handle is not None and self._backend is not None:
-            self._backend.stop(self._handle, self.spec.restart.grace_period_s, signum)
+        if self._handle is None or self._backend is None:
+            return
+        if first:
+            self._backend.stop(self._handle, self.policy.grace_period_s, signal_name=_stop_signal_name(signum))
+        else:
+            self._backend.stop(self._handle, 0)  # asked twice: now
 
     def _install_signals(self) -> dict[int, Any]:
-        previous = {}
+        previous: dict[int, Any] = {}
+        if threading.current_thread() is not threading.main_thread():
+            return previous
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             try:
                 previous[signum] = signal.signal(signum, self._on_signal)
@@ -312,158 +243,190 @@ class Supervisor:
         return previous
 
     # -------------------------------------------------------------- the run
-    def run(self) -> int:
-        spec = self.spec
-        # resolved first: a missing checkpoint fails before anything else, and `--resume auto`
-        # with nothing to resume from is a fresh start that needs no resume flag
-        if self.resume_verified and spec.resume:
-            resume = str(Path(spec.resume).resolve())
-        else:
-            resume = resolve_resume(spec.resume, self.cfg, script=spec.script, name=spec.name)
-        spec.resume = resume
-        if self.preflight:
-            self._run_preflight()
-        session = self.session = self.create_session()
-        checkpoint_dir = self.cfg.checkpoint_dir / session.id
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        flag = self.cfg.resume_flag
-        from .local import script_takes_flag
-
-        takes_flag = script_takes_flag(spec.script, flag)
+    def run(self) -> RunResult:
+        """Attempts until the script ends for good; the record in session.json, the end returned."""
+        session = self.session or self.prepare()
+        recorded = session.read().get("processes") or []
+        if not any(p.get("pid") == os.getpid() for p in recorded if isinstance(p, dict)):
+            session.update(processes=[_this_process("launcher")])  # a detached engine: another process
+        location = session.checkpoint_location() or str(self.cfg.checkpoint_dir / session.id)
+        Path(location).mkdir(parents=True, exist_ok=True)
+        backend = self._backend = get_backend(self.backend_name, **self.backend_options)
         previous = self._install_signals()
         started = time.time()
         try:
-            outcome, attempts = self._attempts(session, checkpoint_dir, resume, flag, takes_flag)
+            outcome, attempts = self._attempts(session, backend, location)
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
-        return self._finish(session, outcome, attempts, started, checkpoint_dir)
+        return self._finish(session, outcome, attempts, started, location)
 
-    def _attempts(self, session: Session, checkpoint_dir: Path, resume: str | None, flag: str,
-                  takes_flag: bool) -> tuple[Outcome, int]:
-        from .local import LocalBackend
-
+    def _attempt_spec(self, session: Session, location: str, resume: str | None, takes_flag: bool) -> RunSpec:
         spec = self.spec
-        policy = spec.restart
-        # the child starts first: building the parser and the display (imports, regexes) then
-        # overlaps the script's own start-up instead of adding to it
-        backend = self._backend = LocalBackend(session)
+        args = resume_mod.with_resume_args(spec.args, self.cfg.resume_flag, resume, takes_flag)
+        return replace(spec, args=tuple(args), resume=resume, session_id=session.id,
+                       session_dir=session.dir, checkpoint_location=location,
+                       config_path=session.config_path, cwd=spec.cwd or Path.cwd())
+
+    def _attempts(self, session: Session, backend: Backend, location: str) -> tuple[Outcome, int]:
+        spec = self.spec
+        policy = self.policy
+        takes_flag = resume_mod.script_takes_flag(spec.script, self.cfg.resume_flag)
         failures: list[tuple[str, int]] = []
         attempt = 0
-        display: Any = None
-        recorder = _OutputMetrics(session)
-        output: _OutputParser | None = None
+        resume = spec.resume
+        recorder = OutputMetrics(session)
+        parser: OutputParser | None = None
         flusher_stop = threading.Event()
-        final_status = "ended"
+        final_status = State.FAILED
 
         def flush_loop() -> None:
             while not flusher_stop.wait(1.0):
                 recorder.flush()
 
-        def attach_output() -> None:
-            nonlocal display, output
-            from ..metrics import MetricParser, infer_totals
-            from .progress import ProgressDisplay
-
-            display = ProgressDisplay(session, totals=infer_totals(spec.args), quiet=spec.quiet)
-            if self.cfg.get("metrics", "parse_output"):
-                parser = MetricParser(self.cfg.get("metrics", "patterns"))
-
-                def on_parsed(parsed: dict[str, Any]) -> None:
-                    display.on_parsed(parsed)
-                    recorder.add(parsed)
-
-                output = _OutputParser(parser, on_parsed)
-            backend.attach(display, output.feed if output else None)
-            display.start()
-            threading.Thread(target=flush_loop, daemon=True, name="trainctl-output-metrics").start()
-
         try:
             while True:
                 recorder.attempt = attempt
                 recorder.attached = False
-                args = with_resume_args(spec.args, flag, resume, takes_flag)
-                env = self._env(session, checkpoint_dir, resume, attempt)
-                self._handle = backend.launch(spec, env, attempt, args=args)
-                if display is None:
-                    attach_output()
-                pid = backend.pid(self._handle)
-                data = session.read()
-                attempts = data.get("attempts") or []
-                attempts.append({"attempt": attempt, "started_at": time.time(), "resume_from": resume,
-                                 "pid": pid})
-                # git status and nvidia-smi (~10-100 ms) run while the script starts, not before
-                facts = {} if attempt else {"git": sysinfo.git_info(spec.script.resolve().parent),
-                                            "gpus": sysinfo.gpu_description()}
-                session.update(attempts=attempts, resume_from=resume, **facts, processes=[
-                    {"pid": os.getpid(), "start_ticks": sysinfo.process_start_ticks(os.getpid()), "role": "launcher"},
-                    {"pid": pid, "start_ticks": sysinfo.process_start_ticks(pid), "role": "script"}])
+                plan = backend.plan(self._attempt_spec(session, location, resume, takes_flag))
+                handle = self._handle = backend.launch(plan, attempt)
+                self.events.attempt_started(session, attempt)
+                if parser is None:
+                    # built after the child starts: the parser's imports and regexes overlap the
+                    # script's own start-up instead of adding to it
+                    parser = self._make_parser(recorder)
+                    threading.Thread(target=flush_loop, daemon=True, name="trainctl-output-metrics").start()
+                text = OutputText()
+                output_done = threading.Event()
+                reader = threading.Thread(target=self._read_output, name="trainctl-output", daemon=True,
+                                          args=(backend, handle, text, parser, output_done))
+                reader.start()
+                self._record_launch(session, backend, handle, attempt, resume)
                 if self.stop_signal is not None:  # a signal raced the launch
-                    backend.stop(self._handle, policy.grace_period_s, self.stop_signal)
-                outcome = backend.wait(self._handle)
+                    backend.stop(handle, policy.grace_period_s, signal_name=_stop_signal_name(self.stop_signal))
+                end = self._wait(backend, handle, output_done)
+                reader.join(timeout=10)
                 self._handle = None
-                if output is not None:
-                    output.finish()
+                backend.release(handle)
+                if parser is not None:
+                    parser.finish()
                 recorder.flush()
-                outcome.status = final_status = self._classify(session, outcome, attempt)
-                attempts = session.read().get("attempts") or attempts
-                attempts[-1].update(ended_at=time.time(), exit_code=outcome.exit_code,
-                                    signal=outcome.signal, status=outcome.status)
-                session.update(attempts=attempts)
-                if not self._should_restart(outcome, attempt, failures, session, checkpoint_dir):
+                outcome = Outcome(self._classify(session, end, attempt), end.exit_code, end.signal, text.tail)
+                final_status = outcome.status
+                self._record_end(session, outcome)
+                if not self._should_restart(outcome, attempt, failures, session):
                     return outcome, attempt + 1
-                from .. import checkpoint
-
-                found, skipped = checkpoint.newest_valid(checkpoint_dir)
-                for path, why in skipped:
-                    _say(f"skipping checkpoint {path}: {why}")
-                    session.event("warning", message=f"skipped checkpoint {path}: {why}")
-                if found is not None:
-                    resume = str(found)
+                resume = self._restart_checkpoint(session, location) or resume
                 attempt += 1
                 reason = outcome.signal or f"exit code {outcome.exit_code}"
-                _say(f"attempt {attempt - 1} {outcome.status} ({reason}); restart {attempt}/{policy.max_restarts} "
-                     f"in {policy.restart_delay_s:g}s" + (f", resuming from {resume}" if resume else
-                                                          "; no checkpoint written yet: restarting from scratch"))
+                self.events.message(
+                    f"attempt {attempt - 1} {outcome.status} ({reason}); restart {attempt}/{policy.max_restarts} "
+                    f"in {policy.restart_delay_s:g}s" + (f", resuming from {resume}" if resume else
+                                                         "; no checkpoint written yet: restarting from scratch"))
                 session.event("restart", attempt=attempt, reason=f"{outcome.status}: {reason}", resume=resume)
-                deadline = time.monotonic() + policy.restart_delay_s
-                while self.stop_signal is None and time.monotonic() < deadline:
-                    time.sleep(min(0.05, policy.restart_delay_s))
-                if self.stop_signal is not None:
-                    outcome.stopped_by_user = True
-                    outcome.status = "killed"
+                stopped = self._wait_restart_delay(session)
+                if stopped is not None:
+                    outcome.status = final_status = stopped
                     return outcome, attempt
         finally:
             flusher_stop.set()
-            if display is not None:
-                display.close(final_status)
+            self.events.attempts_ended(final_status)
             recorder.close()
 
-    def _classify(self, session: Session, outcome: Outcome, attempt: int) -> str:
-        if outcome.stopped_by_user or self.stop_signal is not None:
-            return "killed"
+    def _make_parser(self, recorder: OutputMetrics) -> OutputParser | None:
+        if not self.cfg.get("metrics", "parse_output"):
+            return None
+        from ..metrics import MetricParser
+
+        def on_parsed(parsed: dict[str, Any]) -> None:
+            self.events.parsed(parsed)
+            recorder.add(parsed)
+
+        return OutputParser(MetricParser(self.cfg.get("metrics", "patterns")), on_parsed)
+
+    def _read_output(self, backend: Backend, handle: Handle, text: OutputText,
+                     parser: OutputParser | None, done: threading.Event) -> None:
+        try:
+            for chunk in backend.log_iter(handle, since=0, follow=True):
+                self.events.output(chunk)
+                lines = text.feed(chunk.data, chunk.stream)
+                if lines and parser is not None:
+                    parser.feed(lines)
+            rest = text.finish()
+            if rest and parser is not None:
+                parser.feed(rest)
+        except Exception as e:  # the run goes on without its output shown or parsed
+            self.events.message(f"stopped reading the script's output: {e}")
+        finally:
+            done.set()
+
+    def _record_launch(self, session: Session, backend: Backend, handle: Handle, attempt: int,
+                       resume: str | None) -> None:
+        data = session.read()
+        attempts = data.get("attempts") or []
+        attempts.append({"attempt": attempt, "started_at": time.time(), "resume_from": resume})
+        facts: dict[str, Any] = {}
+        if not attempt:
+            # git status and nvidia-smi (~10-100 ms) run while the script starts, not before
+            facts = {"git": sysinfo.git_info(self.spec.script.resolve().parent), "gpus": sysinfo.gpu_description()}
+        here = backend.describe(handle).details.get("processes") or []
+        session.update(attempts=attempts, resume_from=resume, handle=handle.to_json(), **facts,
+                       processes=[_this_process("launcher"), *here])
+
+    def _wait(self, backend: Backend, handle: Handle, output_done: threading.Event) -> Description:
+        """Look at the attempt until it has ended; the end of its output wakes the loop at once."""
+        pause = 0.001
+        while True:
+            end = backend.describe(handle)
+            if not end.running:
+                return end
+            if output_done.is_set():
+                time.sleep(pause)
+            else:
+                output_done.wait(pause)
+            pause = min(pause * 2, POLL_MAX_S)
+
+    def _record_end(self, session: Session, outcome: Outcome) -> None:
+        attempts = session.read().get("attempts") or []
+        if attempts:
+            attempts[-1].update(ended_at=time.time(), exit_code=outcome.exit_code,
+                                signal=outcome.signal, status=outcome.status)
+        session.update(attempts=attempts)
+
+    def _stop_requested(self, session: Session) -> bool:
+        """`trainctl sessions stop` recorded a stop request for this session."""
+        try:
+            return bool(session.read().get("stop_request"))
+        except Exception:
+            return False
+
+    def _classify(self, session: Session, end: Description, attempt: int) -> State:
+        if self._stop_requested(session):
+            return State.STOPPED
+        if self.stop_signal is not None:
+            return State.KILLED
         reported = None
         for event in session.iter_events(("status",)):
             if event.get("source") == "run" and event.get("attempt", 0) == attempt:
                 reported = event.get("status")
-        if outcome.exit_code == 0:
-            return "preempted" if reported == "preempted" else "completed"
-        if outcome.exit_code == EXIT_PREEMPTED or reported == "preempted":
-            return "preempted"
-        if outcome.signal in ("SIGTERM", "SIGUSR1", "SIGINT") and reported != "failed":
-            return "preempted"  # stopped from outside (spot notice, cluster), not by us
-        return "failed"
+        if end.exit_code == 0:
+            return State.PREEMPTED if reported == State.PREEMPTED else State.COMPLETED
+        if end.exit_code == EXIT_PREEMPTED or reported == State.PREEMPTED:
+            return State.PREEMPTED
+        if end.signal in ("SIGTERM", "SIGUSR1", "SIGINT") and reported != State.FAILED:
+            return State.PREEMPTED  # stopped from outside (spot notice, cluster), not by us
+        return State.FAILED
 
     def _should_restart(self, outcome: Outcome, attempt: int, failures: list[tuple[str, int]],
-                        session: Session, checkpoint_dir: Path) -> bool:
-        policy = self.spec.restart
-        if outcome.status not in policy.restart_on or outcome.stopped_by_user:
+                        session: Session) -> bool:
+        policy = self.policy
+        if outcome.status not in policy.restart_on:
             return False
         if attempt >= policy.max_restarts:
             if policy.max_restarts:
-                _say(f"giving up after {policy.max_restarts} restart(s)")
+                self.events.message(f"giving up after {policy.max_restarts} restart(s)")
             return False
-        if outcome.status == "failed":
+        if outcome.status is State.FAILED:
             signature = next((line.strip() for line in reversed(outcome.output_tail) if line.strip()),
                              f"exit code {outcome.exit_code}") if outcome.exit_code != -9 else "SIGKILL"
             n_ckpt = sum(1 for _ in session.iter_events(("checkpoint",)))
@@ -471,63 +434,76 @@ class Supervisor:
             recent = failures[-CRASH_LOOP_REPEATS:]
             if len(recent) == CRASH_LOOP_REPEATS and len({s for s, _ in recent}) == 1 \
                     and len({c for _, c in recent}) == 1 and signature != "SIGKILL":
-                _say(f"not restarting: the script failed {CRASH_LOOP_REPEATS} times in a row with the same "
-                     f"error and no new checkpoint: {signature}")
+                self.events.message(f"not restarting: the script failed {CRASH_LOOP_REPEATS} times in a row "
+                                    f"with the same error and no new checkpoint: {signature}")
                 session.event("warning", message=f"crash loop stopped: {signature}")
                 return False
         else:
             failures.clear()
         return True
 
+    def _restart_checkpoint(self, session: Session, location: str) -> str | None:
+        """The newest valid checkpoint at the session's checkpoint location, or None."""
+        from .. import checkpoint
+
+        found, skipped = checkpoint.newest_valid(location)
+        for path, why in skipped:
+            self.events.message(f"skipping checkpoint {path}: {why}")
+            session.event("warning", message=f"skipped checkpoint {path}: {why}")
+        return str(found) if found is not None else None
+
+    def _wait_restart_delay(self, session: Session) -> State | None:
+        """Sleep the restart delay; KILLED or STOPPED when a signal or a stop request comes first."""
+        deadline = time.monotonic() + self.policy.restart_delay_s
+        next_look = 0.0
+        while True:
+            if self.stop_signal is not None:
+                return State.KILLED
+            now = time.monotonic()
+            if now >= next_look or now >= deadline:  # looked at once more right before a launch
+                if self._stop_requested(session):
+                    return State.STOPPED
+                next_look = now + STOP_POLL_S
+            if now >= deadline:
+                return None
+            time.sleep(min(0.05, max(0.0, deadline - now)))
+
     # -------------------------------------------------------------- the end
     def _finish(self, session: Session, outcome: Outcome, attempts: int, started: float,
-                checkpoint_dir: Path) -> int:
+                location: str) -> RunResult:
         ended = time.time()
-        metrics = session.metrics()
-        summary = summarize_metrics(metrics)
+        summary = summarize_metrics(session.metrics())
         ckpt_events = list(session.iter_events(("checkpoint",)))
         # every checkpoint this session wrote has an event: none, nothing to look for
         newest = None
         if ckpt_events:
             from .. import checkpoint
 
-            newest = checkpoint.newest_valid(checkpoint_dir, verify_digest=False)[0]
-        summary.update(checkpoints=len(ckpt_events), last_checkpoint=str(newest) if newest else None,
+            found = checkpoint.newest_valid(location, verify_digest=False)[0]
+            newest = str(found) if found else None
+        summary.update(checkpoints=len(ckpt_events), last_checkpoint=newest,
                        duration_s=round(ended - started, 3), attempts=attempts)
         diagnosis = None
-        if outcome.status == "failed":
+        if outcome.status is State.FAILED:
             from .diagnose import diagnose
 
             diag = diagnose("\n".join(outcome.output_tail), exit_code=outcome.exit_code,
                             signal_name=outcome.signal, script=str(self.spec.script),
-                            args=self.spec.args, checkpoint=str(newest) if newest else None,
-                            resume_flag=self.cfg.resume_flag)
+                            args=list(self.spec.args), checkpoint=newest, resume_flag=self.cfg.resume_flag)
             diagnosis = diag.to_dict() if diag else None
         session.update(status=outcome.status, ended_at=ended, exit_code=outcome.exit_code,
                        signal=outcome.signal, summary=summary, diagnosis=diagnosis)
         session.event("status", status=outcome.status, source="launcher",
                       exit_code=outcome.exit_code, signal=outcome.signal)
-        from .render import print_run_summary
-
-        print_run_summary(session, outcome, summary, diagnosis, spec=self.spec,
-                          newest=str(newest) if newest else None)
-        if outcome.status == "completed":
-            return 0
-        if outcome.status == "killed":
-            return EXIT_INTERRUPTED
-        if outcome.status == "preempted":
-            return EXIT_PREEMPTED
-        code = outcome.exit_code if outcome.exit_code is not None else 1
-        return code if 0 < code < 256 else 128 + abs(code) if code < 0 else 1
+        return RunResult(session, outcome, summary, diagnosis, newest, exit_code_for(outcome))
 
 
-def validate_restart_options(max_restarts: int, restart_on: str) -> tuple[str, ...]:
-    statuses = tuple(s.strip() for s in restart_on.split(",") if s.strip())
-    bad = [s for s in statuses if s not in ("preempted", "failed")]
-    if bad:
-        raise UsageError(f"--restart-on: unknown status '{bad[0]}'. Valid: preempted, failed.",
-                         "Example: --restart-on preempted,failed")
-    if max_restarts < 0:
-        raise UsageError(f"--max-restarts must be 0 or more, not {max_restarts}.",
-                         "Example: --max-restarts 3")
-    return statuses
+def _stop_signal_name(signum: int) -> str:
+    """What the script gets when the launcher receives `signum`: the same signal, except that
+    a closed terminal (SIGHUP) stops it like SIGTERM, with its emergency checkpoint."""
+    return "SIGTERM" if signum == signal.SIGHUP else signal.Signals(signum).name
+
+
+def _this_process(role: str) -> dict[str, Any]:
+    pid = os.getpid()
+    return {"pid": pid, "start_ticks": sysinfo.process_start_ticks(pid), "role": role}

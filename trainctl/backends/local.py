@@ -1,0 +1,464 @@
+"""This machine: the script (or torchrun) as a child process in a session of its own.
+
+In the process that launched it, one pump thread per output stream reads the child's pipes (or
+its pseudo-terminal), appends each chunk to the session's output.log and hands it on to whoever
+follows the attempt here (`log_iter(follow=True)`), so a slow reader slows the script as a slow
+terminal would, and nothing is buffered without bound. Any other process reattaches through the
+handle: pid and start ticks name the process, output.log holds what it printed.
+
+On Linux the child gets SIGTERM when the launching thread dies (PR_SET_PDEATHSIG), so a
+launcher killed with SIGKILL leaves a script that writes its emergency checkpoint and ends,
+never one that trains on unobserved.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from .. import env as env_mod
+from .. import sysinfo
+from ..redact import redact_args
+from ..session import Session, State, effective_status
+from .base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec
+
+READ_BYTES = 65536
+FOLLOW_LIMIT = 256  # chunks a follower may lag behind before the pump waits for it
+REAP_GRACE_S = 2.0  # what is left of the script's process group gets this long after SIGTERM
+_PR_SET_PDEATHSIG = 1
+
+
+def _key(handle: Handle) -> tuple[int, int | None]:
+    return int(handle.ids["pid"]), handle.ids.get("start_ticks")
+
+
+class _Follower:
+    """One reader of a live attempt: a bounded queue the pump fills and `log_iter` drains."""
+
+    def __init__(self) -> None:
+        self.items: collections.deque[LogChunk] = collections.deque()
+        self.cond = threading.Condition()
+        self.ended = False
+        self.left = False
+
+    def put(self, chunk: LogChunk) -> None:
+        with self.cond:
+            while len(self.items) >= FOLLOW_LIMIT and not self.left:
+                self.cond.wait(0.5)
+            if not self.left:
+                self.items.append(chunk)
+                self.cond.notify_all()
+
+    def end(self) -> None:
+        with self.cond:
+            self.ended = True
+            self.cond.notify_all()
+
+    def leave(self) -> None:
+        with self.cond:
+            self.left = True
+            self.items.clear()
+            self.cond.notify_all()
+
+    def get(self) -> LogChunk | None:
+        with self.cond:
+            while not self.items and not self.ended:
+                self.cond.wait()
+            if self.items:
+                chunk = self.items.popleft()
+                self.cond.notify_all()
+                return chunk
+            return None
+
+
+class _Attempt:
+    """A child this process started: the pumps that read it and the thread that reaps it."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], fds: list[tuple[int, str]], log_fd: int,
+                 output: str, start: int) -> None:
+        self.proc = proc
+        self.log_fd = log_fd
+        self.output = output
+        self.end = start  # offset in output.log after the last chunk written
+        self.lock = threading.Lock()
+        self.followers: list[_Follower] = []
+        self.done = threading.Event()
+        self.returncode: int | None = None
+        self.pumps = [threading.Thread(target=self._pump, args=(fd, stream), daemon=True,
+                                       name=f"trainctl-pump-{stream}") for fd, stream in fds]
+        for t in self.pumps:
+            t.start()
+        threading.Thread(target=self._reap, daemon=True, name="trainctl-reap").start()
+
+    def _pump(self, fd: int, stream: str) -> None:
+        while True:
+            try:
+                data = os.read(fd, READ_BYTES)
+            except OSError:  # EIO: the pty's other side closed
+                break
+            if not data:
+                break
+            with self.lock:
+                try:
+                    os.write(self.log_fd, data)  # O_APPEND: one write, never interleaved mid-chunk
+                except OSError:
+                    pass
+                chunk = LogChunk(self.end, data, stream)
+                self.end += len(data)
+                for follower in self.followers:
+                    follower.put(chunk)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+    def _reap(self) -> None:
+        self.returncode = self.proc.wait()
+        # whatever the script left running in its group goes now, so the pumps see end of file
+        _reap_group(self.proc.pid)
+        for t in self.pumps:
+            t.join(timeout=5)
+        with self.lock:
+            for follower in self.followers:
+                follower.end()
+            self.followers.clear()
+            try:
+                os.close(self.log_fd)
+            except OSError:
+                pass
+        self.done.set()
+
+
+class LocalBackend(Backend):
+    """Runs attempts as child processes of this process; reattaches to them from any other."""
+
+    name = "local"
+
+    def __init__(self, *, use_pty: bool | None = None) -> None:
+        self.use_pty = sys.stdout.isatty() if use_pty is None else use_pty
+        self._owned: dict[tuple[int, int | None], _Attempt] = {}
+        self._kill_at: dict[tuple[int, int | None], float] = {}
+
+    # ------------------------------------------------------------------ plan and launch
+    def plan(self, spec: RunSpec) -> LaunchPlan:
+        if spec.nproc_per_node > 1:
+            # torch's own launcher, never a home-made one
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       f"--nproc-per-node={spec.nproc_per_node}", str(spec.script), *spec.args]
+        else:
+            command = [sys.executable, str(spec.script), *spec.args]
+        session_dir = Path(spec.session_dir) if spec.session_dir else None
+        env = env_mod.LaunchEnv(
+            session_id=spec.session_id or None, session_dir=str(session_dir) if session_dir else None,
+            checkpoint_dir=spec.checkpoint_location, resume=spec.resume,
+            tensorboard_dir=str(session_dir / "tensorboard") if session_dir else None,
+            backend=self.name, config=str(spec.config_path) if spec.config_path else None,
+        ).to_environ()
+        env["PYTHONUNBUFFERED"] = "1"
+        return LaunchPlan(
+            backend=self.name, command=tuple(command), env=env,
+            cwd=str(spec.cwd or Path.cwd()), resources=dict(spec.resources),
+            output=str(session_dir / "output.log") if session_dir else os.devnull,
+            checkpoint_location=spec.checkpoint_location, cost_per_hour=None,
+            details={"terminal": self.use_pty, "session_dir": str(session_dir) if session_dir else None})
+
+    def launch(self, plan: LaunchPlan, attempt: int) -> Handle:
+        child_env = {**os.environ, **plan.env, "TRAIN_OPS_ATTEMPT": str(attempt)}
+        log_fd = os.open(plan.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if attempt:
+            os.write(log_fd, f"\n[trainctl] attempt {attempt}: {' '.join(redact_args(list(plan.command)))}\n".encode())
+        start = os.fstat(log_fd).st_size
+        preexec = _die_with_parent()
+        if self.use_pty:
+            import pty
+
+            master_fd, slave_fd = pty.openpty()
+            _copy_terminal_size(slave_fd, child_env)
+            try:
+                proc = subprocess.Popen(list(plan.command), stdin=subprocess.DEVNULL, stdout=slave_fd,
+                                        stderr=slave_fd, env=child_env, cwd=plan.cwd,
+                                        start_new_session=True, preexec_fn=preexec)
+            finally:
+                os.close(slave_fd)
+            fds = [(master_fd, "stdout")]
+        else:
+            proc = subprocess.Popen(list(plan.command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=child_env, cwd=plan.cwd,
+                                    start_new_session=True, preexec_fn=preexec)
+            assert proc.stdout is not None and proc.stderr is not None
+            fds = [(os.dup(proc.stdout.fileno()), "stdout"), (os.dup(proc.stderr.fileno()), "stderr")]
+            proc.stdout.close()
+            proc.stderr.close()
+        ticks = sysinfo.process_start_ticks(proc.pid)
+        handle = Handle(self.name, {"pid": proc.pid, "start_ticks": ticks, "output": plan.output,
+                                    "output_start": start,
+                                    "session_dir": plan.details.get("session_dir")}, attempt)
+        self._owned[_key(handle)] = _Attempt(proc, fds, log_fd, plan.output, start)
+        return handle
+
+    # ------------------------------------------------------------------ observe
+    def describe(self, handle: Handle) -> Description:
+        key = _key(handle)
+        processes = [{"pid": key[0], "start_ticks": key[1], "role": "script"}]
+        att = self._owned.get(key)
+        if att is not None:
+            if not att.done.is_set():
+                self._enforce_deadline(key)
+                return Description(State.RUNNING, details={"processes": processes})
+            return _ended(att.returncode, processes)
+        if sysinfo.pid_alive(*key):
+            self._enforce_deadline(key)
+            return Description(State.RUNNING, details={"processes": processes})
+        return self._recorded_end(handle, processes)
+
+    def _recorded_end(self, handle: Handle, processes: list[dict[str, Any]]) -> Description:
+        """How an attempt this process did not start ended, as the session store recorded it."""
+        session_dir = handle.ids.get("session_dir")
+        data: dict[str, Any] = {}
+        if session_dir:
+            try:
+                data = Session(Path(session_dir)).read()
+            except Exception:  # a missing or torn session.json: nothing recorded
+                data = {}
+        for record in data.get("attempts") or []:
+            if isinstance(record, dict) and record.get("attempt") == handle.attempt \
+                    and record.get("ended_at") and record.get("status") in State._value2member_map_:
+                return Description(State(record["status"]), record.get("exit_code"), record.get("signal"),
+                                   {"processes": processes})
+        status = effective_status(data) if data else State.CRASHED
+        state = State(status) if status not in (State.PENDING, State.RUNNING) else State.CRASHED
+        return Description(state, data.get("exit_code"), data.get("signal"), {"processes": processes})
+
+    def log_iter(self, handle: Handle, since: int = 0, follow: bool = False) -> Iterator[LogChunk]:
+        start = max(int(since), int(handle.ids.get("output_start") or 0))
+        att = self._owned.get(_key(handle))
+        if att is None:
+            yield from self._tail(handle, start, follow)
+            return
+        follower = None
+        with att.lock:
+            end = att.end
+            if follow and not att.done.is_set():
+                follower = _Follower()
+                att.followers.append(follower)
+        try:
+            if start < end:
+                yield from _read_file(att.output, start, end)
+            while follower is not None:
+                chunk = follower.get()
+                if chunk is None:
+                    break
+                if chunk.offset + len(chunk.data) > start:
+                    yield chunk
+        finally:
+            if follower is not None:
+                follower.leave()
+                with att.lock:
+                    if follower in att.followers:
+                        att.followers.remove(follower)
+
+    def _tail(self, handle: Handle, start: int, follow: bool) -> Iterator[LogChunk]:
+        """Output of an attempt another process runs, read back from output.log."""
+        path = handle.ids.get("output")
+        if not path:
+            return
+        offset = start
+        pause = 0.01
+        ended_reads = 0
+        while True:
+            got = False
+            for chunk in _read_file(path, offset, None):
+                got = True
+                offset = chunk.offset + len(chunk.data)
+                yield chunk
+            if not follow:
+                return
+            if got:
+                pause = 0.01
+                continue
+            if not sysinfo.pid_alive(*_key(handle)):
+                ended_reads += 1  # its launcher may still be writing what the pipes held
+                if ended_reads > 3:
+                    return
+            time.sleep(pause)
+            pause = min(pause * 2, 0.2)
+
+    # ------------------------------------------------------------------ stop and release
+    def stop(self, handle: Handle, grace_period_s: float, *, signal_name: str = "SIGTERM") -> None:
+        # no locks and no threads here: the engine calls this from its signal handler
+        key = _key(handle)
+        if not self._alive(key):
+            return
+        if grace_period_s <= 0:
+            _signal_group(key[0], signal.SIGKILL)
+            return
+        _signal_group(key[0], getattr(signal, signal_name, signal.SIGTERM))
+        self._kill_at.setdefault(key, time.monotonic() + grace_period_s)
+
+    def release(self, handle: Handle) -> None:
+        key = _key(handle)
+        if self._alive(key):
+            _signal_group(key[0], signal.SIGKILL)
+        att = self._owned.pop(key, None)
+        if att is not None:
+            att.done.wait(timeout=10)
+        self._kill_at.pop(key, None)
+
+    def list(self) -> list[Handle]:
+        """Processes on this machine started for a trainctl session (TRAIN_OPS_SESSION_ID in
+        their environment) that lead their own process group and whose parent is not one."""
+        found: dict[int, dict[str, str]] = {}
+        for entry in _proc_entries():
+            env = _environ(entry)
+            if env.get("TRAIN_OPS_SESSION_ID") and env.get("TRAIN_OPS_BACKEND") == self.name:
+                found[entry] = env
+        handles = []
+        for pid, env in found.items():
+            try:
+                if os.getpgid(pid) != pid or _parent(pid) in found:
+                    continue
+            except OSError:
+                continue
+            session_dir = env.get("TRAIN_OPS_SESSION_DIR")
+            attempt = int(env.get("TRAIN_OPS_ATTEMPT") or 0)
+            handles.append(Handle(self.name, {
+                "pid": pid, "start_ticks": sysinfo.process_start_ticks(pid),
+                "output": str(Path(session_dir) / "output.log") if session_dir else None,
+                "output_start": 0, "session_dir": session_dir,
+                "session_id": env["TRAIN_OPS_SESSION_ID"]}, attempt))
+        return handles
+
+    # ------------------------------------------------------------------ helpers
+    def _alive(self, key: tuple[int, int | None]) -> bool:
+        att = self._owned.get(key)
+        if att is not None:
+            return not att.done.is_set() and att.proc.poll() is None
+        return sysinfo.pid_alive(*key)
+
+    def _enforce_deadline(self, key: tuple[int, int | None]) -> None:
+        kill_at = self._kill_at.get(key)
+        if kill_at is not None and time.monotonic() >= kill_at:
+            _signal_group(key[0], signal.SIGKILL)
+            self._kill_at.pop(key, None)
+
+
+def _ended(returncode: int | None, processes: list[dict[str, Any]]) -> Description:
+    if returncode is not None and returncode < 0:
+        return Description(State.KILLED, returncode, signal.Signals(-returncode).name, {"processes": processes})
+    state = State.COMPLETED if returncode == 0 else State.FAILED
+    return Description(state, returncode, None, {"processes": processes})
+
+
+def _read_file(path: str, start: int, end: int | None) -> Iterator[LogChunk]:
+    try:
+        f = open(path, "rb")  # noqa: SIM115 - closed below; a generator may stop mid-way
+    except OSError:
+        return
+    with f:
+        f.seek(start)
+        offset = start
+        while end is None or offset < end:
+            data = f.read(READ_BYTES if end is None else min(READ_BYTES, end - offset))
+            if not data:
+                return
+            yield LogChunk(offset, data, "output")
+            offset += len(data)
+
+
+def _signal_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _reap_group(pgid: int) -> None:
+    """Leave no orphan: anything still in the child's process group is stopped, then killed."""
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + REAP_GRACE_S
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGTERM when the thread that starts it dies.
+
+    The kernel sends the signal when the *thread* that forked exits, so launch() is called from
+    a thread that lives as long as the launcher (the engine's main thread). torchrun, which gets
+    it here, passes SIGTERM on to its workers itself.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the launcher died before the line above: act as if after
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return preexec
+
+
+def _copy_terminal_size(slave_fd: int, env: dict[str, str]) -> None:
+    try:
+        import fcntl
+        import struct
+        import termios
+
+        size = fcntl.ioctl(sys.stdout.fileno(), termios.TIOCGWINSZ, b"\0" * 8)
+        fcntl.ioctl(slave_fd, termios.TIOCSWINSZ, size)
+        _rows, cols = struct.unpack("HHHH", size)[:2]
+        env.setdefault("COLUMNS", str(cols))
+    except (OSError, ImportError, ValueError):
+        pass
+
+
+def _proc_entries() -> list[int]:
+    try:
+        return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+    except OSError:
+        return []
+
+
+def _environ(pid: int) -> dict[str, str]:
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return {}
+    out = {}
+    for item in raw.split(b"\0"):
+        name, eq, value = item.partition(b"=")
+        if eq and name.startswith(b"TRAIN_OPS_"):
+            out[name.decode(errors="replace")] = value.decode(errors="replace")
+    return out
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+

@@ -1,0 +1,85 @@
+"""`trainctl local`: run a script on this machine as a recorded session, here or in the background."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .. import env as env_mod
+
+LOCAL_EPILOG = "\b\nThe script gets these variables:\n" + env_mod.help_table() + """
+
+\b
+Exit codes: the script's own; 75 when it stopped on a preemption signal
+after an emergency checkpoint; 130 when trainctl was interrupted or the run
+was stopped (trainctl sessions stop); 2 when a pre-flight check failed."""
+
+
+@click.command("local", epilog=LOCAL_EPILOG,
+               context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
+@click.argument("script", type=click.Path(path_type=Path))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.option("--name", help="A name for this run (used by --resume auto and in listings).")
+@click.option("--resume", "resume", metavar="auto|PATH",
+              help="Resume from a checkpoint; 'auto' picks the newest valid one of this script.")
+@click.option("--max-restarts", type=int, default=None,
+              help="Restart after a preemption or crash, resuming from the newest valid checkpoint.")
+@click.option("--restart-on", default=None, metavar="STATUSES",
+              help="Which endings restart: preempted,failed (default from trainctl.toml).")
+@click.option("--restart-delay", type=float, default=None, metavar="SECONDS",
+              help="Seconds to wait before a restart.")
+@click.option("--grace-period", type=float, default=None, metavar="SECONDS",
+              help="Seconds between forwarding a stop signal and SIGKILL (default 30).")
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=1,
+              help="Processes to start through torchrun (torch.distributed.run).")
+@click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs the script needs (checked before start).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")
+@click.option("--no-preflight", is_flag=True, help="Skip the pre-flight checks.")
+@click.option("--detach", "-d", is_flag=True,
+              help="Run in the background and return at once; follow with trainctl sessions attach ID.")
+@click.option("--dry-run", is_flag=True,
+              help="Print what would run (command, environment, where output and checkpoints go); start nothing.")
+def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str | None,
+              max_restarts: int | None, restart_on: str | None, restart_delay: float | None,
+              grace_period: float | None, nproc_per_node: int, gpus: int | None, quiet: bool,
+              no_preflight: bool, detach: bool, dry_run: bool) -> None:
+    """Run SCRIPT [ARGS]... here as a recorded session.
+
+    The script runs as it would with `python SCRIPT ARGS`, with TRAIN_OPS_* variables telling it
+    where its session, checkpoints and TensorBoard logs go.
+    """
+    from ..backends.base import RunSpec
+    from ..config import load
+    from ..errors import ScriptNotFoundError
+    from ..launcher.supervisor import restart_policy
+    from ..resume import split_resume_arg
+    from .watch import run_here, show_plan, start_in_background
+
+    if not script.exists():
+        raise ScriptNotFoundError(f"script {script} does not exist.",
+                                  "Check the path (relative to the current folder).", path=str(script))
+    if script.is_dir():
+        raise ScriptNotFoundError(f"{script} is a directory, not a script.",
+                                  f"Name the file to run, e.g. trainctl local {script / 'train.py'}",
+                                  path=str(script))
+    cfg = load()
+    args_list = list(args)
+    if resume is None:
+        resume, args_list = split_resume_arg(args_list, cfg.resume_flag)
+    restart = restart_policy(cfg, max_restarts=max_restarts, restart_on=restart_on,
+                             restart_delay_s=restart_delay, grace_period_s=grace_period)
+    resources: dict[str, Any] = {"nproc_per_node": nproc_per_node}
+    if gpus is not None:
+        resources["gpus"] = gpus
+    spec = RunSpec(script=script, args=tuple(args_list), resources=resources, resume=resume, name=name)
+    if dry_run:
+        show_plan(spec, restart, cfg)
+        return
+    if detach:
+        start_in_background(spec, restart, cfg, preflight=not no_preflight)
+        return
+    _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight)
+    sys.exit(result.exit_code)

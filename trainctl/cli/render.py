@@ -1,0 +1,98 @@
+"""Human-readable output: run summaries, session tables, ages."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import click
+
+from ..formatting import format_duration, format_value
+from ..resume import resume_command
+
+
+def age(timestamp: float | None, now: float | None = None) -> str:
+    """'3m05s ago' for a unix time; '-' without one."""
+    if not timestamp:
+        return "-"
+    return format_duration((now or time.time()) - timestamp) + " ago"
+
+
+def metrics_line(summary: dict[str, Any], limit: int = 4) -> str:
+    last = summary.get("last") or {}
+    best = summary.get("best") or {}
+    parts = []
+    for name in sorted(last, key=lambda n: (0 if "loss" in n else 1, n))[:limit]:
+        text = f"{name} {format_value(last[name])}"
+        b = best.get(name)
+        if b and b.get("value") != last[name]:
+            where = f" @ step {b['step']}" if b.get("step") is not None else ""
+            text += f" (best {format_value(b['value'])}{where})"
+        parts.append(text)
+    return ", ".join(parts) if parts else "none recorded"
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join(lines)
+
+
+def run_summary(data: dict[str, Any], output_tail: list[str]) -> None:
+    """The closing lines of a run (stderr, so the script's stdout stays clean), from its
+    session record: how it ended, metrics, checkpoints, diagnosis, how to continue."""
+    status = data.get("status", "?")
+    summary = data.get("summary") or {}
+    diagnosis = data.get("diagnosis")
+    newest = summary.get("last_checkpoint")
+    color = {"completed": "green", "failed": "red", "killed": "yellow", "preempted": "yellow",
+             "stopped": "yellow"}.get(status)
+
+    def out(text: str = "", **style: Any) -> None:
+        try:
+            click.secho(text, err=True, **style)
+        except OSError:  # the terminal is gone (SIGHUP): the record is in session.json
+            pass
+
+    if status == "failed" and output_tail:
+        out("")
+        out(f"── last {min(20, len(output_tail))} lines of output " + "─" * 30, dim=True)
+        for line in output_tail[-20:]:
+            out(line[:400])
+    attempts = summary.get("attempts", 1)
+    how = f"exit code {data.get('exit_code')}" if data.get("signal") is None else f"signal {data['signal']}"
+    out("")
+    out(f"trainctl: session {data.get('id')} {status}" + ("" if status == "completed" else f" ({how})")
+        + f" after {format_duration(summary.get('duration_s'))}"
+        + (f", {attempts} attempts" if attempts and attempts > 1 else ""), fg=color, bold=True)
+    out(f"  metrics      {metrics_line(summary)}")
+    n = summary.get("checkpoints") or 0
+    out(f"  checkpoints  {n} written" + (f", newest {newest}" if newest else ""))
+    out(f"  output       {data.get('output_log')}")
+    if diagnosis:
+        out(f"  what         {diagnosis.get('what')}", fg="red")
+        if diagnosis.get("cause"):
+            out(f"  likely cause {diagnosis.get('cause')}")
+        if diagnosis.get("fix"):
+            out(f"  fix          {diagnosis.get('fix')}")
+    if status != "completed":
+        label = "resume" if newest else "run again"
+        out(f"  {label:<12} {continue_command(data, newest)}")
+    out(f"  details      trainctl sessions show {data.get('id')}")
+    try:
+        sys.stderr.flush()
+    except OSError:
+        pass
+
+
+def continue_command(data: dict[str, Any], checkpoint: str | None) -> str:
+    """The command that continues a recorded session, with the script as the user typed it."""
+    command = data.get("command") or []
+    script = command[2] if len(command) > 2 and command[0] == "trainctl" else str(data.get("script") or "SCRIPT")
+    flag = (data.get("trainctl_config") or {}).get("resume_flag") or "--resume"
+    return resume_command(script, list(data.get("args") or []), checkpoint, flag)

@@ -1,0 +1,172 @@
+"""A run on this terminal: the engine's events rendered while `trainctl local` runs it, a run
+started in the background (`--detach`), and a terminal attached to a run another process
+watches (`sessions attach`)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from ..backends.base import LogChunk, RunSpec
+from ..launcher.supervisor import (
+    EngineEvents,
+    Outcome,
+    RestartPolicy,
+    RunResult,
+    Supervisor,
+    exit_code_for,
+)
+from ..session import Session, State, effective_status
+from . import render
+
+
+class TerminalEvents(EngineEvents):
+    """The script's output with a progress bar under it (plain status lines off a terminal,
+    nothing with --quiet), trainctl's status lines and the pre-flight report, on stderr."""
+
+    def __init__(self, *, quiet: bool, args: Sequence[str]) -> None:
+        self.quiet = quiet
+        self.args = list(args)
+        self.display: Any = None
+
+    def message(self, text: str) -> None:
+        _err(f"[trainctl] {text}")
+
+    def preflight(self, report: Any) -> None:
+        if report.ok and all(r.status == "pass" for r in report.results):
+            self.message(f"pre-flight: {len(report.results)} checks passed")
+            return
+        for line in report.lines():
+            _err(line)
+
+    def attempt_started(self, session: Session, attempt: int) -> None:
+        if self.display is None:
+            # built once the script runs: these imports overlap its start-up
+            from ..metrics import infer_totals
+            from .progress import ProgressDisplay
+
+            self.display = ProgressDisplay(session, totals=infer_totals(self.args), quiet=self.quiet)
+            self.display.start()
+
+    def output(self, chunk: LogChunk) -> None:
+        if self.display is not None:
+            self.display.write_output(chunk.data, stderr=chunk.stream == "stderr")
+            return
+        stream = sys.stderr if chunk.stream == "stderr" else sys.stdout
+        try:
+            stream.buffer.write(chunk.data)
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def parsed(self, parsed: dict[str, Any]) -> None:
+        if self.display is not None:
+            self.display.on_parsed(parsed)
+
+    def attempts_ended(self, status: State) -> None:
+        if self.display is not None:
+            self.display.close(str(status))
+
+
+def _err(text: str) -> None:
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # the terminal is gone (SIGHUP); the run goes on
+        pass
+
+
+def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, preflight: bool,
+             parent: str | None = None, resume_verified: bool = False) -> tuple[Supervisor, RunResult]:
+    """Run on this terminal until the session ends; its summary printed."""
+    supervisor = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=quiet, args=spec.args), parent=parent)
+    supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
+    result = supervisor.run()
+    show_end(result.session, result.outcome.output_tail)
+    return supervisor, result
+
+
+def start_in_background(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, preflight: bool,
+                        parent: str | None = None, resume_verified: bool = False) -> Session:
+    """Resolve, check and create the session here, then leave the run to a background process."""
+    from ..launcher import detached
+
+    supervisor = Supervisor(spec, policy, cfg, backend_options={"use_pty": False},
+                            events=TerminalEvents(quiet=False, args=spec.args), parent=parent)
+    session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
+    pid = detached.start(supervisor)
+    click.echo(f"Started session {session.id} in the background (pid {pid}).")
+    click.echo(f"  attach   trainctl sessions attach {session.id}     (Ctrl-C detaches; the run goes on)")
+    click.echo(f"  output   trainctl sessions logs {session.id} --follow")
+    click.echo(f"  stop     trainctl sessions stop {session.id}       (emergency checkpoint, then stopped)")
+    return session
+
+
+def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any) -> None:
+    """`--dry-run`: the launch plan, secrets redacted; nothing is created or started."""
+    import shlex
+
+    plan = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=True, args=spec.args)).plan().display()
+    click.echo(f"backend      {plan['backend']}")
+    click.echo(f"command      {shlex.join(plan['command'])}")
+    click.echo(f"cwd          {plan['cwd']}")
+    for key, value in sorted(plan["env"].items()):
+        click.echo(f"env          {key}={value}")
+    click.echo(f"resources    {', '.join(f'{k}={v}' for k, v in plan['resources'].items()) or '-'}")
+    click.echo(f"output       {plan['output']}")
+    click.echo(f"checkpoints  {plan['checkpoint_location']}")
+    click.echo(f"restarts     up to {policy.max_restarts} on {', '.join(policy.restart_on)}, "
+               f"{policy.restart_delay_s:g}s apart; grace period {policy.grace_period_s:g}s")
+    click.echo("cost         " + (f"~${plan['cost_per_hour']:.2f}/h" if plan["cost_per_hour"] is not None else "none (this machine)"))
+
+
+def show_end(session: Session, output_tail: list[str]) -> None:
+    """The closing lines of a run, from what session.json recorded."""
+    render.run_summary({**session.read(), "output_log": str(session.output_log)}, output_tail)
+
+
+def recorded_exit_code(data: dict[str, Any]) -> int:
+    """The exit code `trainctl local` gave (or would give) for how the session ended."""
+    status = effective_status(data)
+    return exit_code_for(Outcome(status if status is not State.CRASHED else State.FAILED, data.get("exit_code")))
+
+
+def attach(session: Session, *, tail_lines: int) -> int:
+    """Show the session's output and progress until it ends; Ctrl-C detaches. The exit code is
+    the run's own, as `trainctl local` would have returned it."""
+    from ..launcher.control import follow_output, output_tail
+    from ..metrics import infer_totals
+    from .progress import ProgressDisplay
+
+    data = session.read()
+    status = effective_status(data)
+    if status not in (State.RUNNING, State.PENDING):
+        _err(f"session {session.id} has already ended ({status}).")
+        show_end(session, _tail_lines(session) if status in (State.FAILED, State.CRASHED) else [])
+        return recorded_exit_code(data)
+    text, offset = output_tail(session, tail_lines)
+    display = ProgressDisplay(session, totals=infer_totals(list(data.get("args") or [])), parsed_from_events=True)
+    display.write_output(text)
+    display.start()
+    try:
+        for chunk in follow_output(session, offset):
+            display.write_output(chunk.data)
+    except KeyboardInterrupt:
+        display.close("detached")
+        _err(f"detached from session {session.id}; it keeps running. Reattach with: "
+             f"trainctl sessions attach {session.id}")
+        return 0
+    data = session.read()
+    status = effective_status(data)
+    display.close(str(status))
+    show_end(session, _tail_lines(session) if status in (State.FAILED, State.CRASHED) else [])
+    return recorded_exit_code(data)
+
+
+def _tail_lines(session: Session, lines: int = 20) -> list[str]:
+    from ..launcher.control import output_tail
+
+    data, _end = output_tail(session, lines)
+    return [line for line in data.decode("utf-8", "replace").replace("\r", "\n").split("\n") if line]

@@ -1,0 +1,427 @@
+"""The launch plan: a pure function of the request and the looked-up facts.
+
+``plan_launch`` holds the exact EC2 requests ``launch`` will send, so ``--dry-run`` prints
+what would really happen (torchx's ``submit_dryrun``). Problems that would make AWS refuse
+the launch, or break the budget, are found here, before anything is created.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from ...errors import UsageError
+from .errors import (
+    AccessDeniedError,
+    AwsError,
+    BudgetExceededError,
+    LaunchRefusedError,
+    QuotaExceededError,
+    SetupMissingError,
+)
+from .facts import AmiFact, Facts, InstanceTypeInfo, PriceFact, QuotaFact, iso_utc
+from .names import (
+    USER_DATA_LIMIT_BYTES,
+    instance_profile_name,
+    launch_template_name,
+    quota_for,
+    secrets_path,
+    session_tags,
+    tag_list,
+)
+from .userdata import BootSpec, boot_script_size, render_boot_script
+
+MARKETS = ("on-demand", "spot")
+# Same GPUs is what makes another instance type a safe fleet replacement.
+FLEET_ALLOCATION = "price-capacity-optimized"
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    """What the user asked for, in AWS terms (the AWS backend builds it from a RunSpec)."""
+
+    session_id: str
+    project: str
+    instance_type: str
+    market: str = "on-demand"
+    attempt: int = 0
+    also_instance_types: tuple[str, ...] = ()  # spot fleet: other types with the same GPUs
+    ami: str = "auto"
+    disk_gb: int = 100
+    max_hours: float = 24.0
+    budget_usd: float | None = None
+    name: str | None = None
+    storage_uri: str | None = None
+    agent_command: tuple[str, ...] = ()
+    prepare: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # not secret: it goes into user data
+    secrets: tuple[str, ...] = ()  # names of SSM SecureString parameters the machine reads
+    # Rows the caller adds to the printed plan (code bundle summary, resume checkpoint, ...).
+    display: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.market not in MARKETS:
+            raise UsageError(f"Unknown market '{self.market}'.", f"Valid: {', '.join(MARKETS)}.")
+        if not self.max_hours > 0:
+            raise UsageError(f"--max-hours must be positive, not {self.max_hours:g}.",
+                             "Every cloud session has a deadline; pass e.g. --max-hours 12.")
+        if self.disk_gb < 8:
+            raise UsageError(f"--disk-gb must be at least 8, not {self.disk_gb}.")
+        if self.budget_usd is not None and self.budget_usd <= 0:
+            raise UsageError(f"budget_usd must be positive, not {self.budget_usd:g}.")
+        if self.ami != "auto" and not self.ami.startswith("ami-"):
+            raise UsageError(f"--ami takes 'auto' or an AMI id (ami-...), not '{self.ami}'.")
+        if self.also_instance_types and self.market != "spot":
+            raise UsageError("Alternative instance types apply to spot fleets only.", "Add --spot.")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something that makes the launch refuse; ``error`` is raised by ``AwsPlan.check``."""
+
+    error: AwsError
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": type(self.error).__name__, "message": self.error.message, "hint": self.error.hint}
+
+
+@dataclass
+class AwsPlan:
+    request: LaunchRequest
+    region: str
+    instance_types: tuple[InstanceTypeInfo, ...]
+    zones: tuple[str, ...]  # zones tried in order (on-demand) or spread over (fleet)
+    subnets: tuple[tuple[str, str], ...]
+    price: PriceFact
+    on_demand_price: PriceFact | None
+    projected_cost_usd: float | None
+    deadline: datetime
+    ami: AmiFact
+    quota: QuotaFact
+    boot_script: str
+    requests: list[dict[str, Any]]  # [{"operation": ..., "params": {...}}] in the order sent
+    problems: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    planned_at: datetime | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    @property
+    def uses_fleet(self) -> bool:
+        return self.request.market == "spot"
+
+    @property
+    def deadline_iso(self) -> str:
+        return iso_utc(self.deadline)
+
+    def check(self) -> None:
+        """Raise the first blocking problem, if any."""
+        if self.problems:
+            raise self.problems[0].error
+
+    def request_params(self, operation: str) -> dict[str, Any]:
+        for item in self.requests:
+            if item["operation"] == operation:
+                return copy.deepcopy(item["params"])
+        raise KeyError(operation)
+
+    def redacted_requests(self) -> list[dict[str, Any]]:
+        """The requests for display: the boot script summarised (it is shown whole elsewhere).
+
+        Nothing else needs hiding: secrets never enter a request (``check_env`` refuses
+        secret-looking names in user data; values travel through SSM).
+        """
+        digest = hashlib.sha256(self.boot_script.encode()).hexdigest()[:16]
+        summary = f"<the boot script below: {boot_script_size(self.boot_script)} bytes, sha256 {digest}...>"
+        shown = []
+        for item in copy.deepcopy(self.requests):
+            params = item["params"]
+            for holder in (params, params.get("LaunchTemplateData", {})):
+                if "UserData" in holder:
+                    holder["UserData"] = summary
+            shown.append(item)
+        return shown
+
+    def to_dict(self) -> dict[str, Any]:
+        req = self.request
+        return {
+            "session_id": req.session_id, "project": req.project, "attempt": req.attempt,
+            "region": self.region, "market": req.market,
+            "mechanism": "ec2-fleet-maintain" if self.uses_fleet else "run-instances",
+            "instance_types": [t.__dict__ | {"architectures": list(t.architectures)} for t in self.instance_types],
+            "zones": list(self.zones),
+            "price": _price_dict(self.price),
+            "on_demand_price": _price_dict(self.on_demand_price) if self.on_demand_price else None,
+            "max_hours": req.max_hours,
+            "projected_cost_usd": _round(self.projected_cost_usd),
+            "budget_usd": req.budget_usd,
+            "deadline": self.deadline_iso,
+            "ami": self.ami.__dict__,
+            "quota": self.quota.__dict__,
+            "disk_gb": req.disk_gb,
+            "storage_uri": req.storage_uri,
+            "display": [list(row) for row in req.display],
+            "boot_script": self.boot_script,
+            "boot_script_bytes": boot_script_size(self.boot_script),
+            "requests": self.redacted_requests(),
+            "problems": [p.to_dict() for p in self.problems],
+            "warnings": list(self.warnings),
+            "planned_at": iso_utc(self.planned_at) if self.planned_at else None,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def render_text(self) -> str:
+        return render_plan(self)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def _price_dict(price: PriceFact) -> dict[str, Any]:
+    data = dict(price.__dict__)
+    data["per_zone"] = [list(p) for p in price.per_zone]
+    return data
+
+
+def client_token(*parts: object) -> str:
+    """Idempotency token (EC2: at most 64 ASCII characters): readable when short, hashed when long."""
+    text = "-".join(str(p) for p in parts)
+    return text if len(text) <= 64 else hashlib.sha256(text.encode()).hexdigest()[:64]
+
+
+def boot_env(request: LaunchRequest, region: str) -> dict[str, str]:
+    """What the agent reads at boot, besides its command line (names are the agent's contract)."""
+    env = {"AWS_DEFAULT_REGION": region, "TRAINCTL_REGION": region, "TRAINCTL_PROJECT": request.project,
+           "TRAINCTL_ATTEMPT": str(request.attempt), "TRAINCTL_BACKEND": "aws"}
+    if request.storage_uri:
+        env["TRAINCTL_STORAGE_URI"] = request.storage_uri
+    if request.secrets:
+        env["TRAINCTL_SSM_PATH"] = secrets_path(request.project)
+        env["TRAINCTL_FORWARD_VARS"] = ",".join(request.secrets)
+    env.update(request.env)
+    return env
+
+
+def instance_spec(request: LaunchRequest, facts: Facts, boot_script: str) -> dict[str, Any]:
+    """The machine, as both RunInstances and a launch template take it (one source for both)."""
+    tags = tag_list(session_tags(request.project, request.session_id, request.attempt, request.name))
+    profile = ({"Arn": facts.instance_profile_arn} if facts.instance_profile_arn
+               else {"Name": instance_profile_name(request.project)})
+    spec: dict[str, Any] = {
+        "ImageId": facts.ami.image_id,
+        "InstanceType": request.instance_type,
+        "IamInstanceProfile": profile,
+        "UserData": base64.b64encode(boot_script.encode()).decode(),
+        "InstanceInitiatedShutdownBehavior": "terminate",
+        "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled",
+                            "HttpPutResponseHopLimit": 2, "InstanceMetadataTags": "enabled"},
+        "BlockDeviceMappings": [{"DeviceName": facts.ami.root_device_name, "Ebs": {
+            "VolumeSize": request.disk_gb, "VolumeType": "gp3", "DeleteOnTermination": True,
+            "Encrypted": True}}],
+        "TagSpecifications": [{"ResourceType": kind, "Tags": tags}
+                              for kind in ("instance", "volume", "network-interface")],
+    }
+    if facts.network.security_group_id:
+        spec["SecurityGroupIds"] = [facts.network.security_group_id]
+    return spec
+
+
+def _requests(request: LaunchRequest, facts: Facts, boot_script: str, zones: tuple[str, ...],
+              deadline: datetime) -> list[dict[str, Any]]:
+    spec = instance_spec(request, facts, boot_script)
+    subnets = dict(facts.network.subnets)
+    if request.market == "on-demand":
+        return [{"operation": "RunInstances",
+                 "zones": list(zones),  # tried in this order on InsufficientInstanceCapacity
+                 # boto3 base64-encodes RunInstances user data itself (not a template's)
+                 "params": spec | {"UserData": boot_script, "MinCount": 1, "MaxCount": 1,
+                                   "SubnetId": subnets.get(zones[0]) if zones else None,
+                                   "ClientToken": client_token(request.session_id, request.attempt,
+                                                               zones[0] if zones else "run")}}]
+    name = launch_template_name(request.session_id, request.attempt)
+    tags = tag_list(session_tags(request.project, request.session_id, request.attempt, request.name))
+    overrides = [{"InstanceType": info.name, "SubnetId": subnets[zone]}
+                 for info in facts.instance_types for zone in zones
+                 if zone in facts.offered_zones.get(info.name, ()) and zone in subnets]
+    return [
+        {"operation": "CreateLaunchTemplate", "params": {
+            "LaunchTemplateName": name,
+            "VersionDescription": f"trainctl session {request.session_id} attempt {request.attempt}",
+            "ClientToken": client_token(request.session_id, request.attempt, "lt"),
+            "LaunchTemplateData": spec,
+            "TagSpecifications": [{"ResourceType": "launch-template", "Tags": tags}]}},
+        {"operation": "CreateFleet", "params": {
+            "Type": "maintain",
+            "ClientToken": client_token(request.session_id, request.attempt, "fleet"),
+            "TargetCapacitySpecification": {"TotalTargetCapacity": 1, "SpotTargetCapacity": 1,
+                                            "OnDemandTargetCapacity": 0,
+                                            "DefaultTargetCapacityType": "spot"},
+            "SpotOptions": {"AllocationStrategy": FLEET_ALLOCATION,
+                            "InstanceInterruptionBehavior": "terminate"},
+            "LaunchTemplateConfigs": [{"LaunchTemplateSpecification": {"LaunchTemplateName": name,
+                                                                       "Version": "1"},
+                                       "Overrides": overrides}],
+            "ExcessCapacityTerminationPolicy": "termination",
+            "ValidUntil": iso_utc(deadline),
+            "TerminateInstancesWithExpiration": True,
+            "TagSpecifications": [{"ResourceType": "fleet", "Tags": tags}]}},
+    ]
+
+
+def plan_launch(request: LaunchRequest, facts: Facts) -> AwsPlan:
+    """The plan for ``request`` given ``facts``: pure, repeatable, no I/O."""
+    primary = facts.instance_types[0]
+    problems: list[Problem] = []
+    warnings = list(facts.notes)
+
+    for other in facts.instance_types[1:]:
+        if (other.gpu_model, other.gpu_count) != (primary.gpu_model, primary.gpu_count):
+            problems.append(Problem(LaunchRefusedError(
+                f"{other.name} has {other.gpu_count} x {other.gpu_model}, {primary.name} has "
+                f"{primary.gpu_count} x {primary.gpu_model}: a replacement must have the same GPUs.",
+                f"Drop {other.name} from the alternative instance types.")))
+
+    subnets = dict(facts.network.subnets)
+    zones = tuple(z for z in facts.offered_zones.get(primary.name, ()) if z in subnets)
+    if not zones:
+        problems.append(Problem(SetupMissingError(
+            f"No default subnet in a zone that offers {primary.name} in {facts.region}.", facts.region)))
+
+    deadline = facts.now + timedelta(hours=request.max_hours)
+    price = facts.price
+    projected = price.usd_per_hour * request.max_hours if price.usd_per_hour is not None else None
+    if request.budget_usd is not None:
+        if projected is None:
+            warnings.append(f"The budget (${request.budget_usd:.2f}) can't be checked: the price is "
+                            f"unknown. The deadline still ends the machine after {request.max_hours:g} h.")
+        elif projected > request.budget_usd:
+            problems.append(Problem(BudgetExceededError(projected, request.budget_usd, request.max_hours,
+                                                        price.usd_per_hour or 0.0)))
+
+    quota = facts.quota
+    ref = quota_for(primary.name, request.market)
+    # a fleet may start any of its types: the largest must fit
+    biggest = max(facts.instance_types, key=lambda t: t.vcpus)
+    if quota.value_vcpus is not None and quota.value_vcpus < biggest.vcpus:
+        zero = " (new accounts often start at 0)" if quota.value_vcpus == 0 else ""
+        problems.append(Problem(QuotaExceededError(
+            f"The {request.market} quota '{quota.name}' ({quota.code}) is {quota.value_vcpus:g} vCPUs"
+            f"{zero}; {biggest.name} needs {biggest.vcpus}.",
+            quota=ref, region=facts.region, vcpus_needed=biggest.vcpus, limit_vcpus=quota.value_vcpus)))
+    elif quota.value_vcpus is None:
+        named = f" '{quota.name}' ({quota.code})" if quota.code else ""
+        warnings.append(f"The {request.market} vCPU quota{named} is {quota.source}; if the launch fails on "
+                        f"it, raise it to {biggest.vcpus}+ vCPUs"
+                        + (f": {ref.raise_command(facts.region, biggest.vcpus)}" if ref else "."))
+
+    if facts.network.security_group_id is None:
+        problems.append(Problem(SetupMissingError(
+            f"The security group for project '{request.project}' is missing in {facts.region}.", facts.region)))
+    if facts.instance_profile_arn is None:
+        problems.append(Problem(SetupMissingError(
+            f"The instance profile {instance_profile_name(request.project)} is missing.", facts.region)))
+    for action in facts.missing_permissions:
+        problems.append(Problem(AccessDeniedError(
+            f"Access denied: the AWS identity lacks {action}, which the launch needs.",
+            f"Grant {action} to the IAM identity trainctl runs as.", action=action)))
+
+    if price.usd_per_hour is None:
+        warnings.append(f"The {request.market} price is {price.source}; cost so far will show as unknown.")
+    if facts.ami.architecture not in primary.architectures:
+        problems.append(Problem(LaunchRefusedError(
+            f"AMI {facts.ami.image_id} is {facts.ami.architecture}; {primary.name} runs "
+            f"{'/'.join(primary.architectures)}.", "Use --ami auto or an AMI of the right architecture.")))
+
+    boot = render_boot_script(BootSpec(session_id=request.session_id, deadline=deadline,
+                                       agent_command=request.agent_command,
+                                       env=boot_env(request, facts.region), prepare=request.prepare))
+    if boot_script_size(boot) > USER_DATA_LIMIT_BYTES:
+        problems.append(Problem(LaunchRefusedError(
+            f"The boot script is {boot_script_size(boot)} bytes; EC2 takes at most "
+            f"{USER_DATA_LIMIT_BYTES} bytes of user data.",
+            "Move setup steps out of the boot script into the code bundle.")))
+
+    return AwsPlan(request=request, region=facts.region, instance_types=facts.instance_types,
+                   zones=zones, subnets=tuple((z, subnets[z]) for z in zones), price=price,
+                   on_demand_price=facts.on_demand_price, projected_cost_usd=projected,
+                   deadline=deadline, ami=facts.ami, quota=quota, boot_script=boot,
+                   requests=_requests(request, facts, boot, zones, deadline), problems=problems,
+                   warnings=warnings, planned_at=facts.now)
+
+
+def compact_json(value: Any, indent: int = 0, width: int = 96) -> str:
+    """JSON with short lists and objects kept on one line: the exact request, still readable."""
+    flat = json.dumps(value, sort_keys=True)
+    if len(flat) + indent <= width or not isinstance(value, (dict, list)) or not value:
+        return flat
+    pad = " " * (indent + 2)
+    if isinstance(value, dict):
+        items = [f"{pad}{json.dumps(k)}: {compact_json(v, indent + 2, width)}" for k, v in sorted(value.items())]
+        return "{\n" + ",\n".join(items) + "\n" + " " * indent + "}"
+    items = [pad + compact_json(v, indent + 2, width) for v in value]
+    return "[\n" + ",\n".join(items) + "\n" + " " * indent + "]"
+
+
+def render_plan(plan: AwsPlan) -> str:
+    req = plan.request
+    primary = plan.instance_types[0]
+    rows: list[tuple[str, str]] = [
+        ("session", f"{req.session_id} (attempt {req.attempt}, project {req.project})"),
+        ("region", f"{plan.region}; zones {', '.join(plan.zones) or 'none'}"
+                   + (" (tried in this order)" if not plan.uses_fleet else " (AWS picks)")),
+        ("machine", primary.describe()),
+    ]
+    for other in plan.instance_types[1:]:
+        rows.append(("or", other.describe()))
+    rows.append(("market", "spot, through an EC2 Fleet of type maintain: AWS replaces a reclaimed machine"
+                 if plan.uses_fleet else "on-demand, through RunInstances"))
+    rows.append(("price", plan.price.describe()))
+    if plan.on_demand_price:
+        rows.append(("", f"on-demand: {plan.on_demand_price.describe()}"))
+    cost = (f"${plan.projected_cost_usd:.2f} for {req.max_hours:g} h" if plan.projected_cost_usd is not None
+            else f"unknown for {req.max_hours:g} h (price unknown)")
+    if req.budget_usd is not None:
+        cost += f"; budget ${req.budget_usd:.2f}"
+    rows.append(("projected", cost))
+    rows.append(("deadline", f"{plan.deadline_iso}: the machine powers itself off"
+                 + (", and the fleet expires and AWS terminates its machines" if plan.uses_fleet else "")))
+    quota = plan.quota
+    quota_text = (f"{quota.value_vcpus:g} vCPUs ({quota.source})" if quota.value_vcpus is not None
+                  else quota.source)
+    needs = max(t.vcpus for t in plan.instance_types)
+    rows.append(("quota", f"{quota.name or 'unknown quota'}"
+                 + (f" ({quota.code})" if quota.code else "") + f": {quota_text}; needs {needs}"))
+    rows.append(("ami", f"{plan.ami.image_id} {plan.ami.name} [{plan.ami.source}]"))
+    rows.append(("disk", f"{req.disk_gb} GB gp3, encrypted, deleted with the machine"))
+    rows.append(("storage", req.storage_uri or "(none)"))
+    rows += list(req.display)
+    rows.append(("boot script", f"{boot_script_size(plan.boot_script)} of {USER_DATA_LIMIT_BYTES} bytes, "
+                                "no secrets" + (f"; secrets from SSM: {', '.join(req.secrets)}" if req.secrets else "")))
+    width = max(len(k) for k, _ in rows)
+    lines = [f"Launch plan ({'ready' if plan.ok else 'REFUSED'})"]
+    lines += [f"  {k:<{width}}  {v}" for k, v in rows]
+    for problem in plan.problems:
+        lines.append(f"  problem: {problem.error.message}")
+        if problem.error.hint:
+            lines.append(f"    hint: {problem.error.hint}")
+    for warning in plan.warnings:
+        lines.append(f"  warning: {warning}")
+    lines.append("Requests (in order):")
+    for item in plan.redacted_requests():
+        extra = f" (zones in order: {', '.join(item['zones'])})" if item.get("zones") else ""
+        lines.append(f"  {item['operation']}{extra}")
+        lines += ["    " + line for line in compact_json(item["params"]).splitlines()]
+    lines.append("Boot script:")
+    lines += ["  " + line if line else "" for line in plan.boot_script.splitlines()]
+    return "\n".join(lines) + "\n"
