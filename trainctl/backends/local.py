@@ -27,7 +27,7 @@ from typing import Any
 from .. import env as env_mod
 from .. import sysinfo
 from ..redact import redact_args
-from ..session import Session, State, effective_status
+from ..session import STATUSES, Session, State, effective_status
 from .base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec
 
 READ_BYTES = 65536
@@ -230,7 +230,7 @@ class LocalBackend(Backend):
                 data = {}
         for record in data.get("attempts") or []:
             if isinstance(record, dict) and record.get("attempt") == handle.attempt \
-                    and record.get("ended_at") and record.get("status") in State._value2member_map_:
+                    and record.get("ended_at") and record.get("status") in STATUSES:
                 return Description(State(record["status"]), record.get("exit_code"), record.get("signal"),
                                    {"processes": processes})
         status = effective_status(data) if data else State.CRASHED
@@ -256,8 +256,10 @@ class LocalBackend(Backend):
                 chunk = follower.get()
                 if chunk is None:
                     break
-                if chunk.offset + len(chunk.data) > start:
+                if chunk.offset >= start:
                     yield chunk
+                elif chunk.offset + len(chunk.data) > start:  # begins before `since`: its rest
+                    yield LogChunk(start, chunk.data[start - chunk.offset:], chunk.stream)
         finally:
             if follower is not None:
                 follower.leave()

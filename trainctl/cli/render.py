@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from ..formatting import format_duration, format_value
-from ..resume import resume_command
 
 
 def age(timestamp: float | None, now: float | None = None) -> str:
@@ -92,6 +91,8 @@ def run_summary(data: dict[str, Any], output_tail: list[str]) -> None:
 
 def continue_command(data: dict[str, Any], checkpoint: str | None) -> str:
     """The command that continues a recorded session, with the script as the user typed it."""
+    from ..resume import resume_command
+
     command = data.get("command") or []
     script = command[2] if len(command) > 2 and command[0] == "trainctl" else str(data.get("script") or "SCRIPT")
     flag = (data.get("trainctl_config") or {}).get("resume_flag") or "--resume"

@@ -86,9 +86,10 @@ def follow_output(session: Session, since: int) -> Iterator[LogChunk]:
             backend = get_backend(handle.backend)
             if backend.describe(handle).running:
                 for chunk in backend.log_iter(handle, since=offset, follow=True):
-                    if chunk.offset + len(chunk.data) > offset:
-                        offset = chunk.offset + len(chunk.data)
-                        yield chunk
+                    end = chunk.offset + len(chunk.data)
+                    if end > offset:  # only what was not shown yet
+                        yield LogChunk(offset, chunk.data[max(0, offset - chunk.offset):], chunk.stream)
+                        offset = end
                 continue
         time.sleep(FOLLOW_PAUSE_S)  # between two attempts, or the engine has not launched yet
 
