@@ -280,6 +280,7 @@ BAD_INPUT = [
     ("bad pattern", ["sessions", "list"], {"trainctl.toml": "[metrics]\npatterns = ['(?P<x>[0-9']\n"}, 2, "trainctl.toml:2: metrics pattern"),
     ("pattern without name", ["sessions", "list"], {"trainctl.toml": "[metrics]\npatterns = ['gnorm=([0-9.]+)']\n"}, 2, "no named group"),
     ("bad signal name", ["sessions", "list"], {"trainctl.toml": "[signals]\npreempt = ['SIGFOO']\n"}, 2, "unknown signal 'SIGFOO'"),
+    ("bad checkpoint signal", ["sessions", "list"], {"trainctl.toml": "[signals]\ncheckpoint = ['SIGBAR']\n"}, 2, "'signals.checkpoint' has unknown signal 'SIGBAR'"),
     ("toml ends early", ["sessions", "list"], {"trainctl.toml": "a = 1\nstate_dir = [\n"}, 2, "trainctl.toml:2: malformed TOML"),
     ("unknown session", ["sessions", "show", "20990101"], {}, 3, "No session '20990101'"),
     ("negative restarts", ["local", "--max-restarts", "-1", "ok.py"], {"ok.py": "pass"}, 2, "--max-restarts"),

@@ -42,6 +42,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
     },
     "signals": {
         "preempt": ((list,), ["SIGTERM", "SIGUSR1"], "signals that make the script write an emergency checkpoint and stop"),
+        "checkpoint": ((list,), ["SIGUSR2"], "signals that make the script write a checkpoint and keep training"),
     },
     "monitor": {
         "stall_minutes": ((int, float), 10.0, "warn when no output or metric arrived for this long"),
@@ -210,12 +211,12 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                     if compiled is None or not compiled.groupindex:
                         fail(f"metrics pattern {pattern!r} has no named group.",
                              "Name what it captures, e.g. 'gnorm=(?P<grad_norm>[0-9.e+-]+)'.", k, section)
-            if (section, k) == ("signals", "preempt"):
+            if section == "signals":
                 import signal as signal_mod
 
                 bad = [x for x in v if not (isinstance(x, str) and isinstance(getattr(signal_mod, x.upper(), None), signal_mod.Signals))]
                 if bad:
-                    fail(f"'signals.preempt' has unknown signal {bad[0]!r}.",
+                    fail(f"'signals.{k}' has unknown signal {bad[0]!r}.",
                          "Use names like \"SIGTERM\", \"SIGUSR1\", \"SIGUSR2\".", k, section)
             if section == "cloud" and k in ("storage", "endpoint_url") and v:
                 # storage.uri is the one URI grammar (stdlib only), so this error and open_store agree
