@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "check": "trainctl.cli.check:check",
     "monitor": "trainctl.cli.monitor:monitor",
     "tensorboard": "trainctl.cli.tensorboard:tensorboard",
+    "agent": "trainctl.cli.agent:agent_cmd",  # internal: a machine's boot script starts it
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -56,7 +57,7 @@ class LazyGroup(click.Group):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # short help from a table, so `trainctl --help` imports no subcommand module
-        rows = [(name, SHORT_HELP.get(name, "")) for name in COMMANDS]
+        rows = [(name, SHORT_HELP[name]) for name in COMMANDS if name in SHORT_HELP]  # the rest are internal
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
