@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import queue
-import signal
 import sys
 import time
 import traceback
@@ -42,7 +41,7 @@ from .ending import EndFailedError, MachineEnd, open_end_hook
 from .environment import Prepared, SetupError, find_interpreter, setup_environment
 from .lease import Lease, LeaseLostError
 from .preemption import INTERRUPTION, Notice, PreemptionWatch, open_watches
-from .runner import EngineProcess
+from .runner import AgentEvents, EngineRun
 from .secrets import open_secret_store, resolve_secrets
 from .sync import SyncLoop
 
@@ -119,7 +118,7 @@ class AgentSettings:
     secrets: list[str] = field(default_factory=list)
     secret_store: str | None = None
     grace_period_s: float = 30.0
-    engine_options: list[str] = field(default_factory=list)
+    engine: dict[str, Any] = field(default_factory=dict)  # name, nproc_per_node, max_restarts, restart_on, preflight
 
     def session_uri(self) -> str:
         return str(parse_uri(self.storage).join(self.project, self.session_id))
@@ -148,7 +147,7 @@ class Agent:
         self.remote: RemoteSession | None = None
         self.lease: Lease | None = None
         self.sync: SyncLoop | None = None
-        self.runner: EngineProcess | None = None
+        self.runner: EngineRun | None = None
         self.boot = 0
         self.notices: queue.SimpleQueue[Notice] = queue.SimpleQueue()
         self.timings: dict[str, float] = {}
@@ -280,32 +279,27 @@ class Agent:
         return self._finish(f"setup failed: {e}", status="failed", code=EXIT_FAILED)
 
     # --- training -------------------------------------------------------------------------------
-    def _engine_env(self, secrets: dict[str, str]) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAIN_OPS_", "TRAINCTL_"))}
-        env.update(secrets)  # the script's environment only: never recorded, never the agent's own
-        return env
-
     def _train(self, project: Path, prepared: Prepared, resume: str | None, secrets: dict[str, str]) -> int:
-        from .. import config as config_mod
         from ..checkpoint import retention_settings
 
         assert self.sync is not None and self.remote is not None
         s = self.s
-        cfg = config_mod.load(project)
-        self.sync.retention = retention_settings(cfg)
-        options = ["--grace-period", f"{s.grace_period_s:g}", *s.engine_options]
-        runner = self.runner = EngineProcess(prepared.python, project, s.script or "", s.args, resume=resume,
-                                             engine_options=options, env=self._engine_env(secrets),
-                                             state_dir=cfg.state_dir)
-        self._say("starting: " + " ".join(redact_args(runner.command[1:])))
+        options = dict(s.engine)
+        events = AgentEvents(self._say, on_attempt=lambda session, attempt: self._attach(session),
+                             on_end=self.sync.request)
+        env = {**secrets, "TRAIN_OPS_BACKEND": s.backend}  # the script's environment only, never recorded
+        try:
+            runner = self.runner = EngineRun(prepared.python, project, s.script or "", s.args, events=events,
+                                             resume=resume, env=env, grace_period_s=s.grace_period_s, **options)
+            self.sync.retention = retention_settings(runner.cfg)
+            self._say("starting: " + " ".join(redact_args(runner.command)))
+            self._attach(runner.prepare())
+        except (TrainctlError, OSError) as e:  # pre-flight, a resume checkpoint that does not verify
+            return self._fail_setup(e)
         runner.start()
         stop_at = None if s.deadline_t is None else s.deadline_t - s.deadline_margin_s
         while True:
-            if self.sync.session is None and (found := runner.find_session()) is not None:
-                self.sync.attach(found)
-            if runner.poll() is not None:
-                if self.sync.session is None and (found := runner.find_session()) is not None:
-                    self.sync.attach(found)
+            if runner.done():
                 return self._after_run()
             if stop_at is not None and time.time() >= stop_at:
                 return self._deadline()
@@ -318,6 +312,10 @@ class Agent:
             if notice.kind == INTERRUPTION:
                 return self._preempted(notice)
             self._rebalance(notice)
+
+    def _attach(self, session: Any) -> None:
+        if self.sync is not None and self.sync.session is None:
+            self.sync.attach(session.dir)
 
     def _after_run(self) -> int:
         assert self.runner is not None and self.sync is not None and self.remote is not None
@@ -340,16 +338,14 @@ class Agent:
                             status=status, code=EXIT_FAILED)
 
     def _stop_runner(self, until_t: float) -> None:
-        """SIGTERM to the engine (the script writes its emergency checkpoint), then wait for it
-        until `until_t`, then kill what is left."""
+        """Stop the engine (the script writes its emergency checkpoint), with the grace period
+        cut to end by `until_t`; then whatever is left is killed."""
         assert self.runner is not None
-        self.runner.stop()
-        while self.runner.poll() is None and time.time() < until_t:
-            if self.sync is not None and self.sync.session is None and (found := self.runner.find_session()):
-                self.sync.attach(found)
-            time.sleep(POLL_S / 2)
-        if self.runner.poll() is None:
-            self.runner.kill()
+        while not self.runner.done() and time.time() < until_t:
+            self.runner.stop(grace_period_s=max(0.0, min(self.s.grace_period_s, until_t - time.time())))
+            self.runner.wait(POLL_S)
+        if not self.runner.done():
+            self.runner.stop(now=True)
             self.runner.wait(10)
 
     def _preempted(self, notice: Notice) -> int:
@@ -382,21 +378,9 @@ class Agent:
         self.sync.request()
 
     def _request_checkpoint(self) -> bool:
-        """A checkpoint now, without stopping: only where the script's runtime says it takes the
-        checkpoint signal (anything else would die of it)."""
+        """A checkpoint now, without stopping (where the script's runtime takes the signal)."""
         assert self.runner is not None
-        import json
-
-        if self.runner.session_dir is None:
-            return False
-        try:
-            data = json.loads((self.runner.session_dir / "session.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return False
-        runtime = data.get("runtime") if isinstance(data.get("runtime"), dict) else {}
-        if CHECKPOINT_SIGNAL not in (runtime.get("checkpoint_signals") or []):
-            return False
-        return self.runner.signal_script(getattr(signal, CHECKPOINT_SIGNAL))
+        return self.runner.request_checkpoint(CHECKPOINT_SIGNAL)
 
     def _deadline(self) -> int:
         assert self.sync is not None and self.s.deadline_t is not None
@@ -409,7 +393,7 @@ class Agent:
 
     def _lost(self, why: str) -> int:
         self._say(f"this machine no longer owns the session: {why}")
-        if self.runner is not None and self.runner.poll() is None:
+        if self.runner is not None and not self.runner.done():
             self._stop_runner(time.time() + self.s.grace_period_s + 5.0)
         if self.sync is not None:
             self.sync.close()
@@ -419,7 +403,7 @@ class Agent:
         text = "".join(traceback.format_exception(type(e), e, e.__traceback__))
         print(text, file=sys.stderr, flush=True)
         try:
-            if self.runner is not None and self.runner.poll() is None:
+            if self.runner is not None and not self.runner.done():
                 self._stop_runner(time.time() + self.s.grace_period_s + 5.0)
             if self.sync is not None:
                 self.sync.note("the agent failed:\n" + text)

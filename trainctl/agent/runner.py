@@ -1,149 +1,173 @@
-"""The training on the machine: `trainctl local` itself, on the prepared interpreter.
+"""The training on the machine: the engine `trainctl local` runs, in a thread of the agent.
 
-The agent runs the same engine as on a laptop (pre-flight, restarts with resume, TRAIN_OPS_*,
-diagnosis), as a child in its own process group, in the extracted project. What the engine
-records (its session: session.json, events.jsonl, output.log) is what the sync loop mirrors;
-`find_session` finds it by the child's pid in the session's `processes`.
+The same `Supervisor` over the same `LocalBackend` (pre-flight, restarts with resume,
+TRAIN_OPS_*, diagnosis), with two differences a rented machine needs: the script runs on the
+prepared interpreter (the image's torch), and forwarded secrets reach its environment alone.
+The engine's events come to `AgentEvents`, the seam the sync loop is attached through; the
+engine records the session (session.json, events.jsonl, output.log) that the loop mirrors.
 
-Stopping: SIGTERM to the engine, which forwards it to the script (emergency checkpoint) and
-kills after its grace period; a request for a checkpoint without stopping is the runtime's
-checkpoint signal, sent to the script's process group.
+The engine runs in a worker thread, so the agent's main thread keeps the signals (a SIGTERM
+is a preemption notice for the agent, not a stop for the engine). Stopping goes through the
+session store like `trainctl sessions stop`: a stop request, then SIGTERM to the script (its
+emergency checkpoint), SIGKILL after the grace period.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import signal
-import subprocess
-import time
-from collections.abc import Mapping, Sequence
+import sys
+import threading
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import EXIT_PREEMPTED
+from ..backends.base import LogChunk, RunSpec
+from ..launcher.supervisor import EngineEvents, RunResult, Supervisor, restart_policy
+from ..session import Session, State
 
 
-class EngineProcess:
-    """`<python> -m trainctl local [OPTIONS] SCRIPT ARGS` in `project_dir`."""
+class AgentEvents(EngineEvents):
+    """What the engine says, on the machine: status lines to the agent's log (and the session's
+    output in storage), the script's output passed through to the boot log, and the sync loop
+    attached to the session as soon as an attempt runs."""
 
-    def __init__(self, python: str, project_dir: Path, script: str, args: Sequence[str], *,
-                 resume: str | None = None, engine_options: Sequence[str] = (),
-                 env: Mapping[str, str] | None = None, state_dir: Path | None = None) -> None:
+    def __init__(self, say: Callable[[str], None], on_attempt: Callable[[Session, int], None],
+                 on_end: Callable[[], None]) -> None:
+        self.say = say
+        self.on_attempt = on_attempt
+        self.on_end = on_end
+
+    def message(self, text: str) -> None:
+        self.say(text)
+
+    def preflight(self, report: Any) -> None:
+        if report.ok and all(r.status == "pass" for r in report.results):
+            self.say(f"pre-flight: {len(report.results)} checks passed")
+            return
+        for line in report.lines():
+            self.say(line)
+
+    def attempt_started(self, session: Session, attempt: int) -> None:
+        self.on_attempt(session, attempt)
+
+    def output(self, chunk: LogChunk) -> None:
+        stream = sys.stderr if chunk.stream == "stderr" else sys.stdout
+        try:
+            stream.buffer.write(chunk.data)
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+    def attempts_ended(self, status: State) -> None:
+        self.on_end()
+
+
+class EngineRun:
+    """One session of the engine on this machine, started by `start` and watched by `poll`."""
+
+    def __init__(self, python: str, project_dir: Path, script: str, args: Sequence[str], *, events: AgentEvents,
+                 resume: str | None = None, env: Mapping[str, str] | None = None, name: str | None = None,
+                 nproc_per_node: int | None = None, max_restarts: int | None = None, restart_on: str | None = None,
+                 grace_period_s: float = 30.0, preflight: bool = True) -> None:
+        from .. import config as config_mod
+
         self.python = python
         self.project_dir = Path(project_dir)
-        self.script = script
-        self.args = list(args)
-        self.resume = resume
-        self.engine_options = list(engine_options)
-        self.env = dict(os.environ if env is None else env)
-        self.state_dir = state_dir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.session_dir: Path | None = None
-        self.started_t: float | None = None
+        self.cfg = config_mod.load(self.project_dir)
+        self.policy = restart_policy(self.cfg, max_restarts=max_restarts, restart_on=restart_on,
+                                     restart_delay_s=None, grace_period_s=grace_period_s)
+        resources: dict[str, Any] = {"nproc_per_node": nproc_per_node or 1}
+        self.spec = RunSpec(script=self.project_dir / script, args=tuple(args), resources=resources, resume=resume,
+                            name=name, cwd=self.project_dir)
+        self.supervisor = Supervisor(self.spec, self.policy, self.cfg, backend="local",
+                                     backend_options={"use_pty": False, "python": python, "env": dict(env or {})},
+                                     events=events)
+        self.preflight = preflight
+        self.session: Session | None = None
+        self.result: RunResult | None = None
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
 
     @property
     def command(self) -> list[str]:
-        command = [self.python, "-m", "trainctl", "local", *self.engine_options]
-        if self.resume:
-            command += ["--resume", self.resume]
-        return [*command, self.script, *self.args]
+        return [self.python, str(self.spec.script), *self.spec.args]
+
+    def prepare(self) -> Session:
+        """Resolve the resume, run the pre-flight checks, create the session (may raise)."""
+        self.session = self.supervisor.prepare(preflight=self.preflight)
+        return self.session
 
     def start(self) -> None:
-        self.started_t = time.time()
-        self.proc = subprocess.Popen(self.command, cwd=self.project_dir, env={**self.env, "PYTHONUNBUFFERED": "1"},
-                                     start_new_session=True)
+        def run() -> None:
+            try:
+                self.result = self.supervisor.run()
+            except BaseException as e:  # the agent reports it and ends the machine
+                self.error = e
 
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
+        self._thread = threading.Thread(target=run, name="trainctl-engine", daemon=True)
+        self._thread.start()
 
-    def poll(self) -> int | None:
-        return None if self.proc is None else self.proc.poll()
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
 
-    def find_session(self) -> Path | None:
-        """The engine's session directory, once it has made one (None until then)."""
-        if self.session_dir is not None or self.state_dir is None or self.proc is None:
-            return self.session_dir
-        sessions = self.state_dir / "sessions"
+    def wait(self, timeout_s: float | None = None) -> bool:
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        return self.done()
+
+    def _record(self) -> dict[str, Any]:
+        if self.session is None:
+            return {}
         try:
-            candidates = sorted((p for p in sessions.iterdir() if p.is_dir()), reverse=True)
-        except FileNotFoundError:
-            return None
-        for folder in candidates:
-            try:
-                data = json.loads((folder / "session.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue
-            if (data.get("created_at") or 0) < (self.started_t or 0) - 1:
-                break  # sorted newest first: the rest are older than this run
-            if any(isinstance(p, dict) and p.get("pid") == self.proc.pid for p in data.get("processes") or []):
-                self.session_dir = folder
-                return folder
-        return None
+            return self.session.read()
+        except Exception:
+            return {}
 
-    def script_pids(self) -> list[int]:
-        """The script's processes as the engine recorded them."""
-        if self.session_dir is None:
-            return []
+    def script_pgid(self) -> int | None:
+        """The script's process group (the engine starts each attempt as its leader)."""
+        handle = self._record().get("handle")
+        pid = (handle or {}).get("ids", {}).get("pid") if isinstance(handle, dict) else None
+        return pid if isinstance(pid, int) and pid > 0 else None
+
+    def request_checkpoint(self, signal_name: str) -> bool:
+        """`signal_name` to the script, only where its runtime said it takes it as a checkpoint
+        request (anything else would die of it). False when not sent."""
+        runtime = self._record().get("runtime")
+        if not isinstance(runtime, dict) or signal_name not in (runtime.get("checkpoint_signals") or []):
+            return False
+        pgid = self.script_pgid()
+        if pgid is None or self.done():
+            return False
         try:
-            data = json.loads((self.session_dir / "session.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return []
-        return [p["pid"] for p in data.get("processes") or []
-                if isinstance(p, dict) and p.get("role") == "script" and isinstance(p.get("pid"), int)]
+            os.killpg(pgid, getattr(signal, signal_name))
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
 
-    def signal_script(self, signum: int) -> bool:
-        """Send `signum` to the script's process group (a checkpoint request); False when there
-        is no script running."""
-        sent = False
-        for pid in self.script_pids():
-            try:
-                os.killpg(os.getpgid(pid), signum)
-                sent = True
-            except (ProcessLookupError, PermissionError):
-                continue
-        return sent
+    def stop(self, *, now: bool = False, grace_period_s: float | None = None) -> None:
+        """Stop like `trainctl sessions stop`: a stop request (no restart), SIGTERM to the script
+        (its emergency checkpoint), SIGKILL after the grace period (at once with `now`).
+        Returns once the script has ended."""
+        from ..launcher.control import stop
 
-    def stop(self) -> None:
-        """SIGTERM to the engine: it forwards it to the script, which writes its emergency
-        checkpoint; the engine kills after its grace period."""
-        if self.proc is not None and self.proc.poll() is None:
-            try:
-                self.proc.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-
-    def kill(self) -> None:
-        """SIGKILL to the engine and the script's process groups (nothing left running)."""
-        pids = self.script_pids()
-        if self.proc is not None:
-            pids.append(self.proc.pid)
-        for pid in pids:
-            try:
-                os.killpg(os.getpgid(pid), signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def wait(self, timeout_s: float | None = None) -> int | None:
-        if self.proc is None:
-            return None
+        if self.session is None or self.done():
+            return
         try:
-            return self.proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            return None
+            stop(self.session, now=now, grace_period_s=self.policy.grace_period_s if grace_period_s is None
+                 else grace_period_s, settle_s=1.0)
+        except Exception:  # not started yet (no handle): the engine sees the request before launching
+            self.session.update(stop_request={"now": now})
 
     def outcome(self) -> dict[str, Any]:
         """How the engine says the session ended: status, exit code, signal, diagnosis."""
-        data: dict[str, Any] = {}
-        if self.session_dir is not None:
-            try:
-                data = json.loads((self.session_dir / "session.json").read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                data = {}
-        code = self.poll()
-        status = data.get("status")
-        if status in (None, "running", "pending"):
-            status = "completed" if code == 0 else "preempted" if code == EXIT_PREEMPTED else "failed"
-        return {"status": status, "exit_code": data.get("exit_code", code), "engine_exit_code": code,
+        if self.error is not None:
+            return {"status": State.FAILED.value, "exit_code": None, "signal": None,
+                    "diagnosis": {"summary": f"the engine failed: {type(self.error).__name__}: {self.error}"}}
+        data = self._record()
+        if self.result is not None:
+            return {"status": str(self.result.outcome.status), "exit_code": self.result.outcome.exit_code,
+                    "signal": self.result.outcome.signal, "diagnosis": self.result.diagnosis}
+        return {"status": str(data.get("status") or State.FAILED.value), "exit_code": data.get("exit_code"),
                 "signal": data.get("signal"), "diagnosis": data.get("diagnosis")}
+

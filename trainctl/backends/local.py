@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +142,13 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, *, use_pty: bool | None = None) -> None:
+    def __init__(self, *, use_pty: bool | None = None, python: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.use_pty = sys.stdout.isatty() if use_pty is None else use_pty
+        # the interpreter the script runs on (a cloud machine's image torch), and variables for
+        # the script alone (forwarded secrets): added at launch, never part of a plan or a record
+        self.python = python or sys.executable
+        self.env = dict(env or {})
         self._owned: dict[tuple[int, int | None], _Attempt] = {}
         self._kill_at: dict[tuple[int, int | None], float] = {}
 
@@ -151,10 +156,10 @@ class LocalBackend(Backend):
     def plan(self, spec: RunSpec) -> LaunchPlan:
         if spec.nproc_per_node > 1:
             # torch's own launcher, never a home-made one
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            command = [self.python, "-m", "torch.distributed.run", "--standalone",
                        f"--nproc-per-node={spec.nproc_per_node}", str(spec.script), *spec.args]
         else:
-            command = [sys.executable, str(spec.script), *spec.args]
+            command = [self.python, str(spec.script), *spec.args]
         session_dir = Path(spec.session_dir) if spec.session_dir else None
         env = env_mod.LaunchEnv(
             session_id=spec.session_id or None, session_dir=str(session_dir) if session_dir else None,
@@ -171,7 +176,7 @@ class LocalBackend(Backend):
             details={"terminal": self.use_pty, "session_dir": str(session_dir) if session_dir else None})
 
     def launch(self, plan: LaunchPlan, attempt: int) -> Handle:
-        child_env = {**os.environ, **plan.env, "TRAIN_OPS_ATTEMPT": str(attempt)}
+        child_env = {**os.environ, **plan.env, **self.env, "TRAIN_OPS_ATTEMPT": str(attempt)}
         log_fd = os.open(plan.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if attempt:
             os.write(log_fd, f"\n[trainctl] attempt {attempt}: {' '.join(redact_args(list(plan.command)))}\n".encode())

@@ -74,13 +74,8 @@ def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: 
     forwarded = [*secrets, *(n.strip() for n in os.environ.get("TRAINCTL_FORWARD_VARS", "").split(",") if n.strip())]
     if secret_store is None and os.environ.get("TRAINCTL_SSM_PATH"):
         secret_store = "ssm:" + os.environ["TRAINCTL_SSM_PATH"]
-    engine: list[str] = []
-    for flag, value in (("--max-restarts", max_restarts), ("--restart-on", restart_on), ("--name", name),
-                        ("--nproc-per-node", nproc_per_node)):
-        if value is not None:
-            engine += [flag, str(value)]
-    if no_preflight:
-        engine.append("--no-preflight")
+    engine = {"name": name, "nproc_per_node": nproc_per_node, "max_restarts": max_restarts,
+              "restart_on": restart_on, "preflight": not no_preflight}
     settings = AgentSettings(
         storage=storage, project=project, session_id=session_id, machine_dir=machine_dir, script=script,
         args=list(args), endpoint_url=endpoint_url or None, region=region or None, checksums=checksums,
@@ -91,5 +86,5 @@ def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: 
         max_failed_boots=max_failed_boots, setup=setup, python=python, pip_args=list(pip_args),
         allow_torch_replace=allow_torch_replace, sync_interval_s=sync_interval, heartbeat_s=heartbeat_interval,
         lease_ttl_s=lease_ttl, lease_wait_s=lease_wait, secrets=list(dict.fromkeys(forwarded)),
-        secret_store=secret_store, grace_period_s=grace_period, engine_options=engine)
+        secret_store=secret_store, grace_period_s=grace_period, engine=engine)
     sys.exit(Agent(settings).run())
