@@ -193,7 +193,7 @@ class Agent:
             return self._end_now("the session ended while this machine waited", tombstone=False)
         self.sync = SyncLoop(remote, lease=self.lease, interval_s=s.sync_interval_s, heartbeat_s=s.heartbeat_s,
                              on_lost=lambda why: self.notices.put(Notice("lost", why, None, "lease", time.time())),
-                             on_first_step=self._on_first_step, machine=self.machine)
+                             on_first_step=self._on_first_step, machine=self.machine, session_id=s.session_id)
         self.sync.start()
         self._timing("boot", self.started_t - self.machine_t if self.machine_t else None)
         try:

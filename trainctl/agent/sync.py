@@ -20,7 +20,8 @@ import json
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ NOTE_PREFIX = "[trainctl agent] "
 # what the machine knows better than the launcher's record of the session
 MACHINE_FIELDS = ("status", "attempts", "started_at", "ended_at", "exit_code", "signal", "summary", "diagnosis",
                   "runtime", "gpus", "torch", "python", "host", "totals", "config", "resume_from", "git", "error")
-LOCAL_ONLY_FIELDS = ("id", "processes", "cwd", "trainctl_config")
+# what names this machine's processes and files: meaningless (or harmful: a pid) elsewhere
+LOCAL_ONLY_FIELDS = ("id", "processes", "handle", "stop_request", "cwd", "trainctl_config")
 
 
 class _Backoff:
@@ -68,8 +70,10 @@ class SyncLoop:
     def __init__(self, remote: RemoteSession, *, lease: Lease | None = None, interval_s: float = SYNC_INTERVAL_S,
                  heartbeat_s: float = HEARTBEAT_S, retention: dict[str, Any] | None = None,
                  on_lost: Callable[[str], None] | None = None, on_first_step: Callable[[dict[str, Any]], None] | None = None,
-                 machine: dict[str, Any] | None = None, base_record: dict[str, Any] | None = None) -> None:
+                 machine: dict[str, Any] | None = None, base_record: dict[str, Any] | None = None,
+                 session_id: str | None = None) -> None:
         self.remote = remote
+        self.session_id = session_id
         self.lease = lease
         self.interval_s = interval_s
         self.heartbeat_s = heartbeat_s
@@ -286,6 +290,8 @@ class SyncLoop:
             record = {**{k: v for k, v in local.items() if k not in LOCAL_ONLY_FIELDS}, **self.base_record,
                       **{k: local[k] for k in MACHINE_FIELDS if k in local}}
             record["machine"] = {**self.machine, "session": local.get("id")}
+            if self.session_id:
+                record["id"] = self.session_id
             if self.status_override:
                 record["status"] = self.status_override
             try:
@@ -426,3 +432,35 @@ class SyncLoop:
             removed.append(info.path.name)
         if removed:
             self.add_events([{"kind": "sync", "what": "retention", "removed": removed}])
+
+
+@contextmanager
+def synced(session: Session, storage: str, *, project: str, cfg: Any, interval_s: float = SYNC_INTERVAL_S,
+           heartbeat_s: float = HEARTBEAT_S, lease_ttl_s: float = 120.0) -> Iterator[SyncLoop]:
+    """A local run mirrored to `<storage>/<project>/<session id>/` while the block runs
+    (`trainctl local --sync`): the session's lease first (one writer), the last pass at the end."""
+    from .. import sysinfo
+    from ..checkpoint import retention_settings
+    from ..storage import open_store
+    from ..storage.uri import parse_uri
+    from .lease import LeaseLostError
+
+    uri = parse_uri(storage).join(project, session.id)
+    store = open_store(uri, endpoint_url=cfg.get("cloud", "endpoint_url") or None,
+                       region=cfg.get("cloud", "region") or None, checksums=cfg.get("cloud", "checksums"))
+    remote = RemoteSession(store)
+    machine = {"id": sysinfo.host(), "host": sysinfo.host(), "backend": "local", "pid": os.getpid()}
+    lease = Lease(remote, ttl_s=lease_ttl_s, machine=machine["id"])
+    try:
+        lease.acquire(wait_s=0)
+    except LeaseLostError as e:
+        raise LeaseLostError(str(e), "Another process writes this session in storage; sync to another URI.") from e
+    session.update(storage=remote.uri)
+    loop = SyncLoop(remote, lease=lease, interval_s=interval_s, heartbeat_s=heartbeat_s,
+                    retention=retention_settings(cfg), machine=machine, session_id=session.id)
+    loop.attach(session.dir)
+    loop.start()
+    try:
+        yield loop
+    finally:
+        loop.close()

@@ -148,9 +148,15 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
 @click.option("--tail", "-n", "tail", type=click.IntRange(min=0), default=None, metavar="N",
               help="Only the last N lines (default: all of it).")
 def sessions_logs(session_ref: str, follow: bool, tail: int | None) -> None:
-    """The session's output (every attempt), as its script printed it."""
+    """The session's output (every attempt), as its script printed it. A session in storage
+    (its URI, or one pulled with `sessions pull`) is read from storage: with --follow, as its
+    machine writes it."""
     from ..launcher.control import follow_output, output_tail
 
+    remote = _remote_of(session_ref)
+    if remote is not None:
+        _remote_logs(remote, follow=follow, tail=tail)
+        return
     session = _store().get(session_ref)
     data, offset = output_tail(session, -1 if tail is None else tail)
     out = click.get_binary_stream("stdout")
@@ -164,6 +170,74 @@ def sessions_logs(session_ref: str, follow: bool, tail: int | None) -> None:
             out.flush()
     except KeyboardInterrupt:
         return
+
+
+def _remote_of(session_ref: str):
+    """The remote session `session_ref` names: a storage URI, or a session pulled from storage."""
+    from ..errors import NotFoundError
+    from ..storage.mirror import looks_like_uri, remote_session
+
+    cfg = _config()
+    if looks_like_uri(session_ref):
+        return remote_session(session_ref, cfg)
+    try:
+        data = _store().get(session_ref).read()
+    except NotFoundError:
+        return None
+    if data.get("pulled_at") and isinstance(data.get("storage"), str):
+        return remote_session(data["storage"], cfg)
+    return None
+
+
+def _remote_logs(remote, *, follow: bool, tail: int | None) -> None:
+    from ..storage.mirror import follow_output
+
+    out = click.get_binary_stream("stdout")
+    if not follow:
+        data = remote.output_reader().poll()
+        out.write(b"".join(data.splitlines(keepends=True)[-tail:]) if tail is not None else data)
+        out.flush()
+        return
+    first = True
+    try:
+        for data in follow_output(remote, say=lambda text: click.echo(f"[trainctl] {text}", err=True)):
+            if first and tail is not None:
+                data = b"".join(data.splitlines(keepends=True)[-tail:]) if tail else b""
+            first = False
+            out.write(data)
+            out.flush()
+    except KeyboardInterrupt:
+        return
+    ended = remote.ended()
+    click.echo(f"[trainctl] session ended: {ended.get('reason')}" if ended else "[trainctl] the machine released the session",
+               err=True)
+
+
+@sessions.command("pull")
+@click.argument("ref", metavar="ID|URI")
+@click.option("--checkpoints", is_flag=True, help="Also download the checkpoint files (their manifests always come).")
+def sessions_pull(ref: str, checkpoints: bool) -> None:
+    """Mirror a session from storage into this project, incrementally (only what changed):
+    sessions show, monitor, plot, checkpoint list and tensorboard then work on it.
+
+    ID is looked up under [cloud] storage for this project; a URI names the session itself
+    (s3://bucket/prefix/project/ID, or a folder)."""
+    from ..errors import NotFoundError
+    from ..storage.mirror import pull_session, remote_session
+
+    cfg = _config()
+    remote = remote_session(ref, cfg)
+    if not remote.store.list(remote.key("")):
+        raise NotFoundError(f"No session at {remote.uri}.",
+                            "Check the id or URI (and [cloud] storage / endpoint_url in trainctl.toml).")
+    pulled = pull_session(remote, cfg.state_dir, checkpoints=checkpoints)
+    left = [n for n in pulled.result.skipped if n.startswith("checkpoints/")]
+    click.echo(f"Pulled {remote.uri} into session {pulled.session_id}: {len(pulled.result.downloaded)} object(s) "
+               f"fetched, {pulled.result.unchanged} unchanged"
+               + (f"; {len(left)} checkpoint file(s) left in storage (--checkpoints fetches them)" if left else "")
+               + ".")
+    click.echo(f"  show     trainctl sessions show {pulled.session_id}")
+    click.echo(f"  follow   trainctl sessions logs {pulled.session_id} --follow")
 
 
 @sessions.command("attach")

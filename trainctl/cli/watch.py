@@ -79,11 +79,23 @@ def _err(text: str) -> None:
 
 
 def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, preflight: bool,
-             parent: str | None = None, resume_verified: bool = False) -> tuple[Supervisor, RunResult]:
-    """Run on this terminal until the session ends; its summary printed."""
+             parent: str | None = None, resume_verified: bool = False,
+             sync_uri: str | None = None) -> tuple[Supervisor, RunResult]:
+    """Run on this terminal until the session ends; its summary printed. With `sync_uri`, the
+    session is mirrored to storage while it runs (the cloud agent's sync loop)."""
     supervisor = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=quiet, args=spec.args), parent=parent)
-    supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
-    result = supervisor.run()
+    session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
+    if sync_uri is None:
+        result = supervisor.run()
+    else:
+        from ..agent.sync import synced
+        from ..storage.mirror import project_name
+
+        with synced(session, sync_uri, project=project_name(cfg), cfg=cfg) as loop:
+            _err(f"[trainctl] syncing to {loop.remote.uri}")
+            result = supervisor.run()
+        _err(f"[trainctl] synced: {len(loop.uploaded)} checkpoint(s) uploaded"
+             + (f", latest {loop.uploaded[-1]['file']}" if loop.uploaded else "") + f" ({loop.remote.uri})")
     show_end(result.session, result.outcome.output_tail)
     return supervisor, result
 

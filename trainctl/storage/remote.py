@@ -193,6 +193,19 @@ def parse_jsonl(data: bytes, *, where: str = "events") -> list[dict[str, Any]]:
     return events
 
 
+def _local_manifest(data: bytes) -> bytes:
+    """A stored manifest as the checkpoint's own: without the record of where it was stored
+    (the manifest covers itself with a digest, which that record would break)."""
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(manifest, dict) or "storage" not in manifest:
+        return data
+    manifest.pop("storage")
+    return json.dumps(manifest, indent=1, default=str).encode() + b"\n"
+
+
 @dataclass
 class PullResult:
     """What `RemoteSession.pull` fetched into the local folder."""
@@ -518,6 +531,8 @@ class RemoteSession:
                 else:
                     data, info = self.store.get_bytes(info.key)
                     local.parent.mkdir(parents=True, exist_ok=True)
+                    if name.startswith(CHECKPOINTS) and name.endswith(".json"):
+                        data = _local_manifest(data)
                     atomic_write_bytes(local, data, sync_dir=False)
             except ObjectNotFoundError:
                 continue  # deleted between the listing and the read (retention, a probe)
