@@ -65,12 +65,13 @@ class CommandEnd(MachineEnd):
 
     name = "command"
 
-    def __init__(self, command: str | None = None, *, timeout_s: float = 120.0) -> None:
+    def __init__(self, command: str | None = None, *, timeout_s: float = 120.0, retry_delay_s: float = 1.0) -> None:
         if not command or not command.strip():
             raise UsageError("The 'command' end hook needs a command.",
                              "Pass --end-command 'CMD', e.g. --end-command 'runpodctl remove pod $RUNPOD_POD_ID'.")
         self.command = command
         self.timeout_s = timeout_s
+        self.retry_delay_s = retry_delay_s
 
     def end_machine(self, reason: str) -> None:
         env = {**os.environ, REASON_VARIABLE: reason}
@@ -86,7 +87,7 @@ class CommandEnd(MachineEnd):
                     return
                 last = f"exit code {done.returncode}: {(done.stderr or done.stdout).strip()[-300:]}"
             if attempt + 1 < ATTEMPTS:
-                time.sleep(2 ** attempt)
+                time.sleep(self.retry_delay_s * 2 ** attempt)
         raise EndFailedError(f"The end command failed {ATTEMPTS} times ({last}).",
                              "The boot script powers the machine off and the platform's deadline ends it; "
                              "check the command.")
