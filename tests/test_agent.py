@@ -252,7 +252,10 @@ def test_past_k_failed_boots_the_job_ends_for_good(cloud):
         wait_for(lambda n=n: cloud.remote.boots() >= n, timeout_s=60, interval_s=0.1)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    third = cloud.run("third", "--max-failed-boots", "2")
+    # the dead machines' heartbeats go stale (a live writer would mean extra machines, not a stuck session)
+    wait_for(lambda: time.time() - ((cloud.remote.read_heartbeat() or {}).get("t") or 0) > 2, timeout_s=60,
+             interval_s=0.2)
+    third = cloud.run("third", "--max-failed-boots", "2", "--lease-ttl", "2")
     assert third.returncode == 0, third.stderr
     assert "2 boots in a row failed" in cloud.ends("third")[0]
     assert "2 boots in a row failed" in cloud.remote.ended()["reason"]

@@ -67,6 +67,10 @@ def test_local_sync_mirrors_the_session_and_pull_brings_it_back(tmp_path):
     assert list((other / ".trainctl" / "sessions" / local.name / "tensorboard").rglob("events.out.tfevents.*"))
     again = run_cli(["sessions", "pull", remote.uri], other)
     assert "0 object(s) fetched" in again.stdout
+    # where it ran, a pull would overwrite the session itself: refused
+    here = run_cli(["sessions", "pull", remote.uri], project)
+    assert here.returncode == 2 and "ran in this project" in here.stderr
+    assert json.loads((local / "session.json").read_text())["status"] == "completed"
 
 
 def test_pull_by_id_looks_under_cloud_storage_for_this_project(tmp_path):

@@ -180,11 +180,13 @@ class Agent:
         self.machine = {"id": s.machine_id or f"{sysinfo.host()}-boot{self.boot}", "host": sysinfo.host(),
                         "boot": self.boot, "backend": s.backend, "agent_pid": os.getpid()}
         self._write_boot_record()
+        self.lease = Lease(remote, ttl_s=s.lease_ttl_s, machine=self.machine["id"], boot=self.boot)
         failed = remote.failed_boots(self.boot)
-        if failed >= s.max_failed_boots:
+        holder = self.lease.holder()
+        if failed >= s.max_failed_boots and not (holder and self.lease.holder_alive(*holder)):
+            # (with a live writer the session is not stuck: these boots were extra machines)
             return self._end_now(f"{failed} boots in a row failed before training started (limit {s.max_failed_boots})",
                                  tombstone=True)
-        self.lease = Lease(remote, ttl_s=s.lease_ttl_s, machine=self.machine["id"], boot=self.boot)
         try:
             self.lease.acquire(wait_s=s.lease_wait_s)
         except LeaseLostError as e:

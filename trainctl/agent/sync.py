@@ -32,6 +32,7 @@ from .lease import Lease
 
 SYNC_INTERVAL_S = 10.0
 HEARTBEAT_S = 30.0
+OBSERVE_S = 1.0  # how often new events are looked at between two uploads of the logs
 MAX_BACKOFF_S = 300.0
 UPLOAD_MARGIN_S = 5.0  # kept free before a preemption deadline for the manifest and latest.json
 NOTE_PREFIX = "[trainctl agent] "
@@ -187,13 +188,19 @@ class SyncLoop:
 
     # --- logs ---------------------------------------------------------------------------------------
     def _logs_loop(self) -> None:
+        next_flush = time.monotonic() + self.interval_s
         while not self._stop.is_set():
-            self._wake_logs.wait(self.interval_s)
+            woke = self._wake_logs.wait(max(0.0, min(OBSERVE_S, next_flush - time.monotonic())))
             self._wake_logs.clear()
             if self._stop.is_set() or self.lost:
                 return
-            if self._logs_backoff.ready(time.time()):
-                self.sync_logs()
+            if woke or time.monotonic() >= next_flush:
+                if self._logs_backoff.ready(time.time()):
+                    self.sync_logs()
+                next_flush = time.monotonic() + self.interval_s
+            else:
+                # between uploads, only a look at the new events: a checkpoint starts up within a second
+                self._observe(self._read_new_events())
 
     def _read_new_events(self) -> list[dict[str, Any]]:
         if self.session is None:

@@ -81,6 +81,9 @@ def pull_session(remote: RemoteSession, state_dir: str | os.PathLike[str], *, ch
                          "Pull it by its URI into another project, or fix its session.json.")
     folder = Path(state_dir) / "sessions" / session_id
     existed = folder.exists()
+    if existed and (folder / "session.json").exists() and not _read(folder / "session.json").get("pulled_at"):
+        raise UsageError(f"Session {session_id} ran in this project: it is here already, not a copy to update.",
+                         "Read it with trainctl sessions show; pull it into another project to compare.")
     result = remote.pull(folder, checkpoints=checkpoints)
     record = remote.read_session() if "session.json" in result.downloaded or not (folder / "session.json").exists() \
         else None
@@ -89,6 +92,16 @@ def pull_session(remote: RemoteSession, state_dir: str | os.PathLike[str], *, ch
     if any(name.startswith("events/") for name in result.downloaded) or not (folder / "tensorboard").exists():
         _rebuild_tensorboard(folder)
     return Pulled(session_id, folder, result, existed)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _write_record(folder: Path, record: dict[str, Any], session_id: str, remote: RemoteSession) -> None:
