@@ -28,7 +28,8 @@ SESSION_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123
 
 
 def looks_like_uri(ref: str) -> bool:
-    return "://" in ref or ref.startswith(("/", "./", "../", "~"))
+    """A storage URI or a folder path, not a session id (ids hold no '/')."""
+    return "/" in ref or ref.startswith("~")
 
 
 def remote_session(ref: str, cfg: Any) -> RemoteSession:
