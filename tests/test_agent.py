@@ -22,7 +22,7 @@ import torch
 from trainctl.storage import build_bundle, build_wheel
 from trainctl.storage.remote import RemoteSession
 
-from .conftest import EXAMPLES, run_cli
+from .conftest import EXAMPLES, clean_env, run_cli
 from .servers import loopback_env, make_s3_store, wait_for
 from .test_interruptions import assert_same_training_state
 
@@ -170,6 +170,17 @@ def test_agent_fetches_trains_and_uploads_checkpoint_manifest_latest_in_that_ord
     assert cloud.remote.ended()["reason"] == "training completed"
     beat = cloud.remote.read_heartbeat()
     assert beat["released"] and beat["step"] == 30 and beat["latest"] == "ckpt-step00000030.pt"
+
+    # from the laptop: the session pulled, its time to first step shown phase by phase
+    laptop = cloud.tmp / "laptop"
+    laptop.mkdir()
+    (laptop / "trainctl.toml").write_text(f'[cloud]\nendpoint_url = "{cloud.endpoint}"\n')
+    env = loopback_env(clean_env())
+    assert run_cli(["sessions", "pull", f"s3://{cloud.bucket}/root/proj/{cloud.session_id}"], laptop,
+                   env=env).returncode == 0
+    shown = run_cli(["sessions", "show", cloud.session_id], laptop, env=env).stdout
+    start = next(line for line in shown.splitlines() if line.startswith("start "))
+    assert "bundle " in start and "environment " in start and "after the machine started" in start
 
 
 def test_spot_notice_uploads_the_emergency_checkpoint_and_a_new_machine_ends_bit_identical(cloud, imds, tmp_path):

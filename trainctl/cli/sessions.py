@@ -114,6 +114,9 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
     for key, value in rows:
         if value not in (None, ""):
             click.echo(f"{key:<15} {value}")
+    start = _startup_line(list(session.iter_events(("startup",))))
+    if start:
+        click.echo(f"{'start':<15} {start}")
     if data.get("config"):
         click.echo("config          " + ", ".join(f"{k}={v}" for k, v in data["config"].items()))
     if checkpoints:
@@ -140,6 +143,24 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         last = summary.get("last_checkpoint") or (checkpoints[-1].get("path") if checkpoints else None)
         label = "resume" if last else "run again"
         click.echo(f"{label:<15} {continue_command(data, last)}")
+
+
+def _startup_line(events: list[dict]) -> str:
+    """Time to first step on a cloud machine, phase by phase (the agent's `startup` events;
+    the newest machine's when several booted)."""
+    from ..formatting import format_duration
+
+    boots = [i for i, e in enumerate(events) if e.get("phase") == "boot"]
+    events = events[boots[-1]:] if boots else events
+    def took(seconds: float) -> str:
+        return f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)
+
+    parts = [f"{e['phase'].replace('_', ' ')} {took(e['seconds'])}" for e in events
+             if e.get("phase") != "first_step" and isinstance(e.get("seconds"), (int, float))]
+    first = next((e for e in events if e.get("phase") == "first_step"), None)
+    if first is not None and isinstance(first.get("since_start_s"), (int, float)):
+        parts.append(f"first step {took(first['since_start_s'])} after the machine started")
+    return ", ".join(parts)
 
 
 @sessions.command("logs")
