@@ -1,0 +1,665 @@
+"""Checkpoints a script writes itself (issue 14): where the watcher looks, what it registers
+and when, what it records and where, snapshots, verification before a resume, and the resume
+point of real nanoGPT-like and Hugging-Face-like scripts killed with SIGKILL.
+
+Polls are driven by the tests (no timing): a file counts once it is unchanged at a second poll.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainctl import checkpoint
+from trainctl.launcher import watch
+
+from .conftest import REPO, clean_env
+
+SCRIPTS = REPO / "tests" / "scripts"
+NANOGPT = SCRIPTS / "nanogpt_like.py"
+HF = SCRIPTS / "hf_like.py"
+HOUR_AGO = time.time() - 3600
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+def save_nanogpt(path: Path, iter_num: int, *, pad: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": {"w": torch.full((4,), float(iter_num))}, "optimizer": {"state": {}},
+             "iter_num": iter_num, "best_val_loss": 1.0 / iter_num, "config": {"lr": 0.1}}
+    if pad:
+        state["pad"] = torch.zeros(pad)
+    torch.save(state, str(path))
+
+
+def write_safetensors(path: Path, n: int = 16, *, cut: int = 0) -> None:
+    """A small .safetensors file; `cut` bytes short of whole."""
+    data = struct.pack(f"<{n}f", *range(n))
+    header = json.dumps({"w": {"dtype": "F32", "shape": [n], "data_offsets": [0, len(data)]},
+                         "__metadata__": {"step": "7"}}).encode()
+    payload = struct.pack("<Q", len(header)) + header + data
+    path.write_bytes(payload[:len(payload) - cut])
+
+
+def write_hf_folder(folder: Path, step: int, *, state: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    write_safetensors(folder / "model.safetensors")
+    torch.save({"state": {}, "param_groups": []}, str(folder / "optimizer.pt"))
+    if state:
+        (folder / "trainer_state.json").write_text(json.dumps({
+            "global_step": step, "epoch": step / 10, "log_history": [{"loss": 0.5, "step": step}]}))
+
+
+def make_watcher(tmp_path: Path, *, cwd: Path, args: tuple[str, ...] = (), snapshot: bool = False,
+                 events: list | None = None, started_at: float | None = None, **kw) -> watch.Watcher:
+    session_dir = tmp_path / ".trainctl" / "sessions" / "s1"
+    session_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_dir = tmp_path / "checkpoints" / "s1"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    roots = watch.watch_roots(list(args), cwd=cwd, checkpoint_dir=ckpt_dir, globs=kw.pop("globs", ()))
+    return watch.Watcher(roots, manifest_path=session_dir / watch.MANIFEST_NAME, cwd=cwd,
+                         on_event=events.append if events is not None else None,
+                         started_at=time.time() if started_at is None else started_at,
+                         exclude=[tmp_path / "checkpoints"],
+                         snapshot_dir=ckpt_dir / watch.SNAPSHOT_FOLDER if snapshot else None,
+                         session_id="s1", script="train.py", **kw)
+
+
+def registered(events: list) -> list[dict]:
+    return [e for e in events if e["kind"] == "checkpoint"]
+
+
+def two_polls(w: watch.Watcher) -> list[dict]:
+    return w.poll() + w.poll()
+
+
+class Script:
+    """A real training process; its output lines are read as they come."""
+
+    def __init__(self, script: Path, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(script), *args], cwd=cwd,
+                                     env=env or clean_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.output: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_for(self, text: str, timeout_s: float = 300) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.1, deadline - time.monotonic()))
+            except queue.Empty:
+                line = None
+            if line is None:
+                self.proc.kill()
+                raise AssertionError(f"never printed {text!r}:\n" + "".join(self.output[-30:]))
+            self.output.append(line)
+            if text in line:
+                return
+
+    def kill9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=60)
+
+    def finish(self, timeout_s: float = 300) -> str:
+        self.proc.wait(timeout=timeout_s)
+        while (line := self._lines.get(timeout=60)) is not None:
+            self.output.append(line)
+        text = "".join(self.output)
+        assert self.proc.returncode == 0, text[-3000:]
+        return text
+
+
+def assert_same_weights(a_path: Path, b_path: Path) -> None:
+    a, b = torch.load(a_path, weights_only=True), torch.load(b_path, weights_only=True)
+    flat_a, flat_b = _flatten(a), _flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        if isinstance(flat_a[key], torch.Tensor):
+            assert torch.equal(flat_a[key], flat_b[key]), f"{key} differs"
+        else:
+            assert flat_a[key] == flat_b[key], f"{key} differs"
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        return {k2: v2 for k, v in obj.items() for k2, v2 in _flatten(v, f"{prefix}{k}.").items()}
+    if isinstance(obj, (list, tuple)):
+        return {k2: v2 for i, v in enumerate(obj) for k2, v2 in _flatten(v, f"{prefix}{i}.").items()}
+    return {prefix: obj}
+
+
+# --- where to look ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["--out_dir", "out"], [("--out_dir", "out")]),
+    (["--out_dir=out", "--lr", "0.1"], [("--out_dir", "out")]),
+    (["--output-dir", "runs/a", "--save_steps", "10"], [("--output-dir", "runs/a")]),
+    (["out_dir=out"], [("out_dir", "out")]),
+    (["trainer.default_root_dir=logs"], [("trainer.default_root_dir", "logs")]),
+    (["--save_dir", "--lr", "0.1"], []),  # a flag where the folder should be: nothing named
+    (["--ckpt_dir='ck pts'"], [("--ckpt_dir", "ck pts")]),
+    (["--lr", "0.1", "data/train.bin"], []),
+    (["--checkpoint_dir", "a", "--default_root_dir", "b"], [("--checkpoint_dir", "a"), ("--default_root_dir", "b")]),
+])
+def test_folders_named_by_the_scripts_arguments(args, expected):
+    assert watch.dirs_from_args(args) == expected
+
+
+def test_a_file_argument_watches_its_folder(tmp_path):
+    roots = watch.watch_roots(["--save_path", "out/model.pt", "--output_dir", "runs"], cwd=tmp_path,
+                              default_scan=False)
+    assert [(r.path, r.why) for r in roots] == [(tmp_path / "out", "named by --save_path"),
+                                                 (tmp_path / "runs", "named by --output_dir")]
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("out_dir = 'out'\ninit_from = 'scratch'\n", [("out_dir", "out")]),
+    ("import argparse\np = argparse.ArgumentParser()\np.add_argument('--output_dir', default='runs')\n",
+     [("--output_dir", "runs")]),
+    ("args = TrainingArguments(output_dir='hf-out', save_steps=10)\n", [("TrainingArguments(output_dir=...)", "hf-out")]),
+    ("cb = ModelCheckpoint(dirpath='ckpts')\n", [("ModelCheckpoint(dirpath=...)", "ckpts")]),
+    ("def f(:\n", []),  # does not parse: nothing, no error
+    ("lr = 0.1\n", []),
+])
+def test_folders_named_by_the_scripts_source(source, expected):
+    assert watch.dirs_from_source(source) == expected
+
+
+@pytest.mark.parametrize(("glob", "rel", "match"), [
+    ("out/*.pt", "out/ckpt.pt", True),
+    ("out/*.pt", "out/sub/ckpt.pt", False),
+    ("out/*.pt", "out/ckpt.pth", False),
+    ("runs/**/*.ckpt", "runs/a/b/last.ckpt", True),
+    ("runs/**/*.ckpt", "runs/last.ckpt", True),
+    ("runs/*/checkpoint-*", "runs/x/checkpoint-20", True),
+    ("model_[0-9].bin", "model_3.bin", True),
+    ("model_[!0-9].bin", "model_3.bin", False),
+    ("weights/final.safetensors", "weights/final.safetensors", True),
+    ("weights/final.safetensors", "weights/other.safetensors", False),
+])
+def test_watch_globs(tmp_path, glob, rel, match):
+    root = watch.glob_root(glob, tmp_path)
+    full = tmp_path / rel
+    inside = full.is_relative_to(root.path)
+    assert (inside and bool(root.pattern.fullmatch(str(full.relative_to(root.path))))) is match
+
+
+@pytest.mark.parametrize(("globs", "message"), [
+    ("out/*.pt", "must be a list of globs, not str"),
+    ([""], "each entry is a glob"),
+    ([3], "each entry is a glob"),
+    (["out/[ab.pt"], "an unclosed '['"),
+    (["runs/a**/x.pt"], "'**' must be a whole path part"),
+])
+def test_bad_watch_globs_are_refused_with_the_fix(globs, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("*", r"\*")):
+        watch.validate_watch_globs(globs)
+
+
+def test_only_new_checkpoint_files_outside_skipped_folders_count(tmp_path):
+    project = tmp_path / "proj"
+    old = project / "pretrained" / "base.pt"
+    save_nanogpt(old, 1)
+    os.utime(old, (HOUR_AGO, HOUR_AGO))
+    (project / ".venv2").mkdir(parents=True)
+    (project / ".venv2" / "pyvenv.cfg").write_text("home = /usr\n")
+    env_dir = project / "myenv"
+    (env_dir / "conda-meta").mkdir(parents=True)
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, events=events)
+    for skipped in (".git/objects/x.pt", ".trainctl/y.pt", "node_modules/pkg/z.pt", "__pycache__/a.pt",
+                    ".cache/torch/hub/b.pth", "venv/lib/c.pt", ".venv2/lib/d.pt", "myenv/lib/e.pt",
+                    "notes/.hidden.pt", ".secret/f.pt"):
+        save_nanogpt(project / skipped, 5)
+    save_nanogpt(project / "runs" / "exp1" / "model.pt", 10)
+    (project / "data").mkdir()
+    (project / "data" / "train.bin").write_bytes(bytes(range(256)) * 16)  # a dataset, not a checkpoint
+    (project / "runs" / "exp1" / "notes.txt").write_text("hello")
+    two_polls(w)
+    paths = [e["display"] for e in registered(events)]
+    assert paths == ["runs/exp1/model.pt"]
+
+
+def test_scan_of_a_tree_larger_than_the_bound_warns_once(tmp_path):
+    project = tmp_path / "proj"
+    for i in range(30):
+        (project / f"d{i:02d}").mkdir(parents=True)
+        for j in range(5):
+            (project / f"d{i:02d}" / f"f{j}.txt").write_text("x")
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, events=events, max_entries=50)
+    w.poll()
+    w.poll()
+    warnings = [e for e in events if e["kind"] == "warning"]
+    assert len(warnings) == 1
+    assert "holds more than 50 entries" in warnings[0]["message"]
+    assert "[checkpoints] watch" in warnings[0]["message"]
+
+
+# --- when a file counts --------------------------------------------------------------------
+
+def test_a_file_counts_when_stable_and_whole_never_while_being_written(tmp_path):
+    project = tmp_path / "proj"
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, args=("--out_dir", "out"), events=events)
+    final = project / "staging.pt"
+    project.mkdir(parents=True, exist_ok=True)
+    save_nanogpt(final, 30, pad=1 << 18)
+    data = final.read_bytes()
+    final.unlink()
+    target = project / "out" / "ckpt.pt"
+    target.parent.mkdir(parents=True)
+    with open(target, "wb") as f:
+        for cut in (len(data) // 3, 2 * len(data) // 3):  # being written: grows between polls
+            f.write(data[f.tell():cut])
+            f.flush()
+            two_polls(w)
+            assert registered(events) == []
+    # stable for two polls but without its zip central directory: still nothing
+    two_polls(w)
+    assert registered(events) == []
+    with open(target, "ab") as f:
+        f.write(data[2 * len(data) // 3:])
+    w.poll()
+    assert registered(events) == []  # changed at this poll: one more look first
+    w.poll()
+    [event] = registered(events)
+    assert event["source"] == "script" and event["display"] == "out/ckpt.pt"
+    assert event["step"] == 30 and event["step_name"] == "iter"
+    assert event["metrics"] == {"best_val_loss": pytest.approx(1 / 30)}
+    assert event["config"] == {"lr": 0.1}
+    assert event["digest"].startswith("zipcrc:") and event["bytes"] == len(data)
+    two_polls(w)
+    assert len(registered(events)) == 1  # registered once
+
+
+@pytest.mark.parametrize(("name", "write", "problem"), [
+    ("w.safetensors", lambda p: write_safetensors(p, cut=10), "truncated safetensors"),
+    ("m.pt", lambda p: p.write_bytes(b""), "empty"),
+    ("checkpoint-20", lambda p: write_hf_folder(p, 20, state=False), "no trainer_state.json"),
+])
+def test_incomplete_checkpoints_are_reported_as_torn_after_the_script_ends(tmp_path, name, write, problem):
+    project = tmp_path / "proj"
+    project.mkdir()
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, events=events)
+    write(project / name)
+    two_polls(w)
+    assert registered(events) == [] and events == []
+    w.poll(final=True)
+    [warning] = events
+    assert warning["kind"] == "warning" and problem in warning["message"]
+    assert "will not be resumed from" in warning["message"]
+    manifest = watch.read_manifest(w.manifest_path.parent)
+    assert manifest["checkpoints"] == [] and problem in manifest["problems"][0]["problem"]
+
+
+def test_hf_folder_counts_once_trainer_state_is_written(tmp_path):
+    project = tmp_path / "proj"
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, args=("--output_dir", "hf"), events=events)
+    folder = project / "hf" / "checkpoint-20"
+    write_hf_folder(folder, 20, state=False)
+    two_polls(w)
+    assert registered(events) == []
+    write_hf_folder(folder, 20)
+    two_polls(w)
+    [event] = registered(events)
+    assert (event["display"], event["format"], event["step"], event["epoch"]) == ("hf/checkpoint-20", "huggingface", 20, 2.0)
+    assert event["digest"].startswith("folder:")
+    assert event["metrics"] == {"loss": 0.5}
+    assert not any(e["display"].endswith((".pt", ".safetensors")) for e in registered(events))
+
+
+def test_a_whole_file_written_just_before_the_kill_is_registered_by_the_final_poll(tmp_path):
+    project = tmp_path / "proj"
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, events=events)
+    save_nanogpt(project / "out" / "ckpt.pt", 50)
+    w.poll(final=True)
+    assert [e["step"] for e in registered(events)] == [50]
+
+
+def test_overwrite_in_place_is_a_new_version_and_the_same_bytes_are_not(tmp_path):
+    project = tmp_path / "proj"
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, events=events)
+    target = project / "out" / "ckpt.pt"
+    save_nanogpt(target, 10)
+    two_polls(w)
+    save_nanogpt(target, 20)
+    two_polls(w)
+    first, second = registered(events)
+    assert (first["version"], first["step"], second["version"], second["step"]) == (1, 10, 2, 20)
+    assert first["digest"] != second["digest"]
+    data = target.read_bytes()
+    target.write_bytes(data)  # rewritten, same bytes (nanoGPT saves again right after a resume)
+    two_polls(w)
+    assert len(registered(events)) == 2
+    assert watch.summarize(w.entries)["text"] == "2 written by the script, newest out/ckpt.pt iter 20"
+
+
+def test_preexisting_checkpoints_count_only_once_rewritten(tmp_path):
+    project = tmp_path / "proj"
+    old = project / "out" / "ckpt.pt"
+    save_nanogpt(old, 100)
+    os.utime(old, (HOUR_AGO, HOUR_AGO))
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, events=events)
+    two_polls(w)
+    w.poll(final=True)
+    assert events == []
+    save_nanogpt(old, 110)
+    two_polls(w)
+    assert [e["step"] for e in registered(events)] == [110]
+
+
+def test_trainctls_own_checkpoints_are_not_taken_for_the_scripts(tmp_path):
+    project = tmp_path / "proj"
+    project.mkdir()
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, events=events)
+    own = tmp_path / "checkpoints" / "s1" / "ckpt-step00000010.pt"
+    checkpoint.save(own, {"model": {"w": torch.ones(2)}}, {"step": 10})
+    torch.save({"x": 1, "trainctl": {"format_version": 1, "step": 3}}, str(project / "interrupted.pt"))
+    two_polls(w)
+    w.poll(final=True)
+    assert registered(events) == []
+
+
+def test_the_record_lives_in_the_session_store_not_the_users_folders(tmp_path):
+    project = tmp_path / "proj"
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, args=("--out_dir", "out"), events=events)
+    save_nanogpt(project / "out" / "ckpt.pt", 10)
+    write_hf_folder(project / "out" / "checkpoint-10", 10)
+    before = sorted(str(p.relative_to(project)) for p in project.rglob("*"))
+    two_polls(w)
+    w.poll(final=True)
+    assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == before
+    manifest = watch.read_manifest(w.manifest_path.parent)
+    assert manifest["format_version"] == 1 and manifest["poll_interval_s"] == watch.POLL_INTERVAL_S
+    assert sorted(e["display"] for e in manifest["checkpoints"]) == ["out/checkpoint-10", "out/ckpt.pt"]
+    assert {r["why"] for r in manifest["roots"]} >= {"named by --out_dir", "the session's checkpoint dir"}
+
+
+def test_background_polling_registers_and_stops(tmp_path):
+    project = tmp_path / "proj"
+    got = threading.Event()
+    events: list = []
+
+    def on_event(event):
+        events.append(event)
+        got.set()
+
+    w = make_watcher(tmp_path, cwd=project)
+    w.on_event = on_event
+    w.start(interval_s=0.02)
+    save_nanogpt(project / "out" / "ckpt.pt", 10)
+    assert got.wait(timeout=120)
+    w.stop()
+    assert not any(t.name == "trainctl-watch" for t in threading.enumerate())
+    assert [e["step"] for e in registered(events)] == [10]
+
+
+# --- snapshots and verification ------------------------------------------------------------
+
+def test_snapshots_keep_each_version_with_a_manifest_and_retention_applies(tmp_path):
+    project = tmp_path / "proj"
+    events: list = []
+    w = make_watcher(tmp_path, cwd=project, events=events, snapshot=True,
+                     retention={"retention": {"keep_last_n": 2}})
+    target = project / "out" / "ckpt.pt"
+    for it in (10, 20, 30):
+        save_nanogpt(target, it)
+        two_polls(w)
+    snap_dir = tmp_path / "checkpoints" / "s1" / "script"
+    assert sorted(p.name for p in snap_dir.iterdir()) == [
+        "ckpt-iter00000020.pt", "ckpt-iter00000020.pt.json", "ckpt-iter00000030.pt", "ckpt-iter00000030.pt.json"]
+    for e in registered(events)[1:]:
+        assert Path(e["snapshot"]).exists()
+        assert checkpoint.verify(e["snapshot"]).ok
+        info = checkpoint.inspect(e["snapshot"])
+        assert (info.kind, info.step, info.meta["source"], info.meta["original"]) == ("trainctl", e["step"], "script", str(target))
+    assert w.entries[0]["snapshot"] is None  # removed by keep_last_n = 2
+    assert torch.load(snap_dir / "ckpt-iter00000020.pt", weights_only=True)["iter_num"] == 20
+
+
+def test_verify_entry_catches_every_way_a_registered_version_goes_bad(tmp_path):
+    project = tmp_path / "proj"
+    w = make_watcher(tmp_path, cwd=project)
+    target = project / "out" / "ckpt.pt"
+    save_nanogpt(target, 10, pad=1 << 16)
+    two_polls(w)
+    [entry] = w.entries
+    assert watch.verify_entry(entry) == (True, "")
+    data = bytearray(target.read_bytes())
+    st = target.stat()
+    data[len(data) // 2] ^= 0xFF  # a flipped byte in a tensor, size and mtime kept
+    target.write_bytes(bytes(data))
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+    ok, why = watch.verify_entry(entry)
+    assert not ok and "CRC-32" in why
+    target.write_bytes(bytes(data[: len(data) // 2]))
+    ok, why = watch.verify_entry(entry)
+    assert not ok and "torn" in why
+    target.unlink()
+    ok, why = watch.verify_entry(entry)
+    assert not ok and "no longer exists" in why
+
+
+def test_resume_takes_the_newest_verified_of_either_kind(tmp_path):
+    project = tmp_path / "proj"
+    w = make_watcher(tmp_path, cwd=project, started_at=time.time() - 60)
+    script_ckpt = project / "out" / "ckpt.pt"
+    save_nanogpt(script_ckpt, 10)
+    os.utime(script_ckpt, (time.time() - 30, time.time() - 30))
+    two_polls(w)
+    own_dir = tmp_path / "checkpoints" / "s1"
+    choice = w.choose_resume(own_dir=own_dir)
+    assert (choice.source, choice.path, choice.label) == ("script", script_ckpt, "out/ckpt.pt iter 10")
+    own = own_dir / "ckpt-step00000012.pt"
+    checkpoint.save(own, {"model": {"w": torch.ones(2)}}, {"step": 12})  # newer: an emergency checkpoint
+    choice = w.choose_resume(own_dir=own_dir)
+    assert (choice.source, choice.path) == ("trainctl", own)
+    with open(own, "r+b") as f:  # damaged: fall back to the script's, and say why
+        f.seek(100)
+        f.write(b"\xff" * 64)
+    choice = w.choose_resume(own_dir=own_dir)
+    assert (choice.source, choice.path) == ("script", script_ckpt)
+    assert choice.skipped and choice.skipped[0][0] == str(own)
+
+
+# --- real scripts, killed with SIGKILL -----------------------------------------------------
+
+NANOGPT_TRAINING = ["--max_iters=40", "--eval_interval=10"]
+
+
+@pytest.fixture(scope="module")
+def nanogpt_reference(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("nanogpt-ref")
+    final = folder / "final.pt"
+    Script(NANOGPT, [*NANOGPT_TRAINING, f"--final_path={final}"], folder).finish()
+    return final
+
+
+def test_nanogpt_like_killed_after_its_second_checkpoint_continues_from_it(tmp_path, nanogpt_reference):
+    project = tmp_path / "proj"
+    project.mkdir()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    events: list = []
+    args = [*NANOGPT_TRAINING, f"--wait_for={gate}"]
+    w = make_watcher(tmp_path, cwd=project, args=tuple(args), events=events)
+    run = Script(NANOGPT, args, project)
+    run.wait_for("saved checkpoint iter 10")
+    two_polls(w)
+    (gate / "go1").touch()
+    run.wait_for("saved checkpoint iter 20")
+    two_polls(w)
+    run.kill9()
+    w.poll(final=True)
+    assert [(e["version"], e["step"]) for e in registered(events)] == [(1, 10), (2, 20)]
+    choice = w.choose_resume(own_dir=tmp_path / "checkpoints" / "s1", takes_path=False)
+    assert (choice.source, choice.label, choice.restore_to) == ("script", "out/ckpt.pt iter 20", None)
+    assert watch.summarize(w.entries)["text"] == "2 written by the script, newest out/ckpt.pt iter 20"
+    final = tmp_path / "final.pt"
+    # `--init_from=resume` takes no path: TRAIN_OPS_RESUME names the file
+    resumed = Script(NANOGPT, [*NANOGPT_TRAINING, "--init_from=resume", f"--final_path={final}"], project,
+                     env=clean_env(TRAIN_OPS_RESUME=str(choice.path))).finish()
+    assert f"resuming from {project / 'out' / 'ckpt.pt'} at iter 20" in resumed
+    assert_same_weights(final, nanogpt_reference)
+
+
+def test_kill_during_the_scripts_own_overwrite_never_resumes_the_torn_file(tmp_path, nanogpt_reference):
+    project = tmp_path / "proj"
+    project.mkdir()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    events: list = []
+    args = [*NANOGPT_TRAINING, f"--wait_for={gate}", "--stall_mid_save=3", "--pad_mb=16"]
+    w = make_watcher(tmp_path, cwd=project, args=tuple(args), events=events, snapshot=True)
+    run = Script(NANOGPT, args, project)
+    for k, it in ((1, 10), (2, 20)):
+        run.wait_for(f"saved checkpoint iter {it}")
+        two_polls(w)
+        (gate / f"go{k}").touch()
+    run.wait_for("stalled mid-save")
+    two_polls(w)
+    run.kill9()
+    target = project / "out" / "ckpt.pt"
+    torn_bytes = target.read_bytes()
+    w.poll(final=True)
+    [torn] = [e for e in events if e["kind"] == "warning"]
+    assert "out/ckpt.pt is incomplete" in torn["message"]
+    assert [e["step"] for e in registered(events)] == [10, 20]
+
+    # without a snapshot, the last good bytes are gone: nothing to resume from, and why
+    no_snapshots = [{**e, "snapshot": None} for e in w.entries]
+    choice = watch.choose_resume(no_snapshots, takes_path=False)
+    assert choice.path is None
+    assert choice.skipped == [("out/ckpt.pt", choice.skipped[0][1])]
+    assert "torn" in choice.skipped[0][1] and "no complete zip central directory" in choice.skipped[0][1]
+
+    # with snapshots: the iter-20 version, put back where the script reads it
+    choice = w.choose_resume(takes_path=False)
+    assert (choice.source, choice.label, choice.restore_to) == ("snapshot", "out/ckpt.pt iter 20", target)
+    assert "torn" in choice.skipped[0][1]
+    moved = watch.restore_snapshot(choice.path, choice.restore_to)
+    assert moved == project / "out" / "ckpt.pt.torn" and moved.read_bytes() == torn_bytes
+    two_polls(w)
+    assert len(registered(events)) == 2  # the restored file is the iter-20 version: no new one
+    final = tmp_path / "final.pt"
+    # as nanoGPT itself: no TRAIN_OPS_RESUME, it reads its own out_dir/ckpt.pt
+    resumed = Script(NANOGPT, [*NANOGPT_TRAINING, "--init_from=resume", f"--final_path={final}"],
+                     project).finish()
+    assert "resuming from out/ckpt.pt at iter 20" in resumed
+    assert_same_weights(final, nanogpt_reference)
+
+
+def test_hf_like_killed_mid_save_resumes_from_the_last_whole_folder(tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    training = ["--max_steps", "40", "--save_steps", "10"]
+    Script(HF, [*training, "--output_dir", "hf", "--final_path", str(ref / "final.pt")], ref).finish()
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    events: list = []
+    args = [*training, "--output_dir", "hf", "--save_total_limit", "2", "--wait_for", str(gate),
+            "--stall_mid_save", "3"]
+    w = make_watcher(tmp_path, cwd=project, args=tuple(args), events=events)
+    run = Script(HF, args, project)
+    for k, step in ((1, 10), (2, 20)):
+        run.wait_for(f"saved checkpoint-{step}")
+        two_polls(w)
+        (gate / f"go{k}").touch()
+    run.wait_for("stalled mid-save")
+    two_polls(w)
+    run.kill9()
+    w.poll(final=True)
+    assert [(e["display"], e["step"]) for e in registered(events)] == [("hf/checkpoint-10", 10), ("hf/checkpoint-20", 20)]
+    assert any("hf/checkpoint-30 is incomplete" in e["message"] for e in events if e["kind"] == "warning")
+    choice = w.choose_resume(takes_path=True)
+    assert (choice.source, choice.path, choice.label) == ("script", project / "hf" / "checkpoint-20",
+                                                          "hf/checkpoint-20 step 20, epoch 2")
+    final = tmp_path / "final.pt"
+    resumed = Script(HF, [*training, "--output_dir", "hf", "--save_total_limit", "2",
+                          "--resume_from_checkpoint", str(choice.path), "--final_path", str(final)],
+                     project).finish()
+    assert f"resuming from {choice.path} at step 20" in resumed
+    assert_same_weights(final, ref / "final.pt")
+    # the Trainer's own rotation removed checkpoint-10: it is never offered again
+    w.poll(final=True)
+    assert not (project / "hf" / "checkpoint-10").exists()
+    ok, why = watch.verify_entry(w.entries[0])
+    assert not ok and "no longer exists" in why
+
+
+# --- a folder at a glance ------------------------------------------------------------------
+
+def test_describe_folder_shows_steps_ages_and_warns_when_torn_or_overdue(tmp_path):
+    folder = tmp_path / "out"
+    empty = watch.describe_folder(folder)
+    assert empty.rows == [] and empty.warnings == [f"no checkpoints in {folder} yet"]
+    save_nanogpt(folder / "ckpt.pt", 100)
+    write_hf_folder(folder / "checkpoint-100", 100)
+    now = time.time()
+    for p in (folder / "ckpt.pt", folder / "checkpoint-100"):
+        for q in [p, *p.rglob("*")] if p.is_dir() else [p]:
+            os.utime(q, (now - 7200, now - 7200))
+    report = watch.describe_folder(folder, now=now, overdue_s=3600, cwd=tmp_path)
+    assert sorted((r.display, r.status, r.step) for r in report.rows) == [
+        ("out/checkpoint-100", "ok", 100), ("out/ckpt.pt", "ok", 100)]
+    assert len(report.warnings) == 1 and "120 min old" in report.warnings[0]
+    write_safetensors(folder / "model.safetensors", cut=40)
+    os.utime(folder / "model.safetensors", (now - 60, now - 60))
+    report = watch.describe_folder(folder, now=now, overdue_s=3600, cwd=tmp_path)
+    assert report.rows[0].status == "incomplete"
+    assert any("out/model.safetensors is incomplete" in w and "the newest whole one is out/" in w
+               for w in report.warnings)
+
+
+# --- how a script takes its resume point ---------------------------------------------------
+
+@pytest.mark.parametrize(("source", "flag", "takes_path"), [
+    (NANOGPT.read_text(), "--init_from=resume", False),
+    (HF.read_text(), "--resume_from_checkpoint", True),
+    ("import argparse\np = argparse.ArgumentParser()\np.add_argument('--resume', type=str)\n", "--resume", True),
+    ("import click\n@click.option('--ckpt-path')\ndef main(ckpt_path): ...\n", "--ckpt-path", True),
+    ("from transformers import HfArgumentParser, TrainingArguments\n"
+     "args, = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()\n", "--resume_from_checkpoint", True),
+    ("from lightning.pytorch.cli import LightningCLI\nLightningCLI(Model)\n", "--ckpt_path", True),
+    ("init_from = 'scratch'\nexec(open('configurator.py').read())\nif init_from == 'resume':\n    pass\n",
+     "--init_from=resume", False),
+    ("p.add_argument('--resume'\n", "--resume", True),  # does not parse: read as text
+])
+def test_resume_conventions_recognised_in_a_scripts_source(source, flag, takes_path):
+    first = watch.detect_resume_conventions(source)[0]
+    assert (first.flag, first.takes_path) == (flag, takes_path)
+    assert first.why
+
+
+def test_a_script_without_a_resume_convention_gets_no_suggestion():
+    assert watch.detect_resume_conventions("import torch\nprint(torch.ones(1))\n") == []
