@@ -316,38 +316,40 @@ class _Tree:
         pattern = self.root.pattern
         prefix = len(self.base) + 1
         count = 0
+        environment = False
+        # the loop runs once per entry of a 100k-file tree: paths are built only for what is kept
         with os.scandir(folder) as it:
             for entry in it:
                 count += 1
                 name = entry.name
                 try:
                     is_dir = entry.is_dir(follow_symlinks=False)
-                    is_file = not is_dir and entry.is_file(follow_symlinks=False)
                 except OSError:
                     continue
-                rel = entry.path[prefix:]
                 if is_dir:
-                    if pattern is not None and pattern.fullmatch(rel):
-                        candidates.append(entry.path)  # a folder the glob names
+                    path = entry.path
+                    if pattern is not None and pattern.fullmatch(path[prefix:]):
+                        candidates.append(path)  # a folder the glob names
                     elif pattern is None and _HF_FOLDER.fullmatch(name):
-                        candidates.append(entry.path)  # Hugging Face: the folder is the checkpoint
+                        candidates.append(path)  # Hugging Face: the folder is the checkpoint
                     elif (depth + 1 < self.max_depth and name not in SKIP_DIRS
-                          and (self.root.hidden or not name.startswith("."))
-                          and not name.endswith(".egg-info") and entry.path not in self.exclude
-                          and not _is_environment(entry.path)):
-                        subdirs.append(entry.path)
-                elif is_file and not name.startswith("."):  # dot files: temp files of saves in progress
-                    if pattern is not None:
-                        if pattern.fullmatch(rel):
-                            candidates.append(entry.path)
-                    elif name.endswith(CHECKPOINT_SUFFIXES):
+                          and (self.root.hidden or name[0] != ".")
+                          and not name.endswith(".egg-info") and path not in self.exclude):
+                        subdirs.append(path)
+                    elif name == "conda-meta":
+                        environment = True
+                elif name == "pyvenv.cfg":
+                    environment = True
+                elif name[0] == ".":
+                    continue  # dot files: temp files of saves in progress
+                elif pattern is None:
+                    if name.endswith(CHECKPOINT_SUFFIXES) and entry.is_file(follow_symlinks=False):
                         candidates.append(entry.path)
+                elif pattern.fullmatch(entry.path[prefix:]) and entry.is_file(follow_symlinks=False):
+                    candidates.append(entry.path)
+        if environment:  # a virtualenv (pyvenv.cfg) or conda environment (conda-meta/), whatever its name
+            return _Listing(mtime_ns, count, [], [])
         return _Listing(mtime_ns, count, candidates, subdirs)
-
-
-def _is_environment(path: str) -> bool:
-    """A virtualenv (pyvenv.cfg) or a conda environment (conda-meta/), whatever its name."""
-    return os.path.exists(os.path.join(path, "pyvenv.cfg")) or os.path.isdir(os.path.join(path, "conda-meta"))
 
 
 # --- what a candidate holds ------------------------------------------------------------------
