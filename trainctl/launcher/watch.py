@@ -332,12 +332,12 @@ class _Tree:
                         candidates.append(path)  # a folder the glob names
                     elif pattern is None and _HF_FOLDER.fullmatch(name):
                         candidates.append(path)  # Hugging Face: the folder is the checkpoint
+                    elif name == "conda-meta":
+                        environment = True
                     elif (depth + 1 < self.max_depth and name not in SKIP_DIRS
                           and (self.root.hidden or name[0] != ".")
                           and not name.endswith(".egg-info") and path not in self.exclude):
                         subdirs.append(path)
-                    elif name == "conda-meta":
-                        environment = True
                 elif name == "pyvenv.cfg":
                     environment = True
                 elif name[0] == ".":
