@@ -489,6 +489,28 @@ def test_resume_takes_the_newest_verified_of_either_kind(tmp_path):
     assert choice.skipped and choice.skipped[0][0] == str(own)
 
 
+def test_resume_auto_finds_the_script_checkpoints_of_earlier_sessions(tmp_path):
+    project = tmp_path / "proj"
+    sessions = tmp_path / ".trainctl" / "sessions"
+    for sid, script, it in (("s1", "/a/train.py", 10), ("s2", "/b/train.py", 20), ("s3", "/a/other.py", 30)):
+        (sessions / sid).mkdir(parents=True)
+        target = project / sid / "ckpt.pt"
+        w = watch.Watcher(watch.watch_roots([], cwd=project / sid, default_scan=True),
+                          manifest_path=sessions / sid / watch.MANIFEST_NAME, cwd=project / sid,
+                          started_at=time.time() - 60, session_id=sid, script=script)
+        save_nanogpt(target, it)
+        os.utime(target, (time.time() - 50 + it, time.time() - 50 + it))  # s2 written after s1
+        two_polls(w)
+    (sessions / "broken").mkdir()
+    (sessions / "broken" / watch.MANIFEST_NAME).write_text("{not json")
+    found = watch.recorded_entries(sessions, script="/a/train.py")
+    assert sorted((e["session_id"], e["step"]) for e in found) == [("s1", 10), ("s2", 20)]
+    assert watch.recorded_entries(sessions, script="/a/train.py", skip_sessions={"s2"})[0]["session_id"] == "s1"
+    choice = watch.choose_resume(found)
+    assert (choice.source, choice.entry["session_id"], choice.entry["step"]) == ("script", "s2", 20)
+    assert watch.recorded_entries(tmp_path / "missing") == []
+
+
 # --- real scripts, killed with SIGKILL -----------------------------------------------------
 
 NANOGPT_TRAINING = ["--max_iters=40", "--eval_interval=10"]

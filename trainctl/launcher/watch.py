@@ -778,7 +778,8 @@ class Watcher:
     def _save(self) -> None:
         self._dirty = False
         atomic_write_json(self.manifest_path, {
-            "format_version": MANIFEST_VERSION, "started_at": self.started_at,
+            "format_version": MANIFEST_VERSION, "session_id": self.session_id, "script": self.script,
+            "cwd": str(self.cwd), "started_at": self.started_at,
             "poll_interval_s": POLL_INTERVAL_S, "roots": [r.to_dict() for r in self.roots],
             "checkpoints": self.entries,
             "problems": [{"path": p, "problem": why} for p, why in self.problems.items()],
@@ -859,6 +860,29 @@ def read_manifest(session_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
         return None
     data["checkpoints"] = [e for e in data["checkpoints"] if isinstance(e, dict) and "path" in e]
     return data
+
+
+def recorded_entries(sessions_dir: str | os.PathLike[str], *, script: str | None = None,
+                     skip_sessions: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The script-written checkpoints every session recorded (of `script`: same path, or the
+    same file name run from elsewhere), for `--resume auto` across sessions."""
+    skip = set(skip_sessions)
+    found: list[dict[str, Any]] = []
+    try:
+        folders = sorted(p for p in Path(sessions_dir).iterdir() if p.is_dir() and p.name not in skip)
+    except OSError:
+        return []
+    for folder in folders:
+        manifest = read_manifest(folder)
+        if manifest is None:
+            continue
+        recorded = manifest.get("script")
+        if script is not None and not (isinstance(recorded, str) and (
+                recorded == script or Path(recorded).name == Path(script).name)):
+            continue
+        found.extend({**e, "session_id": manifest.get("session_id") or folder.name}
+                     for e in manifest["checkpoints"])
+    return found
 
 
 def describe(entry: dict[str, Any]) -> str:
@@ -995,6 +1019,7 @@ def restore_snapshot(snapshot: str | os.PathLike[str], target: str | os.PathLike
     (nanoGPT: `out/ckpt.pt`). Whatever is there (a torn file) is kept beside it as
     `<name>.torn`, never deleted; returns that path, or None when nothing was there."""
     target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     moved = None
     with temp_beside(target) as tmp:
         shutil.copyfile(snapshot, tmp)
