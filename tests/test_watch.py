@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from trainctl import checkpoint
-from trainctl.launcher import watch
+from trainctl.launcher import script_conventions, watch
 
 from .conftest import REPO, clean_env
 
@@ -161,7 +161,7 @@ def _flatten(obj, prefix=""):
     (["--checkpoint_dir", "a", "--default_root_dir", "b"], [("--checkpoint_dir", "a"), ("--default_root_dir", "b")]),
 ])
 def test_folders_named_by_the_scripts_arguments(args, expected):
-    assert watch.dirs_from_args(args) == expected
+    assert script_conventions.dirs_from_args(args) == expected
 
 
 def test_a_file_argument_watches_its_folder(tmp_path):
@@ -181,7 +181,7 @@ def test_a_file_argument_watches_its_folder(tmp_path):
     ("lr = 0.1\n", []),
 ])
 def test_folders_named_by_the_scripts_source(source, expected):
-    assert watch.dirs_from_source(source) == expected
+    assert script_conventions.dirs_from_source(source) == expected
 
 
 @pytest.mark.parametrize(("glob", "rel", "match"), [
@@ -678,10 +678,10 @@ def test_describe_folder_shows_steps_ages_and_warns_when_torn_or_overdue(tmp_pat
     ("p.add_argument('--resume'\n", "--resume", True),  # does not parse: read as text
 ])
 def test_resume_conventions_recognised_in_a_scripts_source(source, flag, takes_path):
-    first = watch.detect_resume_conventions(source)[0]
+    first = script_conventions.detect_resume_conventions(source)[0]
     assert (first.flag, first.takes_path) == (flag, takes_path)
     assert first.why
 
 
 def test_a_script_without_a_resume_convention_gets_no_suggestion():
-    assert watch.detect_resume_conventions("import torch\nprint(torch.ones(1))\n") == []
+    assert script_conventions.detect_resume_conventions("import torch\nprint(torch.ones(1))\n") == []
