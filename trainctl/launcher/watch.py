@@ -557,6 +557,11 @@ class Watcher:
                         self._seen.pop(path, None)
                         if final:
                             self.problems[path] = f"unreadable ({e.strerror or e})"
+                    except Exception as e:  # a watcher must never take the run down
+                        seen = self._seen.setdefault(path, _Seen(("?",)))
+                        seen.verdict = "ignored"
+                        events.append({"kind": "warning", "source": "watch", "path": path, "message": (
+                            f"could not register {self.display(path)}: {e.__class__.__name__}: {e}")})
                 complete = complete and not tree.aborted
                 key = str(tree.root.path)
                 if tree.truncated and key not in self._warned_truncated:
