@@ -509,6 +509,16 @@ def test_resume_auto_finds_the_script_checkpoints_of_earlier_sessions(tmp_path):
     choice = watch.choose_resume(found)
     assert (choice.source, choice.entry["session_id"], choice.entry["step"]) == ("script", "s2", 20)
     assert watch.recorded_entries(tmp_path / "missing") == []
+    # trainctl's own checkpoints of every session take part too: of the same script, not running
+    own_root = tmp_path / "checkpoints"
+    newer = own_root / "s4" / "ckpt-step00000025.pt"
+    checkpoint.save(newer, {"model": {"w": torch.ones(2)}}, {"step": 25, "script": "/c/train.py", "session_id": "s4"})
+    checkpoint.save(own_root / "s5" / "ckpt-step00000099.pt", {"model": {"w": torch.ones(2)}},
+                    {"step": 99, "script": "/a/other.py", "session_id": "s5"})
+    checkpoint.save(own_root / "s6" / "ckpt-step00000077.pt", {"model": {"w": torch.ones(2)}},
+                    {"step": 77, "script": "/a/train.py", "session_id": "s6"})
+    choice = watch.choose_resume(found, own_dir=own_root, script="/a/train.py", skip_sessions={"s6"})
+    assert (choice.source, choice.path) == ("trainctl", newer)
 
 
 # --- real scripts, killed with SIGKILL -----------------------------------------------------

@@ -898,20 +898,28 @@ class ResumeChoice:
 
 
 def choose_resume(entries: Sequence[dict[str, Any]], *, own_dir: Path | None = None,
-                  takes_path: bool = True) -> ResumeChoice:
+                  takes_path: bool = True, script: str | None = None,
+                  skip_sessions: Iterable[str] = ()) -> ResumeChoice:
     """The newest checkpoint that verifies, of either kind: the script's own (registered by the
-    watcher, or a snapshot of a version since overwritten) or trainctl's (in `own_dir`).
+    watcher, or a snapshot of a version since overwritten) or trainctl's (under `own_dir`; of
+    `script` when given, by file name, and of no session in `skip_sessions`).
 
     `takes_path=False` (a flag like `--init_from=resume`): the script reads its own file, so a
     snapshot chosen for a path that now holds something else comes with `restore_to`.
     """
+    skip = set(skip_sessions)
     candidates: list[tuple[float, str, Any]] = []
     for entry in entries:
         candidates.append((float(entry.get("written_at") or 0), "script", entry))
     if own_dir is not None and Path(own_dir).is_dir():
         for info in checkpoint.scan(own_dir):
-            if info.kind == "trainctl" and info.meta.get("source") != "script":
-                candidates.append((info.time, "trainctl", info))
+            if info.kind != "trainctl" or info.meta.get("source") == "script" \
+                    or info.meta.get("session_id") in skip:
+                continue  # snapshots of the script's files come with their entries
+            recorded = info.meta.get("script")
+            if script is not None and not (isinstance(recorded, str) and Path(recorded).name == Path(script).name):
+                continue
+            candidates.append((info.time, "trainctl", info))
     candidates.sort(key=lambda c: c[0], reverse=True)
     skipped: list[tuple[str, str]] = []
     failed_paths: set[str] = set()
