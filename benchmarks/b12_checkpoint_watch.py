@@ -6,7 +6,7 @@ checkpoint suffixes, all older than the session (pre-existing files are tracked,
 - first scan: the watcher's first `poll()` (every folder listed once) vs `os.walk` of the same
   tree (the least any scan lists). Goal: <= 1.5x.
 - per poll: a later `poll()` with nothing changed (one stat per folder and per candidate, no
-  listing), as a share of the poll interval (watcher.POLL_INTERVAL_S). Goal: <= 0.05x, i.e. at
+  listing), as a share of the poll interval (script_checkpoints.POLL_INTERVAL_S). Goal: <= 0.05x, i.e. at
   most 5% of one core while the script trains.
 - one new version of a 256 MB `torch.save` checkpoint: registering it (facts from data.pkl +
   the central-directory digest) and, with `[checkpoints] snapshot = true`, registering and
@@ -74,7 +74,7 @@ def main() -> None:
     size_mb = pick(args.mode, 256, 32, 1)
     import torch
 
-    from trainctl.launcher import watch
+    from trainctl.launcher import script_checkpoints
 
     with project_dir() as root:
         root = Path(root)
@@ -83,9 +83,9 @@ def main() -> None:
         state_dir = root / ".trainctl" / "sessions" / "bench"
         state_dir.mkdir(parents=True)
 
-        def watcher(**kw) -> watch.Watcher:
-            roots = watch.watch_roots([], cwd=tree, checkpoint_dir=None)
-            return watch.Watcher(roots, manifest_path=state_dir / watch.MANIFEST_NAME, cwd=tree,
+        def watcher(**kw) -> script_checkpoints.Watcher:
+            roots = script_checkpoints.watch_roots([], cwd=tree, checkpoint_dir=None)
+            return script_checkpoints.Watcher(roots, manifest_path=state_dir / script_checkpoints.MANIFEST_NAME, cwd=tree,
                                  started_at=time.time(), **kw)
 
         def first_scan() -> float:
@@ -132,8 +132,8 @@ def main() -> None:
             (folder / "out").mkdir(parents=True)
             torch.save(state, str(folder / "out" / "ckpt.pt"))
             fsync(folder / "out" / "ckpt.pt")
-            roots = watch.watch_roots([], cwd=folder)
-            w = watch.Watcher(roots, manifest_path=state_dir / f"m-{next(counter)}.json", cwd=folder,
+            roots = script_checkpoints.watch_roots([], cwd=folder)
+            w = script_checkpoints.Watcher(roots, manifest_path=state_dir / f"m-{next(counter)}.json", cwd=folder,
                               started_at=time.time() - 10,
                               snapshot_dir=root / "snapshots" / str(next(counter)) if snapshot else None)
             w.poll()  # first sight
@@ -149,7 +149,7 @@ def main() -> None:
                                             lambda: register(True))
     s, w_, p = stats(scan_t), stats(walk_t), stats(poll_t)
     b, r, sn = stats(save_t), stats(reg_t), stats(snap_t)
-    interval = watch.POLL_INTERVAL_S
+    interval = script_checkpoints.POLL_INTERVAL_S
     n = f"{shape['files']:,}"
     rows = [
         row(f"B12 first scan of a {n}-file tree vs os.walk", s["median"], w_["median"], unit="s",

@@ -1,5 +1,5 @@
 """What a training script's source shows about how it saves and resumes, for the checkpoint
-watcher (`launcher/watch.py`) and for `trainctl check` / `trainctl init`, which suggest the
+watcher (`launcher/script_checkpoints.py`) and for `trainctl check` / `trainctl init`, which suggest the
 `resume_flag` a script takes.
 
 Recognised: argparse/click flags (`--resume`, `--resume_from_checkpoint`, `--ckpt_path`, ...),

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from trainctl import checkpoint
-from trainctl.launcher import script_conventions, watch
+from trainctl.launcher import script_checkpoints, script_conventions
 
 from .conftest import REPO, clean_env
 
@@ -62,17 +62,17 @@ def write_hf_folder(folder: Path, step: int, *, state: bool = True) -> None:
 
 
 def make_watcher(tmp_path: Path, *, cwd: Path, args: tuple[str, ...] = (), snapshot: bool = False,
-                 events: list | None = None, started_at: float | None = None, **kw) -> watch.Watcher:
+                 events: list | None = None, started_at: float | None = None, **kw) -> script_checkpoints.Watcher:
     session_dir = tmp_path / ".trainctl" / "sessions" / "s1"
     session_dir.mkdir(parents=True, exist_ok=True)
     ckpt_dir = tmp_path / "checkpoints" / "s1"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    roots = watch.watch_roots(list(args), cwd=cwd, checkpoint_dir=ckpt_dir, globs=kw.pop("globs", ()))
-    return watch.Watcher(roots, manifest_path=session_dir / watch.MANIFEST_NAME, cwd=cwd,
+    roots = script_checkpoints.watch_roots(list(args), cwd=cwd, checkpoint_dir=ckpt_dir, globs=kw.pop("globs", ()))
+    return script_checkpoints.Watcher(roots, manifest_path=session_dir / script_checkpoints.MANIFEST_NAME, cwd=cwd,
                          on_event=events.append if events is not None else None,
                          started_at=time.time() if started_at is None else started_at,
                          exclude=[tmp_path / "checkpoints"],
-                         snapshot_dir=ckpt_dir / watch.SNAPSHOT_FOLDER if snapshot else None,
+                         snapshot_dir=ckpt_dir / script_checkpoints.SNAPSHOT_FOLDER if snapshot else None,
                          session_id="s1", script="train.py", **kw)
 
 
@@ -80,7 +80,7 @@ def registered(events: list) -> list[dict]:
     return [e for e in events if e["kind"] == "checkpoint"]
 
 
-def two_polls(w: watch.Watcher) -> list[dict]:
+def two_polls(w: script_checkpoints.Watcher) -> list[dict]:
     return w.poll() + w.poll()
 
 
@@ -165,7 +165,7 @@ def test_folders_named_by_the_scripts_arguments(args, expected):
 
 
 def test_a_file_argument_watches_its_folder(tmp_path):
-    roots = watch.watch_roots(["--save_path", "out/model.pt", "--output_dir", "runs"], cwd=tmp_path,
+    roots = script_checkpoints.watch_roots(["--save_path", "out/model.pt", "--output_dir", "runs"], cwd=tmp_path,
                               default_scan=False)
     assert [(r.path, r.why) for r in roots] == [(tmp_path / "out", "named by --save_path"),
                                                  (tmp_path / "runs", "named by --output_dir")]
@@ -197,7 +197,7 @@ def test_folders_named_by_the_scripts_source(source, expected):
     ("weights/final.safetensors", "weights/other.safetensors", False),
 ])
 def test_watch_globs(tmp_path, glob, rel, match):
-    root = watch.glob_root(glob, tmp_path)
+    root = script_checkpoints.glob_root(glob, tmp_path)
     full = tmp_path / rel
     inside = full.is_relative_to(root.path)
     assert (inside and bool(root.pattern.fullmatch(str(full.relative_to(root.path))))) is match
@@ -212,7 +212,7 @@ def test_watch_globs(tmp_path, glob, rel, match):
 ])
 def test_bad_watch_globs_are_refused_with_the_fix(globs, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("*", r"\*")):
-        watch.validate_watch_globs(globs)
+        script_checkpoints.validate_watch_globs(globs)
 
 
 def test_only_new_checkpoint_files_outside_skipped_folders_count(tmp_path):
@@ -309,7 +309,7 @@ def test_incomplete_checkpoints_are_reported_as_torn_after_the_script_ends(tmp_p
     [warning] = events
     assert warning["kind"] == "warning" and problem in warning["message"]
     assert "will not be resumed from" in warning["message"]
-    manifest = watch.read_manifest(w.manifest_path.parent)
+    manifest = script_checkpoints.read_manifest(w.manifest_path.parent)
     assert manifest["checkpoints"] == [] and problem in manifest["problems"][0]["problem"]
 
 
@@ -355,7 +355,7 @@ def test_overwrite_in_place_is_a_new_version_and_the_same_bytes_are_not(tmp_path
     target.write_bytes(data)  # rewritten, same bytes (nanoGPT saves again right after a resume)
     two_polls(w)
     assert len(registered(events)) == 2
-    assert watch.summarize(w.entries)["text"] == "2 written by the script, newest out/ckpt.pt iter 20"
+    assert script_checkpoints.summarize(w.entries)["text"] == "2 written by the script, newest out/ckpt.pt iter 20"
 
 
 def test_preexisting_checkpoints_count_only_once_rewritten(tmp_path):
@@ -396,8 +396,8 @@ def test_the_record_lives_in_the_session_store_not_the_users_folders(tmp_path):
     two_polls(w)
     w.poll(final=True)
     assert sorted(str(p.relative_to(project)) for p in project.rglob("*")) == before
-    manifest = watch.read_manifest(w.manifest_path.parent)
-    assert manifest["format_version"] == 1 and manifest["poll_interval_s"] == watch.POLL_INTERVAL_S
+    manifest = script_checkpoints.read_manifest(w.manifest_path.parent)
+    assert manifest["format_version"] == 1 and manifest["poll_interval_s"] == script_checkpoints.POLL_INTERVAL_S
     assert sorted(e["display"] for e in manifest["checkpoints"]) == ["out/checkpoint-10", "out/ckpt.pt"]
     assert {r["why"] for r in manifest["roots"]} >= {"named by --out_dir", "the session's checkpoint dir"}
 
@@ -451,19 +451,19 @@ def test_verify_entry_catches_every_way_a_registered_version_goes_bad(tmp_path):
     save_nanogpt(target, 10, pad=1 << 16)
     two_polls(w)
     [entry] = w.entries
-    assert watch.verify_entry(entry) == (True, "")
+    assert script_checkpoints.verify_entry(entry) == (True, "")
     data = bytearray(target.read_bytes())
     st = target.stat()
     data[len(data) // 2] ^= 0xFF  # a flipped byte in a tensor, size and mtime kept
     target.write_bytes(bytes(data))
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
-    ok, why = watch.verify_entry(entry)
+    ok, why = script_checkpoints.verify_entry(entry)
     assert not ok and "CRC-32" in why
     target.write_bytes(bytes(data[: len(data) // 2]))
-    ok, why = watch.verify_entry(entry)
+    ok, why = script_checkpoints.verify_entry(entry)
     assert not ok and "torn" in why
     target.unlink()
-    ok, why = watch.verify_entry(entry)
+    ok, why = script_checkpoints.verify_entry(entry)
     assert not ok and "no longer exists" in why
 
 
@@ -495,20 +495,20 @@ def test_resume_auto_finds_the_script_checkpoints_of_earlier_sessions(tmp_path):
     for sid, script, it in (("s1", "/a/train.py", 10), ("s2", "/b/train.py", 20), ("s3", "/a/other.py", 30)):
         (sessions / sid).mkdir(parents=True)
         target = project / sid / "ckpt.pt"
-        w = watch.Watcher(watch.watch_roots([], cwd=project / sid, default_scan=True),
-                          manifest_path=sessions / sid / watch.MANIFEST_NAME, cwd=project / sid,
+        w = script_checkpoints.Watcher(script_checkpoints.watch_roots([], cwd=project / sid, default_scan=True),
+                          manifest_path=sessions / sid / script_checkpoints.MANIFEST_NAME, cwd=project / sid,
                           started_at=time.time() - 60, session_id=sid, script=script)
         save_nanogpt(target, it)
         os.utime(target, (time.time() - 50 + it, time.time() - 50 + it))  # s2 written after s1
         two_polls(w)
     (sessions / "broken").mkdir()
-    (sessions / "broken" / watch.MANIFEST_NAME).write_text("{not json")
-    found = watch.recorded_entries(sessions, script="/a/train.py")
+    (sessions / "broken" / script_checkpoints.MANIFEST_NAME).write_text("{not json")
+    found = script_checkpoints.recorded_entries(sessions, script="/a/train.py")
     assert sorted((e["session_id"], e["step"]) for e in found) == [("s1", 10), ("s2", 20)]
-    assert watch.recorded_entries(sessions, script="/a/train.py", skip_sessions={"s2"})[0]["session_id"] == "s1"
-    choice = watch.choose_resume(found)
+    assert script_checkpoints.recorded_entries(sessions, script="/a/train.py", skip_sessions={"s2"})[0]["session_id"] == "s1"
+    choice = script_checkpoints.choose_resume(found)
     assert (choice.source, choice.entry["session_id"], choice.entry["step"]) == ("script", "s2", 20)
-    assert watch.recorded_entries(tmp_path / "missing") == []
+    assert script_checkpoints.recorded_entries(tmp_path / "missing") == []
     # trainctl's own checkpoints of every session take part too: of the same script, not running
     own_root = tmp_path / "checkpoints"
     newer = own_root / "s4" / "ckpt-step00000025.pt"
@@ -517,7 +517,7 @@ def test_resume_auto_finds_the_script_checkpoints_of_earlier_sessions(tmp_path):
                     {"step": 99, "script": "/a/other.py", "session_id": "s5"})
     checkpoint.save(own_root / "s6" / "ckpt-step00000077.pt", {"model": {"w": torch.ones(2)}},
                     {"step": 77, "script": "/a/train.py", "session_id": "s6"})
-    choice = watch.choose_resume(found, own_dir=own_root, script="/a/train.py", skip_sessions={"s6"})
+    choice = script_checkpoints.choose_resume(found, own_dir=own_root, script="/a/train.py", skip_sessions={"s6"})
     assert (choice.source, choice.path) == ("trainctl", newer)
 
 
@@ -553,7 +553,7 @@ def test_nanogpt_like_killed_after_its_second_checkpoint_continues_from_it(tmp_p
     assert [(e["version"], e["step"]) for e in registered(events)] == [(1, 10), (2, 20)]
     choice = w.choose_resume(own_dir=tmp_path / "checkpoints" / "s1", takes_path=False)
     assert (choice.source, choice.label, choice.restore_to) == ("script", "out/ckpt.pt iter 20", None)
-    assert watch.summarize(w.entries)["text"] == "2 written by the script, newest out/ckpt.pt iter 20"
+    assert script_checkpoints.summarize(w.entries)["text"] == "2 written by the script, newest out/ckpt.pt iter 20"
     final = tmp_path / "final.pt"
     # `--init_from=resume` takes no path: TRAIN_OPS_RESUME names the file
     resumed = Script(NANOGPT, [*NANOGPT_TRAINING, "--init_from=resume", f"--final_path={final}"], project,
@@ -587,7 +587,7 @@ def test_kill_during_the_scripts_own_overwrite_never_resumes_the_torn_file(tmp_p
 
     # without a snapshot, the last good bytes are gone: nothing to resume from, and why
     no_snapshots = [{**e, "snapshot": None} for e in w.entries]
-    choice = watch.choose_resume(no_snapshots, takes_path=False)
+    choice = script_checkpoints.choose_resume(no_snapshots, takes_path=False)
     assert choice.path is None
     assert choice.skipped == [("out/ckpt.pt", choice.skipped[0][1])]
     assert "torn" in choice.skipped[0][1] and "no complete zip central directory" in choice.skipped[0][1]
@@ -596,7 +596,7 @@ def test_kill_during_the_scripts_own_overwrite_never_resumes_the_torn_file(tmp_p
     choice = w.choose_resume(takes_path=False)
     assert (choice.source, choice.label, choice.restore_to) == ("snapshot", "out/ckpt.pt iter 20", target)
     assert "torn" in choice.skipped[0][1]
-    moved = watch.restore_snapshot(choice.path, choice.restore_to)
+    moved = script_checkpoints.restore_snapshot(choice.path, choice.restore_to)
     assert moved == project / "out" / "ckpt.pt.torn" and moved.read_bytes() == torn_bytes
     two_polls(w)
     assert len(registered(events)) == 2  # the restored file is the iter-20 version: no new one
@@ -645,7 +645,7 @@ def test_hf_like_killed_mid_save_resumes_from_the_last_whole_folder(tmp_path):
     # the Trainer's own rotation removed checkpoint-10: it is never offered again
     w.poll(final=True)
     assert not (project / "hf" / "checkpoint-10").exists()
-    ok, why = watch.verify_entry(w.entries[0])
+    ok, why = script_checkpoints.verify_entry(w.entries[0])
     assert not ok and "no longer exists" in why
 
 
@@ -653,7 +653,7 @@ def test_hf_like_killed_mid_save_resumes_from_the_last_whole_folder(tmp_path):
 
 def test_describe_folder_shows_steps_ages_and_warns_when_torn_or_overdue(tmp_path):
     folder = tmp_path / "out"
-    empty = watch.describe_folder(folder)
+    empty = script_checkpoints.describe_folder(folder)
     assert empty.rows == [] and empty.warnings == [f"no checkpoints in {folder} yet"]
     save_nanogpt(folder / "ckpt.pt", 100)
     write_hf_folder(folder / "checkpoint-100", 100)
@@ -661,13 +661,13 @@ def test_describe_folder_shows_steps_ages_and_warns_when_torn_or_overdue(tmp_pat
     for p in (folder / "ckpt.pt", folder / "checkpoint-100"):
         for q in [p, *p.rglob("*")] if p.is_dir() else [p]:
             os.utime(q, (now - 7200, now - 7200))
-    report = watch.describe_folder(folder, now=now, overdue_s=3600, cwd=tmp_path)
+    report = script_checkpoints.describe_folder(folder, now=now, overdue_s=3600, cwd=tmp_path)
     assert sorted((r.display, r.status, r.step) for r in report.rows) == [
         ("out/checkpoint-100", "ok", 100), ("out/ckpt.pt", "ok", 100)]
     assert len(report.warnings) == 1 and "120 min old" in report.warnings[0]
     write_safetensors(folder / "model.safetensors", cut=40)
     os.utime(folder / "model.safetensors", (now - 60, now - 60))
-    report = watch.describe_folder(folder, now=now, overdue_s=3600, cwd=tmp_path)
+    report = script_checkpoints.describe_folder(folder, now=now, overdue_s=3600, cwd=tmp_path)
     assert report.rows[0].status == "incomplete"
     assert any("out/model.safetensors is incomplete" in w and "the newest whole one is out/" in w
                for w in report.warnings)
