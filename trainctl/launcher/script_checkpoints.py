@@ -677,7 +677,7 @@ class Watcher:
         try:
             with temp_beside(dest) as tmp:
                 shutil.copyfile(src, tmp)
-                size = _fsync(tmp)
+                _fsync(tmp)
                 copied = _file_digest(tmp)
                 if _signature(path) != _signature_of(entry) or copied != entry["digest"]:
                     raise _ChangedWhileCopying
@@ -693,11 +693,11 @@ class Watcher:
                 f"{self.snapshot_dir}?)")})
             return None
         fsync_dir(self.snapshot_dir)
-        meta = {"format_version": checkpoint.FORMAT_VERSION, "saved_at": entry["written_at"],
-                "session_id": self.session_id, "script": self.script, "step": entry["step"],
-                "epoch": entry["epoch"], "metrics": entry["metrics"], "source": "script",
-                "original": path, "original_version": entry["version"], "config": entry["config"]}
-        checkpoint._write_manifest(dest, size, copied, meta)
+        meta = {"saved_at": entry["written_at"], "session_id": self.session_id, "script": self.script,
+                "step": entry["step"], "epoch": entry["epoch"], "metrics": entry["metrics"],
+                "source": "script", "original": path, "original_version": entry["version"],
+                "config": entry["config"]}
+        checkpoint.register(dest, meta, digest=copied)
         if self.retention is not None:
             for removed in checkpoint.apply_retention(self.snapshot_dir, self.retention, protected=[dest]):
                 for e in self.entries:
