@@ -23,6 +23,7 @@ import torch
 
 from trainctl import checkpoint
 from trainctl.launcher import script_checkpoints, script_conventions
+from trainctl.session import Session, SessionStore
 
 from .conftest import REPO, clean_env
 
@@ -695,3 +696,165 @@ def test_resume_conventions_recognised_in_a_scripts_source(source, flag, takes_p
 
 def test_a_script_without_a_resume_convention_gets_no_suggestion():
     assert script_conventions.detect_resume_conventions("import torch\nprint(torch.ones(1))\n") == []
+
+
+# --- through `trainctl local`: restarts continue from what the script wrote ----------------
+
+class Launcher(Script):
+    """`trainctl local` in a project, its output (the script's, and trainctl's lines) read as it comes."""
+
+    def __init__(self, project: Path, args: list[str]) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "trainctl", "local", "--no-preflight", *args],
+                                     cwd=project, env=clean_env(), stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.output = []
+        self._lines = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+
+def only_session(project: Path) -> Session:
+    store = SessionStore(project / ".trainctl")
+    [sid] = store.ids()
+    return Session(store.sessions_dir / sid)
+
+
+def kill_script(project: Path) -> None:
+    """SIGKILL to the training process the launcher runs now (as the OOM killer would)."""
+    [pid] = [p["pid"] for p in only_session(project).read()["processes"] if p.get("role") == "script"]
+    os.kill(pid, signal.SIGKILL)
+
+
+def open_gates(gate: Path) -> None:
+    for k in range(1, 10):
+        (gate / f"go{k}").touch()
+
+
+def wait_for_registered(project: Path, step: int, *, snapshot: bool, timeout_s: float = 300) -> None:
+    """Until the watcher has recorded the script's checkpoint at `step` (and its snapshot)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for e in only_session(project).iter_events(("checkpoint",)):
+            if e.get("source") == "script" and e.get("step") == step and (e.get("snapshot") or not snapshot):
+                return
+        time.sleep(0.1)
+    raise AssertionError(f"the watcher never recorded the checkpoint at step {step}")
+
+
+@pytest.fixture(scope="module")
+def hf_reference(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("hf-ref")
+    final = folder / "final.pt"
+    Script(HF, [*HF_TRAINING, "--output_dir", "hf", "--final_path", str(final)], folder).finish()
+    return final
+
+
+HF_TRAINING = ["--max_steps", "40", "--save_steps", "10"]
+
+
+def nanogpt_project(tmp_path: Path, config: str = "") -> tuple[Path, Path]:
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "trainctl.toml").write_text('resume_flag = "--init_from=resume"\n' + config)
+    (project / "train.py").write_text(NANOGPT.read_text())
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    return project, gate
+
+
+def test_trainctl_local_restarts_a_nanogpt_like_script_from_its_second_checkpoint(tmp_path, nanogpt_reference):
+    project, gate = nanogpt_project(tmp_path)
+    final = tmp_path / "final.pt"
+    run = Launcher(project, ["--max-restarts", "2", "--restart-delay", "0", "train.py", *NANOGPT_TRAINING,
+                             f"--wait_for={gate}", f"--final_path={final}"])
+    run.wait_for("saved checkpoint iter 10")
+    (gate / "go1").touch()
+    run.wait_for("saved checkpoint iter 20")
+    kill_script(project)
+    open_gates(gate)
+    text = run.finish()
+    ckpt = project / "out" / "ckpt.pt"
+    assert "resuming from out/ckpt.pt iter 20, written by the script" in text
+    assert f"resuming from {ckpt} at iter 20" in text  # the script itself, given --init_from=resume
+    assert "restarting from scratch" not in text
+    assert_same_weights(final, nanogpt_reference)
+    data = only_session(project).read()
+    assert data["status"] == "completed" and [a["status"] for a in data["attempts"]] == ["failed", "completed"]
+    assert data["attempts"][1]["resume_from"] == str(ckpt)
+    written = data["summary"]["script_checkpoints"]
+    assert written["newest"]["display"] == "out/ckpt.pt" and written["newest"]["step"] == 40
+    assert f"checkpoints  {written['written']} written by the script, newest out/ckpt.pt iter 40" in text
+    steps = [e["step"] for e in only_session(project).iter_events(("checkpoint",)) if e.get("source") == "script"]
+    assert 20 in steps and steps[-1] == 40
+    manifest = script_checkpoints.read_manifest(only_session(project).dir)
+    assert [e["step"] for e in manifest["checkpoints"]] == steps
+    assert sorted(p.name for p in (project / "out").iterdir()) == ["ckpt.pt"]  # nothing of ours in the user's folder
+
+
+def test_trainctl_local_restarts_a_hf_like_script_from_its_second_folder(tmp_path, hf_reference):
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "trainctl.toml").write_text('resume_flag = "--resume_from_checkpoint"\n')
+    (project / "train.py").write_text(HF.read_text())
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    final = tmp_path / "final.pt"
+    run = Launcher(project, ["--max-restarts", "1", "--restart-delay", "0", "train.py", *HF_TRAINING,
+                             "--output_dir", "hf", "--wait_for", str(gate), "--final_path", str(final)])
+    run.wait_for("saved checkpoint-10")
+    (gate / "go1").touch()
+    run.wait_for("saved checkpoint-20")
+    kill_script(project)
+    open_gates(gate)
+    text = run.finish()
+    folder = project / "hf" / "checkpoint-20"
+    assert "resuming from hf/checkpoint-20 step 20, epoch 2, written by the script" in text
+    assert f"resuming from {folder} at step 20" in text  # --resume_from_checkpoint PATH
+    assert_same_weights(final, hf_reference)
+    data = only_session(project).read()
+    assert data["attempts"][1]["resume_from"] == str(folder)
+    assert "written by the script, newest hf/checkpoint-40 step 40, epoch 4" in text
+
+
+def test_a_kill_during_the_overwrite_of_a_large_checkpoint_resumes_from_its_snapshot(tmp_path, nanogpt_reference):
+    project, gate = nanogpt_project(tmp_path, "[checkpoints]\nsnapshot = true\n")
+    final = tmp_path / "final.pt"
+    run = Launcher(project, ["--max-restarts", "1", "--restart-delay", "0", "train.py", *NANOGPT_TRAINING,
+                             f"--wait_for={gate}", "--stall_mid_save=3", "--pad_mb=48", f"--final_path={final}"])
+    run.wait_for("saved checkpoint iter 10")
+    (gate / "go1").touch()
+    run.wait_for("saved checkpoint iter 20")
+    wait_for_registered(project, 20, snapshot=True)
+    (gate / "go2").touch()
+    run.wait_for("stalled mid-save")  # half of the iter-30 version is over the iter-20 one
+    kill_script(project)
+    open_gates(gate)
+    text = run.finish()
+    ckpt = project / "out" / "ckpt.pt"
+    assert "out/ckpt.pt is incomplete" in text
+    assert "not resuming from out/ckpt.pt: it was overwritten and the new version is torn" in text
+    session = only_session(project)
+    snapshot = project / "checkpoints" / session.id / "script" / "ckpt-iter00000020.pt"
+    assert f"put back out/ckpt.pt iter 20 from its snapshot {snapshot} (the torn file is kept as out/ckpt.pt.torn)" in text
+    assert "resuming from out/ckpt.pt iter 20, written by the script" in text
+    assert "resuming from ckpt.pt" not in text and f"resuming from {ckpt} at iter 20" in text
+    assert (project / "out" / "ckpt.pt.torn").stat().st_size < ckpt.stat().st_size
+    assert_same_weights(final, nanogpt_reference)
+
+
+def test_a_kill_during_the_overwrite_without_snapshots_restarts_from_scratch_never_from_the_torn_file(
+        tmp_path, nanogpt_reference):
+    project, gate = nanogpt_project(tmp_path)
+    final = tmp_path / "final.pt"
+    run = Launcher(project, ["--max-restarts", "1", "--restart-delay", "0", "train.py", *NANOGPT_TRAINING,
+                             f"--wait_for={gate}", "--stall_mid_save=2", "--pad_mb=48", f"--final_path={final}"])
+    run.wait_for("saved checkpoint iter 10")
+    wait_for_registered(project, 10, snapshot=False)
+    (gate / "go1").touch()
+    run.wait_for("stalled mid-save")
+    kill_script(project)
+    open_gates(gate)
+    text = run.finish()
+    assert "not resuming from out/ckpt.pt: it was overwritten and the new version is torn" in text
+    assert "no verified checkpoint to resume from: restarting from scratch" in text
+    assert "at iter" not in text  # the script was never told to resume
+    assert_same_weights(final, nanogpt_reference)

@@ -6,8 +6,8 @@ rng_state.pth, then trainer_state.json last, as the Trainer does), keeps the new
 Deterministic: the batch of step i depends only on (seed, i).
 
 Test hooks: `--wait_for DIR` waits after the k-th save until DIR/go<k> exists; `--stall_mid_save k`
-writes half of the k-th folder's weights and sleeps (a kill during the save); `--final_path`
-saves the final model and optimizer there.
+writes half of the k-th folder's weights and sleeps (a kill during the save; first attempt only,
+as TRAIN_OPS_ATTEMPT says); `--final_path` saves the final model and optimizer there.
 """
 
 import argparse
@@ -112,7 +112,7 @@ while global_step < args.max_steps:
         os.makedirs(folder, exist_ok=True)
         print(f"Saving model checkpoint to {folder}", flush=True)
         weights = dict(model.state_dict())
-        if saves == args.stall_mid_save:
+        if saves == args.stall_mid_save and os.environ.get("TRAIN_OPS_ATTEMPT", "0") == "0":
             save_safetensors(weights, os.path.join(folder, "model.safetensors"), stop_at=100)
             print("stalled mid-save", flush=True)
             time.sleep(600)

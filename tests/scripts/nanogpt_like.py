@@ -9,7 +9,8 @@ i), so a resumed run ends with the same weights, bit for bit, as one never stopp
 
 Test hooks: `wait_for=DIR` waits after the k-th save until DIR/go<k> exists (so a test decides
 when the script moves on, or kills it there); `stall_mid_save=k` writes half of the k-th save
-in place and sleeps (a kill during the overwrite); `pad_mb` makes the checkpoint larger;
+in place and sleeps (a kill during the overwrite; first attempt only, as TRAIN_OPS_ATTEMPT
+says, so a restart runs through); `pad_mb` makes the checkpoint larger;
 `final_path` saves the final model and optimizer there.
 """
 
@@ -105,7 +106,7 @@ while True:
                 print(f"saving checkpoint to {out_dir}", flush=True)
                 os.makedirs(out_dir, exist_ok=True)
                 path = os.path.join(out_dir, "ckpt.pt")
-                if saves == stall_mid_save:
+                if saves == stall_mid_save and os.environ.get("TRAIN_OPS_ATTEMPT", "0") == "0":
                     buffer = io.BytesIO()
                     torch.save(checkpoint, buffer)
                     data = buffer.getvalue()

@@ -37,6 +37,7 @@ from typing import Any
 
 from .. import checkpoint
 from .. import checkpoint_reader as reader
+from ..config import validate_watch_globs
 from ..fsutil import atomic_write_json, fsync_dir, temp_beside
 from .script_conventions import dirs_from_args, dirs_from_source
 
@@ -79,25 +80,6 @@ class WatchRoot:
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "why": self.why,
                 "pattern": self.pattern.pattern if self.pattern else None}
-
-
-def validate_watch_globs(globs: Any) -> list[str]:
-    """The `[checkpoints] watch` list, checked; a bad entry raises ValueError naming it."""
-    if not isinstance(globs, (list, tuple)):
-        raise ValueError(f"'checkpoints.watch' must be a list of globs, not {type(globs).__name__}")
-    out = []
-    for g in globs:
-        if not isinstance(g, str) or not g.strip():
-            raise ValueError(f"'checkpoints.watch' has {g!r}: each entry is a glob such as \"out/*.pt\"")
-        if "\x00" in g:
-            raise ValueError(f"'checkpoints.watch' has {g!r}: a glob cannot hold a NUL character")
-        for part in Path(g).parts:
-            if part.count("[") != part.count("]"):
-                raise ValueError(f"'checkpoints.watch' has {g!r}: an unclosed '[' in {part!r}")
-            if "**" in part and part != "**":
-                raise ValueError(f"'checkpoints.watch' has {g!r}: '**' must be a whole path part, as in \"runs/**/*.pt\"")
-        out.append(g)
-    return out
 
 
 def _part_regex(part: str) -> str:
@@ -508,7 +490,7 @@ class Watcher:
                  on_event: Callable[[Event], None] | None = None, started_at: float | None = None,
                  cwd: Path | None = None, exclude: Iterable[Path] = (),
                  snapshot_dir: Path | None = None, retention: Any = None,
-                 session_id: str | None = None, script: str | None = None,
+                 session_id: str | None = None, script: str | None = None, name: str | None = None,
                  max_entries: int = MAX_ENTRIES) -> None:
         self.roots = list(roots)
         self.manifest_path = Path(manifest_path)
@@ -519,6 +501,7 @@ class Watcher:
         self.retention = retention
         self.session_id = session_id
         self.script = script
+        self.name = name
         excluded = [Path(p) for p in exclude] + [self.manifest_path.parent]
         if self.snapshot_dir is not None:
             excluded.append(self.snapshot_dir)
@@ -710,6 +693,7 @@ class Watcher:
         self._dirty = False
         atomic_write_json(self.manifest_path, {
             "format_version": MANIFEST_VERSION, "session_id": self.session_id, "script": self.script,
+            "name": self.name,
             "cwd": str(self.cwd), "started_at": self.started_at,
             "poll_interval_s": POLL_INTERVAL_S, "roots": [r.to_dict() for r in self.roots],
             "checkpoints": self.entries,
@@ -794,9 +778,10 @@ def read_manifest(session_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
 
 
 def recorded_entries(sessions_dir: str | os.PathLike[str], *, script: str | None = None,
-                     skip_sessions: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """The script-written checkpoints every session recorded (of `script`: same path, or the
-    same file name run from elsewhere), for `--resume auto` across sessions."""
+                     name: str | None = None, skip_sessions: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """The script-written checkpoints every session recorded, for `--resume auto` across
+    sessions: of the run `name` when given, else of `script` (same path, or the same file name
+    run from elsewhere)."""
     skip = set(skip_sessions)
     found: list[dict[str, Any]] = []
     try:
@@ -808,7 +793,10 @@ def recorded_entries(sessions_dir: str | os.PathLike[str], *, script: str | None
         if manifest is None:
             continue
         recorded = manifest.get("script")
-        if script is not None and not (isinstance(recorded, str) and (
+        if name is not None:
+            if manifest.get("name") != name:
+                continue
+        elif script is not None and not (isinstance(recorded, str) and (
                 recorded == script or Path(recorded).name == Path(script).name)):
             continue
         found.extend({**e, "session_id": manifest.get("session_id") or folder.name}
