@@ -858,3 +858,86 @@ def test_a_kill_during_the_overwrite_without_snapshots_restarts_from_scratch_nev
     assert "no verified checkpoint to resume from: restarting from scratch" in text
     assert "at iter" not in text  # the script was never told to resume
     assert_same_weights(final, nanogpt_reference)
+
+
+# --- what the commands show ------------------------------------------------------------------
+
+def test_monitor_a_run_trainctl_did_not_start_shows_its_checkpoints_and_warns_torn_and_overdue(tmp_path):
+    from .conftest import run_cli
+
+    project = tmp_path / "proj"
+    (project / "out").mkdir(parents=True)
+    (project / "trainctl.toml").write_text("[monitor]\ncheckpoint_overdue_minutes = 60\n")
+    save_nanogpt(project / "out" / "ckpt.pt", 100)
+    old = time.time() - 7200
+    os.utime(project / "out" / "ckpt.pt", (old, old))
+    (project / "train.log").write_text("iter 100: loss 1.5\niter 101: loss 1.4\n")  # still growing
+    r = run_cli(["monitor", "--log", "train.log", "--checkpoint", "out"], project)
+    assert r.returncode == 0, r.stderr
+    assert "checkpoints 1, newest out/ckpt.pt iter 100" in r.stdout
+    assert "checkpoint_overdue" in r.stdout and "2h" in r.stdout
+    write_safetensors(project / "out" / "model.safetensors", cut=10)  # the script's newest save, torn
+    torn_at = time.time() - 60
+    os.utime(project / "out" / "model.safetensors", (torn_at, torn_at))
+    r = run_cli(["monitor", "--log", "train.log", "--checkpoint", "out", "--json"], project)
+    snap = json.loads(r.stdout)
+    assert snap["checkpoints"]["count"] == 1 and snap["checkpoints"]["newest"]["step"] == 100
+    assert [row["status"] for row in snap["checkpoints"]["rows"]] == ["incomplete", "ok"]
+    [torn] = [w for w in snap["warnings"] if w["kind"] == "checkpoint_torn"]
+    assert "out/model.safetensors is incomplete" in torn["message"]
+    assert "the newest whole one is out/ckpt.pt iter 100" in torn["message"]
+
+
+def test_sessions_show_and_checkpoint_list_name_what_the_script_wrote(tmp_path):
+    from .conftest import run_cli
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "trainctl.toml").write_text("[checkpoints]\nsnapshot = true\n")
+    (project / "train.py").write_text(
+        "import os, sys, torch\n"
+        "os.makedirs('out', exist_ok=True)\n"
+        "for it in (10, 20):\n"
+        "    torch.save({'model': {'w': torch.ones(2) * it}, 'iter_num': it, 'best_val_loss': 1 / it,"
+        " 'config': {}}, 'out/ckpt.pt')\n"
+        "    print('saved', it, flush=True)\n"
+        "    if it == 10:\n"
+        "        import time; time.sleep(float(sys.argv[1]))\n")
+    r = run_cli(["local", "--no-preflight", "train.py", "0"], project, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "written by the script, newest out/ckpt.pt iter 20" in r.stderr
+    show = run_cli(["sessions", "show", "latest"], project)
+    assert "written by the script, newest out/ckpt.pt iter 20" in show.stdout
+    assert "out/ckpt.pt  iter 20  best_val_loss 0.05  (by the script" in show.stdout
+    data = json.loads(run_cli(["sessions", "show", "latest", "--json"], project).stdout)
+    assert data["script_checkpoints"]["checkpoints"][-1]["step"] == 20
+    listing = run_cli(["checkpoint", "list", "--session", "latest"], project)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert any(line.startswith("out/ckpt.pt") and line.rstrip().endswith("by the script") for line in lines)
+    assert any(line.startswith("script/ckpt-iter00000020.pt") and "valid" in line for line in lines)
+    rows = json.loads(run_cli(["checkpoint", "list", "--session", "latest", "--json"], project).stdout)
+    assert [(r["display"], r["state"]) for r in rows if r.get("source") == "script"] == [("out/ckpt.pt", "as registered")]
+
+
+BAD_CONFIG = [
+    ("watch not a list", '[checkpoints]\nwatch = "out/*.pt"\n', "trainctl.toml:2: 'checkpoints.watch' must be a list"),
+    ("empty glob", '[checkpoints]\nwatch = [""]\n', "trainctl.toml:2: 'checkpoints.watch' has '': each entry is a glob"),
+    ("unclosed bracket", '[checkpoints]\nwatch = ["out/[ab.pt"]\n', "an unclosed '['"),
+    ("bad double star", '[checkpoints]\nwatch = ["runs/a**/x.pt"]\n', "'**' must be a whole path part"),
+    ("snapshot not a bool", '[checkpoints]\nsnapshot = "yes"\n', "trainctl.toml:2: 'checkpoints.snapshot' must be true or false"),
+    ("unknown key", '[checkpoints]\nsnapshots = true\n', "Did you mean 'snapshot'?"),
+]
+
+
+@pytest.mark.parametrize(("name", "toml", "fragment"), BAD_CONFIG, ids=[r[0] for r in BAD_CONFIG])
+def test_bad_checkpoints_config_is_a_one_line_error(tmp_path, name, toml, fragment):
+    from .conftest import run_cli
+
+    (tmp_path / "trainctl.toml").write_text(toml)
+    (tmp_path / "train.py").write_text("print('never runs')\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run_cli(["local", "train.py"], tmp_path)
+    assert r.returncode == 2
+    assert fragment in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -575,7 +575,8 @@ class Watcher:
                 return  # first sight: a file counts once it is unchanged at the next poll
         elif seen.sig != sig:
             seen.sig, seen.verdict, seen.problem, seen.reported = sig, None, "", False
-            self.problems.pop(path, None)
+            if self.problems.pop(path, None) is not None:
+                self._dirty = True
             if not final:
                 return
         elif seen.verdict is not None:
@@ -804,6 +805,25 @@ def recorded_entries(sessions_dir: str | os.PathLike[str], *, script: str | None
     return found
 
 
+def latest_versions(entries: Sequence[dict[str, Any]]) -> list[tuple[dict[str, Any], str]]:
+    """The newest registered version of each path, newest first, with what is there now, from
+    a stat alone: 'as registered', 'changed since' (overwritten, maybe torn) or 'gone'."""
+    latest: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        latest[e["path"]] = e
+    out = []
+    for e in sorted(latest.values(), key=lambda e: e.get("written_at") or 0, reverse=True):
+        sig = _signature(e["path"])
+        if sig is None:
+            state = "gone"
+        elif e.get("format") == "huggingface":
+            state = "as registered" if _stat_fields(sig)["size"] == e.get("size") else "changed since"
+        else:
+            state = "as registered" if (sig[1], sig[2]) == (e.get("size"), e.get("mtime_ns")) else "changed since"
+        out.append((e, state))
+    return out
+
+
 def describe(entry: dict[str, Any]) -> str:
     """'out/ckpt.pt iter 100' / 'out/checkpoint-20 step 20, epoch 2'."""
     text = entry.get("display") or entry.get("path") or "?"
@@ -984,19 +1004,27 @@ class FolderRow:
 class FolderReport:
     folder: str
     rows: list[FolderRow]  # newest first
-    warnings: list[str]
+    torn: str | None = None  # the newest file is incomplete, and has been for a while
+    overdue: str | None = None  # the newest whole one is older than overdue_s
     truncated: bool = False
+
+    @property
+    def warnings(self) -> list[str]:
+        empty = None if self.rows else f"no checkpoints in {self.folder} yet"
+        return [w for w in (empty, self.torn, self.overdue) if w]
 
 
 def describe_folder(folder: str | os.PathLike[str], *, now: float | None = None,
                     overdue_s: float = 3600.0, settling_s: float = 2 * POLL_INTERVAL_S,
-                    cwd: Path | None = None) -> FolderReport:
+                    cwd: Path | None = None, cache: dict[str, Any] | None = None) -> FolderReport:
     """The checkpoints in `folder` (any kind: trainctl's, the script's, Hugging Face folders)
-    with step, metrics and age, and warnings: the newest is overdue, or torn."""
+    with step, metrics and age, and what is wrong: the newest is torn, or overdue. `cache`
+    (kept by the caller between refreshes) saves re-reading files that did not change."""
     folder = Path(folder).resolve()
     now = time.time() if now is None else now
     base = Path(cwd or Path.cwd()).resolve()
     tree = _Tree(WatchRoot(folder, "monitor"))
+    cache = {} if cache is None else cache
     rows: list[FolderRow] = []
     for path in tree.scan():
         sig = _signature(path)
@@ -1009,32 +1037,37 @@ def describe_folder(folder: str | os.PathLike[str], *, now: float | None = None,
         written = _signature_time(sig)
         common = {"path": path, "display": display, "bytes": _signature_bytes(sig),
                   "written_at": written, "age_s": max(0.0, now - written)}
-        if os.path.isfile(path) and checkpoint.read_manifest(path) is not None:
-            info = checkpoint.inspect(path)
-            rows.append(FolderRow(status="trainctl" if info.status == "valid" else "incomplete",
-                                  step=info.step, step_name="step", epoch=info.epoch,
-                                  metrics=info.metrics, problem=info.error or "", **common))
-            continue
-        facts = read_facts(path)
-        if facts.status in ("not-checkpoint",):
-            continue
-        rows.append(FolderRow(status="ok" if facts.status == "checkpoint" else (
-            "trainctl" if facts.status == "trainctl" else "incomplete"), step=facts.step,
-            step_name=facts.step_name, epoch=facts.epoch, metrics=facts.metrics,
-            problem=facts.problem, **common))
+        known = cache.get(path)
+        if known is None or known[0] != sig:
+            known = cache[path] = (sig, _folder_row_facts(path))
+        facts = known[1]
+        if facts is not None:
+            rows.append(FolderRow(**facts, **common))
     rows.sort(key=lambda r: r.written_at, reverse=True)
-    warnings: list[str] = []
+    report = FolderReport(str(folder), rows, truncated=tree.truncated)
     good = [r for r in rows if r.status != "incomplete"]
-    if not rows:
-        warnings.append(f"no checkpoints in {folder} yet")
-    elif rows[0].status == "incomplete" and rows[0].age_s >= settling_s:
+    if rows and rows[0].status == "incomplete" and rows[0].age_s >= settling_s:
         fallback = f"; the newest whole one is {_row_label(good[0])}" if good else "; no whole one is left"
-        warnings.append(f"{rows[0].display} is incomplete ({rows[0].problem}): torn by a kill during "
-                        f"its save?{fallback}")
+        report.torn = (f"{rows[0].display} is incomplete ({rows[0].problem}): torn by a kill during "
+                       f"its save?{fallback}")
     if good and overdue_s > 0 and good[0].age_s > overdue_s:
-        warnings.append(f"newest checkpoint {_row_label(good[0])} is {good[0].age_s / 60:.0f} min old "
-                        f"(expected one every {overdue_s / 60:.0f} min); a crash now would lose that much work")
-    return FolderReport(str(folder), rows, warnings, tree.truncated)
+        report.overdue = (f"newest checkpoint {_row_label(good[0])} is {good[0].age_s / 60:.0f} min old "
+                          f"(expected one every {overdue_s / 60:.0f} min); a crash now would lose that much work")
+    return report
+
+
+def _folder_row_facts(path: str) -> dict[str, Any] | None:
+    """status, step, step_name, epoch, metrics, problem of one candidate; None: not a checkpoint."""
+    if os.path.isfile(path) and checkpoint.read_manifest(path) is not None:
+        info = checkpoint.inspect(path)
+        return {"status": "trainctl" if info.status == "valid" else "incomplete", "step": info.step,
+                "step_name": "step", "epoch": info.epoch, "metrics": info.metrics, "problem": info.error or ""}
+    facts = read_facts(path)
+    if facts.status == "not-checkpoint":
+        return None
+    status = {"checkpoint": "ok", "trainctl": "trainctl"}.get(facts.status, "incomplete")
+    return {"status": status, "step": facts.step, "step_name": facts.step_name, "epoch": facts.epoch,
+            "metrics": facts.metrics, "problem": facts.problem}
 
 
 def _row_label(row: FolderRow) -> str:
