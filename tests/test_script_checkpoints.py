@@ -941,3 +941,47 @@ def test_bad_checkpoints_config_is_a_one_line_error(tmp_path, name, toml, fragme
     assert r.returncode == 2
     assert fragment in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+INIT_CASES = [
+    ("nanogpt-like", NANOGPT.read_text(), [], '\nresume_flag = "--init_from=resume"\n', "the flag takes no path"),
+    ("hf-like", HF.read_text(), [], '\nresume_flag = "--resume_from_checkpoint"\n', "defines --resume_from_checkpoint"),
+    ("lightning cli", "from lightning.pytorch.cli import LightningCLI\nLightningCLI()\n", [],
+     '\nresume_flag = "--ckpt_path"\n', "uses LightningCLI"),
+    ("named script", "import argparse\np = argparse.ArgumentParser()\np.add_argument('--resume')\n", ["run.py"],
+     '\nresume_flag = "--resume"\n', "defines --resume"),
+    ("nothing recognised", "print('hello')\n", [], '\nresume_flag = "--resume"\n', "shows no resume flag trainctl recognises"),
+]
+
+
+@pytest.mark.parametrize(("name", "source", "args", "line", "said"), INIT_CASES, ids=[c[0] for c in INIT_CASES])
+def test_init_sets_the_resume_flag_the_script_takes(tmp_path, name, source, args, line, said):
+    from trainctl import config
+
+    from .conftest import run_cli
+
+    (tmp_path / (args[0] if args else "train.py")).write_text(source)
+    r = run_cli(["init", *args], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert said in r.stdout
+    assert line in (tmp_path / "trainctl.toml").read_text()
+    assert config.load(tmp_path).resume_flag == line.split('"')[1]
+
+
+def test_init_with_a_missing_script_says_so(tmp_path):
+    from .conftest import run_cli
+
+    r = run_cli(["init", "nope.py"], tmp_path)
+    assert r.returncode == 3 and "nope.py does not exist" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "trainctl.toml").exists()
+
+
+def test_check_suggests_the_resume_flag_of_a_nanogpt_like_script(tmp_path):
+    from .conftest import run_cli
+
+    (tmp_path / "trainctl.toml").write_text("")
+    (tmp_path / "train.py").write_text(NANOGPT.read_text())
+    r = run_cli(["check", "--resume", "auto", "train.py"], tmp_path)
+    assert r.returncode == 2
+    assert "train.py does not accept --resume" in r.stdout + r.stderr
+    assert "It compares init_from with 'resume': set resume_flag = \"--init_from=resume\"" in r.stdout + r.stderr

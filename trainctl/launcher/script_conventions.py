@@ -97,11 +97,12 @@ class ResumeConvention:
     """A `resume_flag` a script's source shows it takes, and the evidence."""
 
     flag: str  # the value for trainctl.toml's resume_flag
-    why: str
+    why: str  # "defines --resume", "compares init_from with 'resume'", ...
     takes_path: bool = True  # False: `--init_from=resume`, TRAIN_OPS_RESUME names the file
+    line: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"flag": self.flag, "why": self.why, "takes_path": self.takes_path}
+        return {"flag": self.flag, "why": self.why, "takes_path": self.takes_path, "line": self.line}
 
 
 # most specific first: a script that defines several takes the first as its resume point
@@ -145,13 +146,16 @@ def detect_resume_conventions(source: str) -> list[ResumeConvention]:
                    for t in node.targets if isinstance(t, ast.Name)}
     for flag in _RESUME_FLAGS:
         if flag in defined and flag != "--init_from":
-            found.append(ResumeConvention(flag, f"line {defined[flag]} defines {flag}"))
+            found.append(ResumeConvention(flag, f"defines {flag}", line=defined[flag]))
     # configurator style (nanoGPT): a module-level variable the script compares with 'resume'
     for var, line in compared.items():
         if var in module_vars or f"--{var}" in defined:
             found.append(ResumeConvention(
-                f"--{var}=resume", f"line {line} compares {var} with 'resume' (set with --{var}=resume); "
-                "the script reads its own checkpoint, TRAIN_OPS_RESUME names it", takes_path=False))
+                f"--{var}=resume", f"compares {var} with 'resume'", takes_path=False, line=line))
+    if "init_from" in module_vars and "init_from" not in compared and "configurator" in source:
+        found.append(ResumeConvention(
+            "--init_from=resume", "sets init_from, which nanoGPT's configurator overrides with --init_from=resume",
+            takes_path=False, line=module_vars["init_from"]))
     if {"TrainingArguments", "HfArgumentParser", "Seq2SeqTrainingArguments"} & names \
             and not any(c.flag.startswith("--resume_from_checkpoint") for c in found):
         found.append(ResumeConvention(
@@ -167,9 +171,23 @@ def _detect_by_text(source: str) -> list[ResumeConvention]:
     found = []
     for flag in _RESUME_FLAGS:
         if flag != "--init_from" and re.search(rf"['\"]{re.escape(flag)}['\"]", source):
-            found.append(ResumeConvention(flag, f"the script mentions '{flag}'"))
+            found.append(ResumeConvention(flag, f"mentions '{flag}'"))
     match = re.search(r"(\w+)\s*==\s*['\"]resume['\"]", source)
     if match:
-        found.append(ResumeConvention(f"--{match.group(1)}=resume",
-                                      f"the script compares {match.group(1)} with 'resume'", takes_path=False))
+        found.append(ResumeConvention(f"--{match.group(1)}=resume", f"compares {match.group(1)} with 'resume'",
+                                      takes_path=False, line=source.count("\n", 0, match.start()) + 1))
     return found
+
+
+def takes_resume_flag(source: str, flag: str) -> bool:
+    """Whether a script takes `flag`: it defines it, or (`--init_from=resume`) it sets the
+    module-level variable a configurator overrides, or it shows the convention."""
+    name = flag.split("=", 1)[0]
+    if f"'{name}'" in source or f'"{name}"' in source:
+        return True
+    if "=" not in flag:
+        return False
+    variable = name.lstrip("-")
+    if re.search(rf"^{re.escape(variable)}\s*(:[^=]+)?=", source, re.MULTILINE):
+        return True  # nanoGPT: `init_from = 'scratch'`, overridden by `--init_from=resume`
+    return any(c.flag == flag for c in detect_resume_conventions(source))

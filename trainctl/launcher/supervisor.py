@@ -512,13 +512,13 @@ class Supervisor:
             return True
         if "=" not in flag:
             return False
-        from .script_conventions import detect_resume_conventions
+        from .script_conventions import takes_resume_flag
 
         try:
             source = self.spec.script.read_text(encoding="utf-8", errors="replace")
         except OSError:
             return False
-        return any(c.flag == flag for c in detect_resume_conventions(source))
+        return takes_resume_flag(source, flag)
 
     def _wait_restart_delay(self, session: Session) -> State | None:
         """Sleep the restart delay; KILLED or STOPPED when a signal or a stop request comes first."""
