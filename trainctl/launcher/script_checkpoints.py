@@ -21,25 +21,23 @@ Reading a checkpoint never imports torch (see :mod:`trainctl.checkpoint_reader`)
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import shutil
 import stat as stat_mod
 import threading
 import time
-import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .. import checkpoint
-from .. import checkpoint_reader as reader
 from ..config import validate_watch_globs
 from ..fsutil import atomic_write_json, fsync_dir, temp_beside
 from .script_conventions import dirs_from_args, dirs_from_source
+
+if TYPE_CHECKING:
+    from ..checkpoint_reader import TorchFile
 
 POLL_INTERVAL_S = 2.0
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".bin")
@@ -315,6 +313,8 @@ class Facts:
 
 def read_facts(path: str | os.PathLike[str]) -> Facts:
     """Whether `path` is a whole checkpoint and what it holds; never raises, never loads tensors."""
+    from .. import checkpoint_reader as reader
+
     path = Path(path)
     try:
         if path.is_dir():
@@ -355,6 +355,10 @@ def _int_or_none(value: Any) -> int | float | None:
 
 def _zip_facts(path: Path) -> Facts:
     # the central directory is written last: a zip that opens is one the writer finished
+    import zipfile
+
+    from .. import checkpoint_reader as reader
+
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
@@ -372,6 +376,8 @@ def _zip_facts(path: Path) -> Facts:
 
 
 def _legacy_facts(path: Path) -> Facts:
+    from .. import checkpoint_reader as reader
+
     try:
         walked = reader.read_torch_legacy(path)
         size = path.stat().st_size
@@ -386,7 +392,10 @@ def _legacy_facts(path: Path) -> Facts:
     return _classified(walked, "torch-legacy")
 
 
-def _classified(walked: reader.TorchFile, fmt: str) -> Facts:
+def _classified(walked: TorchFile, fmt: str) -> Facts:
+    from .. import checkpoint
+    from .. import checkpoint_reader as reader
+
     facts = reader.classify(walked.obj, checkpoint.META_KEY)
     if facts["kind"] == "trainctl":
         return Facts("trainctl", format=fmt, style="trainctl")
@@ -401,6 +410,8 @@ def _classified(walked: reader.TorchFile, fmt: str) -> Facts:
 
 
 def _folder_facts(folder: Path) -> Facts:
+    from .. import checkpoint_reader as reader
+
     if not (folder / "trainer_state.json").is_file():
         return Facts("incomplete", "no trainer_state.json (the Trainer writes it last)")
     try:
@@ -426,6 +437,10 @@ def _folder_facts(folder: Path) -> Facts:
 
 def _folder_problem(folder: Path) -> str | None:
     """The first weight/state file of a Hugging Face folder that is not whole, else None."""
+    import zipfile
+
+    from .. import checkpoint_reader as reader
+
     for p in sorted(folder.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
             continue
@@ -449,6 +464,8 @@ def digest(path: str | os.PathLike[str], fmt: str) -> str:
     """Identity of a registered version. A torch zip: the digest trainctl's own manifests use
     (sha256 of the central directory's names, CRC-32s and sizes: ~1 ms, no second pass over
     the bytes); other files: sha256 of the bytes; a folder: sha256 over its files' digests."""
+    import hashlib
+
     path = Path(path)
     if fmt == "huggingface":
         rows = []
@@ -460,6 +477,11 @@ def digest(path: str | os.PathLike[str], fmt: str) -> str:
 
 
 def _file_digest(path: Path) -> str:
+    import zipfile
+
+    from .. import checkpoint
+    from .. import checkpoint_reader as reader
+
     if reader.sniff(path) == "zip":
         try:
             return checkpoint._zip_digest(path)
@@ -586,6 +608,8 @@ class Watcher:
         self._examine(path, seen, final, events)
 
     def _examine(self, path: str, seen: _Seen, final: bool, events: list[Event]) -> None:
+        from .. import checkpoint
+
         if os.path.isfile(path) and checkpoint.read_manifest(path) is not None:
             seen.verdict = "trainctl"  # trainctl's own (run.save_checkpoint, the Lightning callback)
             return
@@ -648,6 +672,10 @@ class Watcher:
     def _snapshot(self, path: str, entry: dict[str, Any], events: list[Event]) -> str | None:
         """Copy one registered version into the session's checkpoint dir, with a trainctl
         manifest, so a later in-place overwrite can't lose it. None when it changed mid-copy."""
+        import shutil
+
+        from .. import checkpoint
+
         assert self.snapshot_dir is not None
         self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         src = Path(path)
@@ -853,6 +881,8 @@ def summarize(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def verify_entry(entry: dict[str, Any]) -> tuple[bool, str]:
     """Is the recorded version still there, whole and unchanged? (ok, why not)."""
+    from .. import checkpoint
+
     path = Path(entry["path"])
     sig = _signature(str(path))
     if sig is None:
@@ -915,6 +945,8 @@ def choose_resume(entries: Sequence[dict[str, Any]], *, own_dir: Path | None = N
     `takes_path=False` (a flag like `--init_from=resume`): the script reads its own file, so a
     snapshot chosen for a path that now holds something else comes with `restore_to`.
     """
+    from .. import checkpoint
+
     skip = set(skip_sessions)
     candidates: list[tuple[float, str, Any]] = []
     for entry in entries:
@@ -965,6 +997,8 @@ def restore_snapshot(snapshot: str | os.PathLike[str], target: str | os.PathLike
     """Put a verified snapshot back where a script that resumes from its own file reads it
     (nanoGPT: `out/ckpt.pt`). Whatever is there (a torn file) is kept beside it as
     `<name>.torn`, never deleted; returns that path, or None when nothing was there."""
+    import shutil
+
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     moved = None
@@ -1058,6 +1092,8 @@ def describe_folder(folder: str | os.PathLike[str], *, now: float | None = None,
 
 def _folder_row_facts(path: str) -> dict[str, Any] | None:
     """status, step, step_name, epoch, metrics, problem of one candidate; None: not a checkpoint."""
+    from .. import checkpoint
+
     if os.path.isfile(path) and checkpoint.read_manifest(path) is not None:
         info = checkpoint.inspect(path)
         return {"status": "trainctl" if info.status == "valid" else "incomplete", "step": info.step,
