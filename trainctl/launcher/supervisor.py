@@ -588,6 +588,9 @@ class ScriptCheckpoints:
         self._starter: threading.Thread | None = None
 
     def start(self) -> None:
+        # only where the script's files are: this machine (the agent runs the engine on a rented one)
+        if self.engine.backend_name != "local" or "://" in str(self.location):
+            return
         if self._starter is None:
             self._starter = threading.Thread(target=self._build, daemon=True, name="trainctl-watch-start")
             self._starter.start()
