@@ -583,13 +583,14 @@ class ScriptCheckpoints:
         self.engine = engine
         self.session = session
         self.location = Path(location)
+        self.remote = "://" in location  # a storage URI: the files are not on this machine
         self.since = time.time()  # before the first launch: whatever the script writes is newer
         self.watcher: Any = None
         self._starter: threading.Thread | None = None
 
     def start(self) -> None:
         # only where the script's files are: this machine (the agent runs the engine on a rented one)
-        if self.engine.backend_name != "local" or "://" in str(self.location):
+        if self.engine.backend_name != "local" or self.remote:
             return
         if self._starter is None:
             self._starter = threading.Thread(target=self._build, daemon=True, name="trainctl-watch-start")
