@@ -167,18 +167,19 @@ class Supervisor:
     def plan(self) -> LaunchPlan:
         """What the first attempt would run, where its output and checkpoints would go, with
         nothing created or started (what `--dry-run` shows). Resolves the resume first."""
-        spec = self.spec = replace(self.spec, resume=self.resolve_resume(self.spec.resume))
+        spec = self.spec = replace(self.spec, resume=self.resolve_resume(self.spec.resume, dry_run=True))
         session_id = "<new session id>"
         session_dir = self.cfg.state_dir / "sessions" / session_id
-        takes_flag = resume_mod.script_takes_flag(spec.script, self.cfg.resume_flag)
+        takes_flag = self._takes_resume_flag()
         args = resume_mod.with_resume_args(spec.args, self.cfg.resume_flag, spec.resume, takes_flag)
         backend = get_backend(self.backend_name, **self.backend_options)
         return backend.plan(replace(spec, args=tuple(args), session_id=session_id, session_dir=session_dir,
                                     checkpoint_location=str(self.cfg.checkpoint_dir / session_id),
                                     config_path=session_dir / "config.json", cwd=spec.cwd or Path.cwd()))
 
-    def resolve_resume(self, ref: str | None) -> str | None:
-        """'auto' -> newest valid checkpoint of the same script (or name); a path is verified."""
+    def resolve_resume(self, ref: str | None, *, dry_run: bool = False) -> str | None:
+        """'auto' -> newest valid checkpoint of the same script (or name); a path is verified.
+        `dry_run`: change nothing on disk (a snapshot is named, not put back)."""
         if not ref:
             return None
         from .. import checkpoint
@@ -186,7 +187,7 @@ class Supervisor:
         if ref == resume_mod.AUTO:
             found = resume_mod.resolve_auto(self.cfg.checkpoint_dir, self.cfg.state_dir,
                                             script=str(self.spec.script.resolve()), name=self.spec.name)
-            written = self._auto_resume_script_checkpoint(found.path)
+            written = self._auto_resume_script_checkpoint(found.path, dry_run=dry_run)
             if written is not None:
                 return written
             for path, why in found.skipped:
@@ -200,7 +201,7 @@ class Supervisor:
         checkpoint.require_valid(path, suggestion="--resume {found}")
         return str(path.resolve())
 
-    def _auto_resume_script_checkpoint(self, theirs: Path | None) -> str | None:
+    def _auto_resume_script_checkpoint(self, theirs: Path | None, *, dry_run: bool = False) -> str | None:
         """`--resume auto`: a checkpoint the script wrote itself in an earlier session (recorded by
         its watcher, verified now), when it is newer than trainctl's own `theirs`."""
         from .. import checkpoint
@@ -217,7 +218,10 @@ class Supervisor:
         for path, why in choice.skipped:
             self.events.message(f"not resuming from {path}: {why}")
         target = choice.path
-        if choice.restore_to is not None:
+        if choice.restore_to is not None and dry_run:
+            self.events.message(f"would put back {choice.label} from its snapshot {choice.path}")
+            target = choice.restore_to
+        elif choice.restore_to is not None:
             moved = restore_snapshot(choice.path, choice.restore_to)
             self.events.message(f"put back {choice.label} from its snapshot {choice.path}"
                                 + (f" (the torn file is kept as {moved})" if moved else ""))
