@@ -985,3 +985,35 @@ def test_check_suggests_the_resume_flag_of_a_nanogpt_like_script(tmp_path):
     assert r.returncode == 2
     assert "train.py does not accept --resume" in r.stdout + r.stderr
     assert "It compares init_from with 'resume': set resume_flag = \"--init_from=resume\"" in r.stdout + r.stderr
+
+
+def test_resume_auto_continues_from_what_the_script_wrote_in_an_earlier_session(tmp_path):
+    from .conftest import run_cli
+
+    project = tmp_path / "proj"
+    project.mkdir()
+    (project / "trainctl.toml").write_text('resume_flag = "--init_from=resume"\n')
+    (project / "train.py").write_text(
+        "import os, sys, torch\n"
+        "init_from = 'scratch'\n"
+        "for arg in sys.argv[1:]:\n"
+        "    key, value = arg[2:].split('=', 1)\n"
+        "    globals()[key] = value\n"
+        "start = 0\n"
+        "if init_from == 'resume':\n"
+        "    start = torch.load(os.environ['TRAIN_OPS_RESUME'])['iter_num']\n"
+        "    print('resumed at', start, flush=True)\n"
+        "os.makedirs('out', exist_ok=True)\n"
+        "torch.save({'model': {'w': torch.ones(2)}, 'iter_num': start + 7, 'best_val_loss': 1.0,"
+        " 'config': {}}, 'out/ckpt.pt')\n")
+    first = run_cli(["local", "--no-preflight", "train.py"], project, timeout=300)
+    assert first.returncode == 0, first.stderr
+    dry = run_cli(["local", "--no-preflight", "--resume", "auto", "--dry-run", "train.py"], project)
+    assert dry.returncode == 0, dry.stderr
+    assert "--init_from=resume" in dry.stdout + dry.stderr
+    second = run_cli(["local", "--no-preflight", "--resume", "auto", "train.py"], project, timeout=300)
+    assert second.returncode == 0, second.stderr
+    earlier = SessionStore(project / ".trainctl").ids()[-1]
+    assert f"resuming from out/ckpt.pt iter 7, written by the script (session {earlier})" in second.stderr
+    assert "resumed at 7" in second.stdout
+    assert "1 written by the script, newest out/ckpt.pt iter 14" in second.stderr
