@@ -1,4 +1,4 @@
-"""Run the benchmark figures B1-B13 and print one table: figure, trainctl, baseline, ratio, goal, result.
+"""Run the benchmark figures B1-B14 and print one table: figure, trainctl, baseline, ratio, goal, result.
 
     python benchmarks/run.py [--quick] [--smoke] [--only B1,B3] [--json OUT]
 
@@ -36,6 +36,7 @@ FIGURES = {
     "B11": "b11_storage_upload.py",
     "B12": "b12_spot_notice.py",
     "B13": "b13_sync_overhead.py",
+    "B14": "b14_checkpoint_watch.py",
 }
 DEFAULT_JSON = HERE / "results" / "latest.json"
 

@@ -259,16 +259,19 @@ def _write_manifest_doc(path: Path, version: dict[str, Any], label: str, tag: st
     return doc
 
 
-def register(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
+def register(path: str | os.PathLike[str], meta: dict[str, Any], *, digest: str | None = None) -> dict[str, Any]:
     """Adopt a checkpoint another tool wrote (Lightning's ModelCheckpoint): make it durable, digest
-    it and write its manifest, so list/verify/cleanup/--resume auto treat it like our own."""
+    it and write its manifest, so list/verify/cleanup/--resume auto treat it like our own.
+    `digest`: the caller's own (`zipcrc:`/`sha256:`), already checked against the file; the
+    launcher's checkpoint watcher passes one, since asking torch about CRCs would import it."""
     path = Path(path)
     size = _fsync_file(path)
     fsync_dir(path.parent)
-    try:
-        digest = _zip_digest(path) if _crc_enabled() else file_sha256(path)
-    except (zipfile.BadZipFile, ValueError):
-        digest = file_sha256(path)  # a legacy (non-zip) file
+    if digest is None:
+        try:
+            digest = _zip_digest(path) if _crc_enabled() else file_sha256(path)
+        except (zipfile.BadZipFile, ValueError):
+            digest = file_sha256(path)  # a legacy (non-zip) file
     full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION,
                  "saved_at": meta.get("saved_at") or time.time()}
     return _write_manifest_doc(path, {"bytes": size, "digest": digest, "meta": _json_meta(full_meta)},

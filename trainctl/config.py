@@ -53,6 +53,10 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
         "parse_output": ((bool,), True, "parse metrics from the script's output"),
         "patterns": ((list,), [], "extra regexes with named groups (?P<name>...) for metrics"),
     },
+    "checkpoints": {
+        "watch": ((list,), [], "globs (relative to the project root) of checkpoints the script writes itself, e.g. [\"out/*.pt\"]; folders its arguments name and new checkpoint files under the working directory are watched anyway"),
+        "snapshot": ((bool,), False, "copy each version of a checkpoint the script writes itself into the session's checkpoint dir, so an in-place overwrite can't lose the last good one"),
+    },
     "cloud": {
         "storage": ((str,), "", "where cloud sessions live: s3://bucket/prefix (any S3-compatible store) or a folder (empty: none)"),
         "endpoint_url": ((str,), "", "S3 endpoint of a store other than AWS, e.g. https://<account>.r2.cloudflarestorage.com (empty: AWS)"),
@@ -227,6 +231,11 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                     parse_uri(v) if k == "storage" else check_endpoint_url(v)
                 except UsageError as e:
                     fail(e.message, e.hint, k, section)
+            if (section, k) == ("checkpoints", "watch"):
+                try:
+                    validate_watch_globs(v)
+                except ValueError as e:
+                    fail(f"{e}.", "Write globs like \"out/*.pt\" or \"runs/**/checkpoint-*\".", k, section)
             if (section, k) == ("restart", "restart_on"):
                 bad = [s for s in v if s not in ("preempted", "failed")]
                 if bad:
@@ -234,6 +243,25 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                          "Valid: preempted, failed.", k, section)
             values[section][k] = v
     return values
+
+
+def validate_watch_globs(globs: Any) -> list[str]:
+    """The `[checkpoints] watch` list, checked; a bad entry raises ValueError naming it."""
+    if not isinstance(globs, (list, tuple)):
+        raise ValueError(f"'checkpoints.watch' must be a list of globs, not {type(globs).__name__}")
+    out = []
+    for g in globs:
+        if not isinstance(g, str) or not g.strip():
+            raise ValueError(f"'checkpoints.watch' has {g!r}: each entry is a glob such as \"out/*.pt\"")
+        if "\x00" in g:
+            raise ValueError(f"'checkpoints.watch' has {g!r}: a glob cannot hold a NUL character")
+        for part in Path(g).parts:
+            if part.count("[") != part.count("]"):
+                raise ValueError(f"'checkpoints.watch' has {g!r}: an unclosed '[' in {part!r}")
+            if "**" in part and part != "**":
+                raise ValueError(f"'checkpoints.watch' has {g!r}: '**' must be a whole path part, as in \"runs/**/*.pt\"")
+        out.append(g)
+    return out
 
 
 def load(start: Path | None = None) -> Config:

@@ -71,7 +71,13 @@ def run_summary(data: dict[str, Any], output_tail: list[str]) -> None:
         + (f", {attempts} attempts" if attempts and attempts > 1 else ""), fg=color, bold=True)
     out(f"  metrics      {metrics_line(summary)}")
     n = summary.get("checkpoints") or 0
-    out(f"  checkpoints  {n} written" + (f", newest {newest}" if newest else ""))
+    by_script = summary.get("script_checkpoints") or {}
+    if by_script.get("written") and by_script["written"] >= n:
+        out(f"  checkpoints  {by_script['text']}")
+    elif by_script.get("written"):
+        out(f"  checkpoints  {n} written, newest {newest}; {by_script['text']}")
+    else:
+        out(f"  checkpoints  {n} written" + (f", newest {newest}" if newest else ""))
     out(f"  output       {data.get('output_log')}")
     if diagnosis:
         out(f"  what         {diagnosis.get('what')}", fg="red")

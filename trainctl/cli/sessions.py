@@ -83,8 +83,12 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
     checkpoints = list(session.iter_events(("checkpoint",)))
     if not data.get("summary"):
         data["summary"] = summarize_metrics(session.metrics())
+    from ..launcher.script_checkpoints import read_manifest
+
+    written = read_manifest(session.dir)
     if as_json:
         data["checkpoint_events"] = checkpoints
+        data["script_checkpoints"] = written
         click.echo(json.dumps(data, indent=2, default=str))
         return
     summary = data.get("summary") or {}
@@ -120,11 +124,20 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
     if data.get("config"):
         click.echo("config          " + ", ".join(f"{k}={v}" for k, v in data["config"].items()))
     if checkpoints:
-        click.echo(f"checkpoints     {len(checkpoints)}")
+        by_script = (summary.get("script_checkpoints") or {}).get("text") or (
+            f"{sum(1 for c in checkpoints if c.get('source') == 'script')} written by the script")
+        click.echo(f"checkpoints     {len(checkpoints)}"
+                   + (f"; {by_script}" if any(c.get("source") == "script" for c in checkpoints) else ""))
         for c in checkpoints[-5:]:
             m = ", ".join(f"{k} {format_value(v)}" for k, v in (c.get("metrics") or {}).items())
-            where = " ".join(f"{k} {c[k]}" for k in ("epoch", "step") if c.get(k) is not None)
-            click.echo(f"  {c.get('path')}  {where}" + (f"  {m}" if m else ""))
+            where = " ".join(f"{name} {format_value(c[k])}" for k, name in
+                             (("epoch", "epoch"), ("step", c.get("step_name") or "step")) if c.get(k) is not None)
+            origin = ""
+            if c.get("source") == "script":
+                origin = "  (by the script" + (f", version {c['version']}" if (c.get("version") or 1) > 1 else "") + ")"
+            click.echo(f"  {c.get('display') or c.get('path')}  {where}" + (f"  {m}" if m else "") + origin)
+    for problem in (written or {}).get("problems") or []:
+        click.echo(f"  incomplete: {problem.get('path')} ({problem.get('problem')}); never resumed from")
     attempts = data.get("attempts") or []
     for a in attempts if len(attempts) > 1 else []:
         why = f"signal {a['signal']}" if a.get("signal") else (

@@ -425,8 +425,16 @@ def _check_resume(script: Path, tree: ast.AST, source: str, config: Config) -> C
                            f"{script.name} calls trainctl.init(), which reads the checkpoint from TRAIN_OPS_RESUME")
     if f"'{name}'" in source or f'"{name}"' in source:
         return CheckResult("resume", "pass", f"{script.name} mentions {name}")
+    from .script_conventions import detect_resume_conventions
+
+    conventions = detect_resume_conventions(source)
     resume_like = [f for f in flags if any(w in f.lower() for w in ("resume", "ckpt", "checkpoint", "restore", "load", "init"))]
-    if resume_like:
+    if conventions:
+        c = conventions[0]
+        where = f" ({script.name} line {c.line})" if c.line else ""
+        hint = (f"It {c.why}: set resume_flag = \"{c.flag}\" in {config_file}{where}, "
+                f"or add {name} to the script.")
+    elif resume_like:
         hint = (f"It defines {resume_like[0]}: set resume_flag = \"{resume_like[0]}\" in {config_file}, "
                 f"or add {name} to the script.")
     else:
