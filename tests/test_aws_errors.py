@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from tests.aws_fixtures import REGION, MotoAws, error_answer, standard_hooks
+from tests.aws_fixtures import REGION, error_answer, standard_hooks
+from tests.servers import MotoServer
 from trainctl.cloud.aws.context import AwsContext, AwsSettings
 from trainctl.cloud.aws.errors import (
     EXIT_CLOUD,
@@ -52,14 +53,14 @@ def request(**changes: Any) -> LaunchRequest:
 
 
 @pytest.fixture(scope="module")
-def account(moto_server: MotoAws) -> MotoAws:
+def account(moto_server: MotoServer) -> MotoServer:
     moto_server.reset()
     moto_server.seed_dlami(REGION)
     setup(moto_server.context(REGION), bucket="err-bucket", project="demo", yes=True)
     return moto_server
 
 
-def launch_with(account: MotoAws, hooks: dict[str, Any], **changes: Any) -> None:
+def launch_with(account: MotoServer, hooks: dict[str, Any], **changes: Any) -> None:
     ctx = account.context(REGION, {**standard_hooks(), **hooks})
     req = request(**changes)
     launch(ctx, plan_launch(req, gather_facts(ctx, req, now=NOW)))
@@ -84,7 +85,7 @@ def closed_port() -> int:
 
 
 # Each row: what to do against the account, the error type, its one-line message, a hint fragment.
-LIVE_ROWS: list[tuple[str, Callable[[MotoAws], Any], type[Exception], str, str]] = [
+LIVE_ROWS: list[tuple[str, Callable[[MotoServer], Any], type[Exception], str, str]] = [
     ("unknown region", lambda a: a.context("us-east-7"), RegionError,
      "Unknown AWS region 'us-east-7'.", "Did you mean: us-east-2, us-east-1"),
     ("unknown instance type", lambda a: gather_facts(a.context(REGION, standard_hooks()),
@@ -157,7 +158,7 @@ LIVE_ROWS: list[tuple[str, Callable[[MotoAws], Any], type[Exception], str, str]]
 
 
 @pytest.mark.parametrize(("name", "action", "error", "message", "hint"), LIVE_ROWS, ids=[r[0] for r in LIVE_ROWS])
-def test_aws_failures_are_one_line_with_the_fix(account: MotoAws, name, action, error, message, hint):
+def test_aws_failures_are_one_line_with_the_fix(account: MotoServer, name, action, error, message, hint):
     with pytest.raises(error) as caught:
         action(account)
     assert isinstance(caught.value, TrainctlError)
@@ -167,7 +168,7 @@ def test_aws_failures_are_one_line_with_the_fix(account: MotoAws, name, action, 
     assert caught.value.exit_code in (EXIT_CLOUD, EXIT_USAGE, EXIT_NOT_FOUND)
 
 
-def test_no_credentials_says_how_to_set_them(account: MotoAws, monkeypatch: pytest.MonkeyPatch):
+def test_no_credentials_says_how_to_set_them(account: MotoServer, monkeypatch: pytest.MonkeyPatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     ctx = account.context(REGION, credentials=False)
@@ -177,7 +178,7 @@ def test_no_credentials_says_how_to_set_them(account: MotoAws, monkeypatch: pyte
     assert "aws configure" in caught.value.hint and caught.value.exit_code == EXIT_CLOUD
 
 
-def test_throttling_is_retried_with_backoff_then_said(account: MotoAws):
+def test_throttling_is_retried_with_backoff_then_said(account: MotoServer):
     from botocore.awsrequest import AWSResponse
 
     attempts: list[str] = []
@@ -196,7 +197,7 @@ def test_throttling_is_retried_with_backoff_then_said(account: MotoAws):
     assert "max_attempts" in caught.value.hint
 
 
-def test_the_plan_names_a_permission_the_launch_lacks(account: MotoAws):
+def test_the_plan_names_a_permission_the_launch_lacks(account: MotoServer):
     import json
 
     hooks = {
