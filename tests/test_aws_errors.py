@@ -18,7 +18,6 @@ from tests.aws_fixtures import REGION, error_answer, standard_hooks
 from tests.servers import MotoServer
 from trainctl.cloud.aws.context import AwsContext, AwsSettings
 from trainctl.cloud.aws.errors import (
-    EXIT_CLOUD,
     AccessDeniedError,
     AmiNotFoundError,
     AwsRequestError,
@@ -41,7 +40,14 @@ from trainctl.cloud.aws.inventory import list_resources
 from trainctl.cloud.aws.launch import launch
 from trainctl.cloud.aws.plan import LaunchRequest, plan_launch
 from trainctl.cloud.aws.setup import check_bucket, setup
-from trainctl.errors import EXIT_NOT_FOUND, EXIT_USAGE, ConfigError, TrainctlError, UsageError
+from trainctl.errors import (
+    EXIT_NOT_FOUND,
+    EXIT_PROVIDER,
+    EXIT_USAGE,
+    ConfigError,
+    TrainctlError,
+    UsageError,
+)
 
 NOW = datetime(2026, 11, 30, 7, 0, tzinfo=timezone.utc)
 
@@ -165,7 +171,7 @@ def test_aws_failures_are_one_line_with_the_fix(account: MotoServer, name, actio
     text = str(caught.value)
     assert text.startswith(message) and "\n" not in text and "Traceback" not in text
     assert caught.value.hint and hint in caught.value.hint and "\n" not in caught.value.hint
-    assert caught.value.exit_code in (EXIT_CLOUD, EXIT_USAGE, EXIT_NOT_FOUND)
+    assert caught.value.exit_code in (EXIT_PROVIDER, EXIT_USAGE, EXIT_NOT_FOUND)
 
 
 def test_no_credentials_says_how_to_set_them(account: MotoServer, monkeypatch: pytest.MonkeyPatch):
@@ -175,7 +181,7 @@ def test_no_credentials_says_how_to_set_them(account: MotoServer, monkeypatch: p
     with pytest.raises(CredentialsError) as caught:
         ctx.account_id()
     assert str(caught.value) == "No AWS credentials found."
-    assert "aws configure" in caught.value.hint and caught.value.exit_code == EXIT_CLOUD
+    assert "aws configure" in caught.value.hint and caught.value.exit_code == EXIT_PROVIDER
 
 
 def test_throttling_is_retried_with_backoff_then_said(account: MotoServer):
