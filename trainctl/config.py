@@ -57,6 +57,17 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
         "endpoint_url": ((str,), "", "S3 endpoint of a store other than AWS, e.g. https://<account>.r2.cloudflarestorage.com (empty: AWS)"),
         "region": ((str,), "", "region of the bucket (empty: from the AWS configuration)"),
         "checksums": ((str,), "when_supported", "when_required for stores that reject the CRC checksums boto3 sends by default"),
+        "budget_usd": ((int, float), 0, "most one cloud session may cost; a launch whose --max-hours could exceed it is refused (0: no budget)"),
+    },
+    "aws": {
+        "region": ((str,), "", "region of the machines and the bucket (empty: from the AWS configuration)"),
+        "profile": ((str,), "", "AWS profile to use (empty: the usual credentials chain)"),
+        "endpoint_url": ((str,), "", "one endpoint for every AWS service, e.g. LocalStack (empty: AWS)"),
+        "bucket": ((str,), "", "S3 bucket of the cloud sessions (trainctl aws setup makes it)"),
+        "prefix": ((str,), "trainctl", "key prefix of the sessions in the bucket"),
+        "max_attempts": ((int,), 8, "attempts per AWS request, with backoff, before an error"),
+        "ami": ((str,), "auto", "auto (the newest PyTorch Deep Learning AMI) or an AMI id (ami-...)"),
+        "disk_gb": ((int,), 100, "root volume of each machine, in GB"),
     },
 }
 
@@ -217,7 +228,12 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                 if bad:
                     fail(f"'signals.preempt' has unknown signal {bad[0]!r}.",
                          "Use names like \"SIGTERM\", \"SIGUSR1\", \"SIGUSR2\".", k, section)
-            if section == "cloud" and k in ("storage", "endpoint_url") and v:
+            if (section, k) in (("aws", "max_attempts"), ("aws", "disk_gb")) and v < (1 if k == "max_attempts" else 8):
+                fail(f"'{dotted}' must be at least {1 if k == 'max_attempts' else 8}, not {v!r}.",
+                     "Fix the value in the config file.", k, section)
+            if (section, k) == ("aws", "ami") and v != "auto" and not v.startswith("ami-"):
+                fail(f"'aws.ami' must be \"auto\" or an AMI id (ami-...), not {v!r}.", "Set ami = \"auto\".", k, section)
+            if section in ("cloud", "aws") and k in ("storage", "endpoint_url") and v:
                 # storage.uri is the one URI grammar (stdlib only), so this error and open_store agree
                 from .errors import UsageError
                 from .storage.uri import check_endpoint_url, parse_uri
