@@ -65,7 +65,11 @@ def test_machine_policy_allows_only_the_prefix_the_project_secrets_and_own_fleet
     assert by_sid["EndOwnFleet"]["Condition"]["StringEquals"]["aws:ResourceTag/trainctl:project"] == "demo"
     actions = {a for s in doc["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     assert not any(a.endswith("*") for a in actions)
-    assert "ec2:TerminateInstances" not in actions and "ec2:RunInstances" not in actions
+    assert "ec2:RunInstances" not in actions
+    # a machine ends itself, never another: the instance must be the caller's own
+    (terminate,) = [s for s in doc["Statement"] if "ec2:TerminateInstances" in s["Action"]]
+    assert terminate["Condition"]["StringEquals"]["aws:ARN"] == "${ec2:SourceInstanceARN}"
+    assert terminate["Condition"]["StringEquals"]["aws:ResourceTag/trainctl:project"] == "demo"
 
 
 def test_a_changed_bucket_updates_the_policy_and_says_so(moto: MotoServer):
