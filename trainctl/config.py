@@ -277,6 +277,35 @@ def load(start: Path | None = None) -> Config:
     return Config(root=root, path=path, values=validate(data, path=str(path), text=text))
 
 
+def save_table(cfg: Config, section: str, values: dict[str, str]) -> tuple[Path | None, dict[str, Any]]:
+    """Record `values` under `[section]` of the project's config (trainctl.toml is created when
+    there is none): keys the table lacks are added right under its header, a missing table is
+    appended; nothing already written is changed. Returns (the file written, or None when
+    nothing was missing; {key: the value the file has} where it differs from `values`)."""
+    import json
+
+    from .fsutil import atomic_write_bytes
+
+    have = cfg.values.get(section, {})
+    differs = {k: have[k] for k, v in values.items() if k in have and have[k] != v}
+    missing = {k: v for k, v in values.items() if k not in have}
+    if not missing:
+        return None, differs
+    path = cfg.path or cfg.root / CONFIG_FILE
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    header = f"[tool.trainctl.{section}]" if path.name == "pyproject.toml" else f"[{section}]"
+    lines = [f"{k} = {json.dumps(v)}" for k, v in missing.items()]  # a JSON string is a TOML basic string
+    found = re.search(rf"^[ \t]*{re.escape(header)}[ \t]*(#.*)?$", text, re.MULTILINE)
+    if found:
+        end = found.end()
+        text = text[:end] + "\n" + "\n".join(lines) + text[end:]
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") \
+            + header + "\n" + "\n".join(lines) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path, differs
+
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 
 

@@ -54,7 +54,10 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
         click.echo("No sessions yet. Start one with: trainctl local SCRIPT" if not status
                    else f"No {status} sessions.")
         return
+    from ..backends.cloud import recorded_cost
+
     now = time.time()
+    costs = {r["id"]: recorded_cost(r, now) for r in records}  # cloud sessions: price x running time
     rows = []
     for r in records:
         summary = r.get("summary") or {}
@@ -65,7 +68,12 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
                      format_duration(ended - started) if ended and started else "-",
                      str(len(r.get("attempts") or []) or 1),
                      str(summary.get("checkpoints", 0)), metrics_line(summary, limit=2)])
-    click.echo(table(["ID", "NAME", "STATUS", "STARTED", "DURATION", "ATTEMPTS", "CKPTS", "METRICS"], rows))
+    headers = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "ATTEMPTS", "CKPTS", "METRICS"]
+    if any(costs.values()):
+        headers.insert(-1, "COST")
+        for r, row in zip(records, rows, strict=True):
+            row.insert(-1, costs[r["id"]].short() if costs[r["id"]] else "-")
+    click.echo(table(headers, rows))
 
 
 @sessions.command("show")
@@ -110,6 +118,7 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         ("resumed from", data.get("resume_from")),
         ("metrics", metrics_line(summary, limit=6)),
         ("output", str(session.output_log)),
+        *_cloud_rows(data),
     ]
     for key, value in rows:
         if value not in (None, ""):
@@ -140,6 +149,23 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         last = summary.get("last_checkpoint") or (checkpoints[-1].get("path") if checkpoints else None)
         label = "resume" if last else "run again"
         click.echo(f"{label:<15} {continue_command(data, last)}")
+
+
+def _cloud_rows(data: dict) -> list[tuple[str, str | None]]:
+    """Where a cloud session runs and what it cost so far (from its record, no network)."""
+    from ..backends.cloud import recorded_cost
+
+    cost = recorded_cost(data)
+    if cost is None:
+        return []
+    cloud = data.get("cloud") or {}
+    machines = [m for m in cloud.get("machines") or [] if isinstance(m, dict)]
+    where = f"{cloud.get('provider', '?')} {cloud.get('region') or ''}".strip()
+    return [("cloud", where + (f", until {cloud['deadline']}" if cloud.get("deadline") else "")),
+            ("machines", ", ".join(f"{m.get('id')} ({m.get('type')} {m.get('market')}, {m.get('state') or '?'})"
+                                   for m in machines) or "none yet"),
+            ("storage", cloud.get("storage")),
+            ("cost so far", cost.describe())]
 
 
 @sessions.command("logs")
