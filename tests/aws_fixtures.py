@@ -148,15 +148,10 @@ def spot_price_hook(prices: dict[tuple[str, str], float], when: datetime) -> Cal
 
 def standard_hooks(*, spot_when: datetime | None = None) -> dict[str, Callable[..., Any]]:
     """Prices and quotas a paid account could have, for the tests that don't study them."""
-    when = spot_when or datetime(2026, 11, 30, 6, 0, tzinfo=timezone.utc)
     return {
-        "before-call.pricing.GetProducts": pricing_hook({"g5.xlarge": 1.006, "g5.2xlarge": 1.212,
-                                                         "p4d.24xlarge": 21.9576, "g6.xlarge": 0.8048}),
-        "before-call.service-quotas.GetServiceQuota": quota_hook({"L-DB2E81BA": 64, "L-3819A6DF": 64,
-                                                                  "L-417A185B": 96, "L-7212CCBC": 96}),
-        "before-call.ec2.DescribeSpotPriceHistory": spot_price_hook(
-            {("g5.xlarge", "us-east-1a"): 0.4123, ("g5.xlarge", "us-east-1b"): 0.3911,
-             ("g5.2xlarge", "us-east-1a"): 0.5002, ("g6.xlarge", "us-east-1a"): 0.3020}, when),
+        "before-call.pricing.GetProducts": pricing_hook(PRICES),
+        "before-call.service-quotas.GetServiceQuota": quota_hook(QUOTAS),
+        "before-call.ec2.DescribeSpotPriceHistory": spot_price_hook(SPOT_PRICES, spot_when or SPOT_WHEN),
     }
 
 
@@ -167,3 +162,82 @@ def golden(path: Path, text: str) -> None:
         path.write_text(text)
     assert path.exists(), f"{path} is missing; create it with TRAINCTL_UPDATE_GOLDEN=1 and review it"
     assert text == path.read_text(), f"{path.name} changed; rerun with TRAINCTL_UPDATE_GOLDEN=1 and review"
+
+
+# ------------------------------------------- the same answers on the wire, for the CLI's processes
+
+# What standard_hooks() answers, as tables (the CLI runs in its own process: no hooks there).
+PRICES = {"g5.xlarge": 1.006, "g5.2xlarge": 1.212, "p4d.24xlarge": 21.9576, "g6.xlarge": 0.8048}
+QUOTAS = {"L-DB2E81BA": 64, "L-3819A6DF": 64, "L-417A185B": 96, "L-7212CCBC": 96}
+SPOT_PRICES = {("g5.xlarge", "us-east-1a"): 0.4123, ("g5.xlarge", "us-east-1b"): 0.3911,
+               ("g5.2xlarge", "us-east-1a"): 0.5002, ("g6.xlarge", "us-east-1a"): 0.3020}
+SPOT_WHEN = datetime(2026, 11, 30, 6, 0, tzinfo=timezone.utc)
+
+
+def _json_reply(status: int, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    return status, {"Content-Type": "application/x-amz-json-1.1"}, json.dumps(body).encode()
+
+
+def price_list_reply(prices: dict[str, float], publication_date: str = PUBLICATION_DATE) -> Callable[[bytes], Any]:
+    """Pricing GetProducts on the wire (JSON 1.1), from instance type -> USD/h."""
+
+    def reply(body: bytes) -> Any:
+        filters = {f["Field"]: f["Value"] for f in json.loads(body or b"{}").get("Filters", [])}
+        usd = prices.get(filters.get("instanceType", ""))
+        if usd is None:
+            return _json_reply(200, {"PriceList": [], "FormatVersion": "aws_v1"})
+        sku = "SKU" + filters["instanceType"].replace(".", "")
+        product = {"product": {"sku": sku, "attributes": filters}, "publicationDate": publication_date,
+                   "terms": {"OnDemand": {f"{sku}.JRTCKXETXF": {"effectiveDate": publication_date, "priceDimensions": {
+                       f"{sku}.JRTCKXETXF.6YS6EN2CT7": {"unit": "Hrs", "pricePerUnit": {"USD": f"{usd:.10f}"}}}}}}}
+        return _json_reply(200, {"PriceList": [json.dumps(product)], "FormatVersion": "aws_v1"})
+
+    return reply
+
+
+def quota_reply(values: dict[str, float]) -> Callable[[bytes], Any]:
+    """Service Quotas GetServiceQuota on the wire, from quota code -> vCPUs."""
+
+    def reply(body: bytes) -> Any:
+        code = json.loads(body or b"{}").get("QuotaCode", "")
+        if code not in values:
+            return _json_reply(400, {"__type": "NoSuchResourceException", "message": f"quota {code} does not exist"})
+        return _json_reply(200, {"Quota": {"ServiceCode": "ec2", "QuotaCode": code, "Value": values[code],
+                                           "Unit": "None", "Adjustable": True, "GlobalQuota": False}})
+
+    return reply
+
+
+def spot_history_reply(prices: dict[tuple[str, str], float], when: datetime) -> Callable[[bytes], Any]:
+    """EC2 DescribeSpotPriceHistory on the wire (the EC2 query protocol's XML)."""
+    from urllib.parse import parse_qs
+
+    def reply(body: bytes) -> Any:
+        form = parse_qs(body.decode())
+        wanted = {v[0] for k, v in form.items() if k.startswith("InstanceType.")}
+        items = "".join(
+            f"<item><instanceType>{itype}</instanceType><productDescription>Linux/UNIX</productDescription>"
+            f"<spotPrice>{usd:.6f}</spotPrice><timestamp>{when.strftime('%Y-%m-%dT%H:%M:%S.000Z')}</timestamp>"
+            f"<availabilityZone>{zone}</availabilityZone></item>"
+            for (itype, zone), usd in prices.items() if not wanted or itype in wanted)
+        xml = ('<?xml version="1.0" encoding="UTF-8"?><DescribeSpotPriceHistoryResponse '
+               'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>trainctl-test</requestId>'
+               f"<spotPriceHistorySet>{items}</spotPriceHistorySet><nextToken/></DescribeSpotPriceHistoryResponse>")
+        return 200, {"Content-Type": "text/xml"}, xml.encode()
+
+    return reply
+
+
+def add_standard_answers(front: Any, *, prices: dict[str, float] | None = None,
+                         quotas: dict[str, float] | None = None) -> Any:
+    """Rules on a FaultProxy in front of moto: Pricing, Service Quotas and spot prices answered
+    like a paid account (standard_hooks' tables), everything else forwarded to moto."""
+    from .servers import Rule
+
+    front.add(Rule("reply", target=r"^AWSPriceListService\.GetProducts$", times=None,
+                   reply=price_list_reply(PRICES if prices is None else prices)))
+    front.add(Rule("reply", target=r"^ServiceQuotasV20190624\.Get(AWSDefault)?ServiceQuota$", times=None,
+                   reply=quota_reply(QUOTAS if quotas is None else quotas)))
+    front.add(Rule("reply", form=r"(^|&)Action=DescribeSpotPriceHistory(&|$)", times=None,
+                   reply=spot_history_reply(SPOT_PRICES, SPOT_WHEN)))
+    return front

@@ -187,7 +187,8 @@ def _shared_loader() -> Any:
 @dataclass
 class Rule:
     """What the proxy does to requests that match: `action` is "status" (answer `status` with
-    S3 error `code`, without forwarding), "drop" (read the request, close the connection),
+    S3 error `code`, without forwarding), "reply" (answer with what `reply(body)` returns:
+    status, headers, bytes; an AWS service moto lacks), "drop" (read the request, close the connection),
     "lose_response" (forward, so the store applies it, then close without answering),
     "truncate" (forward, then send half the response body and close), "corrupt" (forward, flip
     a byte of the response body) or "strip" (forward without the `headers` named). `times`
@@ -197,6 +198,9 @@ class Rule:
     method: str | None = None
     path: str | None = None  # regex searched in the path
     query: str | None = None  # regex searched in the query string
+    target: str | None = None  # regex searched in X-Amz-Target (the JSON protocol's operation)
+    form: str | None = None  # regex searched in the request body (the query protocol's Action=...)
+    reply: Callable[[bytes], tuple[int, dict[str, str], bytes]] | None = None  # action "reply"
     status: int = 500
     code: str = "InternalError"
     headers: tuple[str, ...] = ()
@@ -205,10 +209,14 @@ class Rule:
     matched: int = 0
     applied: int = 0
 
-    def matches(self, method: str, path: str, query: str) -> bool:
+    def matches(self, method: str, path: str, query: str, target: str = "", body: bytes = b"") -> bool:
         if self.method and method != self.method:
             return False
         if self.path and not re.search(self.path, path):
+            return False
+        if self.target and not re.search(self.target, target):
+            return False
+        if self.form and not re.search(self.form, body.decode("utf-8", "replace")):
             return False
         return not (self.query and not re.search(self.query, query))
 
@@ -266,10 +274,10 @@ class FaultProxy:
             self.rules.clear()
             self.log.clear()
 
-    def _pick(self, method: str, path: str, query: str) -> Rule | None:
+    def _pick(self, method: str, path: str, query: str, target: str = "", body: bytes = b"") -> Rule | None:
         with self._lock:
             for rule in self.rules:
-                if not rule.matches(method, path, query):
+                if not rule.matches(method, path, query, target, body):
                     continue
                 rule.matched += 1
                 if rule.matched <= rule.skip or (rule.times is not None and rule.applied >= rule.times):
@@ -314,7 +322,7 @@ class FaultProxy:
             def _handle(self) -> None:
                 path, _, query = self.path.partition("?")
                 body = self._body()
-                rule = proxy._pick(self.command, path, query)
+                rule = proxy._pick(self.command, path, query, self.headers.get("X-Amz-Target", ""), body)
                 entry = LoggedRequest(self.command, path, query, None, rule.action if rule else None,
                                       {k: v for k, v in self.headers.items()
                                        if k.lower().startswith(("if-", "x-amz-meta-", "content-md5", "x-amz-checksum"))},
@@ -327,6 +335,17 @@ class FaultProxy:
                     entry.status = rule.status
                     self.send_response(rule.status)
                     self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if rule and rule.action == "reply":
+                    assert rule.reply is not None
+                    status, reply_headers, payload = rule.reply(body)
+                    entry.status = status
+                    self.send_response(status)
+                    for k, v in reply_headers.items():
+                        self.send_header(k, v)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)
