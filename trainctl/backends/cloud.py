@@ -25,12 +25,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..fsutil import atomic_write_json
 from ..session import TERMINAL, Session
-from ..storage.remote import RemoteSession, SegmentReader
 from .base import LogChunk
+
+if TYPE_CHECKING:
+    from ..storage.remote import RemoteSession, SegmentReader
 
 MIRROR_STATE = "mirror.json"
 MIRROR_LOCK = "mirror.lock"

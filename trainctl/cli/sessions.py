@@ -54,10 +54,12 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
         click.echo("No sessions yet. Start one with: trainctl local SCRIPT" if not status
                    else f"No {status} sessions.")
         return
-    from ..backends.cloud import recorded_cost
-
     now = time.time()
-    costs = {r["id"]: recorded_cost(r, now) for r in records}  # cloud sessions: price x running time
+    costs: dict = {}
+    if any(r.get("cloud") for r in records):  # cloud sessions: price x running time, from the record
+        from ..backends.cloud import recorded_cost
+
+        costs = {r["id"]: recorded_cost(r, now) for r in records}
     rows = []
     for r in records:
         summary = r.get("summary") or {}
@@ -72,7 +74,8 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
     if any(costs.values()):
         headers.insert(-1, "COST")
         for r, row in zip(records, rows, strict=True):
-            row.insert(-1, costs[r["id"]].short() if costs[r["id"]] else "-")
+            cost = costs.get(r["id"])
+            row.insert(-1, cost.short() if cost else "-")
     click.echo(table(headers, rows))
 
 
@@ -153,6 +156,8 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
 
 def _cloud_rows(data: dict) -> list[tuple[str, str | None]]:
     """Where a cloud session runs and what it cost so far (from its record, no network)."""
+    if not data.get("cloud"):
+        return []
     from ..backends.cloud import recorded_cost
 
     cost = recorded_cost(data)
