@@ -75,9 +75,9 @@ class Project:
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         return r
 
-    def launch(self, *args: str) -> str:
+    def launch(self, *args: str, **env: str) -> str:
         """`aws launch --yes --detach ...`; the new session's id."""
-        r = self.run("aws", "launch", "--yes", "--detach", *args)
+        r = self.run("aws", "launch", "--yes", "--detach", *args, **env)
         return re.search(r"Started session (\S+) on AWS", r.stdout).group(1)
 
     def record(self, session: str) -> dict[str, Any]:
@@ -257,20 +257,13 @@ def test_status_list_and_leaks(project: Project, cloud: Cloud):
 
 
 def test_cost_so_far_sums_every_machine_of_the_session(project: Project, cloud: Cloud):
-    from moto.ec2.models import ec2_backends
-    from moto.ec2.models.instances import StateReason
-
-    from tests.aws_fixtures import ACCOUNT
     from trainctl.backends.cloud import recorded_cost
 
     sid = project.launch("-t", "g5.xlarge", "--spot", "train.py")
     ids = project.record(sid)["handle"]["ids"]
     (first,) = cloud.instances(sid)
     # The test plays AWS: it reclaims the spot machine, and the fleet starts a replacement.
-    cloud.ec2().terminate_instances(InstanceIds=[first["InstanceId"]])
-    instance = ec2_backends[ACCOUNT][REGION].get_instance(first["InstanceId"])
-    instance.state_reason = StateReason("Server.SpotInstanceTermination: Spot instance termination",
-                                        "Server.SpotInstanceTermination")
+    reclaim(cloud, first["InstanceId"])
     cloud.ec2().run_instances(MinCount=1, MaxCount=1, InstanceMarketOptions={"MarketType": "spot"},
                               LaunchTemplate={"LaunchTemplateId": ids["launch_template_id"], "Version": "1"})
     status = project.run("aws", "status", sid)
@@ -294,6 +287,58 @@ def test_cost_so_far_sums_every_machine_of_the_session(project: Project, cloud: 
     ended = project.record(sid)
     assert ended["status"] == "killed"
     assert all(m["ended_at"] for m in ended["cloud"]["machines"])
+
+
+def test_spot_fallback_continues_on_on_demand_after_n_interruptions(project: Project, cloud: Cloud):
+    sid = project.launch("-t", "g5.xlarge", "--spot", "--spot-fallback", "1", "train.py")
+    fleet_id = project.record(sid)["handle"]["ids"]["fleet_id"]
+    reclaim(cloud, cloud.instances(sid)[0]["InstanceId"])
+    project.run("aws", "status", sid)  # trainctl looks at the session: one interruption is enough
+    spot, on_demand = cloud.instances(sid)
+    assert spot["State"]["Name"] == "terminated" and on_demand["State"]["Name"] == "running"
+    assert "InstanceLifecycle" not in on_demand
+    assert cloud.ec2().describe_fleets(FleetIds=[fleet_id])["Fleets"][0]["FleetState"] != "active"
+    record = project.record(sid)
+    assert [a.get("market") for a in record["attempts"]] == ["spot", "on-demand"]
+    assert record["attempts"][1]["note"] == "after 1 spot interruption(s)"
+    assert record["handle"]["ids"]["instance_ids"] == [on_demand["InstanceId"]]
+    project.run("aws", "terminate", sid, "--yes")
+
+
+def test_secrets_reach_the_machine_through_ssm_only(project: Project, cloud: Cloud):
+    value = "s3cr3t-wandb-value"
+    sid = project.launch("-t", "g5.xlarge", "--secret", "WANDB_API_KEY", "train.py", WANDB_API_KEY=value)
+    ssm = cloud.moto.client("ssm")
+    param = ssm.get_parameter(Name="/trainctl/demo/WANDB_API_KEY", WithDecryption=True)["Parameter"]
+    assert param["Type"] == "SecureString" and param["Value"] == value
+    (instance,) = cloud.instances(sid)
+    user_data = base64.b64decode(cloud.ec2().describe_instance_attribute(
+        InstanceId=instance["InstanceId"], Attribute="userData")["UserData"]["Value"]).decode()
+    assert "export TRAINCTL_FORWARD_VARS=WANDB_API_KEY" in user_data and value not in user_data
+    s3 = cloud.moto.client("s3")
+    for key in cloud.keys(f"trainctl/demo/{sid}/"):
+        assert value.encode() not in s3.get_object(Bucket=BUCKET, Key=key)["Body"].read(), key
+    for path in (project.root / ".trainctl").rglob("*"):
+        assert not path.is_file() or value.encode() not in path.read_bytes(), path
+    project.run("aws", "terminate", sid, "--yes")
+
+
+def test_region_auto_picks_a_region_and_says_which(project: Project):
+    r = project.run("aws", "launch", "-t", "g5.xlarge", "--region", "auto", "--dry-run", "train.py")
+    assert "warning: --region auto picked us-east-1: $1.0060/h on-demand" in r.stdout
+
+
+def reclaim(cloud: Cloud, instance_id: str) -> None:
+    """The test plays AWS reclaiming a spot machine (moto never does)."""
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.instances import StateReason
+
+    from tests.aws_fixtures import ACCOUNT
+
+    cloud.ec2().terminate_instances(InstanceIds=[instance_id])
+    instance = ec2_backends[ACCOUNT][REGION].get_instance(instance_id)
+    instance.state_reason = StateReason("Server.SpotInstanceTermination: Spot instance termination",
+                                        "Server.SpotInstanceTermination")
 
 
 # ----------------------------------------------------------------------------------- bad input
