@@ -310,6 +310,9 @@ def resume_cmd(session_ref: str, instance_type: str | None, spot: bool, spot_fal
     if handle is not None and backend.describe(handle).running:
         raise UsageError(f"Session {session.id} is still running on AWS.",
                          f"Stop it first: trainctl aws stop {session.id}")
+    if session.read().get("status") == "completed":
+        raise UsageError(f"Session {session.id} completed; there is nothing to resume.",
+                         "Start a new session with: trainctl aws launch ...")
     last = (data.get("attempts") or [{}])[-1] if data.get("attempts") else {}
     resources: dict[str, Any] = {
         "instance_type": instance_type or last.get("instance_type") or (handle.ids.get("instance_type") if handle else None),
