@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -19,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from .servers import MOTO_ACCOUNT, MotoServer
+from .servers import MOTO_ACCOUNT, FaultProxy, MotoServer, loopback_env
 
 ACCOUNT = MOTO_ACCOUNT
 REGION = "us-east-1"
@@ -241,3 +244,97 @@ def add_standard_answers(front: Any, *, prices: dict[str, float] | None = None,
     front.add(Rule("reply", form=r"(^|&)Action=DescribeSpotPriceHistory(&|$)", times=None,
                    reply=spot_history_reply(SPOT_PRICES, SPOT_WHEN)))
     return front
+
+
+# ----------------------------------------------------- projects that run the real CLI against it
+
+BUCKET = "demo-bucket"
+TRAIN = """\
+import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument("--epochs", type=int, default=1)
+print("training for", parser.parse_args().epochs, "epochs")
+"""
+
+
+@dataclass
+class Cloud:
+    """moto, and the proxy in front of it the CLI talks to; helpers to see what the CLI made."""
+
+    moto: MotoServer
+    front: FaultProxy
+
+    def ec2(self) -> Any:
+        return self.moto.client("ec2")
+
+    def instances(self, session: str) -> list[dict[str, Any]]:
+        reservations = self.ec2().describe_instances(
+            Filters=[{"Name": "tag:trainctl:session", "Values": [session]}])["Reservations"]
+        return sorted((i for r in reservations for i in r["Instances"]), key=lambda i: i["LaunchTime"])
+
+    def keys(self, prefix: str = "") -> list[str]:
+        found = self.moto.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        return sorted(o["Key"] for o in found)
+
+
+@pytest.fixture(scope="module")
+def cloud(moto_server: MotoServer) -> Any:
+    """A fresh account for this module with the PyTorch DLAMIs published, behind a FaultProxy
+    that answers what moto lacks: what the CLI's own processes talk to."""
+    moto_server.reset()
+    moto_server.seed_dlami(REGION)
+    front = add_standard_answers(FaultProxy(moto_server.endpoint_url).start())
+    yield Cloud(moto_server, front)
+    front.stop()
+
+
+@dataclass
+class Project:
+    """A project folder whose trainctl.toml points [aws] at the proxy."""
+
+    root: Path
+    cloud: Cloud
+    guard_log: Path
+
+    def run(self, *args: str, timeout: float = 180, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+        """`trainctl ARGS` in its own process, in the project, reaching loopback only."""
+        from .conftest import clean_env
+
+        environ = loopback_env(clean_env(COLUMNS="200", **env), guard_log=self.guard_log)
+        r = subprocess.run([sys.executable, "-m", "trainctl", *args], cwd=self.root, env=environ,
+                           capture_output=True, text=True, timeout=timeout)
+        assert not self.guard_log.exists(), self.guard_log.read_text()
+        if check:
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r
+
+    def launch(self, *args: str, **env: str) -> str:
+        """`aws launch --yes --detach ...`; the new session's id."""
+        r = self.run("aws", "launch", "--yes", "--detach", *args, **env)
+        return re.search(r"Started session (\S+) on AWS", r.stdout).group(1)
+
+    def record(self, session: str) -> dict[str, Any]:
+        return json.loads((self.root / ".trainctl" / "sessions" / session / "session.json").read_text())
+
+
+def make_project(root: Path, cloud: Cloud, *, setup: bool = True) -> Project:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "trainctl.toml").write_text(f'[aws]\nendpoint_url = "{cloud.front.url}"\nregion = "{REGION}"\n')
+    (root / "train.py").write_text(TRAIN)
+    project = Project(root, cloud, root.parent / "netguard.log")
+    if setup:
+        project.run("aws", "setup", "--bucket", BUCKET, "--yes")
+    return project
+
+
+def reclaim(cloud: Cloud, instance_id: str) -> None:
+    """The test plays AWS reclaiming a spot machine (moto never does)."""
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.instances import StateReason
+
+    from tests.aws_fixtures import ACCOUNT
+
+    cloud.ec2().terminate_instances(InstanceIds=[instance_id])
+    instance = ec2_backends[ACCOUNT][REGION].get_instance(instance_id)
+    instance.state_reason = StateReason("Server.SpotInstanceTermination: Spot instance termination",
+                                        "Server.SpotInstanceTermination")

@@ -9,89 +9,17 @@ import json
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.aws_fixtures import REGION, add_standard_answers, golden
-from tests.servers import FaultProxy, MotoServer, loopback_env
+from tests.aws_fixtures import BUCKET, REGION, Cloud, Project, golden, make_project, reclaim
 
 from .conftest import REPO, clean_env
 
 GOLDEN = Path(__file__).parent / "fixtures" / "aws"
-BUCKET = "demo-bucket"
 SESSION_ID = re.compile(r"\b\d{8}-\d{6}-[0-9a-f]{6}\b")
-TRAIN = """\
-import argparse
-parser = argparse.ArgumentParser()
-parser.add_argument("--epochs", type=int, default=1)
-print("training for", parser.parse_args().epochs, "epochs")
-"""
-
-
-@dataclass
-class Cloud:
-    moto: MotoServer
-    front: FaultProxy
-
-    def ec2(self) -> Any:
-        return self.moto.client("ec2")
-
-    def instances(self, session: str) -> list[dict[str, Any]]:
-        reservations = self.ec2().describe_instances(
-            Filters=[{"Name": "tag:trainctl:session", "Values": [session]}])["Reservations"]
-        return sorted((i for r in reservations for i in r["Instances"]), key=lambda i: i["LaunchTime"])
-
-    def keys(self, prefix: str = "") -> list[str]:
-        found = self.moto.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
-        return sorted(o["Key"] for o in found)
-
-
-@pytest.fixture(scope="module")
-def cloud(moto_server: MotoServer) -> Any:
-    """A fresh account for this module with the PyTorch DLAMIs published, behind the proxy."""
-    moto_server.reset()
-    moto_server.seed_dlami(REGION)
-    front = add_standard_answers(FaultProxy(moto_server.endpoint_url).start())
-    yield Cloud(moto_server, front)
-    front.stop()
-
-
-@dataclass
-class Project:
-    root: Path
-    cloud: Cloud
-    guard_log: Path
-
-    def run(self, *args: str, timeout: float = 180, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
-        environ = loopback_env(clean_env(COLUMNS="200", **env), guard_log=self.guard_log)
-        r = subprocess.run([sys.executable, "-m", "trainctl", *args], cwd=self.root, env=environ,
-                           capture_output=True, text=True, timeout=timeout)
-        assert not self.guard_log.exists(), self.guard_log.read_text()
-        if check:
-            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-        return r
-
-    def launch(self, *args: str, **env: str) -> str:
-        """`aws launch --yes --detach ...`; the new session's id."""
-        r = self.run("aws", "launch", "--yes", "--detach", *args, **env)
-        return re.search(r"Started session (\S+) on AWS", r.stdout).group(1)
-
-    def record(self, session: str) -> dict[str, Any]:
-        return json.loads((self.root / ".trainctl" / "sessions" / session / "session.json").read_text())
-
-
-def make_project(root: Path, cloud: Cloud, *, setup: bool = True) -> Project:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "trainctl.toml").write_text(f'[aws]\nendpoint_url = "{cloud.front.url}"\nregion = "{REGION}"\n')
-    (root / "train.py").write_text(TRAIN)
-    project = Project(root, cloud, root.parent / "netguard.log")
-    if setup:
-        project.run("aws", "setup", "--bucket", BUCKET, "--yes")
-    return project
 
 
 @pytest.fixture
@@ -326,19 +254,6 @@ def test_secrets_reach_the_machine_through_ssm_only(project: Project, cloud: Clo
 def test_region_auto_picks_a_region_and_says_which(project: Project):
     r = project.run("aws", "launch", "-t", "g5.xlarge", "--region", "auto", "--dry-run", "train.py")
     assert "warning: --region auto picked us-east-1: $1.0060/h on-demand" in r.stdout
-
-
-def reclaim(cloud: Cloud, instance_id: str) -> None:
-    """The test plays AWS reclaiming a spot machine (moto never does)."""
-    from moto.ec2.models import ec2_backends
-    from moto.ec2.models.instances import StateReason
-
-    from tests.aws_fixtures import ACCOUNT
-
-    cloud.ec2().terminate_instances(InstanceIds=[instance_id])
-    instance = ec2_backends[ACCOUNT][REGION].get_instance(instance_id)
-    instance.state_reason = StateReason("Server.SpotInstanceTermination: Spot instance termination",
-                                        "Server.SpotInstanceTermination")
 
 
 # ----------------------------------------------------------------------------------- bad input

@@ -76,10 +76,9 @@ def aws_settings(cfg: Any) -> Any:
 
 
 def project_name(cfg: Any) -> str:
-    """The project's name in AWS (IAM role, tags, storage): its root folder's name."""
-    from ..cloud.aws.names import safe_name
-
-    return safe_name(Path(cfg.root).name.lower(), 40)
+    """The project's name in storage and in AWS tags: its root folder's name (the provider layer
+    makes IAM, EC2 and SSM names safe from it)."""
+    return Path(cfg.root).resolve().name or "project"
 
 
 def default_region(settings: Any) -> str | None:
