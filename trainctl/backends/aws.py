@@ -58,6 +58,7 @@ LOOK_EVERY_S = 2.0  # describe answers from its last look for this long (EC2 and
 FOLLOW_POLL_S = 2.0
 DEFAULT_MAX_HOURS = 24.0
 PROVIDER = "aws"
+END_ATTEMPTS = 4  # EC2 requests of a machine ending itself, with backoff; the boot script's power-off follows
 SPOT_RECLAIMED = "Server.SpotInstanceTermination"  # EC2's state reason for a reclaimed spot machine
 
 
@@ -345,7 +346,9 @@ class AwsBackend(Backend):
             path = Path(details["resume"]["path"])
             remote.push_checkpoint(path, checkpoint.read_manifest(path) or {})
         record = remote.read_session() or {}
-        remote.write_session({**record, **_launcher_record(plan, aws_plan)})
+        launcher = _launcher_record(plan, aws_plan)
+        launcher["created_at"] = record.get("created_at") or launcher["created_at"]  # a resume keeps it
+        remote.write_session({**record, **launcher})
         result = start_machines(self.context(region), aws_plan)
         ids = {"region": region, "session_id": aws_plan.request.session_id, "project": details["project"],
                "storage": details["session_uri"], "mechanism": result.mechanism, "market": result.market,
@@ -764,11 +767,13 @@ def _launcher_record(plan: LaunchPlan, aws_plan: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- the machine's end
 
 class AwsMachineEnd(MachineEnd):
-    """The agent's end on EC2: delete the session's fleet without terminating (AWS must not
-    start a replacement), delete its launch templates, then terminate this instance. The boot
-    script powers the machine off as well (its shutdown behaviour is terminate), and the fleet's
-    ValidUntil holds if both fail. Settings come from the boot script's variables; the instance
-    id from TRAINCTL_MACHINE_ID or IMDSv2 (AWS_EC2_METADATA_SERVICE_ENDPOINT honoured)."""
+    """The agent's end on EC2: terminate this instance, and when the session is over (its
+    `ended.json` is in storage) first delete its fleet without terminating, so AWS starts no
+    replacement, and its launch templates. A machine that merely lost the session to another
+    writer ends alone. The boot script powers the machine off as well (its shutdown behaviour
+    is terminate), and the fleet's ValidUntil holds if both fail. Settings come from the boot
+    script's variables; the instance id from TRAINCTL_MACHINE_ID or IMDSv2
+    (AWS_EC2_METADATA_SERVICE_ENDPOINT honoured)."""
 
     name = PROVIDER
 
@@ -794,7 +799,7 @@ class AwsMachineEnd(MachineEnd):
         try:
             instance_id = self.instance_id or _machine_id()
             region = self.region or os.environ.get("TRAINCTL_REGION") or _imds("/latest/meta-data/placement/region")
-            ctx = AwsContext(region, endpoint_url=self.endpoint_url, session=self._session)
+            ctx = AwsContext(region, endpoint_url=self.endpoint_url, max_attempts=END_ATTEMPTS, session=self._session)
             reservations = ctx.call("ec2", "describe_instances", InstanceIds=[instance_id])["Reservations"]
             instance = next((i for r in reservations for i in r["Instances"]), None)
             if instance is None or instance["State"]["Name"] in INSTANCE_GONE_STATES:
@@ -802,16 +807,15 @@ class AwsMachineEnd(MachineEnd):
                 return
             tags = tag_dict(instance.get("Tags"))
             session_id = tags.get(TAG_SESSION)
-            # its own fleet by the tag AWS puts on fleet machines; else any fleet of its session
-            # still active: this session is over, nothing may start a machine for it again
-            fleets = {tags["aws:ec2:fleet-id"]} if tags.get("aws:ec2:fleet-id") else set()
-            if session_id:
+            if session_id and self._session_over(region):
+                # its own fleet by the tag AWS puts on fleet machines, else any fleet of its
+                # session still active: nothing may start a machine for this session again
+                fleets = {tags["aws:ec2:fleet-id"]} if tags.get("aws:ec2:fleet-id") else set()
                 fleets |= {f["FleetId"] for f in session_fleets(ctx, session_id)
                            if instance_id in fleet_instance_ids(ctx, f["FleetId"])}
                 fleets |= {f["FleetId"] for f in _active_fleets(ctx, session_id)}
-            for fid in sorted(fleets):
-                self.actions += [a.describe() for a in end_fleet(ctx, fid, terminate_instances=False).actions]
-            if session_id:
+                for fid in sorted(fleets):
+                    self.actions += [a.describe() for a in end_fleet(ctx, fid, terminate_instances=False).actions]
                 self.actions += _delete_templates(ctx, session_id)
             ctx.call("ec2", "terminate_instances", InstanceIds=[instance_id])
             self.actions.append(f"instance {instance_id}: terminated ({reason})")
@@ -819,8 +823,25 @@ class AwsMachineEnd(MachineEnd):
             raise EndFailedError(f"Could not end this machine through the EC2 API ({e}).",
                                  "The boot script powers it off, and the session's deadline ends it.") from e
 
+    def _session_over(self, region: str) -> bool:
+        """Whether the session's tombstone is in storage; when storage can't be read, yes: a
+        machine never keeps billing for a session that may be over."""
+        from ..storage import StorageError, open_store
+        from ..storage.remote import RemoteSession
+        from ..storage.uri import parse_uri
+
+        root, project, session = (os.environ.get(k) for k in ("TRAINCTL_STORAGE_URI", "TRAINCTL_PROJECT",
+                                                               "TRAINCTL_SESSION_ID"))
+        if not (root and project and session):
+            return True
+        try:
+            store = open_store(parse_uri(root).join(project, session), endpoint_url=self.endpoint_url, region=region)
+            return RemoteSession(store).ended() is not None
+        except (StorageError, UsageError, OSError):
+            return True
+
     def describe(self) -> str:
-        return "aws (delete the session's fleet, then terminate this instance)"
+        return "aws (when the session is over: delete its fleet and launch templates; terminate this instance)"
 
 
 def _delete_templates(ctx: Any, session_id: str) -> list[str]:
