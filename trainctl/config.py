@@ -62,6 +62,17 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
         "endpoint_url": ((str,), "", "S3 endpoint of a store other than AWS, e.g. https://<account>.r2.cloudflarestorage.com (empty: AWS)"),
         "region": ((str,), "", "region of the bucket (empty: from the AWS configuration)"),
         "checksums": ((str,), "when_supported", "when_required for stores that reject the CRC checksums boto3 sends by default"),
+        "budget_usd": ((int, float), 0, "most one cloud session may cost; a launch whose --max-hours could exceed it is refused (0: no budget)"),
+    },
+    "aws": {
+        "region": ((str,), "", "region of the machines and the bucket (empty: from the AWS configuration)"),
+        "profile": ((str,), "", "AWS profile to use (empty: the usual credentials chain)"),
+        "endpoint_url": ((str,), "", "one endpoint for every AWS service, e.g. LocalStack (empty: AWS)"),
+        "bucket": ((str,), "", "S3 bucket of the cloud sessions (trainctl aws setup makes it)"),
+        "prefix": ((str,), "trainctl", "key prefix of the sessions in the bucket"),
+        "max_attempts": ((int,), 8, "attempts per AWS request, with backoff, before an error"),
+        "ami": ((str,), "auto", "auto (the newest PyTorch Deep Learning AMI) or an AMI id (ami-...)"),
+        "disk_gb": ((int,), 100, "root volume of each machine, in GB"),
     },
 }
 
@@ -222,7 +233,12 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                 if bad:
                     fail(f"'signals.{k}' has unknown signal {bad[0]!r}.",
                          "Use names like \"SIGTERM\", \"SIGUSR1\", \"SIGUSR2\".", k, section)
-            if section == "cloud" and k in ("storage", "endpoint_url") and v:
+            if (section, k) in (("aws", "max_attempts"), ("aws", "disk_gb")) and v < (1 if k == "max_attempts" else 8):
+                fail(f"'{dotted}' must be at least {1 if k == 'max_attempts' else 8}, not {v!r}.",
+                     "Fix the value in the config file.", k, section)
+            if (section, k) == ("aws", "ami") and v != "auto" and not v.startswith("ami-"):
+                fail(f"'aws.ami' must be \"auto\" or an AMI id (ami-...), not {v!r}.", "Set ami = \"auto\".", k, section)
+            if section in ("cloud", "aws") and k in ("storage", "endpoint_url") and v:
                 # storage.uri is the one URI grammar (stdlib only), so this error and open_store agree
                 from .errors import UsageError
                 from .storage.uri import check_endpoint_url, parse_uri
@@ -288,6 +304,35 @@ def load(start: Path | None = None) -> Config:
     if path.name == "pyproject.toml":
         data = data.get("tool", {}).get("trainctl", {})
     return Config(root=root, path=path, values=validate(data, path=str(path), text=text))
+
+
+def save_table(cfg: Config, section: str, values: dict[str, str]) -> tuple[Path | None, dict[str, Any]]:
+    """Record `values` under `[section]` of the project's config (trainctl.toml is created when
+    there is none): keys the table lacks are added right under its header, a missing table is
+    appended; nothing already written is changed. Returns (the file written, or None when
+    nothing was missing; {key: the value the file has} where it differs from `values`)."""
+    import json
+
+    from .fsutil import atomic_write_bytes
+
+    have = cfg.values.get(section, {})
+    differs = {k: have[k] for k, v in values.items() if k in have and have[k] != v}
+    missing = {k: v for k, v in values.items() if k not in have}
+    if not missing:
+        return None, differs
+    path = cfg.path or cfg.root / CONFIG_FILE
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    header = f"[tool.trainctl.{section}]" if path.name == "pyproject.toml" else f"[{section}]"
+    lines = [f"{k} = {json.dumps(v)}" for k, v in missing.items()]  # a JSON string is a TOML basic string
+    found = re.search(rf"^[ \t]*{re.escape(header)}[ \t]*(#.*)?$", text, re.MULTILINE)
+    if found:
+        end = found.end()
+        text = text[:end] + "\n" + "\n".join(lines) + text[end:]
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") \
+            + header + "\n" + "\n".join(lines) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path, differs
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)

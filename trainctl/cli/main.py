@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "monitor": "trainctl.cli.monitor:monitor",
     "tensorboard": "trainctl.cli.tensorboard:tensorboard",
     "agent": "trainctl.cli.agent:agent_cmd",  # internal: a machine's boot script starts it
+    "aws": "trainctl.cli.aws:aws",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -33,6 +34,7 @@ SHORT_HELP: dict[str, str] = {
     "check": "Run the pre-flight checks on a script without starting it.",
     "monitor": "Show where a run stands: progress, ETA, trends, warnings.",
     "tensorboard": "Start TensorBoard over recorded sessions.",
+    "aws": "Run on EC2: set up once, launch, follow, resume, stop, costs, leaks.",
 }
 
 

@@ -97,6 +97,8 @@ def run_summary(data: dict[str, Any], output_tail: list[str]) -> None:
 
 def continue_command(data: dict[str, Any], checkpoint: str | None) -> str:
     """The command that continues a recorded session, with the script as the user typed it."""
+    if data.get("backend") == "aws" and data.get("id"):
+        return f"trainctl aws resume {data['id']}"  # on a new machine, from the checkpoint in storage
     from ..resume import resume_command
 
     command = data.get("command") or []

@@ -55,6 +55,11 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
                    else f"No {status} sessions.")
         return
     now = time.time()
+    costs: dict = {}
+    if any(r.get("cloud") for r in records):  # cloud sessions: price x running time, from the record
+        from ..backends.cloud import recorded_cost
+
+        costs = {r["id"]: recorded_cost(r, now) for r in records}
     rows = []
     for r in records:
         summary = r.get("summary") or {}
@@ -65,7 +70,13 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
                      format_duration(ended - started) if ended and started else "-",
                      str(len(r.get("attempts") or []) or 1),
                      str(summary.get("checkpoints", 0)), metrics_line(summary, limit=2)])
-    click.echo(table(["ID", "NAME", "STATUS", "STARTED", "DURATION", "ATTEMPTS", "CKPTS", "METRICS"], rows))
+    headers = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "ATTEMPTS", "CKPTS", "METRICS"]
+    if any(costs.values()):
+        headers.insert(-1, "COST")
+        for r, row in zip(records, rows, strict=True):
+            cost = costs.get(r["id"])
+            row.insert(-1, cost.short() if cost else "-")
+    click.echo(table(headers, rows))
 
 
 @sessions.command("show")
@@ -114,6 +125,7 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         ("resumed from", data.get("resume_from")),
         ("metrics", metrics_line(summary, limit=6)),
         ("output", str(session.output_log)),
+        *_cloud_rows(data),
     ]
     for key, value in rows:
         if value not in (None, ""):
@@ -174,6 +186,25 @@ def _startup_line(events: list[dict]) -> str:
     if first is not None and isinstance(first.get("since_start_s"), (int, float)):
         parts.append(f"first step {took(first['since_start_s'])} after the machine started")
     return ", ".join(parts)
+
+
+def _cloud_rows(data: dict) -> list[tuple[str, str | None]]:
+    """Where a cloud session runs and what it cost so far (from its record, no network)."""
+    if not data.get("cloud"):
+        return []
+    from ..backends.cloud import recorded_cost
+
+    cost = recorded_cost(data)
+    if cost is None:
+        return []
+    cloud = data.get("cloud") or {}
+    machines = [m for m in cloud.get("machines") or [] if isinstance(m, dict)]
+    where = f"{cloud.get('provider', '?')} {cloud.get('region') or ''}".strip()
+    return [("cloud", where + (f", until {cloud['deadline']}" if cloud.get("deadline") else "")),
+            ("machines", ", ".join(f"{m.get('id')} ({m.get('type')} {m.get('market')}, {m.get('state') or '?'})"
+                                   for m in machines) or "none yet"),
+            ("storage", cloud.get("storage")),
+            ("cost so far", cost.describe())]
 
 
 @sessions.command("logs")

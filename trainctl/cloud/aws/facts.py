@@ -31,7 +31,7 @@ from .names import (
 
 if TYPE_CHECKING:
     from .context import AwsContext
-    from .plan import LaunchRequest
+    from .request import LaunchRequest
 
 DLAMI_ROOT = "/aws/service/deeplearning/ami/{arch}/"
 _DLAMI_TYPE = re.compile(r"^oss-nvidia-driver-gpu-pytorch-(\d+(?:\.\d+)*)-(.+)$")
