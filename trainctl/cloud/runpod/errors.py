@@ -34,14 +34,6 @@ class ApiKeyRejectedError(RunPodError, PermissionError):
         self.source = source
 
 
-class SdkMissingError(RunPodError, ImportError):
-    exit_code = EXIT_USAGE
-
-    def __init__(self) -> None:
-        super().__init__("The runpod SDK is not installed (trainctl reads pods through it).",
-                         "Install with: pip install 'trainctl[runpod]'")
-
-
 class RunPodApiError(RunPodError, ConnectionError):
     """The API could not be reached, or answered with an error trainctl has no better name for."""
 
