@@ -23,6 +23,7 @@ from ..session import State
 # name -> "module:Class", imported on first use so the CLI stays fast (torchx-style registry)
 BACKENDS: dict[str, str] = {
     "local": "trainctl.backends.local:LocalBackend",
+    "runpod": "trainctl.backends.runpod:RunPodBackend",
 }
 
 

@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "check": "trainctl.cli.check:check",
     "monitor": "trainctl.cli.monitor:monitor",
     "tensorboard": "trainctl.cli.tensorboard:tensorboard",
+    "runpod": "trainctl.cli.runpod:runpod",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -32,6 +33,7 @@ SHORT_HELP: dict[str, str] = {
     "check": "Run the pre-flight checks on a script without starting it.",
     "monitor": "Show where a run stands: progress, ETA, trends, warnings.",
     "tensorboard": "Start TensorBoard over recorded sessions.",
+    "runpod": "Train on RunPod pods: plan, launch, follow, recover, stop, pay.",
 }
 
 

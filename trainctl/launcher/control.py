@@ -128,10 +128,11 @@ class StopResult:
 
 
 def stop(session: Session, *, now: bool, grace_period_s: float | None = None,
-         settle_s: float = SETTLE_S) -> StopResult:
+         settle_s: float = SETTLE_S, release: bool = True) -> StopResult:
     """Stop a running session: a stop request in the store (so the engine neither restarts nor
     calls it preempted), then SIGTERM to the script through its backend (the emergency
-    checkpoint), SIGKILL after the grace period (at once with `now`). Waits for the end."""
+    checkpoint), SIGKILL after the grace period (at once with `now`). Waits for the end; then
+    releases what the attempt held unless told not to (a stopped pod kept for its volume)."""
     data = session.read()
     status = effective_status(data)
     if status in TERMINAL or status is State.CRASHED:
@@ -157,7 +158,8 @@ def stop(session: Session, *, now: bool, grace_period_s: float | None = None,
     backend.stop(handle, grace)
     while backend.describe(handle).running:  # describe keeps the grace period's deadline
         time.sleep(0.05)
-    backend.release(handle)
+    if release:
+        backend.release(handle)
     data = _settle(session, handle, grace, settle_s)
     return StopResult(session, True, effective_status(data) if data else State.CRASHED, data)
 
