@@ -30,7 +30,6 @@ from trainctl.cloud.runpod.errors import (
     NoApiKeyError,
     RunPodApiError,
 )
-from trainctl.errors import EXIT_USAGE
 
 __all__ = ["client", "fake"]  # fixtures
 

@@ -120,10 +120,8 @@ class PodSettings:
 
 
 def project_name(root: Path) -> str:
-    """The project's name in storage: its folder's name, in characters every store takes."""
-    import re
-
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", root.name).strip(".-") or "project"
+    """The project's name in storage: its root folder's name (as `sessions pull ID` finds it)."""
+    return Path(root).resolve().name or "project"
 
 
 def storage_environment(settings: PodSettings, session_id: str) -> dict[str, str]:
@@ -199,6 +197,7 @@ class RunPodBackend(Backend):
         self.settings = settings
         self._client = client
         self._facts: dict[tuple[int, str | None], Any] = {}
+        self._pinned: set[tuple[int, str | None]] = set()
         self._pod_plans: dict[tuple[str, int], Any] = {}
         self._specs: dict[str, RunSpec] = {}
         self._remotes: dict[tuple[str, ...], Any] = {}
@@ -221,14 +220,16 @@ class RunPodBackend(Backend):
 
         key = (gpu_count, network_volume_id)
         found = self._facts.get(key)
-        if found is None or (datetime.now(timezone.utc) - found.read_at).total_seconds() > FACTS_MAX_AGE_S:
+        if found is None or (key not in self._pinned and
+                             (datetime.now(timezone.utc) - found.read_at).total_seconds() > FACTS_MAX_AGE_S):
             found = self._facts[key] = gather_facts(self.client, gpu_count,
                                                     network_volume_id=network_volume_id)
         return found
 
     def use_facts(self, facts: Any, gpu_count: int = 1, network_volume_id: str | None = None) -> None:
-        """Plan with these facts (tests, and a plan shown before it is launched)."""
+        """Plan with these facts, however old (a plan shown, then launched as shown; tests)."""
         self._facts[(gpu_count, network_volume_id)] = facts
+        self._pinned.add((gpu_count, network_volume_id))
 
     def remote(self, ids: Mapping[str, Any]) -> Any:
         """The session in storage, as the handle (or a launch) names it."""
@@ -435,7 +436,8 @@ class RunPodBackend(Backend):
             launched = pods.LaunchedPod.from_json(ids["pod"])
             try:
                 pods.check_provisioning(self.client, launched,
-                                        timeout_s=float(ids.get("provision_timeout_s") or 1200))
+                                        timeout_s=float(ids["provision_timeout_s"] if ids.get("provision_timeout_s")
+                                                          is not None else 1200))
             except RunPodError as e:
                 state, details["why"], details["error"], details["hint"] = State.FAILED, e.message, e.message, e.hint
                 self._looks.pop(str(ids.get("pod_id")), None)
