@@ -25,7 +25,7 @@ SECRETS = {"AWS_ACCESS_KEY_ID": "aws_key_id", "AWS_SECRET_ACCESS_KEY": "aws_secr
 
 
 def toml_config(bucket: str, endpoint: str, **runpod: Any) -> str:
-    values = {"gpu": "NVIDIA RTX A4000", "max_hours": 2.0, "setup": "none", **runpod}
+    values = {"gpu": "NVIDIA RTX A4000", "max_hours": 2.0, "setup": "none", "secrets": SECRETS, **runpod}
 
     def render(v: Any) -> str:
         if isinstance(v, bool):
@@ -37,8 +37,7 @@ def toml_config(bucket: str, endpoint: str, **runpod: Any) -> str:
         return repr(v)
 
     lines = ['checkpoint_dir = "checkpoints"', "", "[cloud]", f'storage = "s3://{bucket}/trainctl"',
-             f'endpoint_url = "{endpoint}"', 'region = "us-east-1"', "", "[runpod]",
-             f"secrets = {render(SECRETS)}"]
+             f'endpoint_url = "{endpoint}"', 'region = "us-east-1"', "", "[runpod]"]
     lines += [f"{k} = {render(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
 
