@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.base import Handle, LogChunk, get_backend
-from ..errors import UsageError
+from ..errors import TrainctlError, UsageError
 from ..session import (
     TERMINAL,
     Session,
@@ -35,9 +35,24 @@ def recorded_handle(data: dict[str, Any]) -> Handle | None:
         return None
 
 
+def refresh(session: Session) -> None:
+    """Let the backend of a session that has not ended bring its record here up to date (a
+    cloud backend copies the output and events from storage and records the end)."""
+    data = _read(session)
+    if not data or effective_status(data) in TERMINAL:
+        return
+    handle = recorded_handle(data)
+    if handle is not None:
+        try:
+            get_backend(handle.backend).describe(handle)
+        except TrainctlError:
+            pass  # unreachable for now: the record stays as it was
+
+
 def output_tail(session: Session, lines: int) -> tuple[bytes, int]:
     """The last `lines` lines of the session's output (all of it when `lines` < 0), and the
-    offset where they end."""
+    offset where they end (the session's record refreshed first)."""
+    refresh(session)
     try:
         with open(session.output_log, "rb") as f:
             f.seek(0, os.SEEK_END)
