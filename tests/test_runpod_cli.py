@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import json
 import re
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO, clean_env
 from tests.fake_runpod import API_KEY, assert_golden, fake
 from tests.runpod_world import World, launched_session, world
 from tests.test_runpod_api import HOSTILE
@@ -289,3 +293,94 @@ def test_a_pod_stuck_provisioning_is_terminated_and_said(world: World):
     r = world.run("runpod", "status", sid)
     assert "still provisioning" in r.stdout and "it was terminated, nothing is left billing" in r.stdout
     assert world.fake.pods == {} and world.session(sid)["status"] == "failed"
+
+
+# --- an attached launch: following, recovery, detaching -------------------------------------------
+
+def attached(world: World, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "trainctl", "runpod", "launch", "--yes", *args, "train.py"],
+                            cwd=world.project, env=world.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+
+
+def wait_for(predicate, what: str, timeout_s: float = 120):
+    from tests.servers import wait_for as wait
+
+    return wait(predicate, timeout_s=timeout_s, interval_s=0.1) or pytest.fail(f"never: {what}")
+
+
+def test_an_attached_launch_replaces_an_interrupted_pod_and_ends_with_the_session(world: World):
+    proc = attached(world, "--interruptible", "--max-restarts", "1")
+    try:
+        wait_for(lambda: len(world.fake.pods) == 1 and world.session_ids(), "the first pod")
+        [sid] = world.session_ids()
+        first = world.only_pod()
+        remote = world.remote(sid)
+        writer = remote.output_writer()
+        writer.append(b"step 1 loss 0.9\n")
+        writer.flush()
+        world.fake.interrupt(first)  # outbid: stopped, volume kept
+        wait_for(lambda: (first, "user") in world.fake.terminated and len(world.fake.pods) == 1, "the second pod")
+        second = world.only_pod()
+        assert world.fake.pods[second].input["name"].endswith("-a1")
+        writer.append(b"step 2 loss 0.5\n")
+        writer.flush()
+        remote.write_session({**remote.read_session(), "status": "completed", "exit_code": 0})
+        remote.mark_ended("training completed", status="completed")
+        world.fake._podTerminate({"podId": second}, f"pod:{second}")  # the agent ends its pod
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert out == "step 1 loss 0.9\nstep 2 loss 0.5\n"  # every attempt's output, once
+    assert "restart 1/1" in err and "resumes from the newest checkpoint in storage" in err
+    assert f"session {sid} completed" in err
+    data = world.session(sid)
+    assert data["status"] == "completed" and [a["attempt"] for a in data["attempts"]] == [0, 1]
+    assert [a.get("status") for a in data["attempts"]] == ["preempted", "completed"]
+    assert world.fake.pods == {}
+
+
+def test_without_restarts_left_an_interrupted_pod_is_ended_and_the_resume_named(world: World):
+    proc = attached(world, "--interruptible", "--max-restarts", "0")
+    try:
+        wait_for(lambda: len(world.fake.pods) == 1 and world.session_ids(), "the pod")
+        [sid] = world.session_ids()
+        pod = world.only_pod()
+        world.fake.interrupt(pod)
+        _out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, err
+    assert f"resume      trainctl runpod resume {sid}" in err
+    assert world.fake.pods == {} and (pod, "user") in world.fake.terminated  # no volume left billing
+    assert world.session(sid)["status"] == "preempted"
+
+
+def test_ctrl_c_detaches_and_the_pod_keeps_running(world: World):
+    proc = attached(world)
+    try:
+        wait_for(lambda: len(world.fake.pods) == 1 and world.session_ids(), "the pod")
+        wait_for(lambda: world.session(world.session_ids()[0])["status"] == "running", "the pod running")
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    [sid] = world.session_ids()
+    assert proc.returncode == 0, err
+    assert f"detached from session {sid}; its pod keeps running" in err
+    assert f"trainctl sessions attach {sid}" in err and f"trainctl runpod stop {sid}" in err
+    assert len(world.fake.pods) == 1 and world.fake.terminated == []
+
+
+def test_the_runpod_commands_load_no_sdk_and_no_boto3_for_help():
+    code = ("import sys; from trainctl.cli.main import main\n"
+            "try:\n    main(['runpod', 'launch', '--help'])\nexcept SystemExit:\n    pass\n"
+            "import trainctl.backends.runpod, trainctl.launcher.cloud_session\n"
+            "print(sorted(m for m in ('runpod', 'boto3', 'botocore', 'requests', 'torch') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
