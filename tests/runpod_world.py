@@ -156,9 +156,10 @@ class PodPlayer:
                 pass
 
     def interrupt(self) -> None:
-        """An interruptible pod outbid: SIGTERM to the container, then RunPod stops it."""
+        """An interruptible pod outbid: SIGTERM to the container's first process (the start
+        script, which hands it to the agent), as `docker stop` sends it."""
         assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGTERM)
+        self.proc.send_signal(signal.SIGTERM)
 
     def wait(self, timeout: float = 300) -> tuple[int, str]:
         assert self.proc is not None

@@ -510,8 +510,6 @@ class RunPodBackend(Backend):
         if data.get("handle") != handle.to_json():
             return  # an earlier attempt: the session moved on
         fields: dict[str, Any] = {"cost_usd": self._session_cost(data, desc)}
-        if desc.details.get("pod"):
-            fields["pod"] = desc.details["pod"]
         if desc.state in TERMINAL and data.get("status") not in [s.value for s in TERMINAL]:
             status = State.STOPPED if data.get("stop_request") else desc.state
             now = time.time()
@@ -546,7 +544,7 @@ class RunPodBackend(Backend):
         earlier = sum(a.get("cost_usd") or 0.0 for a in (data.get("attempts") or [])[:-1]
                       if isinstance(a, dict))
         now = desc.details.get("cost_usd")
-        return round(earlier + (now or 0.0), 4) if now is not None or earlier else None
+        return round(earlier + (now or 0.0), 2) if now is not None or earlier else None
 
     def mirror(self, session: Session, remote: Any) -> None:
         """Append what storage's output and events segments gained to output.log and

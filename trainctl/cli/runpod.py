@@ -224,6 +224,8 @@ def _show_end(session: Any, state: Any, description: Any) -> None:
         _err(f"  metrics     {metrics_line(summary)}")
     if summary.get("last_checkpoint"):
         _err(f"  checkpoint  {summary['last_checkpoint']}")
+    if description.details.get("hint"):
+        _err(f"  hint        {description.details['hint']}")
     if state.value in ("preempted", "stopped", "killed", "failed"):
         _err(f"  resume      trainctl runpod resume {session.id}")
 
