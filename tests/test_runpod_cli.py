@@ -120,6 +120,10 @@ def test_stop_then_resume_on_another_gpu_and_terminate(world: World):
     data = world.session(sid)
     assert [a["attempt"] for a in data["attempts"]] == [0, 1] and data["status"] == "pending"
     assert data["handle"]["ids"]["pod_id"] == second
+    machines = data["cloud"]["machines"]  # what a listing prices without asking RunPod
+    assert [(m["id"], m["type"], m["usd_per_hour"]) for m in machines] == [
+        (first, "1 x NVIDIA RTX A4000", 0.17), (second, "1 x NVIDIA A40", 0.4)]
+    assert machines[0]["ended_at"] and machines[0]["state"] == "terminated" and not machines[1]["ended_at"]
     busy = world.run("runpod", "resume", sid, "--yes")
     assert busy.returncode == EXIT_USAGE and f"still running on pod {second}" in busy.stderr
     for _ in range(2):  # idempotent

@@ -354,7 +354,12 @@ class RunPodBackend(Backend):
             remote.write_session(self._remote_record(plan))
         launched = pods.launch_pod(self.client, planned)
         ids.update(pod_id=launched.pod_id, pod=launched.to_json())
-        return Handle(BACKEND, ids, attempt)
+        handle = Handle(BACKEND, ids, attempt)
+        folder = Path(ids["session_dir"]) if ids.get("session_dir") else None
+        if folder is not None and (folder / "session.json").exists():
+            session = Session(folder)
+            session.update(cloud=cloud_record(session.read(), handle))
+        return handle
 
     def _publish_code(self, remote: Any, root: Path, details: dict[str, Any]) -> dict[str, Any]:
         """The bundle and trainctl's wheel, then `code/bundle.json` naming both (written last:
@@ -509,7 +514,8 @@ class RunPodBackend(Backend):
         data = session.read()
         if data.get("handle") != handle.to_json():
             return  # an earlier attempt: the session moved on
-        fields: dict[str, Any] = {"cost_usd": self._session_cost(data, desc)}
+        fields: dict[str, Any] = {"cost_usd": self._session_cost(data, desc),
+                                  "cloud": cloud_record(data, handle, desc)}
         if desc.state in TERMINAL and data.get("status") not in [s.value for s in TERMINAL]:
             status = State.STOPPED if data.get("stop_request") else desc.state
             now = time.time()
@@ -646,6 +652,34 @@ class RunPodBackend(Backend):
 
         return [Handle(BACKEND, {"pod_id": p.id, "session_id": p.session_id}, p.attempt or 0)
                 for p in pods.list_pods(self.client)]
+
+
+def cloud_record(data: dict[str, Any], current: Handle, desc: Description | None = None) -> dict[str, Any]:
+    """session.json's `cloud` table: the provider, storage, deadline and every pod the session
+    had with its price and running time, so a listing can show the cost without asking RunPod."""
+    handles = [Handle.from_json(a["handle"]) for a in data.get("attempts") or []
+               if isinstance(a, dict) and isinstance(a.get("handle"), dict)]
+    ended = {int(a.get("attempt", -1)): a.get("ended_at") for a in data.get("attempts") or []
+             if isinstance(a, dict)}
+    if all(h.ids.get("pod_id") != current.ids.get("pod_id") for h in handles):
+        handles.append(current)
+    machines = []
+    for h in handles:
+        pod = h.ids.get("pod") or {}
+        end = ended.get(h.attempt)
+        state = "terminated" if end is not None else None  # a pod is ended before the next
+        if desc is not None and h.ids.get("pod_id") == current.ids.get("pod_id"):
+            state = (desc.details.get("pod") or {}).get("state") or "terminated"
+            if desc.state in TERMINAL and end is None:
+                end = time.time()
+        machines.append({"id": h.ids.get("pod_id"), "type": f"{pod.get('gpu_count', 1)} x {pod.get('gpu')}",
+                         "market": pod.get("market"), "usd_per_hour": pod.get("price_hr_usd"),
+                         "price_source": "RunPod API at launch", "state": state,
+                         "started_at": pod.get("created_at"),
+                         "ended_at": _iso(end) if isinstance(end, (int, float)) else end})
+    return {"provider": BACKEND, "region": None, "storage": current.ids.get("storage"),
+            "deadline": (current.ids.get("pod") or {}).get("deadline_utc"), "machines": machines,
+            "seen_at": time.time()}
 
 
 def _read_from(path: Path, offset: int) -> list[LogChunk]:
