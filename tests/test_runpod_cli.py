@@ -17,7 +17,7 @@ from tests.conftest import REPO, clean_env
 from tests.fake_runpod import API_KEY, assert_golden, fake
 from tests.runpod_world import World, launched_session, world
 from tests.test_runpod_api import HOSTILE
-from trainctl.errors import EXIT_NOT_FOUND, EXIT_USAGE
+from trainctl.errors import EXIT_NOT_FOUND, EXIT_PROVIDER, EXIT_USAGE
 
 __all__ = ["fake", "world"]  # fixtures
 
@@ -206,7 +206,7 @@ ERRORS = [
     # (what is wrong, how it is set up, the command, exit code, in the message, in the hint)
     ("no API key", {"env": {"RUNPOD_API_KEY": ""}}, ["launch", "--dry-run"], EXIT_USAGE,
      "No RunPod API key", "RUNPOD_API_KEY=... or run: runpod config"),
-    ("a rejected key", {"env": {"RUNPOD_API_KEY": "wrong"}}, ["gpus"], EXIT_USAGE,
+    ("a rejected key", {"env": {"RUNPOD_API_KEY": "wrong"}}, ["gpus"], EXIT_PROVIDER,
      "rejected the API key from RUNPOD_API_KEY (HTTP 401)", "console.runpod.io"),
     ("no storage", {"config": {"storage": None}}, ["launch", "--dry-run"], EXIT_USAGE,
      "[cloud] storage is not set", 'storage = "s3://bucket/prefix"'),
@@ -218,9 +218,9 @@ ERRORS = [
      "Unknown RunPod GPU type 'RTX 9999'", "trainctl runpod gpus"),
     ("no GPU chosen", {"runpod": {"gpu": ""}}, ["launch", "--dry-run"], EXIT_USAGE,
      "No GPU type chosen", "--gpu"),
-    ("GPU not available", {}, ["launch", "--dry-run", "--gpu", "NVIDIA A40", "--cloud", "community"], 1,
+    ("GPU not available", {}, ["launch", "--dry-run", "--gpu", "NVIDIA A40", "--cloud", "community"], EXIT_PROVIDER,
      "No 1 x NVIDIA A40 on community cloud (on-demand) available right now", "Try: NVIDIA A40 (48 GB) secure"),
-    ("balance too low", {"balance": 0.1}, ["launch", "--dry-run"], 1,
+    ("balance too low", {"balance": 0.1}, ["launch", "--dry-run"], EXIT_PROVIDER,
      "RunPod balance $0.10 is below one hour of spend", "Add funds"),
     ("over budget", {"cloud": {"budget_usd": 0.1}}, ["launch", "--dry-run"], EXIT_USAGE,
      "is over budget_usd $0.10", "Lower --max-hours"),
@@ -272,7 +272,7 @@ def test_a_gpu_taken_between_the_plan_and_the_launch_leaves_nothing_billing(worl
     world.fake.fail("podFindAndDeployOnDemand", "There are no longer any instances available with the "
                                                 "requested specifications. Please refresh and try again.")
     r = world.run("runpod", "launch", "--yes", "--detach", "train.py")
-    assert r.returncode == 1
+    assert r.returncode == EXIT_PROVIDER
     assert "No 1 x NVIDIA RTX A4000 on secure cloud (on-demand) available right now" in r.stderr
     assert "Try: NVIDIA RTX A4000 (16 GB) community on-demand $0.09/h" in r.stderr
     assert world.fake.pods == {}

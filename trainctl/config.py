@@ -57,7 +57,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
         "endpoint_url": ((str,), "", "S3 endpoint of a store other than AWS, e.g. https://<account>.r2.cloudflarestorage.com (empty: AWS)"),
         "region": ((str,), "", "region of the bucket (empty: from the AWS configuration)"),
         "checksums": ((str,), "when_supported", "when_required for stores that reject the CRC checksums boto3 sends by default"),
-        "budget_usd": ((int, float), 0.0, "a cloud launch whose projected cost (plus what the session spent) is over this is refused (0: no budget)"),
+        "budget_usd": ((int, float), 0, "most one cloud session may cost; a launch whose --max-hours could exceed it is refused (0: no budget)"),
     },
     "runpod": {
         "gpu": ((str,), "", "GPU type for trainctl runpod launch, e.g. \"NVIDIA RTX A4000\" (see: trainctl runpod gpus)"),

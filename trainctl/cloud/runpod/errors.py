@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...errors import EXIT_NOT_FOUND, EXIT_USAGE, TrainctlError
+from ...errors import EXIT_NOT_FOUND, EXIT_PROVIDER, EXIT_USAGE, TrainctlError
 
 API_KEY_HOME = "~/.runpod/config.toml"
 
 
 class RunPodError(TrainctlError):
-    """Base of every RunPod failure trainctl expects."""
+    """Base of every RunPod failure trainctl expects: RunPod refused or could not serve the
+    request, unless the subclass says the request itself was wrong."""
+
+    exit_code = EXIT_PROVIDER
 
 
 class NoApiKeyError(RunPodError, PermissionError):
@@ -25,7 +28,6 @@ class NoApiKeyError(RunPodError, PermissionError):
 
 
 class ApiKeyRejectedError(RunPodError, PermissionError):
-    exit_code = EXIT_USAGE
 
     def __init__(self, source: str) -> None:
         super().__init__(f"RunPod rejected the API key from {source} (HTTP 401).",
