@@ -348,7 +348,7 @@ class RunPodBackend(Backend):
                                "session_dir": plan.details.get("session_dir"),
                                "provision_timeout_s": s.provision_timeout_s}
         remote = self.remote(ids)
-        if remote.store.head("code/bundle.json") is None:
+        if remote.code_record() is None:
             self._publish_code(remote, Path(plan.cwd), plan.details)
         if remote.read_session() is None:
             remote.write_session(self._remote_record(plan))
@@ -370,16 +370,8 @@ class RunPodBackend(Backend):
         with tempfile.TemporaryDirectory(prefix="trainctl-bundle-") as tmp:
             bundle = build_bundle(root, Path(tmp) / "bundle.tar.gz", exclude=s.bundle_exclude)
             wheel, _ = build_wheel(tmp)
-            archive = remote.store.put_file("code/bundle.tar.gz", bundle.path, sha256=bundle.sha256)
-            stored = remote.store.put_file("code/" + wheel.name, wheel)
-            record = {"v": 1, "t": time.time(),
-                      "bundle": {"key": "code/bundle.tar.gz", "sha256": archive.sha256, "bytes": archive.size},
-                      "summary": bundle.summary(),
-                      "wheel": {"key": "code/" + wheel.name, "file": wheel.name, "sha256": stored.sha256,
-                                "bytes": stored.size},
-                      "run": {"script": details["script"], "args": list(details["args"])}}
-            remote.store.put_json("code/bundle.json", record)
-        return record
+            return remote.put_code(bundle, wheel, run={"script": details["script"],
+                                                       "args": list(details["args"])})
 
     def _remote_record(self, plan: LaunchPlan) -> dict[str, Any]:
         """session.json in storage, as the launcher knows the session (the agent adds the machine's)."""

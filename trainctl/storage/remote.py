@@ -50,6 +50,8 @@ OUTPUT = "output/"
 CHECKPOINTS = "checkpoints/"
 LEASES = "leases/"
 CODE = "code/"
+CODE_ARCHIVE = "code/bundle.tar.gz"
+CODE_RECORD = "code/bundle.json"
 SESSION = "session.json"
 LATEST = "latest.json"
 HEARTBEAT = "heartbeat.json"
@@ -243,6 +245,48 @@ class RemoteSession:
             return self.store.get_json(self.key(name))
         except ObjectNotFoundError:
             return None
+
+    # --- code --------------------------------------------------------------------------------
+    def put_code(self, bundle: Any, wheel: str | os.PathLike[str] | None = None, *,
+                 run: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Upload the code bundle (a `bundle.Bundle`) and a wheel of trainctl, then
+        `code/bundle.json` naming both with their digests, written last: a machine that finds
+        the record never meets a half-uploaded bundle. `run` (script, args, options) goes into
+        the record for an agent started without a script. Returns the record."""
+        archive = self.store.put_file(self.key(CODE_ARCHIVE), bundle.path, sha256=bundle.sha256)
+        record: dict[str, Any] = {
+            "v": LAYOUT_VERSION, "t": time.time(),
+            "bundle": {"key": CODE_ARCHIVE, "sha256": archive.sha256, "bytes": archive.size},
+            "summary": bundle.summary(), "wheel": None, "run": run}
+        if wheel is not None:
+            wheel = Path(wheel)
+            name = check_key(wheel.name)
+            stored = self.store.put_file(self.key(CODE + name), wheel)
+            record["wheel"] = {"key": CODE + name, "file": name, "sha256": stored.sha256, "bytes": stored.size}
+        self.store.put_json(self.key(CODE_RECORD), record)
+        return record
+
+    def code_record(self) -> dict[str, Any] | None:
+        return self._get_json(CODE_RECORD)
+
+    def fetch_code(self, dest_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Path, Path | None]:
+        """Download the bundle (and the wheel, when there is one) into `dest_dir`, each verified
+        against the digest `code/bundle.json` recorded. Returns (record, archive, wheel)."""
+        record = self.code_record()
+        if not isinstance(record, dict) or not isinstance(record.get("bundle"), dict):
+            raise ObjectNotFoundError(f"{self.uri} has no code bundle ({CODE_RECORD} is missing).",
+                                      "Upload the project before starting a machine (the launcher does it).",
+                                      uri=self.store.url(self.key(CODE_RECORD)))
+        dest = Path(dest_dir)
+        bundle = record["bundle"]
+        archive = dest / "bundle.tar.gz"
+        self.store.get_file(self.key(check_key(bundle["key"])), archive, sha256=bundle.get("sha256"))
+        wheel_path = None
+        wheel = record.get("wheel")
+        if isinstance(wheel, dict):
+            wheel_path = dest / check_key(wheel["file"])
+            self.store.get_file(self.key(check_key(wheel["key"])), wheel_path, sha256=wheel.get("sha256"))
+        return record, archive, wheel_path
 
     # --- logs --------------------------------------------------------------------------------
     def events_writer(self, **kw: Any) -> SegmentWriter:
