@@ -388,3 +388,34 @@ def test_the_runpod_commands_load_no_sdk_and_no_boto3_for_help():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=clean_env(), cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_sessions_logs_show_and_attach_work_on_a_pod_session(world: World):
+    sid = launch(world)
+    pod = world.only_pod()
+    remote = world.remote(sid)
+    writer = remote.output_writer()
+    writer.append(b"epoch 1 loss 0.9\n")
+    writer.flush()
+    events = remote.events_writer()
+    events.append(b'{"v": 1, "t": 1, "kind": "metric", "step": 5, "values": {"loss": 0.9}}\n')
+    events.flush()
+    logs = world.run("sessions", "logs", sid)
+    assert logs.returncode == 0 and logs.stdout == "epoch 1 loss 0.9\n", logs.stderr
+    attach = subprocess.Popen([sys.executable, "-m", "trainctl", "sessions", "attach", sid], cwd=world.project,
+                              env=world.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        writer.append(b"epoch 2 loss 0.4\n")
+        writer.flush()
+        remote.write_session({**remote.read_session(), "status": "completed", "exit_code": 0})
+        remote.mark_ended("training completed", status="completed")
+        world.fake._podTerminate({"podId": pod}, f"pod:{pod}")
+        out, err = attach.communicate(timeout=120)
+    finally:
+        if attach.poll() is None:
+            attach.kill()
+    assert attach.returncode == 0, err
+    assert "epoch 2 loss 0.4" in out
+    shown = world.run("sessions", "show", sid)
+    assert "status          completed" in shown.stdout and "loss 0.9" in shown.stdout
+    assert world.run("sessions", "logs", sid).stdout == "epoch 1 loss 0.9\nepoch 2 loss 0.4\n"
