@@ -201,13 +201,15 @@ def _follow_or_detach(backend: Any, session: Any, handle: Any, *, detach: bool, 
         _err(f"\ndetached from session {sid}; its pod keeps running (and billing). Reattach with: "
              f"trainctl sessions attach {sid}; stop it with: trainctl runpod stop {sid}")
         raise SystemExit(0) from None
-    except RunPodError as e:
+    except RunPodError as e:  # a new pod could not be started: say how to go on by hand
         from ..errors import TrainctlError
 
-        raise TrainctlError(f"{e.message} (session {sid})",
-                            (e.hint + "; then " if e.hint else "") +
-                            f"resume by hand, with another GPU if need be: trainctl runpod resume {sid} "
-                            "--gpu ...") from e
+        error = TrainctlError(f"{e.message} (session {sid})",
+                              (e.hint + "; then " if e.hint else "") +
+                              f"resume by hand, with another GPU if need be: trainctl runpod resume {sid} "
+                              "--gpu ...")
+        error.exit_code = e.exit_code
+        raise error from e
     _show_end(session, end.state, end.description)
     raise SystemExit(end.exit_code)
 
@@ -487,9 +489,14 @@ def status_cmd(ref: str, as_json: bool) -> None:
     backend = _backend(None)
     if session is None:
         assert pod_id is not None
-        info = pods.pod_status(backend.client, pod_id)
+        from ..cloud.runpod.errors import PodNotFoundError
+
+        raw = backend.client.get_pod(pod_id)
+        if raw is None:
+            raise PodNotFoundError(pod_id)
+        info = pods.pod_info(raw)
         view = _session_view(cfg)(info.session_id) if info.session_id else None
-        info = pods.pod_info(backend.client.get_pod(pod_id) or {}, pods.leak_reason(info, view))
+        info = pods.pod_info(raw, pods.leak_reason(info, view))
         if as_json:
             click.echo(json.dumps(info.to_json(), indent=2))
             return
