@@ -74,9 +74,23 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
         "ami": ((str,), "auto", "auto (the newest PyTorch Deep Learning AMI) or an AMI id (ami-...)"),
         "disk_gb": ((int,), 100, "root volume of each machine, in GB"),
     },
+    "runpod": {
+        "gpu": ((str,), "", "GPU type for trainctl runpod launch, e.g. \"NVIDIA RTX A4000\" (see: trainctl runpod gpus)"),
+        "gpu_count": ((int,), 1, "GPUs per pod"),
+        "cloud": ((str,), "secure", "secure or community"),
+        "interruptible": ((bool,), False, "rent interruptible (spot) pods: cheaper, stopped when outbid; resumed from storage"),
+        "image": ((str,), "", "container image (empty: RunPod's PyTorch image trainctl is tested with)"),
+        "container_disk_gb": ((int,), 50, "the pod's container disk: image, code, local checkpoints"),
+        "volume_gb": ((int,), 0, "a pod volume at /workspace (billed while the pod exists, even stopped)"),
+        "max_hours": ((int, float), 24.0, "the pod ends by launch time + this, even if trainctl and its agent are gone"),
+        "provision_timeout_min": ((int, float), 20.0, "a pod still provisioning after this is terminated"),
+        "setup": ((str,), "auto", "how the pod installs the project's requirements on the image's torch: auto, venv, direct, none"),
+        "secrets": ((dict,), {}, "variables the pod gets from RunPod secrets: { NAME = \"secret name\" }; the storage credentials go here"),
+    },
 }
 
-CHOICES = {("retention", "mode"): ("min", "max"), ("cloud", "checksums"): ("when_supported", "when_required")}
+CHOICES = {("retention", "mode"): ("min", "max"), ("cloud", "checksums"): ("when_supported", "when_required"),
+           ("runpod", "cloud"): ("secure", "community"), ("runpod", "setup"): ("auto", "venv", "direct", "none")}
 
 
 @dataclass
@@ -252,6 +266,11 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                     validate_watch_globs(v)
                 except ValueError as e:
                     fail(f"{e}.", "Write globs like \"out/*.pt\" or \"runs/**/checkpoint-*\".", k, section)
+            if (section, k) == ("runpod", "secrets"):
+                bad = [n for n, secret in v.items() if not (re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n) and isinstance(secret, str) and secret)]
+                if bad:
+                    fail(f"'runpod.secrets' entry {bad[0]!r} is not NAME = \"secret name\".",
+                         'Write it as secrets = { AWS_ACCESS_KEY_ID = "my_key_id_secret" }.', k, section)
             if (section, k) == ("restart", "restart_on"):
                 bad = [s for s in v if s not in ("preempted", "failed")]
                 if bad:

@@ -24,6 +24,7 @@ from ..session import State
 BACKENDS: dict[str, str] = {
     "local": "trainctl.backends.local:LocalBackend",
     "aws": "trainctl.backends.aws:AwsBackend",
+    "runpod": "trainctl.backends.runpod:RunPodBackend",
 }
 
 

@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "tensorboard": "trainctl.cli.tensorboard:tensorboard",
     "agent": "trainctl.cli.agent:agent_cmd",  # internal: a machine's boot script starts it
     "aws": "trainctl.cli.aws:aws",
+    "runpod": "trainctl.cli.runpod:runpod",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -35,6 +36,7 @@ SHORT_HELP: dict[str, str] = {
     "monitor": "Show where a run stands: progress, ETA, trends, warnings.",
     "tensorboard": "Start TensorBoard over recorded sessions.",
     "aws": "Run on EC2: set up once, launch, follow, resume, stop, costs, leaks.",
+    "runpod": "Train on RunPod pods: plan, launch, follow, recover, stop, pay.",
 }
 
 

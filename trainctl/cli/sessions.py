@@ -85,10 +85,12 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
 def sessions_show(session_ref: str, as_json: bool) -> None:
     """One session: what ran, how it ended, metrics, checkpoints, diagnosis, how to resume."""
     from ..formatting import format_duration, format_value
+    from ..launcher.control import refresh
     from ..session import effective_status, summarize_metrics
     from .render import age, continue_command, metrics_line
 
     session = _store().get(session_ref)
+    refresh(session)  # a cloud session: its output, events and end, from storage
     data = session.read()
     data["status"] = effective_status(data)
     checkpoints = list(session.iter_events(("checkpoint",)))
