@@ -10,8 +10,10 @@ from pathlib import Path
 import click
 
 from ..session import TERMINAL, State
+from .groups import group
 
 STATUS_CHOICES = [s.value for s in State]
+SHOWN_CHECKPOINTS = 5  # `sessions show` lists the newest few; `checkpoint list --session` has them all
 
 
 def _config():
@@ -20,7 +22,7 @@ def _config():
     return config.load()
 
 
-@click.group("sessions")
+@group("sessions")
 def sessions() -> None:
     """List, show, follow, stop, delete, compare and plot recorded sessions."""
 
@@ -118,10 +120,13 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         click.echo("config          " + ", ".join(f"{k}={v}" for k, v in data["config"].items()))
     if checkpoints:
         click.echo(f"checkpoints     {len(checkpoints)}")
-        for c in checkpoints[-5:]:
+        for c in checkpoints[-SHOWN_CHECKPOINTS:]:
             m = ", ".join(f"{k} {format_value(v)}" for k, v in (c.get("metrics") or {}).items())
             where = " ".join(f"{k} {c[k]}" for k in ("epoch", "step") if c.get(k) is not None)
             click.echo(f"  {c.get('path')}  {where}" + (f"  {m}" if m else ""))
+        if len(checkpoints) > SHOWN_CHECKPOINTS:
+            click.echo(f"  ... and {len(checkpoints) - SHOWN_CHECKPOINTS} more "
+                       f"(all of them: trainctl checkpoint list --session {session.id})")
     attempts = data.get("attempts") or []
     for a in attempts if len(attempts) > 1 else []:
         why = f"signal {a['signal']}" if a.get("signal") else (
