@@ -11,13 +11,14 @@ from typing import Any
 import click
 
 from ..formatting import format_duration, format_value
+from .groups import group
 
 STATUS_COLORS = {"valid": "green", "foreign": "cyan", "unverified": "yellow", "corrupt": "red",
                  "unreadable": "red", "unsupported": "red", "partial": "yellow", "script": "cyan",
                  "changed": "yellow"}
 
 
-@click.group("checkpoint")
+@group("checkpoint")
 def checkpoint() -> None:
     """List, inspect, verify, clean up and resume checkpoints."""
 

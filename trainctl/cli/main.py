@@ -12,6 +12,7 @@ import sys
 import click
 
 from .. import __version__
+from .groups import SuggestingGroup
 
 # command name -> "module:attribute"; each module imports its heavy parts inside functions.
 COMMANDS: dict[str, str] = {
@@ -40,7 +41,7 @@ SHORT_HELP: dict[str, str] = {
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(SuggestingGroup):
     """A group whose subcommands are imported only when invoked (or their help is asked)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -58,7 +58,7 @@ def run_summary(data: dict[str, Any], output_tail: list[str]) -> None:
         except OSError:  # the terminal is gone (SIGHUP): the record is in session.json
             pass
 
-    if status == "failed" and output_tail:
+    if status in ("failed", "crashed") and output_tail:
         out("")
         out(f"── last {min(20, len(output_tail))} lines of output " + "─" * 30, dim=True)
         for line in output_tail[-20:]:

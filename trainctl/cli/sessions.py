@@ -10,8 +10,10 @@ from pathlib import Path
 import click
 
 from ..session import TERMINAL, State
+from .groups import group
 
 STATUS_CHOICES = [s.value for s in State]
+SHOWN_CHECKPOINTS = 5  # `sessions show` lists the newest few; `checkpoint list --session` has them all
 
 
 def _config():
@@ -20,7 +22,7 @@ def _config():
     return config.load()
 
 
-@click.group("sessions")
+@group("sessions")
 def sessions() -> None:
     """List, show, follow, stop, delete, compare and plot recorded sessions."""
 
@@ -142,7 +144,7 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
             f"{sum(1 for c in checkpoints if c.get('source') == 'script')} written by the script")
         click.echo(f"checkpoints     {len(checkpoints)}"
                    + (f"; {by_script}" if any(c.get("source") == "script" for c in checkpoints) else ""))
-        for c in checkpoints[-5:]:
+        for c in checkpoints[-SHOWN_CHECKPOINTS:]:
             m = ", ".join(f"{k} {format_value(v)}" for k, v in (c.get("metrics") or {}).items())
             where = " ".join(f"{name} {format_value(c[k])}" for k, name in
                              (("epoch", "epoch"), ("step", c.get("step_name") or "step")) if c.get(k) is not None)
@@ -150,6 +152,9 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
             if c.get("source") == "script":
                 origin = "  (by the script" + (f", version {c['version']}" if (c.get("version") or 1) > 1 else "") + ")"
             click.echo(f"  {c.get('display') or c.get('path')}  {where}" + (f"  {m}" if m else "") + origin)
+        if len(checkpoints) > SHOWN_CHECKPOINTS:
+            click.echo(f"  ... and {len(checkpoints) - SHOWN_CHECKPOINTS} more "
+                       f"(all of them: trainctl checkpoint list --session {session.id})")
     for problem in (written or {}).get("problems") or []:
         click.echo(f"  incomplete: {problem.get('path')} ({problem.get('problem')}); never resumed from")
     attempts = data.get("attempts") or []

@@ -39,7 +39,7 @@ class TerminalEvents(EngineEvents):
         if report.ok and all(r.status == "pass" for r in report.results):
             self.message(f"pre-flight: {len(report.results)} checks passed")
             return
-        for line in report.lines():
+        for line in report.lines(error_follows=True):  # a failure's hint comes with the error below
             _err(line)
 
     def attempt_started(self, session: Session, attempt: int) -> None:
@@ -96,7 +96,7 @@ def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, pre
             result = supervisor.run()
         _err(f"[trainctl] synced: {len(loop.uploaded)} checkpoint(s) uploaded"
              + (f", latest {loop.uploaded[-1]['file']}" if loop.uploaded else "") + f" ({loop.remote.uri})")
-    show_end(result.session, result.outcome.output_tail)
+    show_end(result.session, [])  # the script's output, its traceback included, is already on screen
     return supervisor, result
 
 
@@ -135,7 +135,8 @@ def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any) -> None:
 
 
 def show_end(session: Session, output_tail: list[str]) -> None:
-    """The closing lines of a run, from what session.json recorded."""
+    """The closing lines of a run, from what session.json recorded; `output_tail` only when
+    the output was not on this screen already (a run that ended while detached)."""
     render.run_summary({**session.read(), "output_log": str(session.output_log)}, output_tail)
 
 
@@ -173,7 +174,7 @@ def attach(session: Session, *, tail_lines: int) -> int:
     data = session.read()
     status = effective_status(data)
     display.close(str(status))
-    show_end(session, _tail_lines(session) if status in (State.FAILED, State.CRASHED) else [])
+    show_end(session, [])  # followed to its end: the output is on screen
     return recorded_exit_code(data)
 
 

@@ -113,13 +113,16 @@ class PreflightReport:
     def failures(self) -> list[CheckResult]:
         return [r for r in self.results if r.status == "fail"]
 
-    def lines(self) -> list[str]:
-        """One line per check (and a hint line under each warning or failure)."""
+    def lines(self, *, error_follows: bool = False) -> list[str]:
+        """One line per check (and a hint line under each warning or failure). With
+        `error_follows`, the first failure's hint is left to the error that raise_if_failed()
+        prints next, so it is shown once."""
         label = {"pass": "ok", "warn": "warn", "fail": "FAIL"}
+        first_failure = self.failures[0] if error_follows and self.failures else None
         out = []
         for r in self.results:
             out.append(f"  {label.get(r.status, r.status):<5} {r.name:<12}{r.message}")
-            if r.hint and r.status != "pass":
+            if r.hint and r.status != "pass" and r is not first_failure:
                 out.append(f"  {'':<5} {'':<12}hint: {r.hint}")
         return out
 

@@ -31,6 +31,7 @@ from .output import OutputMetrics, OutputParser, OutputText
 CRASH_LOOP_REPEATS = 3
 POLL_MAX_S = 0.1  # longest pause between two looks at a running attempt
 STOP_POLL_S = 0.25  # how often a restart delay looks for a stop request
+OUTPUT_DRAIN_S = 60.0  # longest wait for an ended attempt's output to be read and recorded
 RESTARTABLE = (State.PREEMPTED, State.FAILED)
 
 
@@ -313,6 +314,7 @@ class Supervisor:
         recorder = OutputMetrics(session)
         parser: OutputParser | None = None
         flusher_stop = threading.Event()
+        flusher: threading.Thread | None = None
         final_status = State.FAILED
 
         def flush_loop() -> None:
@@ -330,7 +332,8 @@ class Supervisor:
                     # built after the child starts: the parser's imports and regexes overlap the
                     # script's own start-up instead of adding to it
                     parser = self._make_parser(recorder)
-                    threading.Thread(target=flush_loop, daemon=True, name="trainctl-output-metrics").start()
+                    flusher = threading.Thread(target=flush_loop, daemon=True, name="trainctl-output-metrics")
+                    flusher.start()
                     watching.start()
                 text = OutputText()
                 output_done = threading.Event()
@@ -341,7 +344,9 @@ class Supervisor:
                 if self.stop_signal is not None:  # a signal raced the launch
                     backend.stop(handle, policy.grace_period_s, signal_name=_stop_signal_name(self.stop_signal))
                 end = self._wait(backend, handle, output_done)
-                reader.join(timeout=10)
+                # the backend ends its output once the attempt is reaped; the bound is for a
+                # backend that never does, not for a slow reader (its last lines must be parsed)
+                reader.join(timeout=OUTPUT_DRAIN_S)
                 self._handle = None
                 backend.release(handle)
                 if parser is not None:
@@ -370,6 +375,8 @@ class Supervisor:
         finally:
             flusher_stop.set()
             watching.stop()
+            if flusher is not None:
+                flusher.join(timeout=OUTPUT_DRAIN_S)
             self.events.attempts_ended(final_status)
             recorder.close()
 
