@@ -150,6 +150,10 @@ def info_cmd(path: Path, as_json: bool) -> None:
 
     _require_exists(path)
     info = ckpt.inspect(path, contents=True)
+    if info.status == "unreadable":
+        raise CorruptCheckpointError(f"{path}: unreadable: {info.error}.",
+                                     "trainctl reads a checkpoint's pickle within bounds, and this one is past them; "
+                                     "load it with torch only if you trust where it came from.")
     if info.kind == "unknown" and info.status == "corrupt":
         raise CorruptCheckpointError(f"{path} is {info.error}.",
                                      "Give a checkpoint file, or list them with: trainctl checkpoint list")
