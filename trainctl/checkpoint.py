@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import copy
+import difflib
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ from .errors import (
     CorruptCheckpointError,
     UnsupportedCheckpointError,
     UntrustedCheckpointError,
+    UsageError,
 )
 from .fsutil import atomic_write_json, crash_point, fsync_dir, parse_temp_name, temp_beside
 
@@ -869,18 +871,37 @@ def _metric_value(info: CheckpointInfo, metric: str) -> float | None:
     return None
 
 
+class UnknownMetricError(UsageError):
+    """keep-best was asked for by a metric none of the checkpoints records."""
+
+    def __init__(self, metric: str, known: Iterable[str]) -> None:
+        self.metric = metric
+        self.known = sorted(set(known))
+        close = difflib.get_close_matches(metric, self.known, n=1)
+        recorded = f"they record: {', '.join(self.known)}" if self.known else "they record no metrics"
+        super().__init__(
+            f"no checkpoint records the metric '{metric}' ({recorded}), so keep-best would protect nothing."
+            + (f" Did you mean '{close[0]}'?" if close else ""),
+            f"Pass --metric {close[0] if close else (self.known[0] if self.known else 'NAME')}, or fix "
+            "[retention] metric in trainctl.toml.")
+
+
 def plan_retention(infos: Iterable[CheckpointInfo], *, keep_last_n: int = 0, keep_best_k: int = 0,
                    metric: str = "loss", mode: str = "min", max_total_bytes: int = 0,
                    protected: Iterable[str | os.PathLike[str]] = ()) -> list[CheckpointInfo]:
     """Which checkpoints to delete, oldest first; never the newest valid, the best, or `protected`.
 
     Only trainctl checkpoints with a manifest are managed: a file without one may be a save in
-    progress, and foreign checkpoints belong to other tools.
+    progress, and foreign checkpoints belong to other tools. Raises UnknownMetricError when
+    `keep_best_k` ranks by a metric no managed checkpoint records.
     """
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
     managed = sorted((i for i in infos if i.kind == "trainctl" and i.status != "unverified"),
                      key=lambda i: i.time, reverse=True)
+    if keep_best_k > 0 and managed and all(_metric_value(i, metric) is None for i in managed):
+        raise UnknownMetricError(metric, (k for i in managed for k in (i.metrics or {})
+                                          if _metric_value(i, k) is not None))
     protected_paths = {os.path.realpath(p) for p in protected}
     keep: set[int] = set()
     for idx, info in enumerate(managed):
