@@ -783,7 +783,8 @@ def to_plain(obj: Any, depth: int = 0, *, max_items: int = 200) -> Any:
 
 def tensor_stats(obj: Any) -> dict[str, Any]:
     """Count tensors, their elements, dtypes and unique storage bytes anywhere in `obj`; a shared
-    object (a tensor or a container) counts once."""
+    object (a tensor or a container) counts once. Elements are not parameters: see
+    parameter_summary()."""
     count = params = 0
     dtypes: dict[str, int] = {}
     storages: dict[str, int] = {}
@@ -809,7 +810,71 @@ def tensor_stats(obj: Any) -> dict[str, Any]:
             stack.extend(item.items.values())
             stack.append(item.state)
             stack.extend(item.elements)
-    return {"tensors": count, "parameters": params, "dtypes": dtypes, "tensor_bytes": sum(storages.values())}
+    return {"tensors": count, "tensor_elements": params, "dtypes": dtypes, "tensor_bytes": sum(storages.values())}
+
+
+# state-dict entries that are buffers, not parameters (BatchNorm's running statistics)
+_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    """A module's state dict: names to tensors (a module's `_extra_state` entries aside)."""
+    if not isinstance(obj, dict) or not obj:
+        return False
+    tensors = 0
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            return False
+        if isinstance(value, TensorRef):
+            tensors += 1
+        elif not key.endswith("_extra_state"):
+            return False
+    return tensors > 0
+
+
+def _is_optimizer_state(obj: Any) -> bool:
+    return isinstance(obj, dict) and "state" in obj and "param_groups" in obj
+
+
+def parameter_summary(obj: Any, meta_key: str) -> dict[str, Any]:
+    """Parameters counted from the model's state dict(s) and where they were found (`top-level`,
+    `state_dict`, `model`, ...); buffers, optimizer state and every other tensor apart. Tensors
+    that share storage (tied weights) count once, as model.parameters() yields them."""
+    models: list[tuple[str, dict[Any, Any]]] = []
+    optimizers: list[Any] = []
+    if _is_state_dict(obj):
+        models.append(("top-level", obj))
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if key == meta_key:
+                continue
+            if _is_state_dict(value):
+                models.append((str(key), value))
+            elif _is_optimizer_state(value) or (isinstance(value, (list, tuple)) and value
+                                                 and all(_is_optimizer_state(v) for v in value)):
+                optimizers.append(value)  # Lightning keeps a list of them: optimizer_states
+    params = buffers = 0
+    seen: set[Any] = set()
+    for _, state in models:
+        for name, t in state.items():
+            if not isinstance(t, TensorRef):
+                continue
+            ident = (t.storage.key, t.offset, t.shape) if t.storage is not None else id(t)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            if name.rsplit(".", 1)[-1] in _BUFFER_NAMES:
+                buffers += t.numel
+            else:
+                params += t.numel
+    total, model, optimizer = (tensor_stats(x) for x in (obj, [s for _, s in models], optimizers))
+    out: dict[str, Any] = {}
+    if models:
+        out.update(parameters=params, parameters_in=[where for where, _ in models], buffers=buffers)
+    out.update(optimizer_tensors=optimizer["tensors"], optimizer_elements=optimizer["tensor_elements"],
+               other_tensors=total["tensors"] - model["tensors"] - optimizer["tensors"],
+               other_elements=total["tensor_elements"] - model["tensor_elements"] - optimizer["tensor_elements"])
+    return out
 
 
 def _is_number(v: Any) -> bool:
@@ -831,10 +896,10 @@ def classify(obj: Any, meta_key: str) -> dict[str, Any]:
     """{'kind', 'epoch', 'step', 'metrics', 'meta', 'summary'} for a walked checkpoint object."""
     out: dict[str, Any] = {"kind": "unknown", "epoch": None, "step": None, "metrics": {},
                            "meta": {}, "summary": {}}
-    stats = tensor_stats(obj)
-    out["summary"].update(stats)
+    out["summary"].update(tensor_stats(obj))
     if isinstance(obj, Opaque) and obj.items:
         obj = obj.items
+    out["summary"].update(parameter_summary(obj, meta_key))
     if not isinstance(obj, dict):
         out["summary"]["type"] = obj.qualname if isinstance(obj, Opaque) else type(obj).__name__
         if isinstance(obj, TensorRef):
