@@ -277,46 +277,99 @@ def register(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, An
                                "manifest", _tag(full_meta))
 
 
-def _to_cpu_copy(value: Any) -> Any:
-    """A snapshot the training thread may keep mutating: tensors cloned to CPU, containers copied."""
-    import torch
+class _Staging:
+    """Copies a state to CPU for an asynchronous save, into buffers kept from the previous one.
 
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
-    if isinstance(value, dict):
-        out: dict[Any, Any] = collections.OrderedDict() if isinstance(value, collections.OrderedDict) else {}
-        for k, v in value.items():
-            out[k] = _to_cpu_copy(v)
-        if hasattr(value, "_metadata"):  # state_dict versions that load_state_dict reads
-            out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
-        return out
-    if isinstance(value, list):
-        return [_to_cpu_copy(v) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_to_cpu_copy(v) for v in value)
-    return copy.deepcopy(value)
+    Measured on a 2-core machine for 768 MB: cloning allocates fresh memory and its page faults
+    cost ~1.1 s, while copying into buffers already touched costs ~0.3 s; torch.save + fsync of
+    the same state takes 1.3-2.7 s. So the buffers of one save are reused by the next (the
+    price: one copy of the state stays allocated between saves, as with torch.distributed's
+    cached async staging). A buffer is reused only for a tensor of the same dtype and shape.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, ...], list[Any]] = {}
+        self.used: list[Any] = []  # the buffers the latest snapshot holds
+
+    def recycle(self) -> None:
+        """The latest snapshot is on disk: its buffers may be written again."""
+        self._free = {}
+        for buf in self.used:
+            self._free.setdefault((buf.dtype, tuple(buf.shape)), []).append(buf)
+        self.used = []
+
+    def drop(self) -> None:
+        self._free, self.used = {}, []
+
+    def snapshot(self, value: Any, memo: dict[Any, Any] | None = None) -> Any:
+        """`value` with every tensor copied to CPU and every container copied; other leaves deep-copied.
+
+        Tensors that are the same view of the same memory (tied weights) stay one tensor.
+        """
+        import torch
+
+        memo = {} if memo is None else memo
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            strided = t.layout == torch.strided and not t.is_meta
+            ident = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride()) if strided else id(value)
+            if ident not in memo:
+                memo[ident] = self._copy(t)
+            return memo[ident]
+        if isinstance(value, dict):
+            out: dict[Any, Any] = collections.OrderedDict() if isinstance(value, collections.OrderedDict) else {}
+            for k, v in value.items():
+                out[k] = self.snapshot(v, memo)
+            if hasattr(value, "_metadata"):  # state_dict versions that load_state_dict reads
+                out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
+            return out
+        if isinstance(value, list):
+            return [self.snapshot(v, memo) for v in value]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(self.snapshot(v, memo) for v in value)
+        return copy.deepcopy(value)
+
+    def _copy(self, t: Any) -> Any:
+        import torch
+
+        if t.layout != torch.strided or t.is_quantized or type(t) is not torch.Tensor or t.is_meta:
+            return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+        free = self._free.get((t.dtype, tuple(t.shape)))
+        buf = free.pop() if free else torch.empty(t.shape, dtype=t.dtype)
+        buf.copy_(t)
+        self.used.append(buf)
+        return buf
+
+
+def _to_cpu_copy(value: Any) -> Any:
+    """A snapshot the training thread may keep mutating: tensors copied to CPU, containers copied."""
+    return _Staging().snapshot(value)
 
 
 class AsyncSaver:
     """Saves in a background thread; `submit` blocks only to copy the state to CPU.
 
     One save is in flight at a time: a second `submit` first waits for the previous one, which
-    bounds memory to one extra copy of the state and keeps checkpoints in order.
+    bounds memory to one extra copy of the state and keeps checkpoints in order; that copy's
+    buffers are then reused (see _Staging) until close().
     """
 
     def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainctl-ckpt")
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
         self._lock = threading.Lock()
+        self._staging = _Staging()
 
     def submit(self, path: str | os.PathLike[str], state: dict[str, Any],
                meta: dict[str, Any]) -> concurrent.futures.Future:
         with self._lock:
             if self._pending is not None:
                 concurrent.futures.wait([self._pending])
-            snapshot = _to_cpu_copy(dict(state))
+            self._staging.recycle()
+            snapshot = self._staging.snapshot(dict(state))
             meta_copy = _to_cpu_copy(dict(meta))
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainctl-ckpt")
             self._pending = self._pool.submit(save, path, snapshot, meta_copy)
             return self._pending
 
@@ -327,10 +380,15 @@ class AsyncSaver:
             pending.result()
 
     def close(self) -> None:
+        """Wait for the pending save, then free the staging buffers and the thread."""
         try:
             self.wait()
         finally:
-            self._pool.shutdown(wait=True)
+            with self._lock:
+                self._staging.drop()
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
 
     def __enter__(self) -> AsyncSaver:
         return self
