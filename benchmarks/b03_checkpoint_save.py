@@ -55,34 +55,39 @@ def measure(size_mb: int, repeats: int, folder: Path) -> tuple[list[dict], dict]
         for p in (path, path.with_name(path.name + ".json")):
             p.unlink(missing_ok=True)
 
-    def fresh_run(blocking: bool) -> float:
-        # a fresh run per save: finish() waits for an async one, and the next run starts clean
+    def durable() -> float:
+        # a fresh run per save (trainctl.init() hands back the current run until it finishes)
         run = trainctl.init(name="bench-ckpt", tensorboard=False)
         try:
             t0 = time.perf_counter()
-            path = run.save_checkpoint(state, step=next(counter), blocking=blocking)
+            path = run.save_checkpoint(state, step=next(counter))
             elapsed = time.perf_counter() - t0
         finally:
             run.finish()
         remove(path)
         return elapsed
 
-    loop_run = trainctl.init(name="bench-ckpt-loop", tensorboard=False)
+    steady: list[float] = []
 
-    def in_loop() -> float:
-        # the same run saves again, as a training loop does every N steps
-        t0 = time.perf_counter()
-        path = loop_run.save_checkpoint(state, step=next(counter), blocking=False)
-        elapsed = time.perf_counter() - t0
-        loop_run._async_saver.wait()  # the next "training steps" would overlap this; not timed
-        remove(path)
-        return elapsed
+    def asynchronous() -> float:
+        """A run that saves twice, as a training loop does every N steps: the first save of the run
+        allocates the staging buffers (returned), the next reuses them (kept in `steady`)."""
+        run = trainctl.init(name="bench-ckpt-async", tensorboard=False)
+        times = []
+        try:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                path = run.save_checkpoint(state, step=next(counter), blocking=False)
+                times.append(time.perf_counter() - t0)
+                run._async_saver.wait()  # training steps would overlap the write; not timed
+                remove(path)
+        finally:
+            run.finish()
+        steady.append(times[1])
+        return times[0]
 
-    try:
-        base, sync, steady, first = interleaved(repeats, baseline, lambda: fresh_run(True), in_loop,
-                                                lambda: fresh_run(False))
-    finally:
-        loop_run.finish()
+    base, sync, first = interleaved(repeats, baseline, durable, asynchronous)
+    steady = steady[-repeats:]  # the warm-up round's save is not counted
     b, s, a, f = stats(base), stats(sync), stats(steady), stats(first)
     label = f"{size_mb} MB" if size_mb < 1024 else f"{size_mb // 1024} GB"
     rows = [
