@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -91,6 +92,9 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
 
 CHOICES = {("retention", "mode"): ("min", "max"), ("cloud", "checksums"): ("when_supported", "when_required"),
            ("runpod", "cloud"): ("secure", "community"), ("runpod", "setup"): ("auto", "venv", "direct", "none")}
+# numbers with a floor above 0 (every number must be finite and not negative)
+MINIMUMS: dict[tuple[str, str], int | float] = {("monitor", "window"): 1, ("runpod", "gpu_count"): 1,
+                                                ("aws", "max_attempts"): 1, ("aws", "disk_gb"): 1}
 
 
 @dataclass
@@ -215,12 +219,20 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                 fail(f"unknown key '{dotted}'.",
                      f"Did you mean '{close[0]}'?" if close else f"Valid keys in [{section}]: {', '.join(SCHEMA[section])}.",
                      k, section)
-            types, _default, _doc = spec
+            types, default, _doc = spec
             if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
                 fail(f"'{dotted}' must be {_type_name(types)}, not {type(v).__name__} ({v!r}).",
                      f"Fix the value of '{k}' in the config file.", k, section)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                fail(f"'{dotted}' must not be negative ({v!r}).", "Use 0 or a positive value.", k, section)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                # NaN compares false with everything: unchecked, it silently turns a limit off
+                if not math.isfinite(v):
+                    fail(f"'{dotted}' must be a finite number, not {v!r}.",
+                         f"Set {k} to a number, e.g. {k} = {default!r}.", k, section)
+                if v < 0:
+                    fail(f"'{dotted}' must not be negative ({v!r}).", "Use 0 or a positive value.", k, section)
+                minimum = MINIMUMS.get((section, k))
+                if minimum is not None and v < minimum:
+                    fail(f"'{dotted}' must be at least {minimum}, not {v!r}.", f"Set {k} = {minimum} or more.", k, section)
             choices = CHOICES.get((section, k))
             if choices and v not in choices:
                 fail(f"'{dotted}' must be one of {', '.join(choices)}, not {v!r}.",
@@ -229,7 +241,7 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                 try:
                     parse_size(v)
                 except ValueError as e:
-                    fail(str(e), "Use a size like '500M' or '20G'.", k, section)
+                    fail(f"'{dotted}' is {e}.", "Use a size like '500M' or '20G'.", k, section)
             if (section, k) == ("metrics", "patterns"):
                 for pattern in v:
                     try:

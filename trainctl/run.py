@@ -721,7 +721,7 @@ class Run:
         status = status or (State.PREEMPTED if self.preempted else State.COMPLETED)
         if self._async_saver is not None:
             try:
-                self._async_saver.wait()
+                self._async_saver.close()  # also frees its staging buffers
             except Exception:
                 pass  # _async_done already recorded the failure; the session must still end
         try:

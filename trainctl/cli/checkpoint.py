@@ -163,6 +163,10 @@ def info_cmd(path: Path, as_json: bool) -> None:
 
     _require_exists(path)
     info = ckpt.inspect(path, contents=True)
+    if info.status == "unreadable":
+        raise CorruptCheckpointError(f"{path}: unreadable: {info.error}.",
+                                     "trainctl reads a checkpoint's pickle within bounds, and this one is past them; "
+                                     "load it with torch only if you trust where it came from.")
     if info.kind == "unknown" and info.status == "corrupt":
         raise CorruptCheckpointError(f"{path} is {info.error}.",
                                      "Give a checkpoint file, or list them with: trainctl checkpoint list")
@@ -291,7 +295,19 @@ def cleanup_cmd(directory: Path | None, keep_last_n: int | None, keep_best_k: in
     groups: dict[Path, list[Any]] = {}
     for info in ckpt.scan(directory):
         groups.setdefault(info.path.parent, []).append(info)
-    plan = [info for infos in groups.values() for info in ckpt.plan_retention(infos, protected=protected, **settings)]
+    plan, unranked = [], []
+    for folder, infos in groups.items():
+        try:
+            plan += ckpt.plan_retention(infos, protected=protected, **settings)
+        except ckpt.UnknownMetricError as e:
+            unranked.append((folder, e))
+    ranked_groups = sum(1 for infos in groups.values()
+                        if any(i.kind == "trainctl" and i.status != "unverified" for i in infos))
+    if unranked and len(unranked) == ranked_groups:
+        raise ckpt.UnknownMetricError(settings["metric"], (k for _, e in unranked for k in e.known))
+    for folder, _ in unranked:
+        click.echo(f"note: skipped {_relative(folder, directory) or '.'}: none of its checkpoints records "
+                   f"'{settings['metric']}', so keep-best cannot tell which to keep.", err=True)
     temps = ckpt.stale_temp_files(directory, recursive=True)
     if not plan and not temps:
         click.echo("Nothing to delete.")
