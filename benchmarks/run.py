@@ -1,4 +1,4 @@
-"""Run the benchmark figures B1-B11 and print one table: figure, trainctl, baseline, ratio, goal, result.
+"""Run the benchmark figures B1-B14 and print one table: figure, trainctl, baseline, ratio, goal, result.
 
     python benchmarks/run.py [--quick] [--smoke] [--only B1,B3] [--json OUT]
 
@@ -34,6 +34,9 @@ FIGURES = {
     "B9": "b09_concurrent_events.py",
     "B10": "b10_rss.py",
     "B11": "b11_storage_upload.py",
+    "B12": "b12_spot_notice.py",
+    "B13": "b13_sync_overhead.py",
+    "B14": "b14_checkpoint_watch.py",
 }
 DEFAULT_JSON = HERE / "results" / "latest.json"
 

@@ -1,21 +1,20 @@
-"""AWS without an account: moto's server on 127.0.0.1, plus what moto lacks answered through
-botocore's own event hooks (Pricing, Service Quotas, spot prices, injected AWS errors).
+"""AWS without an account: moto's server on 127.0.0.1 (the `moto_server` fixture of
+conftest.py, tests/servers.MotoServer), plus what moto lacks answered through botocore's own
+event hooks (Pricing, Service Quotas, spot prices, injected AWS errors).
 
-Nothing here reaches a non-loopback address: ``loopback_only`` makes any other connection or
-name lookup fail loudly.
+Nothing here reaches a non-loopback address: conftest.py's guard (tests/netguard) fails any
+test that tries.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import logging
 import os
-import socket
-import time
-import urllib.request
-from collections.abc import Callable, Iterator
+import re
+import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,146 +22,15 @@ from typing import Any
 
 import pytest
 
-ACCOUNT = "123456789012"  # moto's account
+from .servers import MOTO_ACCOUNT, FaultProxy, MotoServer, loopback_env
+
+ACCOUNT = MOTO_ACCOUNT
 REGION = "us-east-1"
 PUBLICATION_DATE = "2026-11-01T00:00:00Z"
 
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-def _is_loopback(host: Any) -> bool:
-    return isinstance(host, str) and (host in _LOOPBACK or host.startswith("127."))
-
-
-@pytest.fixture(scope="session")
-def loopback_only() -> Iterator[None]:
-    """Any connection or DNS lookup beyond loopback raises: a test can't reach AWS by accident."""
-    real_connect = socket.socket.connect
-    real_getaddrinfo = socket.getaddrinfo
-
-    def connect(self: socket.socket, address: Any) -> Any:
-        if self.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(address[0]):
-            raise AssertionError(f"test tried to reach {address!r}: only loopback is allowed")
-        return real_connect(self, address)
-
-    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
-        if host is not None and not _is_loopback(host if isinstance(host, str) else host.decode()):
-            raise AssertionError(f"test tried to resolve {host!r}: only loopback is allowed")
-        return real_getaddrinfo(host, *args, **kwargs)
-
-    socket.socket.connect = connect  # type: ignore[method-assign]
-    socket.getaddrinfo = getaddrinfo
-    try:
-        yield
-    finally:
-        socket.socket.connect = real_connect  # type: ignore[method-assign]
-        socket.getaddrinfo = real_getaddrinfo
-
-
-@pytest.fixture(scope="session")
-def aws_isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """No real credentials, config files or instance metadata can be picked up."""
-    home = tmp_path_factory.mktemp("aws-home")
-    values = {
-        "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_SESSION_TOKEN": "testing",
-        "AWS_DEFAULT_REGION": REGION, "AWS_EC2_METADATA_DISABLED": "true",
-        "AWS_SHARED_CREDENTIALS_FILE": str(home / "credentials"), "AWS_CONFIG_FILE": str(home / "config"),
-    }
-    drop = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE",
-            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
-    saved = {k: os.environ.get(k) for k in (*values, *drop)}
-    os.environ.update(values)
-    for key in drop:
-        os.environ.pop(key, None)
-    try:
-        yield values
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
-@functools.lru_cache(maxsize=1)
-def _shared_loader() -> Any:
-    import botocore.loaders
-
-    return botocore.loaders.create_loader()
-
-
-class MotoAws:
-    """One moto server and helpers to seed it and to build trainctl contexts against it."""
-
-    def __init__(self, url: str) -> None:
-        self.url = url
-
-    def reset(self) -> None:
-        urllib.request.urlopen(urllib.request.Request(self.url + "/moto-api/reset", method="POST"), timeout=10).read()
-
-    def session(self, hooks: dict[str, Callable[..., Any]] | None = None, *, credentials: bool = True) -> Any:
-        import boto3
-        import botocore.session
-
-        core = botocore.session.get_session()
-        core.register_component("data_loader", _shared_loader())  # parse AWS's model files once
-        keys = ({"aws_access_key_id": "testing", "aws_secret_access_key": "testing"} if credentials else {})
-        session = boto3.Session(region_name=REGION, botocore_session=core, **keys)
-        for event, handler in (hooks or {}).items():
-            session.events.register(event, handler)
-        return session
-
-    def context(self, region: str = REGION, hooks: dict[str, Callable[..., Any]] | None = None, *,
-                max_attempts: int = 2, credentials: bool = True, endpoint_url: str | None = None) -> Any:
-        from trainctl.cloud.aws.context import AwsContext
-
-        return AwsContext(region, endpoint_url=endpoint_url or self.url, max_attempts=max_attempts,
-                          session=self.session(hooks, credentials=credentials))
-
-    def client(self, service: str, region: str = REGION) -> Any:
-        return self.session().client(service, region_name=region, endpoint_url=self.url)
-
-    def seed_dlami(self, region: str = REGION, arch: str = "x86_64",
-                   types: tuple[str, ...] = ("oss-nvidia-driver-gpu-pytorch-2.6-amazon-linux-2023",
-                                             "oss-nvidia-driver-gpu-pytorch-2.7-ubuntu-22.04",
-                                             "oss-nvidia-driver-gpu-pytorch-2.10-ubuntu-22.04",
-                                             "oss-nvidia-driver-gpu-pytorch-2.10-ubuntu-24.04",
-                                             "base-oss-nvidia-driver-gpu-ubuntu-24.04")) -> dict[str, str]:
-        """Public DLAMI parameters as AWS publishes them (moto refuses writes under /aws/)."""
-        from moto.ssm.models import Parameter, ssm_backends
-
-        ec2 = self.client("ec2", region)
-        backend = ssm_backends[ACCOUNT][region]
-        seeded: dict[str, str] = {}
-        for ami_type in types:
-            image_id = ec2.register_image(Name=f"Deep Learning {ami_type} 20261101",
-                                          Architecture=arch, RootDeviceName="/dev/sda1")["ImageId"]
-            for suffix in ("latest/ami-id", "20261101/ami-id"):
-                name = f"/aws/service/deeplearning/ami/{arch}/{ami_type}/{suffix}"
-                backend._parameters[name].append(Parameter(
-                    account_id=ACCOUNT, name=name, value=image_id, parameter_type="String",
-                    description=None, allowed_pattern=None, keyid=None, last_modified_date=time.time(),
-                    version=1, data_type="aws:ec2:image"))
-            seeded[ami_type] = image_id
-        return seeded
-
-
-@pytest.fixture(scope="session")
-def moto_server(loopback_only: None, aws_isolated_env: dict[str, str]) -> Iterator[MotoAws]:
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield MotoAws(f"http://{host}:{port}")
-    finally:
-        server.stop()
-
 
 @pytest.fixture
-def moto(moto_server: MotoAws) -> MotoAws:
+def moto(moto_server: MotoServer) -> MotoServer:
     """A fresh, empty AWS for each test."""
     moto_server.reset()
     return moto_server
@@ -175,7 +43,7 @@ class Account:
     Tests keep to their own session ids, so they can share it without seeing each other.
     """
 
-    moto: MotoAws
+    moto: MotoServer
     seeded: dict[str, str]
 
     def context(self, hooks: dict[str, Any] | None = None) -> Any:
@@ -192,7 +60,7 @@ class Account:
 
 
 @pytest.fixture(scope="module")
-def account(moto_server: MotoAws) -> Account:
+def account(moto_server: MotoServer) -> Account:
     """A fresh account per test module, prepared once."""
     moto_server.reset()
     seeded = moto_server.seed_dlami(REGION)
@@ -283,15 +151,10 @@ def spot_price_hook(prices: dict[tuple[str, str], float], when: datetime) -> Cal
 
 def standard_hooks(*, spot_when: datetime | None = None) -> dict[str, Callable[..., Any]]:
     """Prices and quotas a paid account could have, for the tests that don't study them."""
-    when = spot_when or datetime(2026, 11, 30, 6, 0, tzinfo=timezone.utc)
     return {
-        "before-call.pricing.GetProducts": pricing_hook({"g5.xlarge": 1.006, "g5.2xlarge": 1.212,
-                                                         "p4d.24xlarge": 21.9576, "g6.xlarge": 0.8048}),
-        "before-call.service-quotas.GetServiceQuota": quota_hook({"L-DB2E81BA": 64, "L-3819A6DF": 64,
-                                                                  "L-417A185B": 96, "L-7212CCBC": 96}),
-        "before-call.ec2.DescribeSpotPriceHistory": spot_price_hook(
-            {("g5.xlarge", "us-east-1a"): 0.4123, ("g5.xlarge", "us-east-1b"): 0.3911,
-             ("g5.2xlarge", "us-east-1a"): 0.5002, ("g6.xlarge", "us-east-1a"): 0.3020}, when),
+        "before-call.pricing.GetProducts": pricing_hook(PRICES),
+        "before-call.service-quotas.GetServiceQuota": quota_hook(QUOTAS),
+        "before-call.ec2.DescribeSpotPriceHistory": spot_price_hook(SPOT_PRICES, spot_when or SPOT_WHEN),
     }
 
 
@@ -302,3 +165,176 @@ def golden(path: Path, text: str) -> None:
         path.write_text(text)
     assert path.exists(), f"{path} is missing; create it with TRAINCTL_UPDATE_GOLDEN=1 and review it"
     assert text == path.read_text(), f"{path.name} changed; rerun with TRAINCTL_UPDATE_GOLDEN=1 and review"
+
+
+# ------------------------------------------- the same answers on the wire, for the CLI's processes
+
+# What standard_hooks() answers, as tables (the CLI runs in its own process: no hooks there).
+PRICES = {"g5.xlarge": 1.006, "g5.2xlarge": 1.212, "p4d.24xlarge": 21.9576, "g6.xlarge": 0.8048}
+QUOTAS = {"L-DB2E81BA": 64, "L-3819A6DF": 64, "L-417A185B": 96, "L-7212CCBC": 96}
+SPOT_PRICES = {("g5.xlarge", "us-east-1a"): 0.4123, ("g5.xlarge", "us-east-1b"): 0.3911,
+               ("g5.2xlarge", "us-east-1a"): 0.5002, ("g6.xlarge", "us-east-1a"): 0.3020}
+SPOT_WHEN = datetime(2026, 11, 30, 6, 0, tzinfo=timezone.utc)
+
+
+def _json_reply(status: int, body: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
+    return status, {"Content-Type": "application/x-amz-json-1.1"}, json.dumps(body).encode()
+
+
+def price_list_reply(prices: dict[str, float], publication_date: str = PUBLICATION_DATE) -> Callable[[bytes], Any]:
+    """Pricing GetProducts on the wire (JSON 1.1), from instance type -> USD/h."""
+
+    def reply(body: bytes) -> Any:
+        filters = {f["Field"]: f["Value"] for f in json.loads(body or b"{}").get("Filters", [])}
+        usd = prices.get(filters.get("instanceType", ""))
+        if usd is None:
+            return _json_reply(200, {"PriceList": [], "FormatVersion": "aws_v1"})
+        sku = "SKU" + filters["instanceType"].replace(".", "")
+        product = {"product": {"sku": sku, "attributes": filters}, "publicationDate": publication_date,
+                   "terms": {"OnDemand": {f"{sku}.JRTCKXETXF": {"effectiveDate": publication_date, "priceDimensions": {
+                       f"{sku}.JRTCKXETXF.6YS6EN2CT7": {"unit": "Hrs", "pricePerUnit": {"USD": f"{usd:.10f}"}}}}}}}
+        return _json_reply(200, {"PriceList": [json.dumps(product)], "FormatVersion": "aws_v1"})
+
+    return reply
+
+
+def quota_reply(values: dict[str, float]) -> Callable[[bytes], Any]:
+    """Service Quotas GetServiceQuota on the wire, from quota code -> vCPUs."""
+
+    def reply(body: bytes) -> Any:
+        code = json.loads(body or b"{}").get("QuotaCode", "")
+        if code not in values:
+            return _json_reply(400, {"__type": "NoSuchResourceException", "message": f"quota {code} does not exist"})
+        return _json_reply(200, {"Quota": {"ServiceCode": "ec2", "QuotaCode": code, "Value": values[code],
+                                           "Unit": "None", "Adjustable": True, "GlobalQuota": False}})
+
+    return reply
+
+
+def spot_history_reply(prices: dict[tuple[str, str], float], when: datetime) -> Callable[[bytes], Any]:
+    """EC2 DescribeSpotPriceHistory on the wire (the EC2 query protocol's XML)."""
+    from urllib.parse import parse_qs
+
+    def reply(body: bytes) -> Any:
+        form = parse_qs(body.decode())
+        wanted = {v[0] for k, v in form.items() if k.startswith("InstanceType.")}
+        items = "".join(
+            f"<item><instanceType>{itype}</instanceType><productDescription>Linux/UNIX</productDescription>"
+            f"<spotPrice>{usd:.6f}</spotPrice><timestamp>{when.strftime('%Y-%m-%dT%H:%M:%S.000Z')}</timestamp>"
+            f"<availabilityZone>{zone}</availabilityZone></item>"
+            for (itype, zone), usd in prices.items() if not wanted or itype in wanted)
+        xml = ('<?xml version="1.0" encoding="UTF-8"?><DescribeSpotPriceHistoryResponse '
+               'xmlns="http://ec2.amazonaws.com/doc/2016-11-15/"><requestId>trainctl-test</requestId>'
+               f"<spotPriceHistorySet>{items}</spotPriceHistorySet><nextToken/></DescribeSpotPriceHistoryResponse>")
+        return 200, {"Content-Type": "text/xml"}, xml.encode()
+
+    return reply
+
+
+def add_standard_answers(front: Any, *, prices: dict[str, float] | None = None,
+                         quotas: dict[str, float] | None = None) -> Any:
+    """Rules on a FaultProxy in front of moto: Pricing, Service Quotas and spot prices answered
+    like a paid account (standard_hooks' tables), everything else forwarded to moto."""
+    from .servers import Rule
+
+    front.add(Rule("reply", target=r"^AWSPriceListService\.GetProducts$", times=None,
+                   reply=price_list_reply(PRICES if prices is None else prices)))
+    front.add(Rule("reply", target=r"^ServiceQuotasV20190624\.Get(AWSDefault)?ServiceQuota$", times=None,
+                   reply=quota_reply(QUOTAS if quotas is None else quotas)))
+    front.add(Rule("reply", form=r"(^|&)Action=DescribeSpotPriceHistory(&|$)", times=None,
+                   reply=spot_history_reply(SPOT_PRICES, SPOT_WHEN)))
+    return front
+
+
+# ----------------------------------------------------- projects that run the real CLI against it
+
+BUCKET = "demo-bucket"
+TRAIN = """\
+import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument("--epochs", type=int, default=1)
+print("training for", parser.parse_args().epochs, "epochs")
+"""
+
+
+@dataclass
+class Cloud:
+    """moto, and the proxy in front of it the CLI talks to; helpers to see what the CLI made."""
+
+    moto: MotoServer
+    front: FaultProxy
+
+    def ec2(self) -> Any:
+        return self.moto.client("ec2")
+
+    def instances(self, session: str) -> list[dict[str, Any]]:
+        reservations = self.ec2().describe_instances(
+            Filters=[{"Name": "tag:trainctl:session", "Values": [session]}])["Reservations"]
+        return sorted((i for r in reservations for i in r["Instances"]), key=lambda i: i["LaunchTime"])
+
+    def keys(self, prefix: str = "") -> list[str]:
+        found = self.moto.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        return sorted(o["Key"] for o in found)
+
+
+@pytest.fixture(scope="module")
+def cloud(moto_server: MotoServer) -> Any:
+    """A fresh account for this module with the PyTorch DLAMIs published, behind a FaultProxy
+    that answers what moto lacks: what the CLI's own processes talk to."""
+    moto_server.reset()
+    moto_server.seed_dlami(REGION)
+    front = add_standard_answers(FaultProxy(moto_server.endpoint_url).start())
+    yield Cloud(moto_server, front)
+    front.stop()
+
+
+@dataclass
+class Project:
+    """A project folder whose trainctl.toml points [aws] at the proxy."""
+
+    root: Path
+    cloud: Cloud
+    guard_log: Path
+
+    def run(self, *args: str, timeout: float = 180, check: bool = True, **env: str) -> subprocess.CompletedProcess[str]:
+        """`trainctl ARGS` in its own process, in the project, reaching loopback only."""
+        from .conftest import clean_env
+
+        environ = loopback_env(clean_env(COLUMNS="200", **env), guard_log=self.guard_log)
+        r = subprocess.run([sys.executable, "-m", "trainctl", *args], cwd=self.root, env=environ,
+                           capture_output=True, text=True, timeout=timeout)
+        assert not self.guard_log.exists(), self.guard_log.read_text()
+        if check:
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return r
+
+    def launch(self, *args: str, **env: str) -> str:
+        """`aws launch --yes --detach ...`; the new session's id."""
+        r = self.run("aws", "launch", "--yes", "--detach", *args, **env)
+        return re.search(r"Started session (\S+) on AWS", r.stdout).group(1)
+
+    def record(self, session: str) -> dict[str, Any]:
+        return json.loads((self.root / ".trainctl" / "sessions" / session / "session.json").read_text())
+
+
+def make_project(root: Path, cloud: Cloud, *, setup: bool = True) -> Project:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "trainctl.toml").write_text(f'[aws]\nendpoint_url = "{cloud.front.url}"\nregion = "{REGION}"\n')
+    (root / "train.py").write_text(TRAIN)
+    project = Project(root, cloud, root.parent / "netguard.log")
+    if setup:
+        project.run("aws", "setup", "--bucket", BUCKET, "--yes")
+    return project
+
+
+def reclaim(cloud: Cloud, instance_id: str) -> None:
+    """The test plays AWS reclaiming a spot machine (moto never does)."""
+    from moto.ec2.models import ec2_backends
+    from moto.ec2.models.instances import StateReason
+
+    from tests.aws_fixtures import ACCOUNT
+
+    cloud.ec2().terminate_instances(InstanceIds=[instance_id])
+    instance = ec2_backends[ACCOUNT][REGION].get_instance(instance_id)
+    instance.state_reason = StateReason("Server.SpotInstanceTermination: Spot instance termination",
+                                        "Server.SpotInstanceTermination")

@@ -130,6 +130,9 @@ class FakeRunPod:
         self.requests: list[dict[str, Any]] = []
         self.failures: list[Failure] = []
         self.provision_ticks: int | None = 1
+        self.secrets: dict[str, str] = {}  # RunPod secrets: name -> value
+        self.on_terminate: dict[str, Any] = {}  # pod id -> called once its termination is answered
+        self._after: list[Any] = []
         self.stuck_images: set[str] = set()
         self.bad_images: set[str] = set()
         self.tick = 0
@@ -176,9 +179,12 @@ class FakeRunPod:
             pod.status_message = "Exited by RunPod: interrupted"  # ASSUMED wording
 
     def pod_environment(self, pod_id: str) -> dict[str, str]:
-        """What RunPod puts in the container's environment: the pod's env plus its own."""
+        """What RunPod puts in the container's environment: the pod's env, its secret references
+        replaced by the secrets' values, plus its own variables."""
         pod = self.pods[pod_id]
-        env = {e["key"]: e["value"] for e in pod.input.get("env") or []}
+        env = {e["key"]: re.sub(r"\{\{ RUNPOD_SECRET_([A-Za-z0-9_.\-/]+) \}\}",
+                                lambda m: self.secrets.get(m.group(1), m.group(0)), e["value"])
+               for e in pod.input.get("env") or []}
         env.update(RUNPOD_POD_ID=pod.id, RUNPOD_API_KEY=pod.key)
         return env
 
@@ -230,7 +236,10 @@ class FakeRunPod:
                 self._fail(handler, failure, entry)
                 return
             entry["status"] = 200
+            after, self._after = self._after, []
         self._send(handler, 200, answer)
+        for callback in after:
+            callback()
 
     def _fail(self, handler: BaseHTTPRequestHandler, failure: Failure,
               entry: dict[str, Any]) -> None:
@@ -375,6 +384,8 @@ class FakeRunPod:
         if pod is None:
             raise GraphQLError(NOT_FOUND_TO_TERMINATE)
         self.terminated.append((pod.id, "pod" if who.startswith("pod:") else "user"))
+        if pod.id in self.on_terminate:
+            self._after.append(self.on_terminate.pop(pod.id))
         return None
 
     def _podResume(self, spec: dict[str, Any], who: str) -> dict[str, Any]:

@@ -13,12 +13,15 @@ the no-network guard (tests/netguard/) in every Python child.
 
 from __future__ import annotations
 
+import functools
 import http.client
 import json
+import logging
 import os
 import re
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,6 +32,7 @@ from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 NETGUARD_DIR = Path(__file__).resolve().parent / "netguard"
+MOTO_ACCOUNT = "123456789012"  # the account moto answers as
 
 # Credentials and settings every AWS client in a test uses: fake keys, no IMDS lookups, no
 # profile or config file of the person running the tests.
@@ -78,7 +82,8 @@ def make_s3_store(endpoint_url: str, bucket: str, state_dir: Path, **options: An
 
 
 class MotoServer:
-    """moto's S3 (and every other service) on 127.0.0.1, in this process's threads."""
+    """moto's server (every AWS service) on 127.0.0.1, in this process's threads: the one AWS
+    of the test suite, for storage and the AWS provider alike."""
 
     def __init__(self, server: Any, endpoint_url: str) -> None:
         self._server = server
@@ -88,17 +93,44 @@ class MotoServer:
     def start(cls) -> MotoServer:
         from moto.server import ThreadedMotoServer
 
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
         server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         server.start()
         host, port = server.get_host_and_port()
         return cls(server, f"http://{host}:{port}")
 
-    def client(self, service: str = "s3", endpoint_url: str | None = None) -> Any:
-        """A plain boto3 client on this server (for setting up and inspecting, not under test)."""
-        import boto3
+    def reset(self) -> None:
+        """Forget every resource (a fresh, empty account)."""
+        request = urllib.request.Request(self.endpoint_url + "/moto-api/reset", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            response.read()
 
-        return boto3.session.Session().client(service, endpoint_url=endpoint_url or self.endpoint_url,
-                                              region_name="us-east-1")
+    def session(self, hooks: dict[str, Callable[..., Any]] | None = None, *, credentials: bool = True) -> Any:
+        """A boto3 Session with fake keys (none with `credentials=False`) and botocore event
+        `hooks` registered (what moto doesn't answer, or an error to inject)."""
+        import boto3
+        import botocore.session
+
+        core = botocore.session.get_session()
+        core.register_component("data_loader", _shared_loader())  # parse AWS's model files once
+        keys = ({"aws_access_key_id": "testing", "aws_secret_access_key": "testing"} if credentials else {})
+        session = boto3.Session(region_name="us-east-1", botocore_session=core, **keys)
+        for event, handler in (hooks or {}).items():
+            session.events.register(event, handler)
+        return session
+
+    def context(self, region: str = "us-east-1", hooks: dict[str, Callable[..., Any]] | None = None, *,
+                max_attempts: int = 2, credentials: bool = True, endpoint_url: str | None = None) -> Any:
+        """A trainctl AwsContext on this server."""
+        from trainctl.cloud.aws.context import AwsContext
+
+        return AwsContext(region, endpoint_url=endpoint_url or self.endpoint_url, max_attempts=max_attempts,
+                          session=self.session(hooks, credentials=credentials))
+
+    def client(self, service: str = "s3", region: str = "us-east-1", *, endpoint_url: str | None = None) -> Any:
+        """A plain boto3 client on this server (for setting up and inspecting, not under test)."""
+        return self.session().client(service, endpoint_url=endpoint_url or self.endpoint_url,
+                                     region_name=region)
 
     def create_bucket(self) -> str:
         name = "t-" + os.urandom(6).hex()
@@ -115,8 +147,39 @@ class MotoServer:
             s3.abort_multipart_upload(Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"])
         s3.delete_bucket(Bucket=name)
 
+    def seed_dlami(self, region: str = "us-east-1", arch: str = "x86_64",
+                   types: tuple[str, ...] = ("oss-nvidia-driver-gpu-pytorch-2.6-amazon-linux-2023",
+                                             "oss-nvidia-driver-gpu-pytorch-2.7-ubuntu-22.04",
+                                             "oss-nvidia-driver-gpu-pytorch-2.10-ubuntu-22.04",
+                                             "oss-nvidia-driver-gpu-pytorch-2.10-ubuntu-24.04",
+                                             "base-oss-nvidia-driver-gpu-ubuntu-24.04")) -> dict[str, str]:
+        """Public DLAMI parameters as AWS publishes them (moto refuses writes under /aws/)."""
+        from moto.ssm.models import Parameter, ssm_backends
+
+        ec2 = self.client("ec2", region=region)
+        backend = ssm_backends[MOTO_ACCOUNT][region]
+        seeded: dict[str, str] = {}
+        for ami_type in types:
+            image_id = ec2.register_image(Name=f"Deep Learning {ami_type} 20261101",
+                                          Architecture=arch, RootDeviceName="/dev/sda1")["ImageId"]
+            for suffix in ("latest/ami-id", "20261101/ami-id"):
+                name = f"/aws/service/deeplearning/ami/{arch}/{ami_type}/{suffix}"
+                backend._parameters[name].append(Parameter(
+                    account_id=MOTO_ACCOUNT, name=name, value=image_id, parameter_type="String",
+                    description=None, allowed_pattern=None, keyid=None, last_modified_date=time.time(),
+                    version=1, data_type="aws:ec2:image"))
+            seeded[ami_type] = image_id
+        return seeded
+
     def stop(self) -> None:
         self._server.stop()
+
+
+@functools.lru_cache(maxsize=1)
+def _shared_loader() -> Any:
+    import botocore.loaders
+
+    return botocore.loaders.create_loader()
 
 
 # --- a proxy that injects faults ------------------------------------------------------------------
@@ -124,7 +187,8 @@ class MotoServer:
 @dataclass
 class Rule:
     """What the proxy does to requests that match: `action` is "status" (answer `status` with
-    S3 error `code`, without forwarding), "drop" (read the request, close the connection),
+    S3 error `code`, without forwarding), "reply" (answer with what `reply(body)` returns:
+    status, headers, bytes; an AWS service moto lacks), "drop" (read the request, close the connection),
     "lose_response" (forward, so the store applies it, then close without answering),
     "truncate" (forward, then send half the response body and close), "corrupt" (forward, flip
     a byte of the response body) or "strip" (forward without the `headers` named). `times`
@@ -134,6 +198,9 @@ class Rule:
     method: str | None = None
     path: str | None = None  # regex searched in the path
     query: str | None = None  # regex searched in the query string
+    target: str | None = None  # regex searched in X-Amz-Target (the JSON protocol's operation)
+    form: str | None = None  # regex searched in the request body (the query protocol's Action=...)
+    reply: Callable[[bytes], tuple[int, dict[str, str], bytes]] | None = None  # action "reply"
     status: int = 500
     code: str = "InternalError"
     headers: tuple[str, ...] = ()
@@ -142,10 +209,14 @@ class Rule:
     matched: int = 0
     applied: int = 0
 
-    def matches(self, method: str, path: str, query: str) -> bool:
+    def matches(self, method: str, path: str, query: str, target: str = "", body: bytes = b"") -> bool:
         if self.method and method != self.method:
             return False
         if self.path and not re.search(self.path, path):
+            return False
+        if self.target and not re.search(self.target, target):
+            return False
+        if self.form and not re.search(self.form, body.decode("utf-8", "replace")):
             return False
         return not (self.query and not re.search(self.query, query))
 
@@ -203,10 +274,10 @@ class FaultProxy:
             self.rules.clear()
             self.log.clear()
 
-    def _pick(self, method: str, path: str, query: str) -> Rule | None:
+    def _pick(self, method: str, path: str, query: str, target: str = "", body: bytes = b"") -> Rule | None:
         with self._lock:
             for rule in self.rules:
-                if not rule.matches(method, path, query):
+                if not rule.matches(method, path, query, target, body):
                     continue
                 rule.matched += 1
                 if rule.matched <= rule.skip or (rule.times is not None and rule.applied >= rule.times):
@@ -251,7 +322,7 @@ class FaultProxy:
             def _handle(self) -> None:
                 path, _, query = self.path.partition("?")
                 body = self._body()
-                rule = proxy._pick(self.command, path, query)
+                rule = proxy._pick(self.command, path, query, self.headers.get("X-Amz-Target", ""), body)
                 entry = LoggedRequest(self.command, path, query, None, rule.action if rule else None,
                                       {k: v for k, v in self.headers.items()
                                        if k.lower().startswith(("if-", "x-amz-meta-", "content-md5", "x-amz-checksum"))},
@@ -264,6 +335,17 @@ class FaultProxy:
                     entry.status = rule.status
                     self.send_response(rule.status)
                     self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                    return
+                if rule and rule.action == "reply":
+                    assert rule.reply is not None
+                    status, reply_headers, payload = rule.reply(body)
+                    entry.status = status
+                    self.send_response(status)
+                    for k, v in reply_headers.items():
+                        self.send_header(k, v)
                     self.send_header("Content-Length", str(len(payload)))
                     self.end_headers()
                     self.wfile.write(payload)

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from tests.aws_fixtures import REGION, MotoAws, error_answer, standard_hooks
+from tests.aws_fixtures import REGION, error_answer, standard_hooks
+from tests.servers import MotoServer
 from trainctl.cloud.aws.context import AwsContext, AwsSettings
 from trainctl.cloud.aws.errors import (
-    EXIT_CLOUD,
     AccessDeniedError,
     AmiNotFoundError,
     AwsRequestError,
@@ -40,7 +40,14 @@ from trainctl.cloud.aws.inventory import list_resources
 from trainctl.cloud.aws.launch import launch
 from trainctl.cloud.aws.plan import LaunchRequest, plan_launch
 from trainctl.cloud.aws.setup import check_bucket, setup
-from trainctl.errors import EXIT_NOT_FOUND, EXIT_USAGE, ConfigError, TrainctlError, UsageError
+from trainctl.errors import (
+    EXIT_NOT_FOUND,
+    EXIT_PROVIDER,
+    EXIT_USAGE,
+    ConfigError,
+    TrainctlError,
+    UsageError,
+)
 
 NOW = datetime(2026, 11, 30, 7, 0, tzinfo=timezone.utc)
 
@@ -52,14 +59,14 @@ def request(**changes: Any) -> LaunchRequest:
 
 
 @pytest.fixture(scope="module")
-def account(moto_server: MotoAws) -> MotoAws:
+def account(moto_server: MotoServer) -> MotoServer:
     moto_server.reset()
     moto_server.seed_dlami(REGION)
     setup(moto_server.context(REGION), bucket="err-bucket", project="demo", yes=True)
     return moto_server
 
 
-def launch_with(account: MotoAws, hooks: dict[str, Any], **changes: Any) -> None:
+def launch_with(account: MotoServer, hooks: dict[str, Any], **changes: Any) -> None:
     ctx = account.context(REGION, {**standard_hooks(), **hooks})
     req = request(**changes)
     launch(ctx, plan_launch(req, gather_facts(ctx, req, now=NOW)))
@@ -84,7 +91,7 @@ def closed_port() -> int:
 
 
 # Each row: what to do against the account, the error type, its one-line message, a hint fragment.
-LIVE_ROWS: list[tuple[str, Callable[[MotoAws], Any], type[Exception], str, str]] = [
+LIVE_ROWS: list[tuple[str, Callable[[MotoServer], Any], type[Exception], str, str]] = [
     ("unknown region", lambda a: a.context("us-east-7"), RegionError,
      "Unknown AWS region 'us-east-7'.", "Did you mean: us-east-2, us-east-1"),
     ("unknown instance type", lambda a: gather_facts(a.context(REGION, standard_hooks()),
@@ -157,27 +164,27 @@ LIVE_ROWS: list[tuple[str, Callable[[MotoAws], Any], type[Exception], str, str]]
 
 
 @pytest.mark.parametrize(("name", "action", "error", "message", "hint"), LIVE_ROWS, ids=[r[0] for r in LIVE_ROWS])
-def test_aws_failures_are_one_line_with_the_fix(account: MotoAws, name, action, error, message, hint):
+def test_aws_failures_are_one_line_with_the_fix(account: MotoServer, name, action, error, message, hint):
     with pytest.raises(error) as caught:
         action(account)
     assert isinstance(caught.value, TrainctlError)
     text = str(caught.value)
     assert text.startswith(message) and "\n" not in text and "Traceback" not in text
     assert caught.value.hint and hint in caught.value.hint and "\n" not in caught.value.hint
-    assert caught.value.exit_code in (EXIT_CLOUD, EXIT_USAGE, EXIT_NOT_FOUND)
+    assert caught.value.exit_code in (EXIT_PROVIDER, EXIT_USAGE, EXIT_NOT_FOUND)
 
 
-def test_no_credentials_says_how_to_set_them(account: MotoAws, monkeypatch: pytest.MonkeyPatch):
+def test_no_credentials_says_how_to_set_them(account: MotoServer, monkeypatch: pytest.MonkeyPatch):
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     ctx = account.context(REGION, credentials=False)
     with pytest.raises(CredentialsError) as caught:
         ctx.account_id()
     assert str(caught.value) == "No AWS credentials found."
-    assert "aws configure" in caught.value.hint and caught.value.exit_code == EXIT_CLOUD
+    assert "aws configure" in caught.value.hint and caught.value.exit_code == EXIT_PROVIDER
 
 
-def test_throttling_is_retried_with_backoff_then_said(account: MotoAws):
+def test_throttling_is_retried_with_backoff_then_said(account: MotoServer):
     from botocore.awsrequest import AWSResponse
 
     attempts: list[str] = []
@@ -196,7 +203,7 @@ def test_throttling_is_retried_with_backoff_then_said(account: MotoAws):
     assert "max_attempts" in caught.value.hint
 
 
-def test_the_plan_names_a_permission_the_launch_lacks(account: MotoAws):
+def test_the_plan_names_a_permission_the_launch_lacks(account: MotoServer):
     import json
 
     hooks = {

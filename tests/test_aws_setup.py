@@ -6,12 +6,13 @@ import json
 
 import pytest
 
-from tests.aws_fixtures import REGION, MotoAws
+from tests.aws_fixtures import REGION
+from tests.servers import MotoServer
 from trainctl.cloud.aws.errors import BucketRegionError
 from trainctl.cloud.aws.setup import LIFECYCLE_RULE_ID, machine_policy, setup
 
 
-def test_setup_without_yes_creates_nothing_and_says_what_it_would(moto: MotoAws):
+def test_setup_without_yes_creates_nothing_and_says_what_it_would(moto: MotoServer):
     report = setup(moto.context(), bucket="demo-bucket", project="demo")
     assert [i.state for i in report.items] == ["will create"] * len(report.items)
     assert {i.kind for i in report.items} == {"bucket", "lifecycle rule", "IAM role", "role policy",
@@ -21,7 +22,7 @@ def test_setup_without_yes_creates_nothing_and_says_what_it_would(moto: MotoAws)
     assert moto.client("iam").list_roles()["Roles"] == []
 
 
-def test_setup_twice_creates_everything_once_tagged_then_nothing(moto: MotoAws):
+def test_setup_twice_creates_everything_once_tagged_then_nothing(moto: MotoServer):
     first = setup(moto.context(), bucket="demo-bucket", project="demo", yes=True)
     assert not first.pending and len(first.changed) == len(first.items) == 8
     second = setup(moto.context(), bucket="demo-bucket", project="demo", yes=True)
@@ -50,7 +51,7 @@ def test_setup_twice_creates_everything_once_tagged_then_nothing(moto: MotoAws):
     assert {t["Key"] for t in group["Tags"]} >= {"trainctl:project", "trainctl:managed"}
 
 
-def test_machine_policy_allows_only_the_prefix_the_project_secrets_and_own_fleets(moto: MotoAws):
+def test_machine_policy_allows_only_the_prefix_the_project_secrets_and_own_fleets(moto: MotoServer):
     setup(moto.context(), bucket="demo-bucket", project="demo", prefix="runs", yes=True)
     doc = moto.client("iam").get_role_policy(RoleName="trainctl-demo-machine", PolicyName="trainctl-machine")["PolicyDocument"]
     doc = json.loads(doc) if isinstance(doc, str) else doc
@@ -64,10 +65,14 @@ def test_machine_policy_allows_only_the_prefix_the_project_secrets_and_own_fleet
     assert by_sid["EndOwnFleet"]["Condition"]["StringEquals"]["aws:ResourceTag/trainctl:project"] == "demo"
     actions = {a for s in doc["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
     assert not any(a.endswith("*") for a in actions)
-    assert "ec2:TerminateInstances" not in actions and "ec2:RunInstances" not in actions
+    assert "ec2:RunInstances" not in actions
+    # a machine ends itself, never another: the instance must be the caller's own
+    (terminate,) = [s for s in doc["Statement"] if "ec2:TerminateInstances" in s["Action"]]
+    assert terminate["Condition"]["StringEquals"]["aws:ARN"] == "${ec2:SourceInstanceARN}"
+    assert terminate["Condition"]["StringEquals"]["aws:ResourceTag/trainctl:project"] == "demo"
 
 
-def test_a_changed_bucket_updates_the_policy_and_says_so(moto: MotoAws):
+def test_a_changed_bucket_updates_the_policy_and_says_so(moto: MotoServer):
     setup(moto.context(), bucket="demo-bucket", project="demo", yes=True)
     report = setup(moto.context(), bucket="other-bucket", project="demo", yes=True)
     assert report.item("role policy").state == "updated"
@@ -75,7 +80,7 @@ def test_a_changed_bucket_updates_the_policy_and_says_so(moto: MotoAws):
     assert report.item("IAM role").state == "exists"
 
 
-def test_existing_bucket_keeps_its_own_lifecycle_rules(moto: MotoAws):
+def test_existing_bucket_keeps_its_own_lifecycle_rules(moto: MotoServer):
     s3 = moto.client("s3")
     s3.create_bucket(Bucket="mine")
     own = {"ID": "expire-logs", "Status": "Enabled", "Filter": {"Prefix": "logs/"}, "Expiration": {"Days": 30}}
@@ -87,7 +92,7 @@ def test_existing_bucket_keeps_its_own_lifecycle_rules(moto: MotoAws):
     assert ids == ["expire-logs", LIFECYCLE_RULE_ID]
 
 
-def test_bucket_in_another_region_is_refused_with_the_fix(moto: MotoAws):
+def test_bucket_in_another_region_is_refused_with_the_fix(moto: MotoServer):
     moto.client("s3", "eu-west-1").create_bucket(Bucket="far-away",
                                                  CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
     with pytest.raises(BucketRegionError) as caught:
@@ -97,7 +102,7 @@ def test_bucket_in_another_region_is_refused_with_the_fix(moto: MotoAws):
     assert moto.client("iam").list_roles()["Roles"] == []  # refused before creating anything
 
 
-def test_setup_in_another_region_creates_the_bucket_there(moto: MotoAws):
+def test_setup_in_another_region_creates_the_bucket_there(moto: MotoServer):
     report = setup(moto.context("eu-west-1"), bucket="eu-bucket", project="demo", yes=True)
     assert report.item("bucket").state == "created"
     assert moto.client("s3", "eu-west-1").get_bucket_location(Bucket="eu-bucket")["LocationConstraint"] == "eu-west-1"

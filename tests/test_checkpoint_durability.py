@@ -308,3 +308,23 @@ def test_a_manifest_without_its_own_digest_still_reads(tmp_path):
     assert ckpt.inspect(path).status == "valid"
     assert ckpt.verify(path).ok
 
+
+
+FAITHFUL = [
+    # (what, meta) that a save records: verify's cross-check must not call them edited
+    ("tensor metric", {"metrics": {"loss": 0.5, "hist": torch.zeros(3)}}),
+    ("scalar tensor metric", {"metrics": {"loss": torch.tensor(0.25)}}),
+    ("nan and inf", {"metrics": {"loss": float("nan"), "grad": float("inf")}}),
+    ("250 metrics", {"metrics": {f"m{i}": i / 7 for i in range(250)}}),
+    ("float epoch, no step", {"epoch": 1.5, "step": None}),
+    ("unicode", {"run_name": "exp-é", "script": "/tmp/ünï/train.py"}),
+]
+
+
+@pytest.mark.parametrize(("what", "meta"), FAITHFUL, ids=[f[0] for f in FAITHFUL])
+def test_verify_accepts_every_manifest_a_save_writes(tmp_path, what, meta):
+    path = tmp_path / "a.pt"
+    ckpt.save(path, {"w": torch.zeros(4)}, {"session_id": "s1", "step": 3, **meta})
+    result = ckpt.verify(path)
+    assert result.ok, (what, result.reason)
+    assert ckpt.newest_valid(tmp_path) == (path, [])

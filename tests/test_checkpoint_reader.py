@@ -106,7 +106,7 @@ def test_nanogpt_style_dict(tmp_path):
     assert info.summary["model_args"] == model_args
     assert info.summary["config"]["dataset"] == "shakespeare_char"
     assert info.summary["style"] == "nanogpt"
-    assert info.summary["parameters"] == 65 * 16 + 1
+    assert info.summary["parameters"] == 65 * 16 and info.summary["other_tensors"] == 1  # best_val_loss
 
 
 def test_plain_dict_with_namespace_args(tmp_path):

@@ -278,3 +278,44 @@ def test_failed_session_records_and_shows_the_diagnosis(project):
     assert "ckpt" in diag["command"] and diag["command"].endswith("failing.py --steps 40")
     shown = run_cli(["sessions", "show", data["id"]], project)
     assert "the loss became Inf" in shown.stdout
+
+
+def test_state_dict_mismatch_inside_restore_points_at_the_users_line(project):
+    """run.restore() calls load_state_dict inside trainctl: the diagnosis names the script's
+    line that called it, never trainctl's own run.py."""
+    (project / "train.py").write_text(textwrap.dedent("""
+        import argparse
+        import torch
+        import trainctl
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--hidden", type=int, default=8)
+        parser.add_argument("--resume")
+        args = parser.parse_args()
+        model = torch.nn.Sequential(torch.nn.Linear(4, args.hidden), torch.nn.Linear(args.hidden, 1))
+        run = trainctl.init(config=vars(args))
+        run.track(model=model)
+        meta = run.restore()
+        run.save_checkpoint(step=1)
+    """))
+    first = run_cli(["local", "--no-preflight", "train.py"], project, timeout=180)
+    assert first.returncode == 0, first.stderr
+    second = run_cli(["local", "--no-preflight", "--resume", "auto", "train.py", "--hidden", "16"],
+                     project, timeout=180)
+    assert second.returncode == 1, second.stderr
+    data = json.loads(sorted((project / ".trainctl" / "sessions").glob("*/session.json"))[-1].read_text())
+    assert data["diagnosis"]["kind"] == "state_dict"
+    assert data["diagnosis"]["what"].endswith(" at train.py:12"), data["diagnosis"]
+    assert "run.py" not in data["diagnosis"]["what"] + data["diagnosis"]["cause"]
+    assert "the checkpoint does not fit the Sequential model: size mismatch for 0.weight" in second.stderr
+
+
+def test_frames_of_trainctl_itself_are_not_the_users_location():
+    from trainctl.launcher import diagnose as diagnose_mod
+
+    here = Path(diagnose_mod.__file__).resolve().parents[1]
+    for path in (str(here / "run.py"), str(here / "callbacks" / "lightning.py"),
+                 "/opt/venv/lib/python3.11/site-packages/trainctl/run.py",
+                 "/home/u/src/trainctl/trainctl/checkpoint.py"):
+        assert diagnose_mod._is_library(path), path
+    for path in ("/home/u/trainctl/train.py", "/home/u/proj/run.py", "train.py"):
+        assert not diagnose_mod._is_library(path), path

@@ -145,14 +145,33 @@ def test_session_with_no_metrics_yet(tmp_path):
     assert text.returncode == 0 and "none yet" in text.stdout
 
 
+def _write_checkpoint(path: Path, kind: str = "torch") -> None:
+    """A small real checkpoint: the scan reads what each file holds (a name alone is not enough)."""
+    import struct
+
+    import torch
+
+    from trainctl import checkpoint
+
+    if kind == "trainctl":
+        checkpoint.save(path, {"model": {"w": torch.ones(2)}}, {"step": 7, "metrics": {"val_loss": 0.3}})
+    elif kind == "safetensors":
+        header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+        path.write_bytes(struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1, 2))
+    else:
+        torch.save({"model": {"w": torch.ones(2)}, "epoch": 0, "step": 5}, str(path))
+
+
 def test_checkpoints_from_events_and_from_a_scanned_folder(tmp_path):
     project = _project(tmp_path)
     ck = project / "checkpoints"
     ck.mkdir()
+    _write_checkpoint(ck / "epoch=0.ckpt")
+    _write_checkpoint(ck / "epoch=1.ckpt", "trainctl")
+    (ck / "notes.txt").write_text("x" * 10)
+    (ck / "broken.ckpt").write_text("x" * 10)  # a name alone does not make a checkpoint
     for i, name in enumerate(["epoch=0.ckpt", "epoch=1.ckpt", "notes.txt"]):
-        (ck / name).write_bytes(b"x" * 10)
         os.utime(ck / name, (time.time() - 100 + i, time.time() - 100 + i))
-    (ck / "epoch=1.ckpt.json").write_text(json.dumps({"step": 7, "metrics": {"val_loss": 0.3}}))
     session = _session(project, FALLING, extra=[
         {"kind": "checkpoint", "path": str(ck / "epoch=0.ckpt"), "step": 5, "epoch": 0,
          "metrics": {"loss": 0.9}, "bytes": 10}])
@@ -170,7 +189,10 @@ def test_scan_reads_the_recorded_checkpoint_location_and_every_checkpoint_kind(t
     elsewhere = project / "moved"
     elsewhere.mkdir()
     for i, name in enumerate(["model.safetensors", "pytorch_model.bin", "ckpt.pt", "notes.txt"]):
-        (elsewhere / name).write_bytes(b"x" * 10)
+        if name == "notes.txt":
+            (elsewhere / name).write_text("x" * 10)
+        else:
+            _write_checkpoint(elsewhere / name, "safetensors" if name.endswith(".safetensors") else "torch")
         os.utime(elsewhere / name, (time.time() - 100 + i, time.time() - 100 + i))
     session = _session(project, FALLING, checkpoint_location=str(elsewhere))
     snap = _monitor_json(project, session.id)["checkpoints"]

@@ -47,6 +47,10 @@ def demo_project(tmp_path_factory) -> Path:
 def test_readme_command_works(demo_project, command):
     if "--follow" in command or command == "trainctl tensorboard":
         pytest.skip("runs until stopped")
+    if command.startswith("trainctl aws "):
+        pytest.skip("needs an AWS account: tests/test_aws_e2e.py runs the README's AWS commands against moto")
+    if command.startswith("trainctl runpod "):
+        pytest.skip("needs RunPod: test_runpod_readme.py runs it against the fake RunPod API")
     bin_dir = write_entry_point(demo_project.parent / "bin")
     env = clean_env(PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
                     COLUMNS="120")

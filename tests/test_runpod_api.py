@@ -1,4 +1,4 @@
-"""The RunPod API layer against the fake on loopback, with the real runpod SDK for reads."""
+"""The RunPod API layer against the fake on loopback: every operation trainctl sends, with variables."""
 
 from __future__ import annotations
 
@@ -29,9 +29,7 @@ from trainctl.cloud.runpod.errors import (
     InvalidPodRequestError,
     NoApiKeyError,
     RunPodApiError,
-    SdkMissingError,
 )
-from trainctl.errors import EXIT_USAGE
 
 __all__ = ["client", "fake"]  # fixtures
 
@@ -99,18 +97,18 @@ def test_a_rejected_key_is_named_by_where_it_came_from(fake: FakeRunPod):
     with pytest.raises(ApiKeyRejectedError, match=r"config\.toml \(HTTP 401\)"):
         bad.gpu_types()  # trainctl's own transport
     with pytest.raises(ApiKeyRejectedError, match=r"config\.toml"):
-        bad.list_pods()  # through the SDK
+        bad.list_pods()
     assert [r["status"] for r in fake.requests] == [401, 401]
 
 
-def test_the_sdk_reads_with_the_key_from_home_config_of_this_test(fake: FakeRunPod):
+def test_reads_use_the_key_from_home_config_of_this_test(fake: FakeRunPod):
     home = Path(os.environ["HOME"])
     (home / ".runpod").mkdir()
     (home / ".runpod" / "config.toml").write_text(f'[default]\napi_key = "{API_KEY}"\n')
     c = RunPodClient.from_environment(retry_delays_s=())
     assert c.list_pods() == []
     assert fake.requests[-1]["auth"] == "user"
-    assert fake.requests[-1]["user_agent"].startswith("RunPod-Python-SDK/1.12.0")
+    assert fake.requests[-1]["user_agent"].startswith("trainctl/")
 
 
 # --- what is sent -------------------------------------------------------------------------------
@@ -120,10 +118,11 @@ def test_every_operation_trainctl_sends_matches_the_golden_file():
         ("create on-demand", api.CREATE_ON_DEMAND),
         ("create interruptible", api.CREATE_INTERRUPTIBLE),
         ("stop", api.STOP_POD), ("terminate", api.TERMINATE_POD),
-        ("gpu types", api.GPU_TYPES), ("account", api.ACCOUNT)]) + "\n"
+        ("gpu types", api.GPU_TYPES), ("account", api.ACCOUNT), ("pods", api.LIST_PODS),
+        ("pod", api.GET_POD), ("network volumes", api.NETWORK_VOLUMES)]) + "\n"
     assert_golden(GOLDEN / "operations.graphql", sent)
     for text in (api.CREATE_ON_DEMAND, api.CREATE_INTERRUPTIBLE, api.STOP_POD, api.TERMINATE_POD,
-                 api.GPU_TYPES):
+                 api.GPU_TYPES, api.LIST_PODS, api.GET_POD, api.NETWORK_VOLUMES):
         assert '"' not in text, "values travel as variables, never inside the query"
 
 
@@ -161,7 +160,7 @@ def test_hostile_names_and_env_values_reach_runpod_intact(fake: FakeRunPod, clie
     assert sent["variables"]["input"]["name"] == value
     stored = fake.pods[pod["id"]].input
     assert stored["name"] == value and stored["env"] == env and stored["dockerArgs"] == value
-    # ...and read back through the SDK, unchanged
+    # ...and read back unchanged
     listed = {p["id"]: p for p in client.list_pods()}[pod["id"]]
     assert listed["name"] == value
     assert f"PLAIN={value}" in listed["env"]
@@ -187,7 +186,7 @@ def test_gpu_types_ask_both_clouds_for_the_gpu_count(fake: FakeRunPod, client):
 
 
 @pytest.mark.parametrize("pod_id", ['x") { id } #', "a b", "", "a\nb", "ünï", "x" * 65])
-def test_pod_ids_are_checked_before_the_sdk_pastes_them(fake: FakeRunPod, client, pod_id):
+def test_pod_ids_are_checked_before_any_request(fake: FakeRunPod, client, pod_id):
     with pytest.raises(InvalidPodRequestError, match="Not a RunPod pod id"):
         client.get_pod(pod_id)
     with pytest.raises(InvalidPodRequestError):
@@ -259,10 +258,11 @@ def test_a_pod_scoped_key_ends_its_own_pod_and_nothing_else(fake: FakeRunPod, cl
     assert fake.terminated == [(mine["id"], "pod")]
 
 
-def test_without_the_sdk_reads_say_how_to_install_it(fake: FakeRunPod, client, monkeypatch):
+def test_no_read_needs_or_imports_the_runpod_sdk(fake: FakeRunPod, client, monkeypatch):
     monkeypatch.setitem(sys.modules, "runpod", None)  # as if `pip install trainctl` alone
-    with pytest.raises(SdkMissingError) as info:
-        client.list_pods()
-    assert info.value.hint == "Install with: pip install 'trainctl[runpod]'"
-    assert info.value.exit_code == EXIT_USAGE
-    assert client.gpu_types()  # trainctl's own requests need no SDK
+    pod = _create(client)
+    assert [p["id"] for p in client.list_pods()] == [pod["id"]]
+    assert client.get_pod(pod["id"])["id"] == pod["id"]
+    assert client.network_volumes() == {"nv1abc": "EU-RO-1"}
+    assert client.gpu_types()
+    assert fake.requests[-1]["user_agent"].startswith("trainctl/")

@@ -37,7 +37,7 @@ from trainctl.cloud.runpod.plan import (
     plan,
 )
 from trainctl.cloud.runpod.startscript import script_from_docker_args
-from trainctl.errors import EXIT_USAGE
+from trainctl.errors import EXIT_PROVIDER, EXIT_USAGE
 
 __all__ = ["client", "fake"]  # fixtures
 
@@ -242,6 +242,8 @@ def test_bad_requests_are_refused_with_one_line_and_the_fix(label, changes, fact
     if isinstance(e, (InvalidPodRequestError, UnsafeEnvironmentError, BudgetExceededError,
                       UnknownGpuTypeError)):
         assert e.exit_code == EXIT_USAGE
+    else:  # RunPod can't serve it now (capacity, balance): the provider's code
+        assert e.exit_code == EXIT_PROVIDER
 
 
 def test_unavailable_gpu_lists_priced_alternatives_cheapest_first():

@@ -114,7 +114,7 @@ def test_good_cloud_config_is_read(project):
     assert loaded.get("cloud", "storage") == "s3://my-bucket/runs"
     assert loaded.resolved()["cloud"] == {"storage": "s3://my-bucket/runs",
                                           "endpoint_url": "https://acct.r2.cloudflarestorage.com",
-                                          "region": "auto", "checksums": "when_required"}
+                                          "region": "auto", "checksums": "when_required", "budget_usd": 0}
     store = open_store(loaded.get("cloud", "storage"), endpoint_url=loaded.get("cloud", "endpoint_url"),
                        region=loaded.get("cloud", "region"), checksums=loaded.get("cloud", "checksums"))
     assert store.uri == "s3://my-bucket/runs/" and store.checksums == "when_required"

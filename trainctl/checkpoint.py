@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import copy
+import difflib
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ from .errors import (
     CorruptCheckpointError,
     UnsupportedCheckpointError,
     UntrustedCheckpointError,
+    UsageError,
 )
 from .fsutil import atomic_write_json, crash_point, fsync_dir, parse_temp_name, temp_beside
 
@@ -259,62 +261,118 @@ def _write_manifest_doc(path: Path, version: dict[str, Any], label: str, tag: st
     return doc
 
 
-def register(path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
+def register(path: str | os.PathLike[str], meta: dict[str, Any], *, digest: str | None = None) -> dict[str, Any]:
     """Adopt a checkpoint another tool wrote (Lightning's ModelCheckpoint): make it durable, digest
-    it and write its manifest, so list/verify/cleanup/--resume auto treat it like our own."""
+    it and write its manifest, so list/verify/cleanup/--resume auto treat it like our own.
+    `digest`: the caller's own (`zipcrc:`/`sha256:`), already checked against the file; the
+    launcher's checkpoint watcher passes one, since asking torch about CRCs would import it."""
     path = Path(path)
     size = _fsync_file(path)
     fsync_dir(path.parent)
-    try:
-        digest = _zip_digest(path) if _crc_enabled() else file_sha256(path)
-    except (zipfile.BadZipFile, ValueError):
-        digest = file_sha256(path)  # a legacy (non-zip) file
+    if digest is None:
+        try:
+            digest = _zip_digest(path) if _crc_enabled() else file_sha256(path)
+        except (zipfile.BadZipFile, ValueError):
+            digest = file_sha256(path)  # a legacy (non-zip) file
     full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION,
                  "saved_at": meta.get("saved_at") or time.time()}
     return _write_manifest_doc(path, {"bytes": size, "digest": digest, "meta": _json_meta(full_meta)},
                                "manifest", _tag(full_meta))
 
 
-def _to_cpu_copy(value: Any) -> Any:
-    """A snapshot the training thread may keep mutating: tensors cloned to CPU, containers copied."""
-    import torch
+class _Staging:
+    """Copies a state to CPU for an asynchronous save, into buffers kept from the previous one.
 
-    if isinstance(value, torch.Tensor):
-        t = value.detach()
-        return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
-    if isinstance(value, dict):
-        out: dict[Any, Any] = collections.OrderedDict() if isinstance(value, collections.OrderedDict) else {}
-        for k, v in value.items():
-            out[k] = _to_cpu_copy(v)
-        if hasattr(value, "_metadata"):  # state_dict versions that load_state_dict reads
-            out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
-        return out
-    if isinstance(value, list):
-        return [_to_cpu_copy(v) for v in value]
-    if isinstance(value, tuple) and not hasattr(value, "_fields"):
-        return tuple(_to_cpu_copy(v) for v in value)
-    return copy.deepcopy(value)
+    Measured on a 2-core machine for 768 MB: cloning allocates fresh memory and its page faults
+    cost ~1.1 s, while copying into buffers already touched costs ~0.3 s; torch.save + fsync of
+    the same state takes 1.3-2.7 s. So the buffers of one save are reused by the next (the
+    price: one copy of the state stays allocated between saves, as with torch.distributed's
+    cached async staging). A buffer is reused only for a tensor of the same dtype and shape.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[tuple[Any, ...], list[Any]] = {}
+        self.used: list[Any] = []  # the buffers the latest snapshot holds
+
+    def recycle(self) -> None:
+        """The latest snapshot is on disk: its buffers may be written again."""
+        self._free = {}
+        for buf in self.used:
+            self._free.setdefault((buf.dtype, tuple(buf.shape)), []).append(buf)
+        self.used = []
+
+    def drop(self) -> None:
+        self._free, self.used = {}, []
+
+    def snapshot(self, value: Any, memo: dict[Any, Any] | None = None) -> Any:
+        """`value` with every tensor copied to CPU and every container copied; other leaves deep-copied.
+
+        Tensors that are the same view of the same memory (tied weights) stay one tensor.
+        """
+        import torch
+
+        memo = {} if memo is None else memo
+        if isinstance(value, torch.Tensor):
+            t = value.detach()
+            strided = t.layout == torch.strided and not t.is_meta
+            ident = (t.device, t.dtype, t.data_ptr(), tuple(t.shape), t.stride()) if strided else id(value)
+            if ident not in memo:
+                memo[ident] = self._copy(t)
+            return memo[ident]
+        if isinstance(value, dict):
+            out: dict[Any, Any] = collections.OrderedDict() if isinstance(value, collections.OrderedDict) else {}
+            for k, v in value.items():
+                out[k] = self.snapshot(v, memo)
+            if hasattr(value, "_metadata"):  # state_dict versions that load_state_dict reads
+                out._metadata = copy.deepcopy(value._metadata)  # type: ignore[attr-defined]
+            return out
+        if isinstance(value, list):
+            return [self.snapshot(v, memo) for v in value]
+        if isinstance(value, tuple) and not hasattr(value, "_fields"):
+            return tuple(self.snapshot(v, memo) for v in value)
+        return copy.deepcopy(value)
+
+    def _copy(self, t: Any) -> Any:
+        import torch
+
+        if t.layout != torch.strided or t.is_quantized or type(t) is not torch.Tensor or t.is_meta:
+            return t.to("cpu", copy=True) if t.device.type != "cpu" else t.clone()
+        free = self._free.get((t.dtype, tuple(t.shape)))
+        buf = free.pop() if free else torch.empty(t.shape, dtype=t.dtype)
+        buf.copy_(t)
+        self.used.append(buf)
+        return buf
+
+
+def _to_cpu_copy(value: Any) -> Any:
+    """A snapshot the training thread may keep mutating: tensors copied to CPU, containers copied."""
+    return _Staging().snapshot(value)
 
 
 class AsyncSaver:
     """Saves in a background thread; `submit` blocks only to copy the state to CPU.
 
     One save is in flight at a time: a second `submit` first waits for the previous one, which
-    bounds memory to one extra copy of the state and keeps checkpoints in order.
+    bounds memory to one extra copy of the state and keeps checkpoints in order; that copy's
+    buffers are then reused (see _Staging) until close().
     """
 
     def __init__(self) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainctl-ckpt")
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._pending: concurrent.futures.Future | None = None
         self._lock = threading.Lock()
+        self._staging = _Staging()
 
     def submit(self, path: str | os.PathLike[str], state: dict[str, Any],
                meta: dict[str, Any]) -> concurrent.futures.Future:
         with self._lock:
             if self._pending is not None:
                 concurrent.futures.wait([self._pending])
-            snapshot = _to_cpu_copy(dict(state))
+            self._staging.recycle()
+            snapshot = self._staging.snapshot(dict(state))
             meta_copy = _to_cpu_copy(dict(meta))
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainctl-ckpt")
             self._pending = self._pool.submit(save, path, snapshot, meta_copy)
             return self._pending
 
@@ -325,10 +383,15 @@ class AsyncSaver:
             pending.result()
 
     def close(self) -> None:
+        """Wait for the pending save, then free the staging buffers and the thread."""
         try:
             self.wait()
         finally:
-            self._pool.shutdown(wait=True)
+            with self._lock:
+                self._staging.drop()
+                if self._pool is not None:
+                    self._pool.shutdown(wait=True)
+                    self._pool = None
 
     def __enter__(self) -> AsyncSaver:
         return self
@@ -559,22 +622,25 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _scalar_value(v: Any) -> bool:
-    return v is None or isinstance(v, (bool, int, float, str))
+def _comparable(v: Any) -> bool:
+    """A value both copies hold alike: the manifest keeps None where the file holds a tensor."""
+    return isinstance(v, (bool, int, float, str))
 
 
 def _cross_check(meta: dict[str, Any], embedded: dict[str, Any]) -> str | None:
     """Where the manifest's meta disagrees with the metadata saved inside the checkpoint."""
     for key in _CROSS_CHECKED:
-        if key in meta and key in embedded and _scalar_value(embedded[key]) and not _same(meta[key], embedded[key]):
-            return f"the manifest says {key} {meta[key]!r} but the checkpoint records {embedded[key]!r}"
+        a, b = meta.get(key), embedded.get(key)
+        if _comparable(a) and _comparable(b) and not _same(a, b):
+            return f"the manifest says {key} {a!r} but the checkpoint records {b!r}"
     ours, theirs = meta.get("metrics"), embedded.get("metrics")
     if isinstance(ours, dict) and isinstance(theirs, dict):
-        for key in sorted(set(ours) | set(theirs)):
-            a, b = ours.get(key), theirs.get(key)
-            if key not in theirs or key not in ours:
-                return f"the manifest's metric {key!r} is not what the checkpoint records"
-            if _scalar_value(a) and _scalar_value(b) and not _same(a, b):
+        complete = "..." not in theirs  # the reader summarises at most 200 entries
+        for key in sorted(ours):
+            a, b = ours[key], theirs.get(key)
+            if key not in theirs and complete:
+                return f"the manifest has a metric {key!r} the checkpoint does not record"
+            if _comparable(a) and _comparable(b) and not _same(a, b):
                 return f"the manifest says {key} {a!r} but the checkpoint records {b!r}"
     return None
 
@@ -875,18 +941,37 @@ def _metric_value(info: CheckpointInfo, metric: str) -> float | None:
     return None
 
 
+class UnknownMetricError(UsageError):
+    """keep-best was asked for by a metric none of the checkpoints records."""
+
+    def __init__(self, metric: str, known: Iterable[str]) -> None:
+        self.metric = metric
+        self.known = sorted(set(known))
+        close = difflib.get_close_matches(metric, self.known, n=1)
+        recorded = f"they record: {', '.join(self.known)}" if self.known else "they record no metrics"
+        super().__init__(
+            f"no checkpoint records the metric '{metric}' ({recorded}), so keep-best would protect nothing."
+            + (f" Did you mean '{close[0]}'?" if close else ""),
+            f"Pass --metric {close[0] if close else (self.known[0] if self.known else 'NAME')}, or fix "
+            "[retention] metric in trainctl.toml.")
+
+
 def plan_retention(infos: Iterable[CheckpointInfo], *, keep_last_n: int = 0, keep_best_k: int = 0,
                    metric: str = "loss", mode: str = "min", max_total_bytes: int = 0,
                    protected: Iterable[str | os.PathLike[str]] = ()) -> list[CheckpointInfo]:
     """Which checkpoints to delete, oldest first; never the newest valid, the best, or `protected`.
 
     Only trainctl checkpoints with a manifest are managed: a file without one may be a save in
-    progress, and foreign checkpoints belong to other tools.
+    progress, and foreign checkpoints belong to other tools. Raises UnknownMetricError when
+    `keep_best_k` ranks by a metric no managed checkpoint records.
     """
     if mode not in ("min", "max"):
         raise ValueError(f"mode must be 'min' or 'max', not {mode!r}")
     managed = sorted((i for i in infos if i.kind == "trainctl" and i.status != "unverified"),
                      key=lambda i: i.time, reverse=True)
+    if keep_best_k > 0 and managed and all(_metric_value(i, metric) is None for i in managed):
+        raise UnknownMetricError(metric, (k for i in managed for k in (i.metrics or {})
+                                          if _metric_value(i, k) is not None))
     protected_paths = {os.path.realpath(p) for p in protected}
     keep: set[int] = set()
     for idx, info in enumerate(managed):

@@ -10,15 +10,25 @@ summarising a 1 GB checkpoint reads its central directory and ``data.pkl`` only.
 Understood formats: torch zip files (``<prefix>/data.pkl``), legacy non-zip torch files (the
 pickles before the raw storages), ``.safetensors`` (8-byte header length + JSON header) and
 Hugging Face Trainer checkpoint folders (``trainer_state.json``). torch itself is not imported.
+
+A checkpoint is untrusted input, so walking one has hard bounds (:class:`ReadLimits`): the
+pickle's size, its operations, nesting, the size its shared references would expand to, and
+time. The walk uses pickle's pure-Python unpickler, whose memo is a dict (the C one allocates
+``index * 2`` slots for one memo index a file names); a dictionary key or set element nested
+deeper than the bound is refused before Python hashes it (hashing one recursively overflows the C
+stack). Walkers after the load visit a shared object once. A file past a bound is reported as
+``too large/complex`` and costs milliseconds, or at most the bounds.
 """
 
 from __future__ import annotations
 
 import collections
+import io
 import json
 import math
 import pickle
 import struct
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +37,6 @@ from typing import Any
 from .values import is_number
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-MAX_PICKLE_BYTES = 256 << 20  # a data.pkl larger than this is not metadata worth walking
 SCALAR_READ_BYTES = 16  # a scalar tensor's storage (e.g. Lightning's best_model_score) may be read
 
 _DTYPE_SIZES = {
@@ -60,6 +69,29 @@ class UnreadableCheckpoint(ValueError):
 
 class TooComplexCheckpoint(UnreadableCheckpoint):
     """The file's pickle is past one of the reader's bounds (ReadLimits); it was not walked."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"too large/complex ({detail})")
+
+
+@dataclass(frozen=True)
+class ReadLimits:
+    """What walking one checkpoint's pickle may cost at most.
+
+    Real checkpoints sit far below: the pickle of a model with Adam state is ~100 bytes and
+    ~40 operations per tensor, nests under 10 levels and shares almost nothing.
+    """
+
+    max_pickle_bytes: int = 32 << 20  # the decompressed pickle
+    max_ops: int = 4_000_000  # pickle operations: each makes or links at most one object
+    max_depth: int = 100  # containers inside containers
+    max_expanded: int = 4_000_000  # objects, counting a shared one at every place it is used
+    max_seconds: float = 15.0  # CPU time of this process: a busy machine does not trip it
+    max_key_nodes: int = 10_000  # one dictionary key or set element, expanded
+
+
+DEFAULT_LIMITS = ReadLimits()
+MAX_PICKLE_BYTES = DEFAULT_LIMITS.max_pickle_bytes
 
 
 # --- placeholders -------------------------------------------------------------------------
@@ -157,6 +189,7 @@ class Opaque:
 
 
 _opaque_types: dict[str, type[Opaque]] = {}
+_LEAF_TYPES = frozenset({int, float, str, bool, bytes, bytearray, complex, type(None), TensorRef})
 
 
 def _opaque_type(module: str, name: str) -> type[Opaque]:
@@ -186,8 +219,10 @@ def _rebuild_tensor(*args: Any) -> TensorRef:
     else:
         shape = _first(args, tuple) or ()
     dtype = storage.dtype if storage else next((a.name for a in args if isinstance(a, DType)), "?")
-    return TensorRef(dtype=dtype, shape=tuple(int(s) for s in shape if isinstance(s, int)),
-                     storage=storage, offset=offset)
+    dims = tuple(s for s in shape if type(s) is int) if isinstance(shape, tuple) else ()
+    if len(dims) > 64 or not all(0 <= s < 1 << 63 for s in dims) or type(offset) is not int:
+        raise pickle.UnpicklingError("a tensor with an implausible shape or offset")
+    return TensorRef(dtype=dtype, shape=dims, storage=storage, offset=offset)
 
 
 def _rebuild_parameter(data: Any = None, *args: Any, **kwargs: Any) -> Any:
@@ -210,10 +245,14 @@ def _codecs_encode(text: Any, encoding: str = "utf-8", *args: Any) -> bytes:
 
 
 def _size(values: Any = ()) -> tuple[int, ...]:
+    if not isinstance(values, (list, tuple)) or len(values) > 64 or not all(type(v) is int for v in values):
+        raise pickle.UnpicklingError("a torch.Size that is not a short tuple of integers")
     return tuple(values)
 
 
 def _device(*args: Any) -> str:
+    if len(args) > 2 or not all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in args):
+        raise pickle.UnpicklingError("a torch.device that is not a name and an index")
     return ":".join(str(a) for a in args)
 
 
@@ -230,7 +269,7 @@ class _NumpyDType(Opaque):
 
 def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     """numpy.core.multiarray.scalar(dtype, bytes): decode the common number types with struct."""
-    code = dtype.args[0] if isinstance(dtype, Opaque) and dtype.args else None
+    code = dtype.args[0] if isinstance(dtype, Opaque) and dtype.args and isinstance(dtype.args[0], str) else None
     formats = {"f8": "<d", "f4": "<f", "i8": "<q", "i4": "<i", "u8": "<Q", "u4": "<I",
                "b1": "<?", "f2": "<e", "i2": "<h", "u2": "<H", "i1": "<b", "u1": "<B"}
     if isinstance(data, bytes) and code in formats and struct.calcsize(formats[code]) == len(data):
@@ -238,15 +277,60 @@ def _numpy_scalar(dtype: Any, data: Any = None) -> Any:
     return _opaque_type("numpy", "scalar")(dtype, data)
 
 
+def _check_hashable(value: Any, limits: ReadLimits) -> None:
+    """Refuse a dictionary key or set element Python could not hash safely: nested deeper than
+    the bound (hashing recurses in C) or, with shared references, too large to hash in time."""
+    if type(value) not in (tuple, frozenset):
+        return
+    stack = [(value, 1)]
+    seen = 0
+    while stack:
+        item, depth = stack.pop()
+        seen += 1
+        if depth > limits.max_depth or seen > limits.max_key_nodes:
+            raise TooComplexCheckpoint(f"a dictionary key or set element nests deeper than {limits.max_depth} "
+                                       f"levels or holds more than {limits.max_key_nodes} objects")
+        if type(item) in (tuple, frozenset):
+            stack.extend((x, depth + 1) for x in item)
+
+
+def _hashable_items(items: Any) -> list[Any]:
+    if not isinstance(items, (list, tuple)):
+        raise pickle.UnpicklingError(f"a set built from {type(items).__name__}")
+    for item in items:
+        _check_hashable(item, DEFAULT_LIMITS)
+    return list(items)
+
+
+def _safe_set(items: Any = ()) -> set[Any]:
+    return set(_hashable_items(items))
+
+
+def _safe_frozenset(items: Any = ()) -> frozenset[Any]:
+    return frozenset(_hashable_items(items))
+
+
+def _safe_ordered_dict(items: Any = ()) -> collections.OrderedDict[Any, Any]:
+    pairs = list(items.items()) if isinstance(items, dict) else items
+    if not isinstance(pairs, (list, tuple)) or not all(isinstance(p, (list, tuple)) and len(p) == 2 for p in pairs):
+        raise pickle.UnpicklingError("an OrderedDict built from something other than pairs")
+    for key, _ in pairs:
+        _check_hashable(key, DEFAULT_LIMITS)
+    return collections.OrderedDict(pairs)
+
+
 _SAFE_CALLABLES = (_rebuild_tensor, _rebuild_parameter, _size, _device)
 
+# set, frozenset and OrderedDict are stand-in functions, not the classes: NEWOBJ/OBJ on a class
+# would build it from the file's items without the key check above
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("collections", "OrderedDict"): _safe_ordered_dict,
     ("collections", "defaultdict"): lambda *a: {},
-    ("builtins", "set"): set,
-    ("builtins", "frozenset"): frozenset,
+    ("builtins", "set"): _safe_set,
+    ("builtins", "frozenset"): _safe_frozenset,
     ("builtins", "complex"): complex,
-    ("__builtin__", "set"): set,
+    ("__builtin__", "set"): _safe_set,
+    ("__builtin__", "frozenset"): _safe_frozenset,
     ("_codecs", "encode"): _codecs_encode,
     ("copyreg", "_reconstructor"): _reconstructor,
     ("copy_reg", "_reconstructor"): _reconstructor,
@@ -263,18 +347,60 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """Walks a pickle without constructing its classes or calling its functions.
+class SafeUnpickler(pickle._Unpickler):
+    """Walks a pickle without constructing its classes or calling its functions, within bounds.
 
     ``find_class`` returns allowlisted harmless callables or inert :class:`Opaque` types, so
     a ``__reduce__`` payload such as ``os.system`` becomes a placeholder record, never a call.
     ``persistent_load`` turns torch's storage ids into :class:`StorageRef` without reading data.
+    Every operation counts against ``limits``; keys are checked before they are hashed.
     """
 
-    def __init__(self, file: Any, **kwargs: Any) -> None:
+    def __init__(self, file: Any, *, limits: ReadLimits = DEFAULT_LIMITS, **kwargs: Any) -> None:
         super().__init__(file, **kwargs)
         self.storages: dict[str, StorageRef] = {}
         self.refused: set[str] = set()  # globals replaced by placeholders: loading them needs trust
+        self.limits = limits
+        self._ops = 0
+        self._deadline = time.process_time() + limits.max_seconds
+
+    def load(self) -> Any:
+        """pickle._Unpickler.load() with the operations counted in the loop itself (a wrapper
+        around each would double what reading a normal checkpoint costs), reading the file
+        directly until a FRAME (protocol 4+) asks for pickle's unframer."""
+        self._unframer = pickle._Unframer(self._file_read, self._file_readline)  # type: ignore[attr-defined]
+        self.read, self.readline = self._file_read, self._file_readline
+        self.readinto = self._unframer.readinto
+        self.metastack: list[Any] = []
+        self.stack: list[Any] = []
+        self.append = self.stack.append
+        self.proto = 0
+        dispatch = self.dispatch
+        ops = 0
+        self._check_budget()
+        try:
+            while True:
+                key = self.read(1)
+                if not key:
+                    raise EOFError
+                ops += 1
+                if not ops & 0x3FF:
+                    self._ops = ops
+                    self._check_budget()
+                dispatch[key[0]](self)
+        except pickle._Stop as stop:  # type: ignore[attr-defined]
+            self._ops = ops
+            return stop.value
+
+    def load_frame(self) -> None:
+        self.read, self.readline = self._unframer.read, self._unframer.readline
+        super().load_frame()
+
+    def _check_budget(self) -> None:
+        if self._ops > self.limits.max_ops:
+            raise TooComplexCheckpoint(f"its pickle has more than {self.limits.max_ops:,} operations")
+        if time.process_time() >= self._deadline:
+            raise TooComplexCheckpoint(f"walking its pickle took more than {self.limits.max_seconds:g} s of CPU time")
 
     def find_class(self, module: str, name: str) -> Any:
         allowed = _ALLOWED.get((module, name))
@@ -289,25 +415,65 @@ class SafeUnpickler(pickle.Unpickler):
             return _rebuild_tensor
         if module == "torch.storage" and name in ("UntypedStorage", "TypedStorage", "_LegacyStorage"):
             return StorageType("uint8")
-        self.refused.add(f"{module}.{name}")
+        if len(self.refused) < 1000:
+            self.refused.add(f"{module}.{name}"[:200])
         return _opaque_type(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         if isinstance(pid, tuple) and pid and pid[0] == "storage" and len(pid) >= 5:
-            storage_type, key, location, numel = pid[1], str(pid[2]), str(pid[3]), pid[4]
+            storage_type, key, location, numel = pid[1], pid[2], pid[3], pid[4]
+            if not isinstance(key, (str, int)) or not isinstance(location, str):
+                raise pickle.UnpicklingError("a storage id that is not a name and a location")
             if isinstance(storage_type, StorageType):
                 dtype = storage_type.dtype
             elif isinstance(storage_type, DType):
                 dtype = storage_type.name
             else:
                 dtype = "?"
+            key = str(key)
             ref = self.storages.get(key)
             if ref is None:
-                ref = StorageRef(key=key, dtype=dtype, location=location,
-                                 numel=numel if isinstance(numel, int) else 0)
+                ref = StorageRef(key=key, dtype=dtype, location=location[:100],
+                                 numel=numel if type(numel) is int and 0 <= numel < 1 << 63 else 0)
                 self.storages[key] = ref
             return ref
         return None  # legacy 'module' records and anything else: nothing to rebuild
+
+    # the operations that hash what the file supplies check it first (after a MARK, pickle's
+    # pure-Python unpickler keeps the items since the mark as self.stack)
+    def load_setitem(self) -> None:
+        _check_hashable(self.stack[-2], self.limits)
+        super().load_setitem()
+
+    def load_setitems(self) -> None:
+        for key in self.stack[::2]:
+            _check_hashable(key, self.limits)
+        super().load_setitems()
+
+    def load_dict(self) -> None:
+        for key in self.stack[::2]:
+            _check_hashable(key, self.limits)
+        super().load_dict()
+
+    def load_additems(self) -> None:
+        for item in self.stack:
+            _check_hashable(item, self.limits)
+        super().load_additems()
+
+    def load_frozenset(self) -> None:
+        for item in self.stack:
+            _check_hashable(item, self.limits)
+        super().load_frozenset()
+
+    def load_ext1(self) -> None:
+        raise pickle.UnpicklingError("extension codes (EXT1/2/4) are not used by checkpoints")
+
+    load_ext2 = load_ext4 = load_ext1
+
+
+# the operations, with the overrides above in place of pickle's own
+SafeUnpickler.dispatch = {code: getattr(SafeUnpickler, op.__name__)
+                          for code, op in pickle._Unpickler.dispatch.items()}
 
 
 # --- reading files ------------------------------------------------------------------------
@@ -350,18 +516,90 @@ def sniff(path: Path) -> str:
     return "binary"
 
 
-def _safe_load_pickle(data: Any) -> tuple[Any, SafeUnpickler]:
-    unpickler = SafeUnpickler(data, encoding="latin1")
+def _mb(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def _safe_load_pickle(data: Any, limits: ReadLimits = DEFAULT_LIMITS) -> tuple[Any, SafeUnpickler]:
+    unpickler = SafeUnpickler(data, encoding="latin1", limits=limits)
     try:
         obj = unpickler.load()
+    except TooComplexCheckpoint:
+        raise
     except RecursionError as e:
         raise UnreadableCheckpoint("its pickle nests too deeply to summarise") from e
+    except MemoryError as e:
+        raise TooComplexCheckpoint("walking its pickle ran out of memory") from e
     except Exception as e:  # any malformed stream: EOFError, UnpicklingError, TypeError from a bad opcode
-        raise UnreadableCheckpoint(f"its pickle is damaged ({e.__class__.__name__}: {e})") from e
+        raise UnreadableCheckpoint(f"its pickle is damaged ({e.__class__.__name__}: {str(e)[:200]})") from e
+    check_shape(obj, limits, unpickler._deadline)
     return obj, unpickler
 
 
-def read_torch_zip(path: Path, *, read_scalars: bool = True) -> TorchFile:
+_END = object()
+
+
+def _children(obj: Any) -> Any:
+    """What a walker would descend into; None for a leaf."""
+    if isinstance(obj, dict):
+        return (*obj.keys(), *obj.values()) if any(type(k) in (tuple, frozenset) for k in obj) else obj.values()
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return obj
+    if isinstance(obj, Opaque):
+        return (*obj.args, *obj.kwargs.values(), obj.state, *obj.items.values(), *obj.elements)
+    return None
+
+
+def check_shape(root: Any, limits: ReadLimits = DEFAULT_LIMITS, deadline: float | None = None) -> None:
+    """Refuse a walked object that nests deeper than the bound, or whose shared references would
+    expand past it: one pass over the distinct containers (a shared one is measured once)."""
+    sizes: dict[int, int] = {}  # id -> expanded size, for containers measured already
+    active: set[int] = set()  # ids on the current path: a reference back is a cycle, counted once
+    frames: list[list[Any]] = []  # [container, iterator over its container children, expanded size so far]
+    entered = 0
+
+    def enter(node: Any) -> int | None:
+        """The expanded size of `node` when known now; None when it was pushed to walk."""
+        children = _children(node)
+        if children is None:
+            return 1
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in active:
+            return 1
+        if len(frames) >= limits.max_depth:
+            raise TooComplexCheckpoint(f"it nests containers deeper than {limits.max_depth} levels")
+        active.add(key)
+        # leaves are counted in bulk: only containers are walked one by one
+        nested = [c for c in children if type(c) not in _LEAF_TYPES]
+        frames.append([node, iter(nested), 1 + len(children) - len(nested)])
+        return None
+
+    if enter(root) is not None:
+        return
+    while frames:
+        frame = frames[-1]
+        if frame[2] > limits.max_expanded:
+            raise TooComplexCheckpoint(f"its shared references expand to more than {limits.max_expanded:,} objects")
+        child = next(frame[1], _END)
+        if child is _END:
+            frames.pop()
+            key = id(frame[0])
+            active.discard(key)
+            sizes[key] = frame[2]
+            if frames:
+                frames[-1][2] += frame[2]
+            continue
+        entered += 1
+        if deadline is not None and entered & 0x3FFF == 0 and time.process_time() > deadline:
+            raise TooComplexCheckpoint(f"walking its pickle took more than {limits.max_seconds:g} s of CPU time")
+        known = enter(child)
+        if known is not None:
+            frame[2] += known
+
+
+def read_torch_zip(path: Path, *, read_scalars: bool = True, limits: ReadLimits = DEFAULT_LIMITS) -> TorchFile:
     """Walk `<prefix>/data.pkl` of a torch zip checkpoint; storages stay unread (tiny scalars aside)."""
     try:
         archive = zipfile.ZipFile(path)
@@ -373,14 +611,15 @@ def read_torch_zip(path: Path, *, read_scalars: bool = True) -> TorchFile:
         if not pkl:
             raise UnreadableCheckpoint("a zip file without data.pkl, not a torch checkpoint")
         entry = pkl[0]
-        if entry.file_size > MAX_PICKLE_BYTES:
-            raise UnreadableCheckpoint(f"its data.pkl is {entry.file_size} bytes, too large to summarise")
+        if entry.file_size > limits.max_pickle_bytes:
+            raise TooComplexCheckpoint(f"its data.pkl is {_mb(entry.file_size)}; the bound is {_mb(limits.max_pickle_bytes)}")
         prefix = entry.filename[: -len("data.pkl")]
         try:
-            with archive.open(entry) as f:
-                obj, unpickler = _safe_load_pickle(f)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            # in memory (its declared size is bounded): the unpickler reads it an opcode at a time
+            data = archive.read(entry)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
             raise UnreadableCheckpoint(f"a damaged zip: data.pkl is unreadable ({e})") from e
+        obj, unpickler = _safe_load_pickle(io.BytesIO(data), limits)
         sizes = {i.filename: i for i in infos}
         total = 0
         for key, ref in unpickler.storages.items():
@@ -409,18 +648,23 @@ def _decode_scalar(archive: zipfile.ZipFile, info: zipfile.ZipInfo, dtype: str) 
     return list(struct.unpack(f"<{len(data) // struct.calcsize(fmt)}{fmt}", data))
 
 
-def read_torch_legacy(path: Path) -> TorchFile:
+def read_torch_legacy(path: Path, *, limits: ReadLimits = DEFAULT_LIMITS) -> TorchFile:
     """Walk a legacy (non-zip) torch file: magic, protocol, sys_info, then the object."""
-    with open(path, "rb") as f:
-        try:
-            magic, _ = _safe_load_pickle(f)
-            if magic != LEGACY_MAGIC:
-                raise UnreadableCheckpoint("a pickle file, not a torch checkpoint")
-            _safe_load_pickle(f)  # protocol version
-            _safe_load_pickle(f)  # sys_info
-            obj, unpickler = _safe_load_pickle(f)
-        except UnreadableCheckpoint:
-            raise
+    with open(path, "rb") as raw:
+        # the pickles come first and declare no size: at most the bound of them, in memory
+        head = raw.read(limits.max_pickle_bytes + 1)
+    f = io.BytesIO(head[: limits.max_pickle_bytes])
+    try:
+        magic, _ = _safe_load_pickle(f, limits)
+        if type(magic) is not int or magic != LEGACY_MAGIC:
+            raise UnreadableCheckpoint("a pickle file, not a torch checkpoint")
+        _safe_load_pickle(f, limits)  # protocol version
+        _safe_load_pickle(f, limits)  # sys_info
+        obj, unpickler = _safe_load_pickle(f, limits)
+    except UnreadableCheckpoint:
+        if len(head) > limits.max_pickle_bytes and f.tell() >= limits.max_pickle_bytes:
+            raise TooComplexCheckpoint(f"its pickles are larger than {_mb(limits.max_pickle_bytes)}") from None
+        raise
     total = 0
     for ref in unpickler.storages.values():
         ref.nbytes = ref.numel * _DTYPE_SIZES.get(ref.dtype, 1)
@@ -429,12 +673,13 @@ def read_torch_legacy(path: Path) -> TorchFile:
                      refused=sorted(unpickler.refused))
 
 
-def read_torch(path: Path) -> TorchFile:
+def read_torch(path: Path, *, limits: ReadLimits = DEFAULT_LIMITS) -> TorchFile:
+    """Walk a torch checkpoint (zip or legacy) within `limits`."""
     kind = sniff(path)
     if kind == "zip":
-        return read_torch_zip(path)
+        return read_torch_zip(path, limits=limits)
     if kind == "legacy":
-        return read_torch_legacy(path)
+        return read_torch_legacy(path, limits=limits)
     raise UnreadableCheckpoint(describe_non_checkpoint(path, kind))
 
 
@@ -490,6 +735,10 @@ def to_plain(obj: Any, depth: int = 0, *, max_items: int = 200) -> Any:
     """JSON-ready data: tensors become descriptions (scalars their value), placeholders their state."""
     if depth > 12:
         return "..."
+    if isinstance(obj, int) and not isinstance(obj, bool) and abs(obj) >= 1 << 64:
+        return f"<int of {obj.bit_length()} bits>"  # str() of a huge int is refused, or slow
+    if isinstance(obj, str) and len(obj) > 10_000:
+        return obj[:10_000] + f"... ({len(obj)} characters)"
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
     if isinstance(obj, float):
@@ -512,7 +761,7 @@ def to_plain(obj: Any, depth: int = 0, *, max_items: int = 200) -> Any:
             out[str(k) if not isinstance(k, str) else k] = to_plain(v, depth + 1)
         return out
     if isinstance(obj, (list, tuple, set, frozenset)):
-        items = list(obj)
+        items = list(obj) if isinstance(obj, (set, frozenset)) else obj
         plain = [to_plain(v, depth + 1) for v in items[:max_items]]
         if len(items) > max_items:
             plain.append(f"... {len(items) - max_items} more")
@@ -534,15 +783,20 @@ def to_plain(obj: Any, depth: int = 0, *, max_items: int = 200) -> Any:
 
 
 def tensor_stats(obj: Any) -> dict[str, Any]:
-    """Count tensors, parameters (elements), dtypes and unique storage bytes anywhere in `obj`."""
+    """Count tensors, their elements, dtypes and unique storage bytes anywhere in `obj`; a shared
+    object (a tensor or a container) counts once. Elements are not parameters: see
+    parameter_summary()."""
     count = params = 0
     dtypes: dict[str, int] = {}
     storages: dict[str, int] = {}
     stack = [obj]
-    seen = 0
-    while stack and seen < 1_000_000:
-        seen += 1
+    seen: set[int] = set()
+    while stack:
         item = stack.pop()
+        if isinstance(item, (TensorRef, dict, list, tuple, Opaque)):
+            if id(item) in seen:
+                continue
+            seen.add(id(item))
         if isinstance(item, TensorRef):
             count += 1
             params += item.numel
@@ -557,7 +811,71 @@ def tensor_stats(obj: Any) -> dict[str, Any]:
             stack.extend(item.items.values())
             stack.append(item.state)
             stack.extend(item.elements)
-    return {"tensors": count, "parameters": params, "dtypes": dtypes, "tensor_bytes": sum(storages.values())}
+    return {"tensors": count, "tensor_elements": params, "dtypes": dtypes, "tensor_bytes": sum(storages.values())}
+
+
+# state-dict entries that are buffers, not parameters (BatchNorm's running statistics)
+_BUFFER_NAMES = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _is_state_dict(obj: Any) -> bool:
+    """A module's state dict: names to tensors (a module's `_extra_state` entries aside)."""
+    if not isinstance(obj, dict) or not obj:
+        return False
+    tensors = 0
+    for key, value in obj.items():
+        if not isinstance(key, str):
+            return False
+        if isinstance(value, TensorRef):
+            tensors += 1
+        elif not key.endswith("_extra_state"):
+            return False
+    return tensors > 0
+
+
+def _is_optimizer_state(obj: Any) -> bool:
+    return isinstance(obj, dict) and "state" in obj and "param_groups" in obj
+
+
+def parameter_summary(obj: Any, meta_key: str) -> dict[str, Any]:
+    """Parameters counted from the model's state dict(s) and where they were found (`top-level`,
+    `state_dict`, `model`, ...); buffers, optimizer state and every other tensor apart. Tensors
+    that share storage (tied weights) count once, as model.parameters() yields them."""
+    models: list[tuple[str, dict[Any, Any]]] = []
+    optimizers: list[Any] = []
+    if _is_state_dict(obj):
+        models.append(("top-level", obj))
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if key == meta_key:
+                continue
+            if _is_state_dict(value):
+                models.append((str(key), value))
+            elif _is_optimizer_state(value) or (isinstance(value, (list, tuple)) and value
+                                                 and all(_is_optimizer_state(v) for v in value)):
+                optimizers.append(value)  # Lightning keeps a list of them: optimizer_states
+    params = buffers = 0
+    seen: set[Any] = set()
+    for _, state in models:
+        for name, t in state.items():
+            if not isinstance(t, TensorRef):
+                continue
+            ident = (t.storage.key, t.offset, t.shape) if t.storage is not None else id(t)
+            if ident in seen:
+                continue
+            seen.add(ident)
+            if name.rsplit(".", 1)[-1] in _BUFFER_NAMES:
+                buffers += t.numel
+            else:
+                params += t.numel
+    total, model, optimizer = (tensor_stats(x) for x in (obj, [s for _, s in models], optimizers))
+    out: dict[str, Any] = {}
+    if models:
+        out.update(parameters=params, parameters_in=[where for where, _ in models], buffers=buffers)
+    out.update(optimizer_tensors=optimizer["tensors"], optimizer_elements=optimizer["tensor_elements"],
+               other_tensors=total["tensors"] - model["tensors"] - optimizer["tensors"],
+               other_elements=total["tensor_elements"] - model["tensor_elements"] - optimizer["tensor_elements"])
+    return out
 
 
 def _number(v: Any) -> float | int | None:
@@ -575,10 +893,10 @@ def classify(obj: Any, meta_key: str) -> dict[str, Any]:
     """{'kind', 'epoch', 'step', 'metrics', 'meta', 'summary'} for a walked checkpoint object."""
     out: dict[str, Any] = {"kind": "unknown", "epoch": None, "step": None, "metrics": {},
                            "meta": {}, "summary": {}}
-    stats = tensor_stats(obj)
-    out["summary"].update(stats)
+    out["summary"].update(tensor_stats(obj))
     if isinstance(obj, Opaque) and obj.items:
         obj = obj.items
+    out["summary"].update(parameter_summary(obj, meta_key))
     if not isinstance(obj, dict):
         out["summary"]["type"] = obj.qualname if isinstance(obj, Opaque) else type(obj).__name__
         if isinstance(obj, TensorRef):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
     },
     "signals": {
         "preempt": ((list,), ["SIGTERM", "SIGUSR1"], "signals that make the script write an emergency checkpoint and stop"),
+        "checkpoint": ((list,), ["SIGUSR2"], "signals that make the script write a checkpoint and keep training"),
     },
     "monitor": {
         "stall_minutes": ((int, float), 10.0, "warn when no output or metric arrived for this long"),
@@ -52,15 +54,47 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
         "parse_output": ((bool,), True, "parse metrics from the script's output"),
         "patterns": ((list,), [], "extra regexes with named groups (?P<name>...) for metrics"),
     },
+    "checkpoints": {
+        "watch": ((list,), [], "globs (relative to the project root) of checkpoints the script writes itself, e.g. [\"out/*.pt\"]; folders its arguments name and new checkpoint files under the working directory are watched anyway"),
+        "snapshot": ((bool,), False, "copy each version of a checkpoint the script writes itself into the session's checkpoint dir, so an in-place overwrite can't lose the last good one"),
+    },
     "cloud": {
         "storage": ((str,), "", "where cloud sessions live: s3://bucket/prefix (any S3-compatible store) or a folder (empty: none)"),
         "endpoint_url": ((str,), "", "S3 endpoint of a store other than AWS, e.g. https://<account>.r2.cloudflarestorage.com (empty: AWS)"),
         "region": ((str,), "", "region of the bucket (empty: from the AWS configuration)"),
         "checksums": ((str,), "when_supported", "when_required for stores that reject the CRC checksums boto3 sends by default"),
+        "budget_usd": ((int, float), 0, "most one cloud session may cost; a launch whose --max-hours could exceed it is refused (0: no budget)"),
+    },
+    "aws": {
+        "region": ((str,), "", "region of the machines and the bucket (empty: from the AWS configuration)"),
+        "profile": ((str,), "", "AWS profile to use (empty: the usual credentials chain)"),
+        "endpoint_url": ((str,), "", "one endpoint for every AWS service, e.g. LocalStack (empty: AWS)"),
+        "bucket": ((str,), "", "S3 bucket of the cloud sessions (trainctl aws setup makes it)"),
+        "prefix": ((str,), "trainctl", "key prefix of the sessions in the bucket"),
+        "max_attempts": ((int,), 8, "attempts per AWS request, with backoff, before an error"),
+        "ami": ((str,), "auto", "auto (the newest PyTorch Deep Learning AMI) or an AMI id (ami-...)"),
+        "disk_gb": ((int,), 100, "root volume of each machine, in GB"),
+    },
+    "runpod": {
+        "gpu": ((str,), "", "GPU type for trainctl runpod launch, e.g. \"NVIDIA RTX A4000\" (see: trainctl runpod gpus)"),
+        "gpu_count": ((int,), 1, "GPUs per pod"),
+        "cloud": ((str,), "secure", "secure or community"),
+        "interruptible": ((bool,), False, "rent interruptible (spot) pods: cheaper, stopped when outbid; resumed from storage"),
+        "image": ((str,), "", "container image (empty: RunPod's PyTorch image trainctl is tested with)"),
+        "container_disk_gb": ((int,), 50, "the pod's container disk: image, code, local checkpoints"),
+        "volume_gb": ((int,), 0, "a pod volume at /workspace (billed while the pod exists, even stopped)"),
+        "max_hours": ((int, float), 24.0, "the pod ends by launch time + this, even if trainctl and its agent are gone"),
+        "provision_timeout_min": ((int, float), 20.0, "a pod still provisioning after this is terminated"),
+        "setup": ((str,), "auto", "how the pod installs the project's requirements on the image's torch: auto, venv, direct, none"),
+        "secrets": ((dict,), {}, "variables the pod gets from RunPod secrets: { NAME = \"secret name\" }; the storage credentials go here"),
     },
 }
 
-CHOICES = {("retention", "mode"): ("min", "max"), ("cloud", "checksums"): ("when_supported", "when_required")}
+CHOICES = {("retention", "mode"): ("min", "max"), ("cloud", "checksums"): ("when_supported", "when_required"),
+           ("runpod", "cloud"): ("secure", "community"), ("runpod", "setup"): ("auto", "venv", "direct", "none")}
+# numbers with a floor above 0 (every number must be finite and not negative)
+MINIMUMS: dict[tuple[str, str], int | float] = {("monitor", "window"): 1, ("runpod", "gpu_count"): 1,
+                                                ("aws", "max_attempts"): 1, ("aws", "disk_gb"): 1}
 
 
 @dataclass
@@ -185,12 +219,20 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                 fail(f"unknown key '{dotted}'.",
                      f"Did you mean '{close[0]}'?" if close else f"Valid keys in [{section}]: {', '.join(SCHEMA[section])}.",
                      k, section)
-            types, _default, _doc = spec
+            types, default, _doc = spec
             if (isinstance(v, bool) and bool not in types) or not isinstance(v, types):
                 fail(f"'{dotted}' must be {_type_name(types)}, not {type(v).__name__} ({v!r}).",
                      f"Fix the value of '{k}' in the config file.", k, section)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                fail(f"'{dotted}' must not be negative ({v!r}).", "Use 0 or a positive value.", k, section)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                # NaN compares false with everything: unchecked, it silently turns a limit off
+                if not math.isfinite(v):
+                    fail(f"'{dotted}' must be a finite number, not {v!r}.",
+                         f"Set {k} to a number, e.g. {k} = {default!r}.", k, section)
+                if v < 0:
+                    fail(f"'{dotted}' must not be negative ({v!r}).", "Use 0 or a positive value.", k, section)
+                minimum = MINIMUMS.get((section, k))
+                if minimum is not None and v < minimum:
+                    fail(f"'{dotted}' must be at least {minimum}, not {v!r}.", f"Set {k} = {minimum} or more.", k, section)
             choices = CHOICES.get((section, k))
             if choices and v not in choices:
                 fail(f"'{dotted}' must be one of {', '.join(choices)}, not {v!r}.",
@@ -199,7 +241,7 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                 try:
                     parse_size(v)
                 except ValueError as e:
-                    fail(str(e), "Use a size like '500M' or '20G'.", k, section)
+                    fail(f"'{dotted}' is {e}.", "Use a size like '500M' or '20G'.", k, section)
             if (section, k) == ("metrics", "patterns"):
                 for pattern in v:
                     try:
@@ -214,14 +256,19 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
 
                     if backtracking_risk(pattern):
                         fail(f"metrics pattern {pattern!r} {backtracking_risk(pattern)}.", BACKTRACKING_HINT, k, section)
-            if (section, k) == ("signals", "preempt"):
+            if section == "signals":
                 import signal as signal_mod
 
                 bad = [x for x in v if not (isinstance(x, str) and isinstance(getattr(signal_mod, x.upper(), None), signal_mod.Signals))]
                 if bad:
-                    fail(f"'signals.preempt' has unknown signal {bad[0]!r}.",
+                    fail(f"'signals.{k}' has unknown signal {bad[0]!r}.",
                          "Use names like \"SIGTERM\", \"SIGUSR1\", \"SIGUSR2\".", k, section)
-            if section == "cloud" and k in ("storage", "endpoint_url") and v:
+            if (section, k) in (("aws", "max_attempts"), ("aws", "disk_gb")) and v < (1 if k == "max_attempts" else 8):
+                fail(f"'{dotted}' must be at least {1 if k == 'max_attempts' else 8}, not {v!r}.",
+                     "Fix the value in the config file.", k, section)
+            if (section, k) == ("aws", "ami") and v != "auto" and not v.startswith("ami-"):
+                fail(f"'aws.ami' must be \"auto\" or an AMI id (ami-...), not {v!r}.", "Set ami = \"auto\".", k, section)
+            if section in ("cloud", "aws") and k in ("storage", "endpoint_url") and v:
                 # storage.uri is the one URI grammar (stdlib only), so this error and open_store agree
                 from .errors import UsageError
                 from .storage.uri import check_endpoint_url, parse_uri
@@ -230,6 +277,16 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                     parse_uri(v) if k == "storage" else check_endpoint_url(v)
                 except UsageError as e:
                     fail(e.message, e.hint, k, section)
+            if (section, k) == ("checkpoints", "watch"):
+                try:
+                    validate_watch_globs(v)
+                except ValueError as e:
+                    fail(f"{e}.", "Write globs like \"out/*.pt\" or \"runs/**/checkpoint-*\".", k, section)
+            if (section, k) == ("runpod", "secrets"):
+                bad = [n for n, secret in v.items() if not (re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", n) and isinstance(secret, str) and secret)]
+                if bad:
+                    fail(f"'runpod.secrets' entry {bad[0]!r} is not NAME = \"secret name\".",
+                         'Write it as secrets = { AWS_ACCESS_KEY_ID = "my_key_id_secret" }.', k, section)
             if (section, k) == ("restart", "restart_on"):
                 bad = [s for s in v if s not in ("preempted", "failed")]
                 if bad:
@@ -237,6 +294,25 @@ def validate(data: dict[str, Any], *, path: str | None = None, text: str = "") -
                          "Valid: preempted, failed.", k, section)
             values[section][k] = v
     return values
+
+
+def validate_watch_globs(globs: Any) -> list[str]:
+    """The `[checkpoints] watch` list, checked; a bad entry raises ValueError naming it."""
+    if not isinstance(globs, (list, tuple)):
+        raise ValueError(f"'checkpoints.watch' must be a list of globs, not {type(globs).__name__}")
+    out = []
+    for g in globs:
+        if not isinstance(g, str) or not g.strip():
+            raise ValueError(f"'checkpoints.watch' has {g!r}: each entry is a glob such as \"out/*.pt\"")
+        if "\x00" in g:
+            raise ValueError(f"'checkpoints.watch' has {g!r}: a glob cannot hold a NUL character")
+        for part in Path(g).parts:
+            if part.count("[") != part.count("]"):
+                raise ValueError(f"'checkpoints.watch' has {g!r}: an unclosed '[' in {part!r}")
+            if "**" in part and part != "**":
+                raise ValueError(f"'checkpoints.watch' has {g!r}: '**' must be a whole path part, as in \"runs/**/*.pt\"")
+        out.append(g)
+    return out
 
 
 def load(start: Path | None = None) -> Config:
@@ -263,6 +339,35 @@ def load(start: Path | None = None) -> Config:
     if path.name == "pyproject.toml":
         data = data.get("tool", {}).get("trainctl", {})
     return Config(root=root, path=path, values=validate(data, path=str(path), text=text))
+
+
+def save_table(cfg: Config, section: str, values: dict[str, str]) -> tuple[Path | None, dict[str, Any]]:
+    """Record `values` under `[section]` of the project's config (trainctl.toml is created when
+    there is none): keys the table lacks are added right under its header, a missing table is
+    appended; nothing already written is changed. Returns (the file written, or None when
+    nothing was missing; {key: the value the file has} where it differs from `values`)."""
+    import json
+
+    from .fsutil import atomic_write_bytes
+
+    have = cfg.values.get(section, {})
+    differs = {k: have[k] for k, v in values.items() if k in have and have[k] != v}
+    missing = {k: v for k, v in values.items() if k not in have}
+    if not missing:
+        return None, differs
+    path = cfg.path or cfg.root / CONFIG_FILE
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    header = f"[tool.trainctl.{section}]" if path.name == "pyproject.toml" else f"[{section}]"
+    lines = [f"{k} = {json.dumps(v)}" for k, v in missing.items()]  # a JSON string is a TOML basic string
+    found = re.search(rf"^[ \t]*{re.escape(header)}[ \t]*(#.*)?$", text, re.MULTILINE)
+    if found:
+        end = found.end()
+        text = text[:end] + "\n" + "\n".join(lines) + text[end:]
+    else:
+        text = text + ("\n" if text and not text.endswith("\n") else "") + ("\n" if text else "") \
+            + header + "\n" + "\n".join(lines) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
+    return path, differs
 
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)

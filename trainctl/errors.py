@@ -11,6 +11,8 @@ EXIT_ERROR = 1  # unexpected error (a short traceback and a report path are prin
 EXIT_USAGE = 2  # bad input: arguments, config, pre-flight failure
 EXIT_NOT_FOUND = 3  # a session, checkpoint or file that does not exist
 EXIT_CHECKPOINT = 4  # a checkpoint that is corrupt, unverified or refused
+EXIT_PROVIDER = 5  # the cloud provider refused or could not serve a valid request (credentials,
+# permissions, quota, capacity, throttling, network)
 EXIT_PREEMPTED = 75  # the script stopped on a preemption signal after an emergency checkpoint (EX_TEMPFAIL)
 EXIT_INTERRUPTED = 130  # the launcher was stopped (Ctrl-C / SIGTERM)
 

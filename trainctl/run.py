@@ -146,6 +146,7 @@ class Run:
         self.project_config = self._load_project_config()
         self.finished = False
         self._should_stop = False
+        self._checkpoint_requested = False
         self.preempted = False
         self.stop_signal: str | None = None
         self._stop_observed = False
@@ -241,7 +242,7 @@ class Run:
             if total_steps or total_epochs:
                 fields["totals"] = {"steps": total_steps, "epochs": total_epochs}
             fields["runtime"] = {"pid": os.getpid(), "rank": self.rank, "world_size": self.world_size,
-                                 "attempt": self.attempt}
+                                 "attempt": self.attempt, "checkpoint_signals": self._checkpoint_signal_names()}
             self.session.update(**fields)
             events: list[dict[str, Any]] = [{"kind": "status", "status": State.RUNNING, "source": "run",
                                             "attempt": self.attempt, "pid": os.getpid()}]
@@ -252,6 +253,7 @@ class Run:
                                              daemon=True)
             self._flusher.start()
         self._install_signal_handlers(preempt_signals)
+        self._install_checkpoint_handlers()
         self._prev_excepthook = sys.excepthook
         sys.excepthook = self._excepthook
         self._prev_exit = sys.exit
@@ -294,12 +296,16 @@ class Run:
             self._buffer.append((time.time(), step, epoch, dict(values)))
         if self._should_stop and not self._stopping:
             self._on_stop_request()
+        elif self._checkpoint_requested:
+            self._checkpoint_on_request()
 
     def step(self, n: int = 1) -> int:
         """Advance the step counter by `n` (a safe point for a pending preemption)."""
         self._step += n
         if self._should_stop and not self._stopping:
             self._on_stop_request()
+        elif self._checkpoint_requested:
+            self._checkpoint_on_request()
         return self._step
 
     @property
@@ -775,9 +781,41 @@ class Run:
         self.stop_signal = self.stop_signal or "requested"
 
     def checkpoint_if_requested(self) -> None:
-        """A safe point: when a preemption signal arrived, checkpoint the tracked state and exit."""
+        """A safe point: when a preemption signal arrived, checkpoint the tracked state and exit;
+        when a checkpoint signal arrived, checkpoint it and return."""
         if self._should_stop and not self._stopping:
             self._stop(emergency=True)
+        elif self._checkpoint_requested:
+            self._checkpoint_on_request()
+
+    def _checkpoint_signal_names(self) -> list[str]:
+        preempt = {str(n).upper() for n in (self.project_config.get("signals", "preempt") or DEFAULT_PREEMPT_SIGNALS)}
+        names = [str(n).upper() for n in self.project_config.get("signals", "checkpoint") or []]
+        return [n for n in dict.fromkeys(names) if n not in preempt and hasattr(signal, n)]
+
+    def _install_checkpoint_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self._checkpoint_signal_names():
+            try:
+                self._prev_handlers[getattr(signal, name)] = signal.signal(getattr(signal, name),
+                                                                           self._on_checkpoint_signal)
+            except (ValueError, OSError, AttributeError):
+                continue
+
+    def _on_checkpoint_signal(self, signum: int, frame: Any) -> None:
+        self._checkpoint_requested = True  # a flag only: the checkpoint is written at the next safe point
+
+    def _checkpoint_on_request(self) -> None:
+        self._checkpoint_requested = False
+        if not self._tracked:
+            self._event("warning", message="checkpoint requested, but nothing is tracked "
+                                           "(use run.track(model=..., optimizer=...))")
+            return
+        try:
+            self.save_checkpoint(name=f"ckpt-step{int(self._step):08d}-requested")
+        except Exception as e:
+            self._event("warning", message=f"requested checkpoint failed: {e}")
 
     def _on_stop_request(self) -> None:
         if self._stop_observed and not self._tracked:
@@ -903,6 +941,11 @@ class Run:
             failures, self._unreported_failures = self._unreported_failures, []
             raise CheckpointSaveError(failures)
         self._unreported_failures = []
+        if self._async_saver is not None:
+            try:
+                self._async_saver.close()  # also frees its staging buffers
+            except Exception:
+                pass  # _async_done recorded any failure; the session must still end
         try:
             self.flush()
         finally:

@@ -16,13 +16,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import UsageError
+from ..errors import TrainctlError, UsageError
 from ..redact import redact_args, redact_mapping
 from ..session import State
 
 # name -> "module:Class", imported on first use so the CLI stays fast (torchx-style registry)
 BACKENDS: dict[str, str] = {
     "local": "trainctl.backends.local:LocalBackend",
+    "aws": "trainctl.backends.aws:AwsBackend",
+    "runpod": "trainctl.backends.runpod:RunPodBackend",
 }
 
 
@@ -154,6 +156,26 @@ class Backend(ABC):
     @abstractmethod
     def list(self) -> list[Handle]:
         """Attempts this backend runs for trainctl right now (to find leaks)."""
+
+
+class EndFailedError(TrainctlError, OSError):
+    """A machine could not end itself through its platform's API; the boot script's power-off
+    and the platform's own deadline still hold."""
+
+
+class MachineEnd(ABC):
+    """How a rented machine ends itself for good, and whatever would start a replacement in its
+    place: the hook the agent calls once its session is over for this machine. Each cloud
+    backend provides one; terminate, never stop (a stopped machine still bills for its disk)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def end_machine(self, reason: str) -> None:
+        """End this machine (and its launch), saying why; raises EndFailedError when it can't."""
+
+    def describe(self) -> str:
+        return self.name
 
 
 def register(name: str, target: str) -> None:

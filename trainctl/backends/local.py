@@ -20,14 +20,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .. import env as env_mod
 from .. import sysinfo
 from ..redact import redact_args
-from ..session import Session, State, effective_status
+from ..session import STATUSES, Session, State, effective_status
 from .base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec
 
 READ_BYTES = 65536
@@ -142,8 +142,13 @@ class LocalBackend(Backend):
 
     name = "local"
 
-    def __init__(self, *, use_pty: bool | None = None) -> None:
+    def __init__(self, *, use_pty: bool | None = None, python: str | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.use_pty = sys.stdout.isatty() if use_pty is None else use_pty
+        # the interpreter the script runs on (a cloud machine's image torch), and variables for
+        # the script alone (forwarded secrets): added at launch, never part of a plan or a record
+        self.python = python or sys.executable
+        self.env = dict(env or {})
         self._owned: dict[tuple[int, int | None], _Attempt] = {}
         self._kill_at: dict[tuple[int, int | None], float] = {}
 
@@ -151,10 +156,10 @@ class LocalBackend(Backend):
     def plan(self, spec: RunSpec) -> LaunchPlan:
         if spec.nproc_per_node > 1:
             # torch's own launcher, never a home-made one
-            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            command = [self.python, "-m", "torch.distributed.run", "--standalone",
                        f"--nproc-per-node={spec.nproc_per_node}", str(spec.script), *spec.args]
         else:
-            command = [sys.executable, str(spec.script), *spec.args]
+            command = [self.python, str(spec.script), *spec.args]
         session_dir = Path(spec.session_dir) if spec.session_dir else None
         env = env_mod.LaunchEnv(
             session_id=spec.session_id or None, session_dir=str(session_dir) if session_dir else None,
@@ -171,7 +176,7 @@ class LocalBackend(Backend):
             details={"terminal": self.use_pty, "session_dir": str(session_dir) if session_dir else None})
 
     def launch(self, plan: LaunchPlan, attempt: int) -> Handle:
-        child_env = {**os.environ, **plan.env, "TRAIN_OPS_ATTEMPT": str(attempt)}
+        child_env = {**os.environ, **plan.env, **self.env, "TRAIN_OPS_ATTEMPT": str(attempt)}
         log_fd = os.open(plan.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         if attempt:
             os.write(log_fd, f"\n[trainctl] attempt {attempt}: {' '.join(redact_args(list(plan.command)))}\n".encode())
@@ -230,7 +235,7 @@ class LocalBackend(Backend):
                 data = {}
         for record in data.get("attempts") or []:
             if isinstance(record, dict) and record.get("attempt") == handle.attempt \
-                    and record.get("ended_at") and record.get("status") in State._value2member_map_:
+                    and record.get("ended_at") and record.get("status") in STATUSES:
                 return Description(State(record["status"]), record.get("exit_code"), record.get("signal"),
                                    {"processes": processes})
         status = effective_status(data) if data else State.CRASHED
@@ -256,8 +261,10 @@ class LocalBackend(Backend):
                 chunk = follower.get()
                 if chunk is None:
                     break
-                if chunk.offset + len(chunk.data) > start:
+                if chunk.offset >= start:
                     yield chunk
+                elif chunk.offset + len(chunk.data) > start:  # begins before `since`: its rest
+                    yield LogChunk(start, chunk.data[start - chunk.offset:], chunk.stream)
         finally:
             if follower is not None:
                 follower.leave()

@@ -11,12 +11,14 @@ from typing import Any
 import click
 
 from ..formatting import format_duration, format_value
+from .groups import group
 
 STATUS_COLORS = {"valid": "green", "foreign": "cyan", "unverified": "yellow", "corrupt": "red",
-                 "unreadable": "red", "unsupported": "red", "partial": "yellow"}
+                 "unreadable": "red", "unsupported": "red", "partial": "yellow", "script": "cyan",
+                 "changed": "yellow"}
 
 
-@click.group("checkpoint")
+@group("checkpoint")
 def checkpoint() -> None:
     """List, inspect, verify, clean up and resume checkpoints."""
 
@@ -57,12 +59,22 @@ def _require_exists(path: Path) -> None:
                                       "List checkpoints with: trainctl checkpoint list")
 
 
-def _session_dir(config: Any, ref: str) -> Path:
-    """Where the session's checkpoints are, as its record says."""
+def _session_dir(config: Any, ref: str) -> tuple[Path, Path]:
+    """Where the session's checkpoints are, as its record says, and the session's own folder."""
     from ..session import SessionStore
 
     session = SessionStore(config.state_dir).get(ref)
-    return Path(session.checkpoint_location() or config.checkpoint_dir / session.id)
+    return Path(session.checkpoint_location() or config.checkpoint_dir / session.id), session.dir
+
+
+def _script_written(session_dir: Path | None) -> list[tuple[dict[str, Any], str]]:
+    """What the session's script wrote itself (recorded by the launcher), newest version of each."""
+    if session_dir is None:
+        return []
+    from ..launcher.script_checkpoints import latest_versions, read_manifest
+
+    manifest = read_manifest(session_dir)
+    return latest_versions(manifest["checkpoints"]) if manifest else []
 
 
 @checkpoint.command("list")
@@ -76,38 +88,51 @@ def list_cmd(directory: Path | None, session_ref: str | None, show_all: bool, as
     from ..config import format_size
 
     config = _config()
+    session_dir = None
     if session_ref:
-        directory = _session_dir(config, session_ref)
+        directory, session_dir = _session_dir(config, session_ref)
     directory = directory or config.checkpoint_dir
-    if not directory.exists():
+    written = _script_written(session_dir)
+    exists = directory.exists()
+    if not exists and not written:
         if as_json:
             _dump_json([])
         else:
             click.echo(f"No checkpoints: {directory} does not exist yet.")
         return
-    single = directory.is_file() or (directory / "trainer_state.json").is_file()
-    infos = [ckpt.inspect(directory)] if single else ckpt.scan(directory)
+    single = exists and (directory.is_file() or (directory / "trainer_state.json").is_file())
+    infos = [] if not exists else [ckpt.inspect(directory)] if single else ckpt.scan(directory)
     base = directory.parent if single else directory
-    partials = [] if single else ckpt.partial_files(directory)
+    partials = [] if single or not exists else ckpt.partial_files(directory)
     if as_json:
-        _dump_json([i.to_dict() for i in infos] + [p.to_dict() for p in partials if show_all])
+        _dump_json([i.to_dict() for i in infos]
+                   + [{**e, "source": "script", "state": state} for e, state in written]
+                   + [p.to_dict() for p in partials if show_all])
         return
-    if not infos and not (show_all and partials):
+    if not infos and not written and not (show_all and partials):
         click.echo(f"No checkpoints under {directory}.")
         _note_partials(partials, show_all)
         return
     now = time.time()
     rows = [("NAME", "EPOCH", "STEP", "METRICS", "SIZE", "AGE", "STATUS")]
+    statuses = []
     for i in infos:
         rows.append((_relative(i.path, base), format_value(i.epoch) if i.epoch is not None else "-",
                      str(i.step) if i.step is not None else "-", _metrics_text(i.metrics),
                      format_size(i.bytes), format_duration(now - i.time), _status_text(i)))
+        statuses.append(i.status)
+    for e, state in written:  # where the script itself saved (its own folders, not trainctl's)
+        rows.append((e.get("display") or e["path"], format_value(e["epoch"]) if e.get("epoch") is not None else "-",
+                     str(e["step"]) if e.get("step") is not None else "-", _metrics_text(e.get("metrics") or {}),
+                     format_size(e.get("bytes") or 0), format_duration(now - (e.get("written_at") or now)),
+                     "by the script" + ("" if state == "as registered" else f", {state}")))
+        statuses.append("script" if state == "as registered" else "changed")
     if show_all:
         for p in partials:
             rows.append((_relative(p.path, base), "-", "-", f"of {p.target}", format_size(p.bytes),
                          format_duration(now - p.mtime), "partial"))
+            statuses.append("partial")
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    statuses = [i.status for i in infos] + ["partial"] * (len(rows) - 1 - len(infos))
     for n, row in enumerate(rows):
         line = "  ".join(cell.ljust(w) for cell, w in zip(row[:-1], widths[:-1], strict=True))
         status = row[-1] if n == 0 else click.style(row[-1], fg=STATUS_COLORS.get(statuses[n - 1]))
@@ -138,6 +163,10 @@ def info_cmd(path: Path, as_json: bool) -> None:
 
     _require_exists(path)
     info = ckpt.inspect(path, contents=True)
+    if info.status == "unreadable":
+        raise CorruptCheckpointError(f"{path}: unreadable: {info.error}.",
+                                     "trainctl reads a checkpoint's pickle within bounds, and this one is past them; "
+                                     "load it with torch only if you trust where it came from.")
     if info.kind == "unknown" and info.status == "corrupt":
         raise CorruptCheckpointError(f"{path} is {info.error}.",
                                      "Give a checkpoint file, or list them with: trainctl checkpoint list")
@@ -266,7 +295,19 @@ def cleanup_cmd(directory: Path | None, keep_last_n: int | None, keep_best_k: in
     groups: dict[Path, list[Any]] = {}
     for info in ckpt.scan(directory):
         groups.setdefault(info.path.parent, []).append(info)
-    plan = [info for infos in groups.values() for info in ckpt.plan_retention(infos, protected=protected, **settings)]
+    plan, unranked = [], []
+    for folder, infos in groups.items():
+        try:
+            plan += ckpt.plan_retention(infos, protected=protected, **settings)
+        except ckpt.UnknownMetricError as e:
+            unranked.append((folder, e))
+    ranked_groups = sum(1 for infos in groups.values()
+                        if any(i.kind == "trainctl" and i.status != "unverified" for i in infos))
+    if unranked and len(unranked) == ranked_groups:
+        raise ckpt.UnknownMetricError(settings["metric"], (k for _, e in unranked for k in e.known))
+    for folder, _ in unranked:
+        click.echo(f"note: skipped {_relative(folder, directory) or '.'}: none of its checkpoints records "
+                   f"'{settings['metric']}', so keep-best cannot tell which to keep.", err=True)
     temps = ckpt.stale_temp_files(directory, recursive=True)
     if not plan and not temps:
         click.echo("Nothing to delete.")

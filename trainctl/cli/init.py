@@ -8,24 +8,55 @@ import click
 
 
 @click.command("init")
+@click.argument("script", required=False, type=click.Path(path_type=Path))
 @click.option("--force", is_flag=True, help="Overwrite an existing trainctl.toml.")
-def init_cmd(force: bool) -> None:
-    """Write a commented trainctl.toml (every key at its default) in this folder."""
-    from ..config import CONFIG_FILE, template
-    from ..errors import UsageError
+def init_cmd(script: Path | None, force: bool) -> None:
+    """Write a commented trainctl.toml (every key at its default) in this folder.
+
+    With SCRIPT (default: ./train.py when there is one), the resume_flag is the one its source
+    shows it takes: --resume_from_checkpoint (Hugging Face), --init_from=resume (nanoGPT),
+    --ckpt_path, ... so restarts hand the checkpoint over the way the script expects.
+    """
+    from ..config import CONFIG_FILE, SCHEMA, template
+    from ..errors import ScriptNotFoundError, UsageError
 
     path = Path.cwd() / CONFIG_FILE
     if path.exists() and not force:
         raise UsageError(f"{path} already exists.", "Keep it, or overwrite it with: trainctl init --force")
+    if script is not None and not script.is_file():
+        raise ScriptNotFoundError(f"script {script} does not exist or is not a file.",
+                                  "Name the training script, e.g. trainctl init train.py", path=str(script))
+    if script is None and (Path.cwd() / "train.py").is_file():
+        script = Path("train.py")
+    text = template()
+    note = None
+    if script is not None:
+        from ..launcher.script_conventions import detect_resume_conventions
+
+        found = detect_resume_conventions(script.read_text(encoding="utf-8", errors="replace"))
+        default = SCHEMA[""]["resume_flag"][1]
+        if found:
+            c = found[0]
+            where = f"{script} line {c.line}" if c.line else str(script)
+            note = f"resume_flag = \"{c.flag}\": {script} {c.why} ({where})" + (
+                "" if c.takes_path else "; the flag takes no path: the script reads its own checkpoint, "
+                "and TRAIN_OPS_RESUME names it")
+            text = text.replace(f'resume_flag = "{default}"\n',
+                                f'# recognised in {where}: it {c.why}\nresume_flag = "{c.flag}"\n', 1)
+        else:
+            note = (f"{script} shows no resume flag trainctl recognises: set resume_flag in {CONFIG_FILE} "
+                    "to the flag it takes a checkpoint path with, so restarts can resume it")
     from ..config import find_project_root
 
     outer_root, outer = find_project_root(Path.cwd().parent)
-    path.write_text(template(), encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     click.echo(f"Wrote {path}.")
+    if note:
+        click.echo(note)
     if outer is not None:
         click.secho(f"note: {outer} also configures the folder above; runs started here now belong "
                     f"to this new project, not to {outer_root}.", fg="yellow", err=True)
     gitignore = Path.cwd() / ".gitignore"
     if not gitignore.exists() or ".trainctl" not in gitignore.read_text(errors="replace"):
         click.echo("Consider adding '.trainctl/' and 'checkpoints/' to .gitignore.")
-    click.echo("Next: trainctl local train.py [ARGS]...")
+    click.echo(f"Next: trainctl local {script or 'train.py'} [ARGS]...")

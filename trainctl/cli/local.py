@@ -42,10 +42,13 @@ was stopped (trainctl sessions stop); 2 when a pre-flight check failed."""
               help="Run in the background and return at once; follow with trainctl sessions attach ID.")
 @click.option("--dry-run", is_flag=True,
               help="Print what would run (command, environment, where output and checkpoints go); start nothing.")
+@click.option("--sync", "sync_uri", metavar="URI", default=None,
+              help="Also mirror the session to storage (s3://bucket/prefix or a folder) while it runs: "
+                   "checkpoints once verified, then latest.json; events and output.")
 def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str | None,
               max_restarts: int | None, restart_on: str | None, restart_delay: float | None,
               grace_period: float | None, nproc_per_node: int, gpus: int | None, quiet: bool,
-              no_preflight: bool, detach: bool, dry_run: bool) -> None:
+              no_preflight: bool, detach: bool, dry_run: bool, sync_uri: str | None) -> None:
     """Run SCRIPT [ARGS]... here as a recorded session.
 
     The script runs as it would with `python SCRIPT ARGS`, with TRAIN_OPS_* variables telling it
@@ -66,6 +69,14 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
                                   f"Name the file to run, e.g. trainctl local {script / 'train.py'}",
                                   path=str(script))
     cfg = load()
+    if sync_uri is not None:
+        from ..errors import UsageError
+        from ..storage.uri import parse_uri
+
+        parse_uri(sync_uri)  # a bad URI fails before anything starts
+        if detach:
+            raise UsageError("--sync and --detach do not go together yet.",
+                             "Run with --sync in a terminal multiplexer (tmux, screen), or without --sync.")
     args_list = list(args)
     if resume is None:
         resume, args_list = split_resume_arg(args_list, cfg.resume_flag)
@@ -81,5 +92,5 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
     if detach:
         start_in_background(spec, restart, cfg, preflight=not no_preflight)
         return
-    _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight)
+    _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight, sync_uri=sync_uri)
     sys.exit(result.exit_code)

@@ -13,6 +13,7 @@ import warnings
 import click
 
 from .. import __version__
+from .groups import SuggestingGroup
 
 # command name -> "module:attribute"; each module imports its heavy parts inside functions.
 COMMANDS: dict[str, str] = {
@@ -23,6 +24,9 @@ COMMANDS: dict[str, str] = {
     "check": "trainctl.cli.check:check",
     "monitor": "trainctl.cli.monitor:monitor",
     "tensorboard": "trainctl.cli.tensorboard:tensorboard",
+    "agent": "trainctl.cli.agent:agent_cmd",  # internal: a machine's boot script starts it
+    "aws": "trainctl.cli.aws:aws",
+    "runpod": "trainctl.cli.runpod:runpod",
 }
 
 SHORT_HELP: dict[str, str] = {
@@ -33,10 +37,12 @@ SHORT_HELP: dict[str, str] = {
     "check": "Run the pre-flight checks on a script without starting it.",
     "monitor": "Show where a run stands: progress, ETA, trends, warnings.",
     "tensorboard": "Start TensorBoard over recorded sessions.",
+    "aws": "Run on EC2: set up once, launch, follow, resume, stop, costs, leaks.",
+    "runpod": "Train on RunPod pods: plan, launch, follow, recover, stop, pay.",
 }
 
 
-class LazyGroup(click.Group):
+class LazyGroup(SuggestingGroup):
     """A group whose subcommands are imported only when invoked (or their help is asked)."""
 
     def list_commands(self, ctx: click.Context) -> list[str]:
@@ -57,7 +63,7 @@ class LazyGroup(click.Group):
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         # short help from a table, so `trainctl --help` imports no subcommand module
-        rows = [(name, SHORT_HELP.get(name, "")) for name in COMMANDS]
+        rows = [(name, SHORT_HELP[name]) for name in COMMANDS if name in SHORT_HELP]  # the rest are internal
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 

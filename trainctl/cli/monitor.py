@@ -10,7 +10,7 @@ import click
 @click.option("--log", "log_file", metavar="FILE",
               help="Watch a bare log file (any script's output, from anywhere) instead of a session.")
 @click.option("--checkpoint", "checkpoint_dir", metavar="DIR",
-              help="Folder to scan for checkpoints (default: the session's checkpoint location).")
+              help="Folder of checkpoints to show: step, metrics, age; warns when the newest is torn or overdue (default: the session's checkpoint location).")
 @click.option("--follow/--once", default=False,
               help="Refresh in place until the session ends (Ctrl-C stops), or print once (default).")
 @click.option("--json", "as_json", is_flag=True,

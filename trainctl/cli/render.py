@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from ..formatting import format_duration, format_value
-from ..resume import resume_command
 
 
 def age(timestamp: float | None, now: float | None = None) -> str:
@@ -59,7 +58,7 @@ def run_summary(data: dict[str, Any], output_tail: list[str]) -> None:
         except OSError:  # the terminal is gone (SIGHUP): the record is in session.json
             pass
 
-    if status == "failed" and output_tail:
+    if status in ("failed", "crashed") and output_tail:
         out("")
         out(f"── last {min(20, len(output_tail))} lines of output " + "─" * 30, dim=True)
         for line in output_tail[-20:]:
@@ -72,7 +71,13 @@ def run_summary(data: dict[str, Any], output_tail: list[str]) -> None:
         + (f", {attempts} attempts" if attempts and attempts > 1 else ""), fg=color, bold=True)
     out(f"  metrics      {metrics_line(summary)}")
     n = summary.get("checkpoints") or 0
-    out(f"  checkpoints  {n} written" + (f", newest {newest}" if newest else ""))
+    by_script = summary.get("script_checkpoints") or {}
+    if by_script.get("written") and by_script["written"] >= n:
+        out(f"  checkpoints  {by_script['text']}")
+    elif by_script.get("written"):
+        out(f"  checkpoints  {n} written, newest {newest}; {by_script['text']}")
+    else:
+        out(f"  checkpoints  {n} written" + (f", newest {newest}" if newest else ""))
     out(f"  output       {data.get('output_log')}")
     if diagnosis:
         out(f"  what         {diagnosis.get('what')}", fg="red")
@@ -92,6 +97,10 @@ def run_summary(data: dict[str, Any], output_tail: list[str]) -> None:
 
 def continue_command(data: dict[str, Any], checkpoint: str | None) -> str:
     """The command that continues a recorded session, with the script as the user typed it."""
+    if data.get("backend") == "aws" and data.get("id"):
+        return f"trainctl aws resume {data['id']}"  # on a new machine, from the checkpoint in storage
+    from ..resume import resume_command
+
     command = data.get("command") or []
     script = command[2] if len(command) > 2 and command[0] == "trainctl" else str(data.get("script") or "SCRIPT")
     flag = (data.get("trainctl_config") or {}).get("resume_flag") or "--resume"

@@ -10,8 +10,10 @@ from pathlib import Path
 import click
 
 from ..session import TERMINAL, State
+from .groups import group
 
 STATUS_CHOICES = [s.value for s in State]
+SHOWN_CHECKPOINTS = 5  # `sessions show` lists the newest few; `checkpoint list --session` has them all
 
 
 def _config():
@@ -20,7 +22,7 @@ def _config():
     return config.load()
 
 
-@click.group("sessions")
+@group("sessions")
 def sessions() -> None:
     """List, show, follow, stop, delete, compare and plot recorded sessions."""
 
@@ -55,6 +57,11 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
                    else f"No {status} sessions.")
         return
     now = time.time()
+    costs: dict = {}
+    if any(r.get("cloud") for r in records):  # cloud sessions: price x running time, from the record
+        from ..backends.cloud import recorded_cost
+
+        costs = {r["id"]: recorded_cost(r, now) for r in records}
     rows = []
     for r in records:
         summary = r.get("summary") or {}
@@ -65,7 +72,13 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
                      format_duration(ended - started) if ended and started else "-",
                      str(len(r.get("attempts") or []) or 1),
                      str(summary.get("checkpoints", 0)), metrics_line(summary, limit=2)])
-    click.echo(table(["ID", "NAME", "STATUS", "STARTED", "DURATION", "ATTEMPTS", "CKPTS", "METRICS"], rows))
+    headers = ["ID", "NAME", "STATUS", "STARTED", "DURATION", "ATTEMPTS", "CKPTS", "METRICS"]
+    if any(costs.values()):
+        headers.insert(-1, "COST")
+        for r, row in zip(records, rows, strict=True):
+            cost = costs.get(r["id"])
+            row.insert(-1, cost.short() if cost else "-")
+    click.echo(table(headers, rows))
 
 
 @sessions.command("show")
@@ -74,17 +87,23 @@ def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
 def sessions_show(session_ref: str, as_json: bool) -> None:
     """One session: what ran, how it ended, metrics, checkpoints, diagnosis, how to resume."""
     from ..formatting import format_duration, format_value
+    from ..launcher.control import refresh
     from ..session import effective_status, summarize_metrics
     from .render import age, continue_command, metrics_line
 
     session = _store().get(session_ref)
+    refresh(session)  # a cloud session: its output, events and end, from storage
     data = session.read()
     data["status"] = effective_status(data)
     checkpoints = list(session.iter_events(("checkpoint",)))
     if not data.get("summary"):
         data["summary"] = summarize_metrics(session.metrics())
+    from ..launcher.script_checkpoints import read_manifest
+
+    written = read_manifest(session.dir)
     if as_json:
         data["checkpoint_events"] = checkpoints
+        data["script_checkpoints"] = written
         click.echo(json.dumps(data, indent=2, default=str))
         return
     summary = data.get("summary") or {}
@@ -112,18 +131,34 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         ("failed saves", f"{summary['failed_saves']} (last: {summary.get('last_save_error')})"
          if summary.get("failed_saves") else None),
         ("output", str(session.output_log)),
+        *_cloud_rows(data),
     ]
     for key, value in rows:
         if value not in (None, ""):
             click.echo(f"{key:<15} {value}")
+    start = _startup_line(list(session.iter_events(("startup",))))
+    if start:
+        click.echo(f"{'start':<15} {start}")
     if data.get("config"):
         click.echo("config          " + ", ".join(f"{k}={v}" for k, v in data["config"].items()))
     if checkpoints:
-        click.echo(f"checkpoints     {len(checkpoints)}")
-        for c in checkpoints[-5:]:
+        by_script = (summary.get("script_checkpoints") or {}).get("text") or (
+            f"{sum(1 for c in checkpoints if c.get('source') == 'script')} written by the script")
+        click.echo(f"checkpoints     {len(checkpoints)}"
+                   + (f"; {by_script}" if any(c.get("source") == "script" for c in checkpoints) else ""))
+        for c in checkpoints[-SHOWN_CHECKPOINTS:]:
             m = ", ".join(f"{k} {format_value(v)}" for k, v in (c.get("metrics") or {}).items())
-            where = " ".join(f"{k} {c[k]}" for k in ("epoch", "step") if c.get(k) is not None)
-            click.echo(f"  {c.get('path')}  {where}" + (f"  {m}" if m else ""))
+            where = " ".join(f"{name} {format_value(c[k])}" for k, name in
+                             (("epoch", "epoch"), ("step", c.get("step_name") or "step")) if c.get(k) is not None)
+            origin = ""
+            if c.get("source") == "script":
+                origin = "  (by the script" + (f", version {c['version']}" if (c.get("version") or 1) > 1 else "") + ")"
+            click.echo(f"  {c.get('display') or c.get('path')}  {where}" + (f"  {m}" if m else "") + origin)
+        if len(checkpoints) > SHOWN_CHECKPOINTS:
+            click.echo(f"  ... and {len(checkpoints) - SHOWN_CHECKPOINTS} more "
+                       f"(all of them: trainctl checkpoint list --session {session.id})")
+    for problem in (written or {}).get("problems") or []:
+        click.echo(f"  incomplete: {problem.get('path')} ({problem.get('problem')}); never resumed from")
     attempts = data.get("attempts") or []
     for a in attempts if len(attempts) > 1 else []:
         why = f"signal {a['signal']}" if a.get("signal") else (
@@ -144,15 +179,58 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         click.echo(f"{label:<15} {continue_command(data, last)}")
 
 
+def _startup_line(events: list[dict]) -> str:
+    """Time to first step on a cloud machine, phase by phase (the agent's `startup` events;
+    the newest machine's when several booted)."""
+    from ..formatting import format_duration
+
+    boots = [i for i, e in enumerate(events) if e.get("phase") == "boot"]
+    events = events[boots[-1]:] if boots else events
+    def took(seconds: float) -> str:
+        return f"{seconds:.1f}s" if seconds < 10 else format_duration(seconds)
+
+    parts = [f"{e['phase'].replace('_', ' ')} {took(e['seconds'])}" for e in events
+             if e.get("phase") != "first_step" and isinstance(e.get("seconds"), (int, float))]
+    first = next((e for e in events if e.get("phase") == "first_step"), None)
+    if first is not None and isinstance(first.get("since_start_s"), (int, float)):
+        parts.append(f"first step {took(first['since_start_s'])} after the machine started")
+    return ", ".join(parts)
+
+
+def _cloud_rows(data: dict) -> list[tuple[str, str | None]]:
+    """Where a cloud session runs and what it cost so far (from its record, no network)."""
+    if not data.get("cloud"):
+        return []
+    from ..backends.cloud import recorded_cost
+
+    cost = recorded_cost(data)
+    if cost is None:
+        return []
+    cloud = data.get("cloud") or {}
+    machines = [m for m in cloud.get("machines") or [] if isinstance(m, dict)]
+    where = f"{cloud.get('provider', '?')} {cloud.get('region') or ''}".strip()
+    return [("cloud", where + (f", until {cloud['deadline']}" if cloud.get("deadline") else "")),
+            ("machines", ", ".join(f"{m.get('id')} ({m.get('type')} {m.get('market')}, {m.get('state') or '?'})"
+                                   for m in machines) or "none yet"),
+            ("storage", cloud.get("storage")),
+            ("cost so far", cost.describe())]
+
+
 @sessions.command("logs")
 @click.argument("session_ref", metavar="ID|latest")
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the session ends (Ctrl-C stops).")
 @click.option("--tail", "-n", "tail", type=click.IntRange(min=0), default=None, metavar="N",
               help="Only the last N lines (default: all of it).")
 def sessions_logs(session_ref: str, follow: bool, tail: int | None) -> None:
-    """The session's output (every attempt), as its script printed it."""
+    """The session's output (every attempt), as its script printed it. A session in storage
+    (its URI, or one pulled with `sessions pull`) is read from storage: with --follow, as its
+    machine writes it."""
     from ..launcher.control import follow_output, output_tail
 
+    remote = _remote_of(session_ref)
+    if remote is not None:
+        _remote_logs(remote, follow=follow, tail=tail)
+        return
     session = _store().get(session_ref)
     data, offset = output_tail(session, -1 if tail is None else tail)
     out = click.get_binary_stream("stdout")
@@ -166,6 +244,74 @@ def sessions_logs(session_ref: str, follow: bool, tail: int | None) -> None:
             out.flush()
     except KeyboardInterrupt:
         return
+
+
+def _remote_of(session_ref: str):
+    """The remote session `session_ref` names: a storage URI, or a session pulled from storage."""
+    from ..errors import NotFoundError
+    from ..storage.mirror import looks_like_uri, remote_session
+
+    cfg = _config()
+    if looks_like_uri(session_ref):
+        return remote_session(session_ref, cfg)
+    try:
+        data = _store().get(session_ref).read()
+    except NotFoundError:
+        return None
+    if data.get("pulled_at") and isinstance(data.get("storage"), str):
+        return remote_session(data["storage"], cfg)
+    return None
+
+
+def _remote_logs(remote, *, follow: bool, tail: int | None) -> None:
+    from ..storage.mirror import follow_output
+
+    out = click.get_binary_stream("stdout")
+    if not follow:
+        data = remote.output_reader().poll()
+        out.write(b"".join(data.splitlines(keepends=True)[-tail:]) if tail is not None else data)
+        out.flush()
+        return
+    first = True
+    try:
+        for data in follow_output(remote, say=lambda text: click.echo(f"[trainctl] {text}", err=True)):
+            if first and tail is not None:
+                data = b"".join(data.splitlines(keepends=True)[-tail:]) if tail else b""
+            first = False
+            out.write(data)
+            out.flush()
+    except KeyboardInterrupt:
+        return
+    ended = remote.ended()
+    click.echo(f"[trainctl] session ended: {ended.get('reason')}" if ended else "[trainctl] the machine released the session",
+               err=True)
+
+
+@sessions.command("pull")
+@click.argument("ref", metavar="ID|URI")
+@click.option("--checkpoints", is_flag=True, help="Also download the checkpoint files (their manifests always come).")
+def sessions_pull(ref: str, checkpoints: bool) -> None:
+    """Mirror a session from storage into this project, incrementally (only what changed):
+    sessions show, monitor, plot, checkpoint list and tensorboard then work on it.
+
+    ID is looked up under [cloud] storage for this project; a URI names the session itself
+    (s3://bucket/prefix/project/ID, or a folder)."""
+    from ..errors import NotFoundError
+    from ..storage.mirror import pull_session, remote_session
+
+    cfg = _config()
+    remote = remote_session(ref, cfg)
+    if not remote.store.list(remote.key("")):
+        raise NotFoundError(f"No session at {remote.uri}.",
+                            "Check the id or URI (and [cloud] storage / endpoint_url in trainctl.toml).")
+    pulled = pull_session(remote, cfg.state_dir, checkpoints=checkpoints)
+    left = [n for n in pulled.result.skipped if n.startswith("checkpoints/")]
+    click.echo(f"Pulled {remote.uri} into session {pulled.session_id}: {len(pulled.result.downloaded)} object(s) "
+               f"fetched, {pulled.result.unchanged} unchanged"
+               + (f"; {len(left)} checkpoint file(s) left in storage (--checkpoints fetches them)" if left else "")
+               + ".")
+    click.echo(f"  show     trainctl sessions show {pulled.session_id}")
+    click.echo(f"  follow   trainctl sessions logs {pulled.session_id} --follow")
 
 
 @sessions.command("attach")

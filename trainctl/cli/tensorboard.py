@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import signal
 import subprocess
@@ -25,10 +26,43 @@ def logdir_spec(runs: list[tuple[str, Path]]) -> str:
     return ",".join(parts)
 
 
-def tensorboard_command(runs: list[tuple[str, Path]], *, port: int | None, host: str) -> list[str]:
+def run_view(runs: list[tuple[str, Path]], state_dir: Path) -> Path | None:
+    """A folder holding one link per run, named as the run should be shown, to its session's
+    TensorBoard folder; None where links can't be made.
+
+    With --logdir_spec TensorBoard names a run "<name>/<folder below it>", so the points the
+    script logged (in the session's tensorboard/ itself) would show as "train-3fa2c1/.". Over
+    this folder they show as "train-3fa2c1", and parsed output as "train-3fa2c1/output". The
+    folder is named by a digest of the runs, so the same choice reuses it and another choice
+    never disturbs a TensorBoard already serving this one.
+    """
+    import hashlib
+
+    key = hashlib.sha256("\0".join(f"{name}\0{folder}" for name, folder in sorted(runs)).encode()).hexdigest()[:12]
+    view = state_dir / "tensorboard-views" / key
+    try:
+        view.mkdir(parents=True, exist_ok=True)
+        for name, folder in runs:
+            link = view / name
+            target = str(Path(folder).resolve())
+            if link.is_symlink() and os.readlink(link) == target:
+                continue
+            tmp = view / f".{name}.tmp"
+            tmp.unlink(missing_ok=True)
+            tmp.symlink_to(target, target_is_directory=True)
+            os.replace(tmp, link)
+    except (OSError, NotImplementedError):  # no symlinks here (Windows without the privilege)
+        return None
+    return view
+
+
+def tensorboard_command(runs: list[tuple[str, Path]], *, port: int | None, host: str,
+                        view: Path | None = None) -> list[str]:
     """The command that serves these runs (same interpreter, so the installed tensorboard)."""
     # "default": TensorBoard tries 6006, then the next free ports
-    return [sys.executable, "-m", "tensorboard.main", "--logdir_spec", logdir_spec(runs),
+    where = ["--logdir", str(view), "--load_fast", "false"] if view is not None else \
+        ["--logdir_spec", logdir_spec(runs)]  # --load_fast=false: the loader that follows the links
+    return [sys.executable, "-m", "tensorboard.main", *where,
             "--port", "default" if port is None else str(port), "--host", host]
 
 
@@ -75,12 +109,15 @@ def tensorboard(sessions: tuple[str, ...], port: int | None, host: str, print_co
     """Start TensorBoard over recorded sessions (all of this project's by default).
 
     SESSION is an id, an id prefix, a name or 'latest'. Each session shows as one run named
-    '<name or script>-<short id>'. Stop it with Ctrl-C.
+    '<name or script>-<short id>' (metrics parsed from its output as '<run>/output'). Stop it
+    with Ctrl-C.
     """
+    from ..config import load
+
     runs, notes = choose_runs(sessions)
     for note in notes:
         click.echo(note, err=True)
-    command = tensorboard_command(runs, port=port, host=host)
+    command = tensorboard_command(runs, port=port, host=host, view=run_view(runs, load().state_dir))
     if print_command:
         click.echo(shlex.join(command))
         return

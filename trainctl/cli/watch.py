@@ -39,7 +39,7 @@ class TerminalEvents(EngineEvents):
         if report.ok and all(r.status == "pass" for r in report.results):
             self.message(f"pre-flight: {len(report.results)} checks passed")
             return
-        for line in report.lines():
+        for line in report.lines(error_follows=True):  # a failure's hint comes with the error below
             _err(line)
 
     def attempt_started(self, session: Session, attempt: int) -> None:
@@ -79,12 +79,24 @@ def _err(text: str) -> None:
 
 
 def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, preflight: bool,
-             parent: str | None = None, resume_verified: bool = False) -> tuple[Supervisor, RunResult]:
-    """Run on this terminal until the session ends; its summary printed."""
+             parent: str | None = None, resume_verified: bool = False,
+             sync_uri: str | None = None) -> tuple[Supervisor, RunResult]:
+    """Run on this terminal until the session ends; its summary printed. With `sync_uri`, the
+    session is mirrored to storage while it runs (the cloud agent's sync loop)."""
     supervisor = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=quiet, args=spec.args), parent=parent)
-    supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
-    result = supervisor.run()
-    show_end(result.session, result.outcome.output_tail)
+    session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
+    if sync_uri is None:
+        result = supervisor.run()
+    else:
+        from ..agent.sync import synced
+        from ..storage.mirror import project_name
+
+        with synced(session, sync_uri, project=project_name(cfg), cfg=cfg) as loop:
+            _err(f"[trainctl] syncing to {loop.remote.uri}")
+            result = supervisor.run()
+        _err(f"[trainctl] synced: {len(loop.uploaded)} checkpoint(s) uploaded"
+             + (f", latest {loop.uploaded[-1]['file']}" if loop.uploaded else "") + f" ({loop.remote.uri})")
+    show_end(result.session, [])  # the script's output, its traceback included, is already on screen
     return supervisor, result
 
 
@@ -123,7 +135,8 @@ def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any) -> None:
 
 
 def show_end(session: Session, output_tail: list[str]) -> None:
-    """The closing lines of a run, from what session.json recorded."""
+    """The closing lines of a run, from what session.json recorded; `output_tail` only when
+    the output was not on this screen already (a run that ended while detached)."""
     render.run_summary({**session.read(), "output_log": str(session.output_log)}, output_tail)
 
 
@@ -161,7 +174,7 @@ def attach(session: Session, *, tail_lines: int) -> int:
     data = session.read()
     status = effective_status(data)
     display.close(str(status))
-    show_end(session, _tail_lines(session) if status in (State.FAILED, State.CRASHED) else [])
+    show_end(session, [])  # followed to its end: the output is on screen
     return recorded_exit_code(data)
 
 

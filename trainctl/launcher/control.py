@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends.base import Handle, LogChunk, get_backend
-from ..errors import UsageError
+from ..errors import TrainctlError, UsageError
 from ..session import (
     TERMINAL,
     Session,
@@ -35,9 +35,24 @@ def recorded_handle(data: dict[str, Any]) -> Handle | None:
         return None
 
 
+def refresh(session: Session) -> None:
+    """Let the backend of a session that has not ended bring its record here up to date (a
+    cloud backend copies the output and events from storage and records the end)."""
+    data = _read(session)
+    if not data or effective_status(data) in TERMINAL:
+        return
+    handle = recorded_handle(data)
+    if handle is not None:
+        try:
+            get_backend(handle.backend).describe(handle)
+        except TrainctlError:
+            pass  # unreachable for now: the record stays as it was
+
+
 def output_tail(session: Session, lines: int) -> tuple[bytes, int]:
     """The last `lines` lines of the session's output (all of it when `lines` < 0), and the
-    offset where they end."""
+    offset where they end (the session's record refreshed first)."""
+    refresh(session)
     try:
         with open(session.output_log, "rb") as f:
             f.seek(0, os.SEEK_END)
@@ -86,9 +101,10 @@ def follow_output(session: Session, since: int) -> Iterator[LogChunk]:
             backend = get_backend(handle.backend)
             if backend.describe(handle).running:
                 for chunk in backend.log_iter(handle, since=offset, follow=True):
-                    if chunk.offset + len(chunk.data) > offset:
-                        offset = chunk.offset + len(chunk.data)
-                        yield chunk
+                    end = chunk.offset + len(chunk.data)
+                    if end > offset:  # only what was not shown yet
+                        yield LogChunk(offset, chunk.data[max(0, offset - chunk.offset):], chunk.stream)
+                        offset = end
                 continue
         time.sleep(FOLLOW_PAUSE_S)  # between two attempts, or the engine has not launched yet
 
@@ -127,10 +143,11 @@ class StopResult:
 
 
 def stop(session: Session, *, now: bool, grace_period_s: float | None = None,
-         settle_s: float = SETTLE_S) -> StopResult:
+         settle_s: float = SETTLE_S, release: bool = True) -> StopResult:
     """Stop a running session: a stop request in the store (so the engine neither restarts nor
     calls it preempted), then SIGTERM to the script through its backend (the emergency
-    checkpoint), SIGKILL after the grace period (at once with `now`). Waits for the end."""
+    checkpoint), SIGKILL after the grace period (at once with `now`). Waits for the end; then
+    releases what the attempt held unless told not to (a stopped pod kept for its volume)."""
     data = session.read()
     status = effective_status(data)
     if status in TERMINAL or status is State.CRASHED:
@@ -156,7 +173,8 @@ def stop(session: Session, *, now: bool, grace_period_s: float | None = None,
     backend.stop(handle, grace)
     while backend.describe(handle).running:  # describe keeps the grace period's deadline
         time.sleep(0.05)
-    backend.release(handle)
+    if release:
+        backend.release(handle)
     data = _settle(session, handle, grace, settle_s)
     return StopResult(session, True, effective_status(data) if data else State.CRASHED, data)
 

@@ -6,11 +6,14 @@ only (no torch import), so recorded output from any machine can be diagnosed her
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import signal as signal_mod
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
 from .preflight import install_hint
 
@@ -90,8 +93,29 @@ def _last_exception(lines: list[str]) -> tuple[tuple[str, str] | None, str | Non
 
 
 def _is_library(path: str) -> bool:
+    """Not the user's code: installed packages, the standard library, trainctl itself."""
     return ("site-packages" in path or "dist-packages" in path or path.startswith("<")
-            or "/lib/python" in path)
+            or "/lib/python" in path or _is_trainctl(path))
+
+
+_TRAINCTL_DIR = Path(__file__).resolve().parents[1]
+
+
+@lru_cache(maxsize=1)
+def _trainctl_files() -> frozenset[str]:
+    return frozenset(str(p.relative_to(_TRAINCTL_DIR)).replace(os.sep, "/") for p in _TRAINCTL_DIR.rglob("*.py"))
+
+
+def _is_trainctl(path: str) -> bool:
+    """A frame in trainctl's own code (run.restore() calling load_state_dict, say): this copy,
+    or one on the machine that recorded the output (a source checkout or an installed one)."""
+    if path.startswith(str(_TRAINCTL_DIR) + os.sep):
+        return True
+    parts = path.replace("\\", "/").split("/")
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "trainctl" and "/".join(parts[i + 1:]) in _trainctl_files():
+            return True
+    return False
 
 
 def _short(path: str) -> str:

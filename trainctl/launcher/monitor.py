@@ -7,7 +7,6 @@ MetricParser; times come from timestamps at the start of lines, or from watching
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -32,7 +31,7 @@ from ..session import (
 )
 
 ENDED_BADLY = (TERMINAL - {State.COMPLETED}) | {State.CRASHED}  # a resume command is shown
-MAX_SCAN_FILES = 20000
+MAX_ROWS = 50  # checkpoints a snapshot lists
 _LOG_TIME = re.compile(r"^\[?(\d{4}-\d{2}-\d{2})[ T](\d{2}:\d{2}:\d{2})")
 
 
@@ -107,6 +106,7 @@ class Monitor:
         self._partial = b""
         self._first_read = True
         self._log_grew_at: float | None = None
+        self._checkpoint_cache: dict[str, Any] = {}
         self.data: dict[str, Any] = {}
 
     # -- reading --------------------------------------------------------------------------------
@@ -281,6 +281,14 @@ class Monitor:
                 found.append(metrics.plateau_warning(primary, series[primary], mode=mode,
                                                      window=settings.window))
         last_output_t = self._last_output_t()
+        if checkpoints.get("torn"):
+            found.append({"kind": "checkpoint_torn", "message": checkpoints["torn"]})
+        if not live and self.session is None and checkpoints.get("source") == "scan" and last_output_t \
+                and now - last_output_t < settings.stall_s:
+            # a run trainctl did not start (--log FILE --checkpoint DIR): its log still grows
+            newest = checkpoints.get("newest") or {}
+            found.append(metrics.checkpoint_overdue_warning(now=now, newest_t=newest.get("t"), started_t=None,
+                                                            overdue_s=settings.overdue_s))
         if live:
             found.append(metrics.stall_warning(now=now, last_output_t=last_output_t,
                                                last_metric_t=last_metric_t,
@@ -334,8 +342,12 @@ class Monitor:
             if isinstance(path, str) and path and Path(path).is_file() and manifest_path(path).is_file():
                 return path
         folder = self._checkpoint_dir()
-        files = scan_checkpoints(folder) if folder is not None else []
-        return str(files[-1][0]) if files else None
+        if folder is None:
+            return None
+        from .script_checkpoints import describe_folder
+
+        report = describe_folder(folder, now=time.time(), overdue_s=0, cache=self._checkpoint_cache)
+        return next((str(r.path) for r in report.rows if r.status != "incomplete"), None)
 
     def _watch_start(self, now: float) -> float:
         if not hasattr(self, "_watch_t"):
@@ -384,47 +396,23 @@ class Monitor:
                     "dir": str(folder) if folder else None}
         if folder is None:
             return {"source": None, "count": 0, "newest": None, "dir": None}
-        files = scan_checkpoints(folder)
+        # what each file holds (step, metrics; whole or torn), read without loading tensors and
+        # again only when it changed
+        from .script_checkpoints import describe_folder
+
+        report = describe_folder(folder, now=now, overdue_s=0, cache=self._checkpoint_cache)
+        whole = [r for r in report.rows if r.status != "incomplete"]
         newest = None
-        if files:
-            path, mtime, size = files[-1]
-            newest = {"path": str(path), "step": None, "epoch": None, "metrics": {}, "bytes": size,
-                      "t": mtime, "age_s": now - mtime, "exists": True}
-            newest.update(_manifest_facts(path))
-        return {"source": "scan", "count": len(files), "newest": newest, "dir": str(folder)}
-
-
-def scan_checkpoints(folder: Path) -> list[tuple[Path, float, int]]:
-    """(path, mtime, bytes) of checkpoint files under `folder`, oldest first, found the way
-    `checkpoint list` finds them but without opening any."""
-    from ..checkpoint import candidate_paths
-
-    found = []
-    for index, path in enumerate(candidate_paths(folder)):
-        if index > MAX_SCAN_FILES:
-            break
-        try:
-            st = path.stat()
-        except OSError:
-            continue
-        if path.is_file():
-            found.append((path, st.st_mtime, st.st_size))
-    found.sort(key=lambda item: item[1])
-    return found
-
-
-def _manifest_facts(path: Path) -> dict[str, Any]:
-    """step/epoch/metrics from the checkpoint's `<file>.json` manifest, when it has one."""
-    try:
-        data = json.loads(Path(str(path) + ".json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, dict):
-        return {}
-    out = {k: data[k] for k in ("step", "epoch") if k in data}
-    if isinstance(data.get("metrics"), dict):
-        out["metrics"] = data["metrics"]
-    return out
+        if whole:
+            r = whole[0]
+            newest = {"path": r.path, "display": r.display, "step": r.step, "step_name": r.step_name,
+                      "epoch": r.epoch, "metrics": r.metrics, "bytes": r.bytes, "t": r.written_at,
+                      "age_s": r.age_s, "exists": True}
+        rows = [{"path": r.path, "display": r.display, "status": r.status, "step": r.step,
+                 "step_name": r.step_name, "epoch": r.epoch, "metrics": r.metrics, "bytes": r.bytes,
+                 "t": r.written_at, "age_s": r.age_s, "problem": r.problem} for r in report.rows[:MAX_ROWS]]
+        return {"source": "scan", "count": len(whole), "newest": newest, "dir": str(folder),
+                "rows": rows, "torn": report.torn}
 
 
 def _latest_attempt(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -503,12 +491,17 @@ def render(snap: dict[str, Any], width: int = 80) -> list[str]:
     c = snap["checkpoints"]
     if c["count"]:
         n = c["newest"] or {}
-        where = f"step {n['step']}" if n.get("step") is not None else os.path.basename(n.get("path") or "")
+        name = n.get("display") or os.path.basename(n.get("path") or "")
+        where = f"{name} {n.get('step_name') or 'step'} {n['step']}" if n.get("step") is not None else name
         at = ", ".join(f"{k} {metrics.format_value(v)}" for k, v in list((n.get("metrics") or {}).items())[:3])
         lines.append(f"checkpoints {c['count']}, newest {where} "
                      f"({metrics.format_duration(n.get('age_s'))} ago){': ' + at if at else ''}")
     else:
         lines.append("checkpoints none" + (f" in {c['dir']}" if c.get("dir") else ""))
+    for r in (c.get("rows") or [])[1:6] if c["count"] > 1 or len(c.get("rows") or []) > 1 else []:
+        step = f"  {r['step_name']} {r['step']}" if r.get("step") is not None else ""
+        state = "  incomplete" if r["status"] == "incomplete" else ""
+        lines.append(f"  {r['display']}{step}  {metrics.format_duration(r['age_s'])} ago{state}")
     lines = [line if len(line) <= width else line[:width - 1] + "…" for line in lines]
     if snap.get("resume_command") and snap["status"] != State.CRASHED:  # crashed: in its warning
         lines.append(f"resume    {snap['resume_command']}")  # never cut: it must run as printed

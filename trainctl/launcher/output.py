@@ -139,6 +139,9 @@ class OutputMetrics:
     attempt: int = 0
     buffer: list[dict[str, Any]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # one flush at a time: the engine's last flush must not return while the background one
+    # still holds events it took from the buffer, or the summary is made without them
+    flush_lock: threading.Lock = field(default_factory=threading.Lock)
     attached: bool = False
     tensorboard: Any = None
 
@@ -162,6 +165,10 @@ class OutputMetrics:
             self.buffer.append(event)
 
     def flush(self) -> None:
+        with self.flush_lock:
+            self._flush()
+
+    def _flush(self) -> None:
         with self.lock:
             events, self.buffer = self.buffer, []
         if not events:

@@ -113,13 +113,16 @@ class PreflightReport:
     def failures(self) -> list[CheckResult]:
         return [r for r in self.results if r.status == "fail"]
 
-    def lines(self) -> list[str]:
-        """One line per check (and a hint line under each warning or failure)."""
+    def lines(self, *, error_follows: bool = False) -> list[str]:
+        """One line per check (and a hint line under each warning or failure). With
+        `error_follows`, the first failure's hint is left to the error that raise_if_failed()
+        prints next, so it is shown once."""
         label = {"pass": "ok", "warn": "warn", "fail": "FAIL"}
+        first_failure = self.failures[0] if error_follows and self.failures else None
         out = []
         for r in self.results:
             out.append(f"  {label.get(r.status, r.status):<5} {r.name:<12}{r.message}")
-            if r.hint and r.status != "pass":
+            if r.hint and r.status != "pass" and r is not first_failure:
                 out.append(f"  {'':<5} {'':<12}hint: {r.hint}")
         return out
 
@@ -425,8 +428,16 @@ def _check_resume(script: Path, tree: ast.AST, source: str, config: Config) -> C
                            f"{script.name} calls trainctl.init(), which reads the checkpoint from TRAIN_OPS_RESUME")
     if f"'{name}'" in source or f'"{name}"' in source:
         return CheckResult("resume", "pass", f"{script.name} mentions {name}")
+    from .script_conventions import detect_resume_conventions
+
+    conventions = detect_resume_conventions(source)
     resume_like = [f for f in flags if any(w in f.lower() for w in ("resume", "ckpt", "checkpoint", "restore", "load", "init"))]
-    if resume_like:
+    if conventions:
+        c = conventions[0]
+        where = f" ({script.name} line {c.line})" if c.line else ""
+        hint = (f"It {c.why}: set resume_flag = \"{c.flag}\" in {config_file}{where}, "
+                f"or add {name} to the script.")
+    elif resume_like:
         hint = (f"It defines {resume_like[0]}: set resume_flag = \"{resume_like[0]}\" in {config_file}, "
                 f"or add {name} to the script.")
     else:

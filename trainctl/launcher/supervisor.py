@@ -31,6 +31,7 @@ from .output import OutputMetrics, OutputParser, OutputText
 CRASH_LOOP_REPEATS = 3
 POLL_MAX_S = 0.1  # longest pause between two looks at a running attempt
 STOP_POLL_S = 0.25  # how often a restart delay looks for a stop request
+OUTPUT_DRAIN_S = 60.0  # longest wait for an ended attempt's output to be read and recorded
 RESTARTABLE = (State.PREEMPTED, State.FAILED)
 
 
@@ -146,6 +147,7 @@ class Supervisor:
         self.stop_signal: int | None = None
         self._handle: Handle | None = None
         self._backend: Backend | None = None
+        self._watching: ScriptCheckpoints | None = None
 
     # -------------------------------------------------------------- set-up
     def prepare(self, *, preflight: bool = True, resume_verified: bool = False) -> Session:
@@ -166,18 +168,19 @@ class Supervisor:
     def plan(self) -> LaunchPlan:
         """What the first attempt would run, where its output and checkpoints would go, with
         nothing created or started (what `--dry-run` shows). Resolves the resume first."""
-        spec = self.spec = replace(self.spec, resume=self.resolve_resume(self.spec.resume))
+        spec = self.spec = replace(self.spec, resume=self.resolve_resume(self.spec.resume, dry_run=True))
         session_id = "<new session id>"
         session_dir = self.cfg.state_dir / "sessions" / session_id
-        takes_flag = resume_mod.script_takes_flag(spec.script, self.cfg.resume_flag)
+        takes_flag = self._takes_resume_flag()
         args = resume_mod.with_resume_args(spec.args, self.cfg.resume_flag, spec.resume, takes_flag)
         backend = get_backend(self.backend_name, **self.backend_options)
         return backend.plan(replace(spec, args=tuple(args), session_id=session_id, session_dir=session_dir,
                                     checkpoint_location=str(self.cfg.checkpoint_dir / session_id),
                                     config_path=session_dir / "config.json", cwd=spec.cwd or Path.cwd()))
 
-    def resolve_resume(self, ref: str | None) -> str | None:
-        """'auto' -> newest valid checkpoint of the same script (or name); a path is verified."""
+    def resolve_resume(self, ref: str | None, *, dry_run: bool = False) -> str | None:
+        """'auto' -> newest valid checkpoint of the same script (or name); a path is verified.
+        `dry_run`: change nothing on disk (a snapshot is named, not put back)."""
         if not ref:
             return None
         from .. import checkpoint
@@ -185,6 +188,9 @@ class Supervisor:
         if ref == resume_mod.AUTO:
             found = resume_mod.resolve_auto(self.cfg.checkpoint_dir, self.cfg.state_dir,
                                             script=str(self.spec.script.resolve()), name=self.spec.name)
+            written = self._auto_resume_script_checkpoint(found.path, dry_run=dry_run)
+            if written is not None:
+                return written
             for path, why in found.skipped:
                 self.events.message(f"skipping checkpoint {path}: {why}")
             if found.path is None:
@@ -195,6 +201,35 @@ class Supervisor:
         path = Path(ref)
         checkpoint.require_valid(path, suggestion="--resume {found}")
         return str(path.resolve())
+
+    def _auto_resume_script_checkpoint(self, theirs: Path | None, *, dry_run: bool = False) -> str | None:
+        """`--resume auto`: a checkpoint the script wrote itself in an earlier session (recorded by
+        its watcher, verified now), when it is newer than trainctl's own `theirs`."""
+        from .. import checkpoint
+        from .script_checkpoints import choose_resume, recorded_entries, restore_snapshot
+
+        records, _problems = self.store.list(status=State.RUNNING)
+        entries = recorded_entries(self.store.sessions_dir, script=str(self.spec.script.resolve()),
+                                   name=self.spec.name, skip_sessions={r["id"] for r in records})
+        if not entries:
+            return None
+        choice = choose_resume(entries, takes_path="=" not in self.cfg.resume_flag)
+        if choice.path is None or (theirs is not None and checkpoint.inspect(theirs).time >= (choice.written_at or 0)):
+            return None
+        for path, why in choice.skipped:
+            self.events.message(f"not resuming from {path}: {why}")
+        target = choice.path
+        if choice.restore_to is not None and dry_run:
+            self.events.message(f"would put back {choice.label} from its snapshot {choice.path}")
+            target = choice.restore_to
+        elif choice.restore_to is not None:
+            moved = restore_snapshot(choice.path, choice.restore_to)
+            self.events.message(f"put back {choice.label} from its snapshot {choice.path}"
+                                + (f" (the torn file is kept as {moved})" if moved else ""))
+            target = choice.restore_to
+        self.events.message(f"resuming from {choice.label}, written by the script"
+                            + (f" (session {choice.entry.get('session_id')})" if choice.entry else ""))
+        return str(target)
 
     def _run_preflight(self) -> None:
         from .preflight import run_preflight
@@ -271,13 +306,15 @@ class Supervisor:
     def _attempts(self, session: Session, backend: Backend, location: str) -> tuple[Outcome, int]:
         spec = self.spec
         policy = self.policy
-        takes_flag = resume_mod.script_takes_flag(spec.script, self.cfg.resume_flag)
+        takes_flag = self._takes_resume_flag()
+        watching = self._watching = ScriptCheckpoints(self, session, location)
         failures: list[tuple[str, int]] = []
         attempt = 0
         resume = spec.resume
         recorder = OutputMetrics(session)
         parser: OutputParser | None = None
         flusher_stop = threading.Event()
+        flusher: threading.Thread | None = None
         final_status = State.FAILED
 
         def flush_loop() -> None:
@@ -295,7 +332,9 @@ class Supervisor:
                     # built after the child starts: the parser's imports and regexes overlap the
                     # script's own start-up instead of adding to it
                     parser = self._make_parser(recorder)
-                    threading.Thread(target=flush_loop, daemon=True, name="trainctl-output-metrics").start()
+                    flusher = threading.Thread(target=flush_loop, daemon=True, name="trainctl-output-metrics")
+                    flusher.start()
+                    watching.start()
                 text = OutputText()
                 output_done = threading.Event()
                 reader = threading.Thread(target=self._read_output, name="trainctl-output", daemon=True,
@@ -305,24 +344,29 @@ class Supervisor:
                 if self.stop_signal is not None:  # a signal raced the launch
                     backend.stop(handle, policy.grace_period_s, signal_name=_stop_signal_name(self.stop_signal))
                 end = self._wait(backend, handle, output_done)
-                reader.join(timeout=10)
+                # the backend ends its output once the attempt is reaped; the bound is for a
+                # backend that never does, not for a slow reader (its last lines must be parsed)
+                reader.join(timeout=OUTPUT_DRAIN_S)
                 self._handle = None
                 backend.release(handle)
                 if parser is not None:
                     parser.finish()
                 recorder.flush()
+                watching.settle()  # the script is gone: what it finished writing counts now
                 outcome = Outcome(self._classify(session, end, attempt), end.exit_code, end.signal, text.tail)
                 final_status = outcome.status
                 self._record_end(session, outcome)
                 if not self._should_restart(outcome, attempt, failures, session):
                     return outcome, attempt + 1
-                resume = self._restart_checkpoint(session, location) or resume
+                resume = self._restart_checkpoint(session, location) or self._still_valid(resume)
                 attempt += 1
                 reason = outcome.signal or f"exit code {outcome.exit_code}"
+                nothing = ("no verified checkpoint to resume from" if any(session.iter_events(("checkpoint",)))
+                           else "no checkpoint written yet")
                 self.events.message(
                     f"attempt {attempt - 1} {outcome.status} ({reason}); restart {attempt}/{policy.max_restarts} "
                     f"in {policy.restart_delay_s:g}s" + (f", resuming from {resume}" if resume else
-                                                         "; no checkpoint written yet: restarting from scratch"))
+                                                         f"; {nothing}: restarting from scratch"))
                 session.event("restart", attempt=attempt, reason=f"{outcome.status}: {reason}", resume=resume)
                 stopped = self._wait_restart_delay(session)
                 if stopped is not None:
@@ -330,6 +374,9 @@ class Supervisor:
                     return outcome, attempt
         finally:
             flusher_stop.set()
+            watching.stop()
+            if flusher is not None:
+                flusher.join(timeout=OUTPUT_DRAIN_S)
             self.events.attempts_ended(final_status)
             recorder.close()
 
@@ -443,7 +490,10 @@ class Supervisor:
         return True
 
     def _restart_checkpoint(self, session: Session, location: str) -> str | None:
-        """The newest valid checkpoint at the session's checkpoint location, or None."""
+        """The newest verified checkpoint of either kind: trainctl's own at the session's
+        checkpoint location, or one the script wrote itself (never a torn one)."""
+        if self._watching is not None and self._watching.watcher is not None:
+            return self._watching.resume_point()
         from .. import checkpoint
 
         found, skipped = checkpoint.newest_valid(location)
@@ -451,6 +501,35 @@ class Supervisor:
             self.events.message(f"skipping checkpoint {path}: {why}")
             session.event("warning", message=f"skipped checkpoint {path}: {why}")
         return str(found) if found is not None else None
+
+    def _still_valid(self, resume: str | None) -> str | None:
+        """The attempt's own resume point again, unless it no longer verifies (a script's file
+        torn by the kill during its overwrite)."""
+        if resume is None:
+            return None
+        from .. import checkpoint
+
+        result = checkpoint.verify(resume)
+        if result.ok:
+            return resume
+        self.events.message(f"not resuming from {resume} again: {result.reason}")
+        return None
+
+    def _takes_resume_flag(self) -> bool:
+        """Whether the script takes the resume flag: it names it, or (a flag like
+        `--init_from=resume`) its source shows the convention, as nanoGPT's configurator does."""
+        flag = self.cfg.resume_flag
+        if resume_mod.script_takes_flag(self.spec.script, flag):
+            return True
+        if "=" not in flag:
+            return False
+        from .script_conventions import takes_resume_flag
+
+        try:
+            source = self.spec.script.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return False
+        return takes_resume_flag(source, flag)
 
     def _wait_restart_delay(self, session: Session) -> State | None:
         """Sleep the restart delay; KILLED or STOPPED when a signal or a stop request comes first."""
@@ -476,7 +555,14 @@ class Supervisor:
         ckpt_events = list(session.iter_events(("checkpoint",)))
         # every checkpoint this session wrote has an event: none, nothing to look for
         newest = None
-        if ckpt_events:
+        watcher = self._watching.watcher if self._watching is not None else None
+        if watcher is not None and watcher.entries:
+            from .script_checkpoints import summarize
+
+            summary["script_checkpoints"] = summarize(watcher.entries)
+            choice = self._watching.choose()
+            newest = str(choice.path) if choice.path is not None else None
+        elif ckpt_events:
             from .. import checkpoint
 
             found = checkpoint.newest_valid(location, verify_digest=False)[0]
@@ -496,6 +582,94 @@ class Supervisor:
         session.event("status", status=outcome.status, source="launcher",
                       exit_code=outcome.exit_code, signal=outcome.signal)
         return RunResult(session, outcome, summary, diagnosis, newest, exit_code_for(outcome))
+
+
+class ScriptCheckpoints:
+    """The checkpoints the script writes itself, for one session (launcher/script_checkpoints.py):
+    watched from the first launch on, settled after each attempt, and the newest verified one
+    of either kind chosen for a restart. The watcher is built and polls in its own thread, so
+    its imports and first scan overlap the script's start-up instead of delaying it."""
+
+    def __init__(self, engine: Supervisor, session: Session, location: str) -> None:
+        self.engine = engine
+        self.session = session
+        self.location = Path(location)
+        self.remote = "://" in location  # a storage URI: the files are not on this machine
+        self.since = time.time()  # before the first launch: whatever the script writes is newer
+        self.watcher: Any = None
+        self._starter: threading.Thread | None = None
+
+    def start(self) -> None:
+        # only where the script's files are: this machine (the agent runs the engine on a rented one)
+        if self.engine.backend_name != "local" or self.remote:
+            return
+        if self._starter is None:
+            self._starter = threading.Thread(target=self._build, daemon=True, name="trainctl-watch-start")
+            self._starter.start()
+
+    def _build(self) -> None:
+        from . import script_checkpoints as sc
+
+        cfg, spec = self.engine.cfg, self.engine.spec
+        try:
+            source = spec.script.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            source = None
+        cwd = Path(spec.cwd or Path.cwd()).resolve()
+        roots = sc.watch_roots(list(spec.args), cwd=cwd, checkpoint_dir=self.location,
+                               globs=cfg.get("checkpoints", "watch"), glob_base=cfg.root, source=source)
+        watcher = sc.Watcher(
+            roots, manifest_path=self.session.dir / sc.MANIFEST_NAME, on_event=self._on_event,
+            started_at=self.since, cwd=cwd, exclude=[cfg.state_dir, cfg.checkpoint_dir],
+            snapshot_dir=self.location / sc.SNAPSHOT_FOLDER if cfg.get("checkpoints", "snapshot") else None,
+            retention=cfg, session_id=self.session.id, script=str(spec.script.resolve()), name=spec.name)
+        watcher.start()
+        self.watcher = watcher
+
+    def _on_event(self, event: dict[str, Any]) -> None:
+        self.session.append_events([event])
+        if event.get("kind") == "warning":
+            self.engine.events.message(event["message"])
+
+    def settle(self) -> None:
+        """After an attempt: take everything the script finished writing (and report what it
+        left torn) before anything reads the session's checkpoints."""
+        if self._starter is not None:
+            self._starter.join()
+        if self.watcher is not None:
+            self.watcher.poll(final=True)
+
+    def choose(self) -> Any:
+        return self.watcher.choose_resume(own_dir=self.location, takes_path="=" not in self.engine.cfg.resume_flag)
+
+    def resume_point(self) -> str | None:
+        """The path to resume from, said and recorded: what was passed over and why, and a
+        snapshot put back where a script that reads its own file (nanoGPT) will find it."""
+        from .script_checkpoints import restore_snapshot
+
+        choice = self.choose()
+        for path, why in choice.skipped:
+            self.engine.events.message(f"not resuming from {path}: {why}")
+            self.session.event("warning", message=f"skipped checkpoint {path}: {why}")
+        if choice.path is None:
+            return None
+        target = choice.path
+        if choice.restore_to is not None:
+            moved = restore_snapshot(choice.path, choice.restore_to)
+            kept = f" (the torn file is kept as {self.watcher.display(moved)})" if moved else ""
+            self.engine.events.message(f"put back {choice.label} from its snapshot {choice.path}{kept}")
+            self.session.event("restore", path=str(choice.restore_to), snapshot=str(choice.path),
+                               kept=str(moved) if moved else None)
+            target = choice.restore_to
+        if choice.source != "trainctl":
+            self.engine.events.message(f"resuming from {choice.label}, written by the script")
+        return str(target)
+
+    def stop(self) -> None:
+        if self._starter is not None:
+            self._starter.join()
+        if self.watcher is not None:
+            self.watcher.stop()
 
 
 def _stop_signal_name(signum: int) -> str:

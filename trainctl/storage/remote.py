@@ -50,6 +50,8 @@ OUTPUT = "output/"
 CHECKPOINTS = "checkpoints/"
 LEASES = "leases/"
 CODE = "code/"
+CODE_ARCHIVE = "code/bundle.tar.gz"
+CODE_RECORD = "code/bundle.json"
 SESSION = "session.json"
 LATEST = "latest.json"
 HEARTBEAT = "heartbeat.json"
@@ -191,6 +193,19 @@ def parse_jsonl(data: bytes, *, where: str = "events") -> list[dict[str, Any]]:
     return events
 
 
+def _local_manifest(data: bytes) -> bytes:
+    """A stored manifest as the checkpoint's own: without the record of where it was stored
+    (the manifest covers itself with a digest, which that record would break)."""
+    try:
+        manifest = json.loads(data)
+    except ValueError:
+        return data
+    if not isinstance(manifest, dict) or "storage" not in manifest:
+        return data
+    manifest.pop("storage")
+    return json.dumps(manifest, indent=1, default=str).encode() + b"\n"
+
+
 @dataclass
 class PullResult:
     """What `RemoteSession.pull` fetched into the local folder."""
@@ -243,6 +258,48 @@ class RemoteSession:
             return self.store.get_json(self.key(name))
         except ObjectNotFoundError:
             return None
+
+    # --- code --------------------------------------------------------------------------------
+    def put_code(self, bundle: Any, wheel: str | os.PathLike[str] | None = None, *,
+                 run: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Upload the code bundle (a `bundle.Bundle`) and a wheel of trainctl, then
+        `code/bundle.json` naming both with their digests, written last: a machine that finds
+        the record never meets a half-uploaded bundle. `run` (script, args, options) goes into
+        the record for an agent started without a script. Returns the record."""
+        archive = self.store.put_file(self.key(CODE_ARCHIVE), bundle.path, sha256=bundle.sha256)
+        record: dict[str, Any] = {
+            "v": LAYOUT_VERSION, "t": time.time(),
+            "bundle": {"key": CODE_ARCHIVE, "sha256": archive.sha256, "bytes": archive.size},
+            "summary": bundle.summary(), "wheel": None, "run": run}
+        if wheel is not None:
+            wheel = Path(wheel)
+            name = check_key(wheel.name)
+            stored = self.store.put_file(self.key(CODE + name), wheel)
+            record["wheel"] = {"key": CODE + name, "file": name, "sha256": stored.sha256, "bytes": stored.size}
+        self.store.put_json(self.key(CODE_RECORD), record)
+        return record
+
+    def code_record(self) -> dict[str, Any] | None:
+        return self._get_json(CODE_RECORD)
+
+    def fetch_code(self, dest_dir: str | os.PathLike[str]) -> tuple[dict[str, Any], Path, Path | None]:
+        """Download the bundle (and the wheel, when there is one) into `dest_dir`, each verified
+        against the digest `code/bundle.json` recorded. Returns (record, archive, wheel)."""
+        record = self.code_record()
+        if not isinstance(record, dict) or not isinstance(record.get("bundle"), dict):
+            raise ObjectNotFoundError(f"{self.uri} has no code bundle ({CODE_RECORD} is missing).",
+                                      "Upload the project before starting a machine (the launcher does it).",
+                                      uri=self.store.url(self.key(CODE_RECORD)))
+        dest = Path(dest_dir)
+        bundle = record["bundle"]
+        archive = dest / "bundle.tar.gz"
+        self.store.get_file(self.key(check_key(bundle["key"])), archive, sha256=bundle.get("sha256"))
+        wheel_path = None
+        wheel = record.get("wheel")
+        if isinstance(wheel, dict):
+            wheel_path = dest / check_key(wheel["file"])
+            self.store.get_file(self.key(check_key(wheel["key"])), wheel_path, sha256=wheel.get("sha256"))
+        return record, archive, wheel_path
 
     # --- logs --------------------------------------------------------------------------------
     def events_writer(self, **kw: Any) -> SegmentWriter:
@@ -376,10 +433,11 @@ class RemoteSession:
                 current, info = self.store.get_json_versioned(self.key(BOOTS))
             except ObjectNotFoundError:
                 current, info = None, None
-            count = int(current.get("count", 0)) + 1 if isinstance(current, dict) else 1
-            history = (current.get("boots", []) if isinstance(current, dict) else [])[-19:]
-            record = {"v": LAYOUT_VERSION, "count": count,
-                      "boots": [*history, {"t": time.time(), "host": socket.gethostname(), **fields}]}
+            kept = current if isinstance(current, dict) else {}
+            count = int(kept.get("count", 0)) + 1
+            history = list(kept.get("boots", []))[-19:]
+            record = {**kept, "v": LAYOUT_VERSION, "count": count,
+                      "boots": [*history, {"boot": count, "t": time.time(), "host": socket.gethostname(), **fields}]}
             try:
                 if info is None:
                     self.store.put_json(self.key(BOOTS), record, if_none_match="*")
@@ -394,6 +452,35 @@ class RemoteSession:
     def boots(self) -> int:
         record = self._get_json(BOOTS)
         return int(record.get("count", 0)) if isinstance(record, dict) else 0
+
+    def mark_boot_healthy(self, boot: int) -> None:
+        """Boot number `boot` got training going (or ended cleanly): boots before it no longer
+        count as failed. Compare-and-swap; a later healthy boot is never moved back."""
+        for _ in range(20):
+            try:
+                current, info = self.store.get_json_versioned(self.key(BOOTS))
+            except ObjectNotFoundError:
+                current, info = {}, None
+            current = current if isinstance(current, dict) else {}
+            if int(current.get("healthy", 0) or 0) >= boot:
+                return
+            record = {**current, "v": LAYOUT_VERSION, "healthy": boot}
+            try:
+                if info is None:
+                    self.store.put_json(self.key(BOOTS), record, if_none_match="*")
+                else:
+                    self.store.put_json(self.key(BOOTS), record, if_match=info.etag)
+                return
+            except ConditionalWriteError:
+                time.sleep(0.05)
+        raise ConditionalWriteError(f"{self.store.url(self.key(BOOTS))} kept changing under 20 updates.",
+                                    "Too many machines are booting for one session; end the session.")
+
+    def failed_boots(self, boot: int) -> int:
+        """How many boots before `boot` came after the last healthy one (none got training going)."""
+        record = self._get_json(BOOTS)
+        healthy = int(record.get("healthy", 0) or 0) if isinstance(record, dict) else 0
+        return max(0, boot - 1 - healthy)
 
     def mark_ended(self, reason: str, **fields: Any) -> tuple[dict[str, Any], bool]:
         """Write the tombstone if there is none; returns (the tombstone that stands, whether
@@ -444,6 +531,8 @@ class RemoteSession:
                 else:
                     data, info = self.store.get_bytes(info.key)
                     local.parent.mkdir(parents=True, exist_ok=True)
+                    if name.startswith(CHECKPOINTS) and name.endswith(".json"):
+                        data = _local_manifest(data)
                     atomic_write_bytes(local, data, sync_dir=False)
             except ObjectNotFoundError:
                 continue  # deleted between the listing and the read (retention, a probe)

@@ -11,16 +11,12 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from ...errors import EXIT_NOT_FOUND, EXIT_USAGE, TrainctlError
+from ...errors import EXIT_NOT_FOUND, EXIT_PROVIDER, EXIT_USAGE, TrainctlError
 from .names import QuotaRef, quota_for
-
-# The cloud provider refused or could not serve a valid request (credentials, permissions,
-# quota, capacity, throttling, network). Stable; listed in README's exit code table.
-EXIT_CLOUD = 5
 
 
 class AwsError(TrainctlError):
-    exit_code = EXIT_CLOUD
+    exit_code = EXIT_PROVIDER
 
 
 class CredentialsError(AwsError, PermissionError):

@@ -10,7 +10,7 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 from .errors import (
     AccessDeniedError,
@@ -31,6 +31,7 @@ from .names import (
 
 if TYPE_CHECKING:
     from .context import AwsContext
+    from .request import LaunchRequest
 
 DLAMI_ROOT = "/aws/service/deeplearning/ami/{arch}/"
 _DLAMI_TYPE = re.compile(r"^oss-nvidia-driver-gpu-pytorch-(\d+(?:\.\d+)*)-(.+)$")
@@ -424,17 +425,7 @@ def rank_regions(ctx: AwsContext, instance_type: str, market: str,
     return sorted(options, key=key)
 
 
-class FactsRequest(Protocol):
-    """What gather_facts reads of a request (plan.LaunchRequest has it; plan imports this module)."""
-
-    instance_type: str
-    also_instance_types: tuple[str, ...]
-    market: str
-    ami: str
-    project: str
-
-
-def gather_facts(ctx: AwsContext, request: FactsRequest, *, now: datetime | None = None) -> Facts:
+def gather_facts(ctx: AwsContext, request: LaunchRequest, *, now: datetime | None = None) -> Facts:
     """All lookups ``plan_launch`` needs, for ``request`` in ``ctx.region``."""
     now = now or utcnow()
     names = [request.instance_type, *[t for t in request.also_instance_types if t != request.instance_type]]

@@ -85,6 +85,7 @@ class MachineRow:
     fleet_id: str | None = None
     leak: str | None = None
     end_command: str | None = None
+    state_reason: str | None = None  # EC2's code, e.g. Server.SpotInstanceTermination
 
 
 @dataclass
@@ -182,7 +183,8 @@ def _machine_row(ctx: AwsContext, instance: dict[str, Any], prices: PriceBook, n
         uptime_s=usage.running_s(now), usd_per_hour=usd_per_hour, price_source=source,
         cost_usd=usage.cost_usd(now),
         fleet_id=tags.get("aws:ec2:fleet-id") or fleet_of.get(instance["InstanceId"]),
-        end_command=f"trainctl aws terminate {session_id or instance['InstanceId']} --region {ctx.region}")
+        end_command=f"trainctl aws terminate {session_id or instance['InstanceId']} --region {ctx.region}",
+        state_reason=(instance.get("StateReason") or {}).get("Code"))
     return row, usage
 
 

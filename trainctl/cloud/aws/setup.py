@@ -103,8 +103,9 @@ def machine_policy(*, partition: str, account_id: str, bucket: str, prefix: str,
 
     IAM can't compare a resource's tag with the tags of the calling instance, so ending fleets
     is scoped to fleets and launch templates tagged with this project (and trainctl-managed);
-    the agent only ends the fleet its own instance's ``aws:ec2:fleet-id`` tag names. Machines
-    end themselves by powering off (shutdown behaviour terminate): no TerminateInstances.
+    the agent only ends the fleet its own instance's ``aws:ec2:fleet-id`` tag names (or its
+    session's). A machine may terminate itself only (the instance ARN equals the role
+    credentials' ``ec2:SourceInstanceARN``); its boot script powers it off as well.
     """
     params = f"arn:{partition}:ssm:*:{account_id}:parameter/trainctl/{safe_name(project)}"
     owned = {"StringEquals": {f"aws:ResourceTag/{TAG_PROJECT}": project, f"aws:ResourceTag/{TAG_MANAGED}": "true"}}
@@ -122,6 +123,14 @@ def machine_policy(*, partition: str, account_id: str, bucket: str, prefix: str,
         {"Sid": "DecryptProjectSecrets", "Effect": "Allow", "Action": "kms:Decrypt", "Resource": "*",
          "Condition": {"StringLike": {"kms:ViaService": "ssm.*.amazonaws.com",
                                       "kms:EncryptionContext:PARAMETER_ARN": f"{params}/*"}}},
+        {"Sid": "EndOwnMachine", "Effect": "Allow", "Action": "ec2:TerminateInstances",
+         "Resource": f"arn:{partition}:ec2:*:{account_id}:instance/*",
+         "Condition": {"StringEquals": {"aws:ARN": "${ec2:SourceInstanceARN}", **owned["StringEquals"]}}},
+        # Describe calls take no resource-level permissions: what the machine reads to find its fleet.
+        {"Sid": "ReadOwnMachine", "Effect": "Allow",
+         "Action": ["ec2:DescribeInstances", "ec2:DescribeFleets", "ec2:DescribeFleetInstances",
+                    "ec2:DescribeLaunchTemplates"],
+         "Resource": "*"},
         {"Sid": "EndOwnFleet", "Effect": "Allow",
          "Action": ["ec2:DeleteFleets", "ec2:ModifyFleet", "ec2:DeleteLaunchTemplate"],
          "Resource": [f"arn:{partition}:ec2:*:{account_id}:fleet/*",

@@ -1,11 +1,12 @@
-"""Talking to RunPod: the API key, one GraphQL transport that sends values as variables, and the
-SDK for the reads it does well.
+"""Talking to RunPod: the API key, and one GraphQL transport that sends values as variables.
 
 runpod 1.12's SDK pastes values into the GraphQL text unescaped (a quote or a newline in a pod
 name or an environment value breaks or alters the request) and cannot create interruptible pods,
 so every mutation here is sent as GraphQL with variables to the endpoint the SDK uses
-(``{RUNPOD_API_BASE_URL}/graphql``). Pod reads go through the SDK (``get_pods``, ``get_pod``
-with an id checked first), imported only when called: it costs ~1.3 s.
+(``{RUNPOD_API_BASE_URL}/graphql``). Reads go the same way, asking for the fields the SDK's
+``get_pods``/``get_pod`` ask for: importing the SDK costs 1.3-3 s (`trainctl runpod list` took
+3.1 s through it, 0.3 s without) and it sets the root logger to INFO on import, which put
+botocore's credential lines into trainctl's output.
 """
 
 from __future__ import annotations
@@ -32,7 +33,6 @@ from .errors import (
     InvalidPodRequestError,
     NoApiKeyError,
     RunPodApiError,
-    SdkMissingError,
 )
 
 if sys.version_info >= (3, 11):
@@ -85,6 +85,32 @@ query TrainctlGpuTypes($secure: GpuLowestPriceInput, $community: GpuLowestPriceI
 ACCOUNT = """\
 query TrainctlAccount {
   myself { id clientBalance currentSpendPerHr }
+}"""
+
+# what the SDK's get_pods/get_pod ask for
+POD_FIELDS = """\
+id name desiredStatus lastStatusChange imageName env gpuCount costPerHr uptimeSeconds
+    containerDiskInGb volumeInGb volumeMountPath memoryInGb vcpuCount podType dockerArgs machineId
+    runtime { ports { ip isIpPublic privatePort publicPort type } }
+    machine { gpuDisplayName }"""
+
+LIST_PODS = f"""\
+query TrainctlPods {{
+  myself {{ pods {{
+    {POD_FIELDS}
+  }} }}
+}}"""
+
+GET_POD = f"""\
+query TrainctlPod($input: PodFilter!) {{
+  pod(input: $input) {{
+    {POD_FIELDS}
+  }}
+}}"""
+
+NETWORK_VOLUMES = """\
+query TrainctlNetworkVolumes {
+  myself { networkVolumes { id name size dataCenterId } }
 }"""
 
 MUTATIONS = {"podFindAndDeployOnDemand": CREATE_ON_DEMAND,
@@ -234,53 +260,26 @@ class RunPodClient:
             time.sleep(delay)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _sdk_call(self, call: Callable[[Any], T], operation: str) -> T:
-        """Run an SDK read with this client's key, its errors turned into trainctl's."""
-        try:
-            import requests  # the SDK's own transport; installed with it
-            import runpod  # ~1.3 s, so only reads of pods pay it
-            from runpod import error as runpod_error
-        except ImportError as e:
-            raise SdkMissingError() from e
-
-        if api_base_url() != self.base_url:
-            raise RunPodApiError(f"{BASE_URL_VARIABLE} changed after this client was made.",
-                                 operation=operation)
-
-        def once() -> T:
-            try:
-                return call(runpod)
-            except runpod_error.AuthenticationError as e:
-                raise ApiKeyRejectedError(self.api_key.source) from e
-            except runpod_error.QueryError as e:
-                raise _classify(str(e), operation) from e
-            except (requests.RequestException, ValueError, KeyError, TypeError) as e:
-                # the SDK indexes answers without checking them: a 5xx body ends up here too
-                raise RunPodApiError(f"Could not read {operation} from RunPod at "
-                                     f"{self.graphql_url} ({type(e).__name__}).",
-                                     operation=operation, retryable=True) from e
-
-        return self._retrying(once, True)
-
     # --- reads ------------------------------------------------------------------------------
 
     def list_pods(self) -> list[dict[str, Any]]:
-        """Every pod on the account (the SDK's ``myself { pods }`` query)."""
-        pods = self._sdk_call(lambda rp: rp.get_pods(api_key=self.api_key.value), "pods")
+        """Every pod on the account."""
+        me = self.graphql(LIST_PODS, None, operation="myself").get("myself")
+        pods = me.get("pods") if isinstance(me, dict) else None
         return [p for p in pods or [] if isinstance(p, dict)]
 
     def get_pod(self, pod_id: str) -> dict[str, Any] | None:
-        """One pod, or None once it is terminated (the SDK pastes the id: it is checked first)."""
-        check_pod_id(pod_id)
-        pod = self._sdk_call(lambda rp: rp.get_pod(pod_id, api_key=self.api_key.value), "pod")
+        """One pod, or None once it is terminated."""
+        data = self.graphql(GET_POD, {"input": {"podId": check_pod_id(pod_id)}}, operation="pod")
+        pod = data.get("pod")
         return pod if isinstance(pod, dict) else None
 
     def network_volumes(self) -> dict[str, str]:
-        """Network volume id -> its datacenter (the SDK's ``myself`` query)."""
-        user = self._sdk_call(lambda rp: rp.get_user(api_key=self.api_key.value),
-                              "networkVolumes")
-        return {v["id"]: v.get("dataCenterId") or "" for v in (user or {}).get("networkVolumes")
-                or [] if isinstance(v, dict) and v.get("id")}
+        """Network volume id -> its datacenter."""
+        me = self.graphql(NETWORK_VOLUMES, None, operation="myself").get("myself")
+        volumes = me.get("networkVolumes") if isinstance(me, dict) else None
+        return {v["id"]: v.get("dataCenterId") or "" for v in volumes or []
+                if isinstance(v, dict) and v.get("id")}
 
     def gpu_types(self, gpu_count: int = 1) -> list[dict[str, Any]]:
         """GPU types with list prices and, per cloud, the current price and stock for gpu_count."""

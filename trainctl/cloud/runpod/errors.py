@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...errors import EXIT_NOT_FOUND, EXIT_USAGE, TrainctlError
+from ...errors import EXIT_NOT_FOUND, EXIT_PROVIDER, EXIT_USAGE, TrainctlError
 
 API_KEY_HOME = "~/.runpod/config.toml"
 
 
 class RunPodError(TrainctlError):
-    """Base of every RunPod failure trainctl expects."""
+    """Base of every RunPod failure trainctl expects: RunPod refused or could not serve the
+    request, unless the subclass says the request itself was wrong."""
+
+    exit_code = EXIT_PROVIDER
 
 
 class NoApiKeyError(RunPodError, PermissionError):
@@ -25,21 +28,12 @@ class NoApiKeyError(RunPodError, PermissionError):
 
 
 class ApiKeyRejectedError(RunPodError, PermissionError):
-    exit_code = EXIT_USAGE
 
     def __init__(self, source: str) -> None:
         super().__init__(f"RunPod rejected the API key from {source} (HTTP 401).",
                          "Check or replace the key (https://console.runpod.io/user/settings); "
                          "RUNPOD_API_KEY wins over ~/.runpod/config.toml")
         self.source = source
-
-
-class SdkMissingError(RunPodError, ImportError):
-    exit_code = EXIT_USAGE
-
-    def __init__(self) -> None:
-        super().__init__("The runpod SDK is not installed (trainctl reads pods through it).",
-                         "Install with: pip install 'trainctl[runpod]'")
 
 
 class RunPodApiError(RunPodError, ConnectionError):

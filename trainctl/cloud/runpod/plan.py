@@ -100,6 +100,7 @@ class PodRequest:
     keep_on_failure: bool = False
     grace_period_s: int = 120  # SIGTERM to the agent at the deadline, then end the pod
     notes: tuple[tuple[str, str], ...] = ()  # more plan lines: storage, bundle, resume checkpoint
+    agent_display: str | None = None  # how plans show agent_command when it embeds a bootstrap
 
     @property
     def market(self) -> str:
@@ -222,7 +223,8 @@ class PodPlan:
               for i, (k, v) in enumerate(display_env(self.env).items())],
             ("from RunPod", "RUNPOD_POD_ID, RUNPOD_API_KEY (pod-scoped: your own key never "
                             "reaches the pod)"),
-            ("runs", f"{shlex.join(r.agent_command)}; the pod is terminated when it exits"
+            ("runs", f"{r.agent_display or shlex.join(r.agent_command)}; the pod is terminated "
+                     "when it exits"
                      + (" (kept until the deadline if it fails)" if r.keep_on_failure else "")),
             ("recovery", "an interruption gives ~5 s before SIGKILL: a new pod resumes from the "
                          "newest checkpoint in storage, work lost <= the checkpoint interval"
