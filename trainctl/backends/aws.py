@@ -77,9 +77,11 @@ def aws_settings(cfg: Any) -> Any:
 
 
 def project_name(cfg: Any) -> str:
-    """The project's name in storage and in AWS tags: its root folder's name (the provider layer
-    makes IAM, EC2 and SSM names safe from it)."""
-    return Path(cfg.root).resolve().name or "project"
+    """The project's name in storage and in AWS tags (the provider layer makes IAM, EC2 and SSM
+    names safe from it): the one storage uses for every cloud session."""
+    from ..storage.mirror import project_name as storage_project_name
+
+    return storage_project_name(cfg)
 
 
 def default_region(settings: Any) -> str | None:
