@@ -539,6 +539,26 @@ class AwsBackend(Backend):
                     ids["storage"] = None
         return [Handle(self.name, ids) for ids in found.values()]
 
+    def pull_checkpoints(self, handle: Handle, dest: Path) -> list[str]:
+        """The session's checkpoints in storage, each with its manifest, into `dest` (verified
+        against the digests recorded at upload); what is already there is not fetched again."""
+        from ..fsutil import atomic_write_json
+
+        remote = self._remote_for(handle)
+        fetched = []
+        for manifest in remote.checkpoints():
+            stored = manifest.get("storage") if isinstance(manifest.get("storage"), dict) else {}
+            name = Path(str(stored.get("key") or "")).name
+            if not name:
+                continue
+            target = dest / name
+            if not (target.exists() and target.stat().st_size == stored.get("bytes")):
+                remote.store.get_file(stored["key"], target, sha256=stored.get("sha256"))
+                fetched.append(name)
+            atomic_write_json(target.with_name(name + ".json"),
+                              {k: v for k, v in manifest.items() if k != "storage"}, sync_dir=False)
+        return fetched
+
     # ------------------------------------------------------------------ spot fallback
     def _fall_back_to_on_demand(self, handle: Handle) -> dict[str, Any]:
         """Enough interruptions: end the spot fleet (and its machine) and continue the session
