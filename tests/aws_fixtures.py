@@ -300,7 +300,7 @@ class Project:
         """`trainctl ARGS` in its own process, in the project, reaching loopback only."""
         from .conftest import clean_env
 
-        environ = loopback_env(clean_env(COLUMNS="200", **env), guard_log=self.guard_log)
+        environ = loopback_env(clean_env(COLUMNS="200"), guard_log=self.guard_log, **env)
         r = subprocess.run([sys.executable, "-m", "trainctl", *args], cwd=self.root, env=environ,
                            capture_output=True, text=True, timeout=timeout)
         assert not self.guard_log.exists(), self.guard_log.read_text()

@@ -302,6 +302,34 @@ def test_bad_input_is_one_line_with_the_fix_and_creates_nothing(tmp_path: Path, 
     assert cloud.keys() == before and not (project.root / ".trainctl" / "sessions").exists()
 
 
+def test_no_credentials_is_one_line_with_how_to_set_them(tmp_path: Path, cloud: Cloud):
+    project = make_project(tmp_path / "demo", cloud, setup=False)
+    r = project.run("aws", "setup", "--bucket", BUCKET, check=False, AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY="")
+    assert r.returncode == 5 and "error: No AWS credentials found." in r.stderr
+    assert "hint: Set them with: aws configure" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_launch_aws_refuses_cleans_up_what_it_made_and_says_so(project: Project, cloud: Cloud):
+    from tests.servers import Rule
+
+    def no_spot(_body: bytes):
+        xml = ("<Response><Errors><Error><Code>MaxSpotInstanceCountExceeded</Code><Message>Max spot instance "
+               "count exceeded</Message></Error></Errors><RequestID>test</RequestID></Response>")
+        return 400, {"Content-Type": "text/xml"}, xml.encode()
+
+    rule = cloud.front.add(Rule("reply", form=r"(^|&)Action=CreateFleet(&|$)", reply=no_spot))
+    r = project.run("aws", "launch", "-t", "g5.xlarge", "--spot", "--yes", "--detach", "train.py", check=False)
+    assert rule.applied == 1
+    assert r.returncode == 5, r.stderr
+    assert "error: The account's spot vCPU quota 'All G and VT Spot Instance Requests' (L-3819A6DF)" in r.stderr
+    assert "Cleaned up what the launch had made: launch template lt-" in r.stderr and "Traceback" not in r.stderr
+    (sid,) = [p.name for p in (project.root / ".trainctl" / "sessions").iterdir()]
+    record = project.record(sid)
+    assert record["status"] == "failed" and record["error"].startswith("launch failed: The account's spot vCPU quota")
+    assert cloud.instances(sid) == [] and cloud.ec2().describe_launch_templates(
+        Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["LaunchTemplates"] == []
+
+
 def test_a_refused_launch_prints_the_plan_first(tmp_path: Path, cloud: Cloud):
     project = make_project(tmp_path / "demo", cloud)
     config = project.root / "trainctl.toml"

@@ -144,6 +144,13 @@ def test_launch_follows_the_machine_to_the_end_and_the_machine_ends_itself(tmp_p
     logs = project.run("sessions", "logs", sid).stdout
     assert logs == (project.root / ".trainctl" / "sessions" / sid / "output.log").read_text()
     assert logs.count("epoch 2/2 step 20/20") == 1
+    # its checkpoints come down verified, with their manifests, for checkpoint list/info/resume
+    pulled = project.run("sessions", "pull", sid, "--checkpoints").stdout
+    assert f"Session {sid} (aws) is up to date here: completed" in pulled and "checkpoint(s) fetched" in pulled
+    folder = project.root / ".trainctl" / "sessions" / sid / "checkpoints"
+    listed = project.run("checkpoint", "list", str(folder)).stdout
+    assert "ckpt-step00000020.pt" in listed and "valid" in listed
+    assert "0 checkpoint(s) fetched" in project.run("sessions", "pull", sid, "--checkpoints").stdout
 
 
 def test_a_spot_reclaim_mid_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, cloud: Cloud):

@@ -3,7 +3,8 @@
 `end_machine(reason)` ends this machine and whatever would bring a replacement up in its place
 (AWS: delete the session's fleet without terminating, then terminate this instance; RunPod:
 `podTerminate` with the pod-scoped key). Terminate, never stop: a stopped machine still bills
-for its disk. The provider layers register their hooks; the agent calls nothing else.
+for its disk. The interface (`MachineEnd`, `EndFailedError`) lives with the backends, each of
+which provides its hook (`aws`: trainctl.backends.aws); the agent calls nothing else.
 
     END_HOOKS     name -> "module:Class", imported on first use
     open_end_hook("command", command="runpodctl remove pod $RUNPOD_POD_ID")
@@ -16,36 +17,19 @@ import importlib
 import os
 import subprocess
 import time
-from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import Any
 
-from ..errors import TrainctlError, UsageError
+from ..backends.base import EndFailedError, MachineEnd
+from ..errors import UsageError
 
 END_HOOKS: dict[str, str] = {
     "none": "trainctl.agent.ending:NoEnd",
     "poweroff": "trainctl.agent.ending:PowerOff",
     "command": "trainctl.agent.ending:CommandEnd",
+    "aws": "trainctl.backends.aws:AwsMachineEnd",
 }
 REASON_VARIABLE = "TRAINCTL_END_REASON"
 ATTEMPTS = 3
-
-
-class EndFailedError(TrainctlError, OSError):
-    """The hook could not end the machine; the boot script's power-off and the platform's
-    deadline still hold."""
-
-
-class MachineEnd(ABC):
-    """Ends this machine for good: no replacement is started in its place."""
-
-    name: ClassVar[str]
-
-    @abstractmethod
-    def end_machine(self, reason: str) -> None:
-        """End the machine (and its launch), saying why; raises EndFailedError when it can't."""
-
-    def describe(self) -> str:
-        return self.name
 
 
 class NoEnd(MachineEnd):

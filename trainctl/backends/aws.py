@@ -77,9 +77,11 @@ def aws_settings(cfg: Any) -> Any:
 
 
 def project_name(cfg: Any) -> str:
-    """The project's name in storage and in AWS tags: its root folder's name (the provider layer
-    makes IAM, EC2 and SSM names safe from it)."""
-    return Path(cfg.root).resolve().name or "project"
+    """The project's name in storage and in AWS tags (the provider layer makes IAM, EC2 and SSM
+    names safe from it): the one storage uses for every cloud session."""
+    from ..storage.mirror import project_name as storage_project_name
+
+    return storage_project_name(cfg)
 
 
 def default_region(settings: Any) -> str | None:
@@ -536,6 +538,26 @@ class AwsBackend(Backend):
                 except Exception:  # no bucket configured here: the handle still ends its machines
                     ids["storage"] = None
         return [Handle(self.name, ids) for ids in found.values()]
+
+    def pull_checkpoints(self, handle: Handle, dest: Path) -> list[str]:
+        """The session's checkpoints in storage, each with its manifest, into `dest` (verified
+        against the digests recorded at upload); what is already there is not fetched again."""
+        from ..fsutil import atomic_write_json
+
+        remote = self._remote_for(handle)
+        fetched = []
+        for manifest in remote.checkpoints():
+            stored = manifest.get("storage") if isinstance(manifest.get("storage"), dict) else {}
+            name = Path(str(stored.get("key") or "")).name
+            if not name:
+                continue
+            target = dest / name
+            if not (target.exists() and target.stat().st_size == stored.get("bytes")):
+                remote.store.get_file(stored["key"], target, sha256=stored.get("sha256"))
+                fetched.append(name)
+            atomic_write_json(target.with_name(name + ".json"),
+                              {k: v for k, v in manifest.items() if k != "storage"}, sync_dir=False)
+        return fetched
 
     # ------------------------------------------------------------------ spot fallback
     def _fall_back_to_on_demand(self, handle: Handle) -> dict[str, Any]:

@@ -300,6 +300,8 @@ def sessions_pull(ref: str, checkpoints: bool) -> None:
     from ..storage.mirror import pull_session, remote_session
 
     cfg = _config()
+    if _pull_cloud_session(ref, checkpoints):
+        return
     remote = remote_session(ref, cfg)
     if not remote.store.list(remote.key("")):
         raise NotFoundError(f"No session at {remote.uri}.",
@@ -312,6 +314,34 @@ def sessions_pull(ref: str, checkpoints: bool) -> None:
                + ".")
     click.echo(f"  show     trainctl sessions show {pulled.session_id}")
     click.echo(f"  follow   trainctl sessions logs {pulled.session_id} --follow")
+
+
+def _pull_cloud_session(ref: str, checkpoints: bool) -> bool:
+    """A session launched from here on a cloud (trainctl aws launch): its folder brought up to
+    date through its backend, its checkpoints fetched when asked. False for any other ref."""
+    from ..backends.base import Handle, get_backend
+    from ..errors import NotFoundError
+
+    if "/" in ref:
+        return False
+    try:
+        session = _store().get(ref)
+        data = session.read()
+        handle = Handle.from_json(data.get("handle"))
+    except (NotFoundError, ValueError):
+        return False
+    if handle.backend == "local" or data.get("pulled_at"):
+        return False
+    backend = get_backend(handle.backend)
+    state = backend.describe(handle).state
+    line = f"Session {session.id} ({handle.backend}) is up to date here: {state}"
+    if checkpoints:
+        folder = session.dir / "checkpoints"
+        fetched = backend.pull_checkpoints(handle, folder)  # type: ignore[attr-defined]
+        line += f"; {len(fetched)} checkpoint(s) fetched into {folder}"
+    click.echo(line + ".")
+    click.echo(f"  show     trainctl sessions show {session.id}")
+    return True
 
 
 @sessions.command("attach")
