@@ -45,7 +45,7 @@ POD_LOOK_EVERY_S = 5.0  # ... and asks RunPod about the pod at most this often
 SIGNAL_GRACE_S = 5  # what RunPod gives a container between SIGTERM and SIGKILL
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 MIRROR_FILE = "mirror.json"  # in the session folder: how far the copies of storage's logs got
-END_HOOK = "runpod"  # the agent's hook for RunPod pods: end_this_pod below
+END_HOOK = "runpod"  # the agent's RunPodEnd (trainctl.agent.ending): end_this_pod below
 
 # The pod's start command runs this with the system python3 of the image (where its CUDA torch
 # is): it fetches trainctl's wheel from the session's storage (the pod has no trainctl, and PyPI
