@@ -119,11 +119,6 @@ class PodSettings:
         return str(parse_uri(self.storage).join(self.project, session_id))
 
 
-def project_name(root: Path) -> str:
-    """The project's name in storage: its root folder's name (as `sessions pull ID` finds it)."""
-    return Path(root).resolve().name or "project"
-
-
 def storage_environment(settings: PodSettings, session_id: str) -> dict[str, str]:
     """What the bootstrap and the agent read to find the session (no secrets: the credentials
     come as RunPod secret references)."""
