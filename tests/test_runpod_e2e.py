@@ -58,7 +58,14 @@ def test_a_pod_session_completes_and_its_pod_ends_itself(world: World, tmp_path)
     logs = world.run("sessions", "logs", sid)
     assert "epoch 2" in logs.stdout or "step" in logs.stdout, logs.stdout
     assert world.session(sid)["status"] == "completed"
-    assert_same_training_state(final_state(world, sid, tmp_path), reference_state(tmp_path))
+    pulled = world.run("sessions", "pull", sid, "--checkpoints")  # the newest checkpoint, here
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"Session {sid} (completed) was launched from here" in pulled.stdout
+    [local] = (world.project / "checkpoints" / sid).glob("*.pt")
+    assert f"downloaded and verified: {local}" in pulled.stdout
+    final = torch.load(local, weights_only=True)
+    assert_same_training_state(final, final_state(world, sid, tmp_path))
+    assert_same_training_state(final, reference_state(tmp_path))
 
 
 def test_an_interrupted_pod_and_runpod_resume_end_with_the_weights_of_an_uninterrupted_run(world: World,

@@ -298,6 +298,14 @@ def sessions_pull(ref: str, checkpoints: bool) -> None:
     from ..storage.mirror import pull_session, remote_session
 
     cfg = _config()
+    from ..launcher.cloud_session import launched_here, pull_launched
+
+    launched = launched_here(_store(), ref)
+    if launched is not None:  # started from here on a cloud machine: its backend keeps it current
+        for line in pull_launched(launched, remote_session(launched.read()["storage"], cfg),
+                                  checkpoint_dir=cfg.checkpoint_dir if checkpoints else None):
+            click.echo(line)
+        return
     remote = remote_session(ref, cfg)
     if not remote.store.list(remote.key("")):
         raise NotFoundError(f"No session at {remote.uri}.",
