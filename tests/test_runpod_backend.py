@@ -272,3 +272,20 @@ def test_a_pod_ends_itself_with_its_pod_scoped_key(fake: FakeRunPod, client):
     assert "already gone" in end_this_pod("again", {**env, "RUNPOD_API_KEY": API_KEY})
     with pytest.raises(RunPodApiError, match="not a RunPod pod"):
         end_this_pod("x", {"PATH": "/nonexistent"})
+
+
+def test_the_agents_runpod_end_hook_terminates_its_pod(fake: FakeRunPod, client, monkeypatch):
+    from trainctl.agent.ending import EndFailedError, open_end_hook
+
+    pod = client.create_pod("podFindAndDeployOnDemand", {
+        "name": "n", "imageName": "img", "gpuTypeId": "NVIDIA RTX A4000", "gpuCount": 1, "cloudType": "SECURE"})
+    for name, value in fake.pod_environment(pod["id"]).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no runpodctl here: the API, with the pod's own key
+    hook = open_end_hook("runpod")
+    hook.end_machine("training completed")
+    assert fake.terminated == [(pod["id"], "pod")]
+    assert "pod-scoped" in hook.describe()
+    monkeypatch.delenv("RUNPOD_POD_ID")
+    with pytest.raises(EndFailedError, match="not a RunPod pod"):
+        hook.end_machine("again")

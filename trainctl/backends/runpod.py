@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import UsageError
 from ..session import TERMINAL, Session, State, summarize_metrics
 from .base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec
+from .cloud import SessionMirror, merge_remote_record
 
 BACKEND = "runpod"
 MACHINE_DIR = "~/trainctl"  # on the pod: the container disk, under RunPod's HOME (/root)
@@ -44,8 +45,7 @@ MIRROR_EVERY_S = 1.0  # a follower copies storage's new output at most this ofte
 POD_LOOK_EVERY_S = 5.0  # ... and asks RunPod about the pod at most this often
 SIGNAL_GRACE_S = 5  # what RunPod gives a container between SIGTERM and SIGKILL
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-MIRROR_FILE = "mirror.json"  # in the session folder: how far the copies of storage's logs got
-END_HOOK = "runpod"  # the agent's hook for RunPod pods: end_this_pod below
+END_HOOK = "runpod"  # the agent's RunPodEnd (trainctl.agent.ending): end_this_pod below
 
 # The pod's start command runs this with the system python3 of the image (where its CUDA torch
 # is): it fetches trainctl's wheel from the session's storage (the pod has no trainctl, and PyPI
@@ -117,11 +117,6 @@ class PodSettings:
         from ..storage.uri import parse_uri
 
         return str(parse_uri(self.storage).join(self.project, session_id))
-
-
-def project_name(root: Path) -> str:
-    """The project's name in storage: its root folder's name (as `sessions pull ID` finds it)."""
-    return Path(root).resolve().name or "project"
 
 
 def storage_environment(settings: PodSettings, session_id: str) -> dict[str, str]:
@@ -201,6 +196,7 @@ class RunPodBackend(Backend):
         self._pod_plans: dict[tuple[str, int], Any] = {}
         self._specs: dict[str, RunSpec] = {}
         self._remotes: dict[tuple[str, ...], Any] = {}
+        self._mirrors: dict[str, Any] = {}
         self._looks: dict[str, tuple[float, dict[str, Any]]] = {}
         self._stopping: dict[str, float] = {}  # pod id -> until when a stop waits for the agent
 
@@ -443,7 +439,7 @@ class RunPodBackend(Backend):
         desc = Description(state, exit_code if isinstance(exit_code, int) else None,
                            record.get("signal") if state in TERMINAL else None, details)
         if ids.get("session_dir"):
-            self._record_locally(handle, desc, look["remote"])
+            self._record_locally(handle, desc, look["remote"], record)
         return desc
 
     @staticmethod
@@ -494,7 +490,8 @@ class RunPodBackend(Backend):
         return round(max(0.0, end - start) * price / 3600, 4)
 
     # ------------------------------------------------------------------ this machine's copy
-    def _record_locally(self, handle: Handle, desc: Description, remote: Any) -> None:
+    def _record_locally(self, handle: Handle, desc: Description, remote: Any,
+                        record: dict[str, Any]) -> None:
         """Mirror storage's output and events into the session's folder here, and record the
         end in its session.json (once: the first process to see it)."""
         folder = Path(handle.ids["session_dir"])
@@ -523,8 +520,10 @@ class RunPodBackend(Backend):
                 latest = None
             if latest:
                 summary["last_checkpoint"] = f"{handle.ids['storage']}/{latest.get('checkpoint')}"
+            fields.update(merge_remote_record(data, record))  # what the machine knows better
             fields.update(status=status.value, ended_at=now, exit_code=desc.exit_code,
-                          signal=desc.signal, attempts=attempts, summary=summary,
+                          signal=desc.signal, attempts=attempts,
+                          summary={**(fields.get("summary") or {}), **summary},
                           end_reason=desc.details.get("why"))
             if desc.details.get("error"):
                 fields["error"] = desc.details["error"]
@@ -546,37 +545,12 @@ class RunPodBackend(Backend):
 
     def mirror(self, session: Session, remote: Any) -> None:
         """Append what storage's output and events segments gained to output.log and
-        events.jsonl here (offsets kept in mirror.json, under a lock: one copier at a time)."""
-        import json
-
-        from filelock import FileLock
-
-        from ..fsutil import atomic_write_json
-        from ..storage.remote import EVENTS, OUTPUT, SegmentReader
-
-        with FileLock(str(session.dir / "mirror.lock")):
-            path = session.dir / MIRROR_FILE
-            try:
-                state = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                state = {}
-            changed = False
-            for name, prefix, suffix, target in (("output", OUTPUT, ".log", session.output_log),
-                                                 ("events", EVENTS, ".jsonl", session.events_path)):
-                reader = SegmentReader(remote.store, remote.key(prefix), suffix)
-                mark = state.get(name) or {}
-                reader.index, reader.offset, reader.etag = (int(mark.get("index", 0)),
-                                                            int(mark.get("offset", 0)), mark.get("etag"))
-                data = reader.poll()
-                if data:
-                    # events.jsonl's own lock too: the launcher appends its events there
-                    with FileLock(str(target) + ".lock"), open(target, "ab") as f:
-                        f.write(data)
-                state[name] = {"index": reader.index, "offset": reader.offset, "etag": reader.etag,
-                               "bytes": int(mark.get("bytes", 0)) + len(data)}
-                changed |= bool(data) or not mark
-            if changed:
-                atomic_write_json(path, state, sync_dir=False)
+        events.jsonl here (the cloud backends' one SessionMirror)."""
+        key = str(session.dir)
+        found = self._mirrors.get(key)
+        if found is None or found.remote is not remote:
+            found = self._mirrors[key] = SessionMirror(session, remote)
+        found.pull()
 
     # ------------------------------------------------------------------ output
     def log_iter(self, handle: Handle, since: int = 0, follow: bool = False) -> Iterator[LogChunk]:

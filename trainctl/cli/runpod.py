@@ -52,8 +52,9 @@ def _parse_secrets(values: tuple[str, ...]) -> dict[str, str]:
 
 
 def _settings(cfg: Any, *, secrets: tuple[str, ...], keep_on_failure: bool) -> Any:
-    from ..backends.runpod import PodSettings, project_name
+    from ..backends.runpod import PodSettings
     from ..errors import UsageError
+    from ..storage.mirror import project_name
 
     storage = cfg.get("cloud", "storage")
     if not storage:
@@ -67,7 +68,7 @@ def _settings(cfg: Any, *, secrets: tuple[str, ...], keep_on_failure: bool) -> A
         except ValueError:
             pass
     return PodSettings(
-        storage=storage, project=project_name(cfg.root), endpoint_url=cfg.get("cloud", "endpoint_url") or None,
+        storage=storage, project=project_name(cfg), endpoint_url=cfg.get("cloud", "endpoint_url") or None,
         region=cfg.get("cloud", "region") or None, checksums=cfg.get("cloud", "checksums"),
         secrets={**cfg.get("runpod", "secrets"), **_parse_secrets(secrets)},
         budget_usd=cfg.get("cloud", "budget_usd") or None,

@@ -302,6 +302,14 @@ def sessions_pull(ref: str, checkpoints: bool) -> None:
     cfg = _config()
     if _pull_cloud_session(ref, checkpoints):
         return
+    from ..launcher.cloud_session import launched_here, pull_launched
+
+    launched = launched_here(_store(), ref)
+    if launched is not None:  # started from here on a cloud machine: its backend keeps it current
+        for line in pull_launched(launched, remote_session(launched.read()["storage"], cfg),
+                                  checkpoint_dir=cfg.checkpoint_dir if checkpoints else None):
+            click.echo(line)
+        return
     remote = remote_session(ref, cfg)
     if not remote.store.list(remote.key("")):
         raise NotFoundError(f"No session at {remote.uri}.",
@@ -333,6 +341,8 @@ def _pull_cloud_session(ref: str, checkpoints: bool) -> bool:
     if handle.backend == "local" or data.get("pulled_at"):
         return False
     backend = get_backend(handle.backend)
+    if not hasattr(backend, "pull_checkpoints"):
+        return False  # a backend without its own pull: the storage mirror below brings it up to date
     state = backend.describe(handle).state
     line = f"Session {session.id} ({handle.backend}) is up to date here: {state}"
     if checkpoints:

@@ -181,3 +181,41 @@ def terminate(backend: Backend, session: Session, handle: Handle) -> bool:
                    end_reason="terminated by trainctl (no emergency checkpoint)")
     session.event("status", status=State.KILLED.value, source="launcher", why="terminated")
     return True
+
+
+def launched_here(store: SessionStore, ref: str) -> Session | None:
+    """The session `ref` names when it was launched from this project onto a cloud machine
+    (its record has the machine's handle and the session's storage URI), else None."""
+    from ..errors import NotFoundError
+
+    if "/" in ref or "://" in ref:
+        return None
+    try:
+        session = store.get(ref)
+        data = session.read()
+    except NotFoundError:
+        return None
+    handle = data.get("handle") if isinstance(data.get("handle"), dict) else {}
+    if data.get("pulled_at") or not data.get("storage") or handle.get("backend") in (None, "local"):
+        return None
+    return session
+
+
+def pull_launched(session: Session, remote: Any, *, checkpoint_dir: Path | None) -> list[str]:
+    """`sessions pull` of a session launched from here: its backend brings the record, output
+    and events up to date; with `checkpoint_dir`, the newest checkpoint in storage (as
+    latest.json names it, verified) is downloaded into `<checkpoint_dir>/<session id>/`."""
+    from .control import refresh
+
+    refresh(session)
+    data = session.read()
+    lines = [f"Session {session.id} ({data.get('status')}) was launched from here: its record, output and "
+             f"events are up to date from {data.get('storage')}."]
+    if checkpoint_dir is not None:
+        latest = remote.latest_checkpoint()
+        if latest is None:
+            lines.append("No checkpoint is in storage yet.")
+        else:
+            path = remote.fetch_checkpoint(Path(checkpoint_dir) / session.id, latest)
+            lines.append(f"Newest checkpoint (step {latest.get('step')}) downloaded and verified: {path}")
+    return lines
