@@ -492,6 +492,7 @@ def diagnose(output_tail: str, *, exit_code: int | None, signal_name: str | None
              script: str = "", args: Sequence[str] = (), checkpoint: str | None = None,
              resume_flag: str = "--resume") -> Diagnosis | None:
     """Classify a failed run from its last lines of output and exit status; None when nothing is known."""
+    from ..redact import redact_command_text
     from ..resume import resume_command
 
     lines = _clean(output_tail or "")
@@ -503,6 +504,8 @@ def diagnose(output_tail: str, *, exit_code: int | None, signal_name: str | None
     for rule in RULES:
         found = rule(failure)
         if found is not None:
+            # what the rules quote from the output may hold the command line (a usage error)
+            found.what, found.cause, found.fix = (redact_command_text(t) for t in (found.what, found.cause, found.fix))
             if checkpoint:
                 found.command = resume_command(script, args, checkpoint, failure.resume_flag)
             return found
