@@ -156,6 +156,7 @@ class Run:
 
         self.name = name
         self._launcher: tuple[int, int | None] | None = None
+        self._checkpoints_before = 0  # written by earlier attempts of this session
         if self.launch.launched:
             self.session = Session(Path(self.launch.session_dir))
             try:
@@ -164,6 +165,8 @@ class Run:
                 recorded = {}
             if name is None:  # `trainctl local --name X`: checkpoints carry it for --resume auto --name X
                 self.name = recorded.get("name")
+            before = (recorded.get("summary") or {}).get("checkpoints") if isinstance(recorded.get("summary"), dict) else 0
+            self._checkpoints_before = before if isinstance(before, int) and not isinstance(before, bool) else 0
             # the launcher's process, to notice when it is gone (see _launcher_gone)
             self._launcher = next(((p["pid"], p.get("start_ticks")) for p in recorded.get("processes") or []
                                    if isinstance(p, dict) and p.get("role") == "launcher" and p.get("pid")), None)
@@ -450,6 +453,10 @@ class Run:
                                epoch=meta.get("epoch"), metrics=meta.get("metrics"),
                                bytes=manifest.get("bytes"), digest=manifest.get("digest"),
                                attempt=self.attempt)
+            # kept in session.json as they are written: `sessions list` reads nothing else, and a
+            # run killed with every process (OOM, kill -9) records no end
+            self.session.update(summary={"checkpoints": self._checkpoints_before + self._checkpoints,
+                                         "last_checkpoint": str(path)})
         protected = [self._resume_cache[0]] if self._resume_cache else []
         try:
             removed = checkpoint.apply_retention(self.checkpoint_dir, self.project_config,
