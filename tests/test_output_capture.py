@@ -91,3 +91,105 @@ def test_detached_quick_script_has_its_metric_recorded(project, cli):
         assert data["status"] == "completed"
         assert [m["values"] for m in session.metrics()] == [{"loss": 0.5}]
         assert data["summary"]["last"] == {"loss": 0.5}
+
+
+# ---------------------------------------------------------------- a state disk that fills up
+
+
+@pytest.fixture
+def small_state_disk(project: Path):
+    """The project's state dir (.trainctl) on a 512 KB tmpfs the test mounts (tests run as root);
+    skipped, saying why, where mounting is not possible."""
+    state = project / ".trainctl"
+    state.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(state)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root or CAP_SYS_ADMIN): {r.stderr.strip()}")
+    try:
+        yield state
+    finally:
+        subprocess.run(["umount", "-l", str(state)], check=False)
+
+
+LOUD = """
+import os, sys
+flag = sys.argv[1]
+i = 0
+while not os.path.exists(flag):
+    print(f"epoch 1 step {i} loss={1.0 / (i + 1):.5f} padding {'x' * 40}")
+    i += 1
+for j in range(5):
+    print(f"after the disk had room {j}")
+print("the last line")
+"""
+
+
+def test_a_full_state_disk_never_stops_the_output(project: Path, small_state_disk: Path):
+    """output.log stops fitting mid-run: the script is never blocked, its output still reaches
+    the terminal, one warning says what happened, writing resumes once there is room (the gap
+    marked), and the run ends with the script's own exit code and no trainctl traceback."""
+    import threading
+
+    (project / "loud.py").write_text(LOUD)
+    filler = small_state_disk / "filler.bin"
+    filler.write_bytes(b"\0" * 256 * 1024)  # room made later by deleting it
+    flag = project / "go-on"
+    proc = subprocess.Popen([sys.executable, "-m", "trainctl", "local", "--no-preflight", "loud.py", str(flag)],
+                            cwd=project, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    stdout: list[bytes] = []
+    stderr: list[str] = []
+    warned = threading.Event()
+
+    def read_err() -> None:
+        for raw in proc.stderr:
+            stderr.append(raw.decode(errors="replace"))
+            if b"cannot write" in raw and b"output.log" in raw:
+                warned.set()
+
+    threads = [threading.Thread(target=lambda: stdout.append(proc.stdout.read()), daemon=True),
+               threading.Thread(target=read_err, daemon=True)]
+    for t in threads:
+        t.start()
+    # a bound for a hang, not a speed assertion: the script prints until the disk is full
+    assert warned.wait(timeout=120), "".join(stderr)
+    filler.unlink()
+    flag.write_text("")
+    assert proc.wait(timeout=120) == 0, "".join(stderr)
+    for t in threads:
+        t.join(timeout=60)
+    out, err = stdout[0].decode(errors="replace"), "".join(stderr)
+    assert "Traceback" not in err and "bug in trainctl" not in err, err
+    assert out.rstrip().endswith("the last line") and "after the disk had room 4" in out  # nothing held back
+    warnings = [line for line in err.splitlines() if "cannot write" in line and "output.log" in line]
+    assert len(warnings) == 1, err
+    assert "No space left on device" in warnings[0] and "kept in memory" in warnings[0]
+    session = sessions(project)[0]
+    log = session.output_log.read_text(errors="replace")
+    assert log.rstrip().endswith("the last line")  # writing resumed once there was room
+    assert "[trainctl] the disk was full:" in log  # and the gap is marked where it is
+    assert session.read()["status"] == "completed"
+
+
+@pytest.mark.parametrize(("args", "code", "fragment"), [
+    (["local", "--no-preflight", "ok.py"], 1, "error: the disk is full: cannot write"),
+    (["local", "--detach", "--no-preflight", "ok.py"], 1, "error: the disk is full: cannot write"),
+    (["local", "ok.py"], 2, "pre-flight check 'state' failed"),
+], ids=["local", "detach", "preflight"])
+def test_a_state_disk_full_before_the_start_is_one_clear_error(project, small_state_disk, cli, args, code, fragment):
+    (project / "ok.py").write_text("print('hello')\n")
+    (small_state_disk / "sessions").mkdir()
+    filler = small_state_disk / "filler.bin"
+    try:
+        with open(filler, "wb") as f:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+    except OSError:
+        pass
+    r = cli(*args)
+    assert r.returncode == code, r.stderr
+    assert fragment in r.stderr
+    assert "Traceback" not in r.stderr and "bug in trainctl" not in r.stderr, r.stderr
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1
+    assert list((small_state_disk / "sessions").iterdir()) == []  # no half-made session left behind

@@ -93,5 +93,30 @@ class PreflightError(TrainctlError):
     exit_code = EXIT_USAGE
 
 
+class DiskError(TrainctlError, OSError):
+    """A folder trainctl must write to is full or read-only: named, with what to do."""
+
+    def __init__(self, problem: str, folder: object, error: OSError) -> None:
+        import errno
+
+        hint = ("Point state_dir / checkpoint_dir in trainctl.toml at a writable folder." if error.errno == errno.EROFS
+                else f"Free space there (df -h {folder}), or point state_dir / checkpoint_dir in trainctl.toml "
+                     "at another disk; trainctl checkpoint cleanup --dry-run shows what retention would remove.")
+        TrainctlError.__init__(self, f"{problem}: cannot write in {folder} ({error.strerror or error}).", hint)
+        self.errno = error.errno
+        self.folder = folder
+
+
+def disk_problem(error: BaseException) -> str | None:
+    """'the disk is full' (or its quota, or a read-only file system) for an OSError that says
+    so; None for any other error."""
+    import errno
+
+    if not isinstance(error, OSError):
+        return None
+    return {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+            errno.EROFS: "the file system is read-only"}.get(error.errno)  # type: ignore[arg-type]
+
+
 class TrainctlWarning(UserWarning):
     """Warnings trainctl emits (tests turn these into errors)."""

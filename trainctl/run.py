@@ -33,7 +33,7 @@ from .errors import (
     TrainctlWarning,
     UsageError,
 )
-from .redact import redact_args, redact_mapping
+from .redact import redact_args, redact_mapping, secrets_note
 from .session import Session, SessionStore, State, metric_mode, new_session_id, summarize_metrics
 from .values import scalar
 
@@ -190,6 +190,7 @@ class Run:
 
         self.name = name
         self._launcher: tuple[int, int | None] | None = None
+        self._checkpoints_before = 0  # written by earlier attempts of this session
         if self.launch.launched:
             self.session = Session(Path(self.launch.session_dir))
             try:
@@ -893,9 +894,12 @@ class Run:
                  "`trainctl sessions list` will show it as crashed.")
         script = data.get("script") or self.script or "SCRIPT"
         again = resume_mod.resume_command(script, list(data.get("args") or []), newest, self.resume_flag)
+        self._write_output_to_log()
+        note = secrets_note(again)
         print(f"[trainctl] the launcher is gone: session {self.id} {status}"
               + (f" after an emergency checkpoint {newest}" if newest else "") + f".\n"
-              f"[trainctl] {'resume' if newest else 'run again'}: {again}", file=sys.stderr, flush=True)
+              f"[trainctl] {'resume' if newest else 'run again'}: {again}"
+              + (f"\n[trainctl] ({note})" if note else ""), file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ lifecycle
     def _excepthook(self, exc_type: type[BaseException], exc: BaseException, tb: Any) -> None:

@@ -33,6 +33,8 @@ from .base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec
 READ_BYTES = 65536
 FOLLOW_LIMIT = 256  # chunks a follower may lag behind before the pump waits for it
 REAP_GRACE_S = 2.0  # what is left of the script's process group gets this long after SIGTERM
+UNWRITTEN_KEEP_BYTES = 64 * 1024  # newest output kept in memory while output.log can't be written
+LOG_RETRY_S = 1.0  # how often a failing output.log is tried again
 _PR_SET_PDEATHSIG = 1
 
 
@@ -79,13 +81,89 @@ class _Follower:
             return None
 
 
+class _LogFile:
+    """output.log as the pumps write it. A write that fails (a full or read-only disk) never
+    stops the output: the newest UNWRITTEN_KEEP_BYTES are kept in memory and written, after a
+    line marking the gap, once the file takes writes again (tried every LOG_RETRY_S)."""
+
+    def __init__(self, fd: int, path: str, pending: bytes = b"") -> None:
+        self.fd = fd
+        self.path = path
+        self.unwritten = bytearray(pending)
+        self.dropped = 0  # bytes that did not fit in memory since the last gap marker
+        self.gap = bool(pending)
+        self.retry_at = 0.0
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> None:
+        if self.unwritten:
+            self._keep(data)
+            if time.monotonic() >= self.retry_at:
+                self._flush_unwritten()
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]  # O_APPEND: never interleaved mid-chunk
+        except OSError as e:
+            self._failed(e)
+            self._keep(bytes(view))
+
+    def _flush_unwritten(self) -> None:
+        head = b""
+        if self.gap:
+            head = (b"\n[trainctl] the disk was full: " + (
+                f"{self.dropped} bytes of output are missing here; the newest output, kept in memory, follows\n"
+                if self.dropped else "the output below was kept in memory and written once there was room\n").encode())
+        blob = memoryview(head + bytes(self.unwritten))
+        try:
+            while blob:
+                blob = blob[os.write(self.fd, blob):]
+        except OSError as e:
+            self._failed(e)
+            if len(blob) < len(head) + len(self.unwritten):  # the marker is (partly) out: no new one
+                self.gap, self.dropped = False, 0
+            self.unwritten = bytearray(blob)
+            return
+        self.unwritten.clear()
+        self.gap, self.dropped = False, 0
+
+    def _failed(self, error: OSError) -> None:
+        self.error = self.error or error
+        self.retry_at = time.monotonic() + LOG_RETRY_S
+        self.gap = True
+
+    def _keep(self, data: bytes) -> None:
+        self.unwritten += data
+        extra = len(self.unwritten) - UNWRITTEN_KEEP_BYTES
+        if extra > 0:
+            del self.unwritten[:extra]
+            self.dropped += extra
+
+    def close(self) -> None:
+        if self.unwritten:
+            self._flush_unwritten()  # a last try, for a disk that has room again
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+    def warning(self) -> str | None:
+        """The one line to show about a log that could not be written, if it could not."""
+        if self.error is None:
+            return None
+        return (f"cannot write {self.path} ({self.error.strerror or self.error}): the script's output "
+                f"still shows here, the newest {UNWRITTEN_KEEP_BYTES // 1024} KB are kept in memory, "
+                "and writing resumes once the disk has room")
+
+
 class _Attempt:
     """A child this process started: the pumps that read it and the thread that reaps it."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], fds: list[tuple[int, str]], log_fd: int,
+    def __init__(self, proc: subprocess.Popen[bytes], fds: list[tuple[int, str]], log: _LogFile,
                  output: str, start: int) -> None:
         self.proc = proc
-        self.log_fd = log_fd
+        self.log = log
         self.output = output
         self.end = start  # offset in output.log after the last chunk written
         self.lock = threading.Lock()
@@ -107,10 +185,7 @@ class _Attempt:
             if not data:
                 break
             with self.lock:
-                try:
-                    os.write(self.log_fd, data)  # O_APPEND: one write, never interleaved mid-chunk
-                except OSError:
-                    pass
+                self.log.write(data)
                 chunk = LogChunk(self.end, data, stream)
                 self.end += len(data)
                 for follower in self.followers:
@@ -130,10 +205,7 @@ class _Attempt:
             for follower in self.followers:
                 follower.end()
             self.followers.clear()
-            try:
-                os.close(self.log_fd)
-            except OSError:
-                pass
+            self.log.close()
         self.done.set()
 
 
@@ -177,10 +249,10 @@ class LocalBackend(Backend):
 
     def launch(self, plan: LaunchPlan, attempt: int) -> Handle:
         child_env = {**os.environ, **plan.env, **self.env, "TRAIN_OPS_ATTEMPT": str(attempt)}
-        log_fd = os.open(plan.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        log = _LogFile(os.open(plan.output, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644), plan.output)
         if attempt:
-            os.write(log_fd, f"\n[trainctl] attempt {attempt}: {' '.join(redact_args(list(plan.command)))}\n".encode())
-        start = os.fstat(log_fd).st_size
+            log.write(f"\n[trainctl] attempt {attempt}: {' '.join(redact_args(list(plan.command)))}\n".encode())
+        start = os.fstat(log.fd).st_size
         preexec = _die_with_parent()
         if self.use_pty:
             import pty
@@ -206,7 +278,7 @@ class LocalBackend(Backend):
         handle = Handle(self.name, {"pid": proc.pid, "start_ticks": ticks, "output": plan.output,
                                     "output_start": start,
                                     "session_dir": plan.details.get("session_dir")}, attempt)
-        self._owned[_key(handle)] = _Attempt(proc, fds, log_fd, plan.output, start)
+        self._owned[_key(handle)] = _Attempt(proc, fds, log, plan.output, start)
         return handle
 
     # ------------------------------------------------------------------ observe
@@ -215,10 +287,15 @@ class LocalBackend(Backend):
         processes = [{"pid": key[0], "start_ticks": key[1], "role": "script"}]
         att = self._owned.get(key)
         if att is not None:
+            warning = att.log.warning()
             if not att.done.is_set():
                 self._enforce_deadline(key)
-                return Description(State.RUNNING, details={"processes": processes})
-            return _ended(att.returncode, processes)
+                return Description(State.RUNNING, details={"processes": processes,
+                                                           **({"warnings": {"output_log": warning}} if warning else {})})
+            end = _ended(att.returncode, processes)
+            if warning:
+                end.details["warnings"] = {"output_log": warning}
+            return end
         if sysinfo.pid_alive(*key):
             self._enforce_deadline(key)
             return Description(State.RUNNING, details={"processes": processes})

@@ -10,7 +10,7 @@ import traceback
 
 import click
 
-from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, TrainctlError
+from ..errors import EXIT_ERROR, EXIT_INTERRUPTED, DiskError, TrainctlError, disk_problem
 
 
 def print_error(message: str, hint: str | None = None) -> None:
@@ -20,12 +20,15 @@ def print_error(message: str, hint: str | None = None) -> None:
 
 
 def _write_report(exc: BaseException) -> str | None:
+    from ..redact import redact_args, redact_command_text
+
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    text = "\n".join(redact_command_text(line) for line in text.split("\n"))
     try:
         fd, path = tempfile.mkstemp(prefix=f"trainctl-crash-{time.strftime('%Y%m%d-%H%M%S')}-",
-                                    suffix=".txt")
+                                    suffix=".txt")  # created 0600
         with os.fdopen(fd, "w") as f:
-            f.write(f"argv: {sys.argv}\n\n{text}")
+            f.write(f"argv: {redact_args(list(sys.argv))}\n\n{text}")
         return path
     except OSError:
         return None
@@ -52,12 +55,27 @@ def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
         except OSError:
             pass
         return 0
-    except Exception as e:  # unexpected: short traceback, full report on disk
-        tb = traceback.extract_tb(e.__traceback__)[-3:]
-        click.echo("".join(traceback.format_list(tb)).rstrip(), err=True)
-        report = _write_report(e)
-        print_error(f"unexpected {e.__class__.__name__}: {e}",
-                    f"This is a bug in trainctl. Full report: {report}" if report else
-                    "This is a bug in trainctl.")
-        return EXIT_ERROR
+    except OSError as e:
+        problem = disk_problem(e)
+        if problem is None:
+            return _unexpected(e)
+        error = DiskError(problem, os.path.dirname(str(e.filename)) if e.filename else
+                          "the state or checkpoint folder", e)
+        print_error(error.message, error.hint)
+        return error.exit_code
+    except Exception as e:
+        return _unexpected(e)
     return rv if isinstance(rv, int) else 0
+
+
+def _unexpected(e: Exception) -> int:
+    """An error trainctl did not expect: a short traceback, the full report on disk."""
+    from ..redact import redact_command_text
+
+    tb = traceback.extract_tb(e.__traceback__)[-3:]
+    click.echo(redact_command_text("".join(traceback.format_list(tb)).rstrip()), err=True)
+    report = _write_report(e)
+    print_error(redact_command_text(f"unexpected {e.__class__.__name__}: {e}"),
+                f"This is a bug in trainctl. Full report: {report}" if report else
+                "This is a bug in trainctl.")
+    return EXIT_ERROR

@@ -86,8 +86,14 @@ def run_summary(data: dict[str, Any], output_tail: list[str]) -> None:
         if diagnosis.get("fix"):
             out(f"  fix          {diagnosis.get('fix')}")
     if status != "completed":
+        from ..redact import secrets_note
+
         label = "resume" if newest else "run again"
-        out(f"  {label:<12} {continue_command(data, newest)}")
+        command = continue_command(data, newest)
+        out(f"  {label:<12} {command}")
+        note = secrets_note(command)
+        if note:
+            out(f"  {'':<12} ({note})")
     out(f"  details      trainctl sessions show {data.get('id')}")
     try:
         sys.stderr.flush()

@@ -173,10 +173,21 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
                 click.echo(f"{'likely cause' if key == 'cause' else 'fix':<15} {diag[key]}")
         if diag.get("command"):
             click.echo(f"{'run':<15} {diag['command']}")
+            _secrets_note(diag["command"], 16)
     if data["status"] in (*TERMINAL - {State.COMPLETED}, State.CRASHED) and not (diag and diag.get("command")):
         last = summary.get("last_checkpoint") or (checkpoints[-1].get("path") if checkpoints else None)
         label = "resume" if last else "run again"
-        click.echo(f"{label:<15} {continue_command(data, last)}")
+        command = continue_command(data, last)
+        click.echo(f"{label:<15} {command}")
+        _secrets_note(command, 16)
+
+
+def _secrets_note(command: str, indent: int) -> None:
+    from ..redact import secrets_note
+
+    note = secrets_note(command)
+    if note:
+        click.echo(" " * indent + f"({note})")
 
 
 def _startup_line(events: list[dict]) -> str:
@@ -391,7 +402,9 @@ def sessions_stop(session_ref: str, now: bool, grace_period: float | None) -> No
         return
     last = (data.get("summary") or {}).get("last_checkpoint")
     click.echo(f"Session {session.id} {result.status}" + (f"; newest checkpoint {last}" if last else "; no checkpoint written") + ".")
-    click.echo(f"{'resume' if last else 'run again':<10} {continue_command(data, last)}")
+    command = continue_command(data, last)
+    click.echo(f"{'resume' if last else 'run again':<10} {command}")
+    _secrets_note(command, 11)
 
 
 @sessions.command("delete")

@@ -96,7 +96,7 @@ def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, pre
             result = supervisor.run()
         _err(f"[trainctl] synced: {len(loop.uploaded)} checkpoint(s) uploaded"
              + (f", latest {loop.uploaded[-1]['file']}" if loop.uploaded else "") + f" ({loop.remote.uri})")
-    show_end(result.session, [])  # the script's output, its traceback included, is already on screen
+    show_end(result.session, [], result.record)  # the script's output, its traceback included, is on screen
     return supervisor, result
 
 
@@ -134,10 +134,15 @@ def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any) -> None:
     click.echo("cost         " + (f"~${plan['cost_per_hour']:.2f}/h" if plan["cost_per_hour"] is not None else "none (this machine)"))
 
 
-def show_end(session: Session, output_tail: list[str]) -> None:
-    """The closing lines of a run, from what session.json recorded; `output_tail` only when
-    the output was not on this screen already (a run that ended while detached)."""
-    render.run_summary({**session.read(), "output_log": str(session.output_log)}, output_tail)
+def show_end(session: Session, output_tail: list[str], record: dict[str, Any] | None = None) -> None:
+    """The closing lines of a run, from what session.json recorded (and `record`, the end the
+    engine saw, should the disk have refused it); `output_tail` only when the output was not
+    on this screen already (a run that ended while detached)."""
+    try:
+        data = session.read()
+    except Exception:  # unreadable: what the engine saw is all there is
+        data = {"id": session.id}
+    render.run_summary({**data, **(record or {}), "output_log": str(session.output_log)}, output_tail)
 
 
 def recorded_exit_code(data: dict[str, Any]) -> int:

@@ -360,17 +360,29 @@ def _disk_full(f: Failure) -> Diagnosis | None:
                      "set keep_last_n under [retention] in trainctl.toml; or point checkpoint_dir at a bigger disk (df -h shows them).")
 
 
+def _read_only(f: Failure) -> Diagnosis | None:
+    m = _first(r"\[Errno 30\] Read-only file system(?:: '([^']+)')?|strerror: Read-only file system|\bEROFS\b", f.text)
+    if not m:
+        return None
+    path = m.group(1) if m.lastindex else None
+    saving = _first(r"save_checkpoint|torch\.save|torch/serialization\.py|PytorchStreamWriter|[Cc]heckpoint", f.text)
+    if path:
+        what = f"cannot write {path}: the file system is read-only"
+    else:
+        what = f"a {'checkpoint' if saving else 'file'} could not be written: its file system is read-only"
+    return Diagnosis(
+        "read_only", what + _at(f),
+        "the disk was remounted read-only while the run went on (the kernel does this after disk errors), "
+        "or the folder is on a read-only mount (a container image, a dataset volume).",
+        "check the mount (mount | grep ' ro'; dmesg for disk errors); write checkpoints and outputs to a "
+        "writable folder (checkpoint_dir in trainctl.toml, or the script's output flag), then resume.")
+
+
 def _permission(f: Failure) -> Diagnosis | None:
     m = _first(r"(?:PermissionError: )?\[Errno 13\] Permission denied: '([^']+)'", f.text)
-    ro = _first(r"\[Errno 30\] Read-only file system: '([^']+)'", f.text)
-    if not (m or ro or _exc_is(f, "PermissionError")):
+    if not (m or _exc_is(f, "PermissionError")):
         return None
-    path = (m or ro).group(1) if (m or ro) else None  # type: ignore[union-attr]
-    if ro:
-        return Diagnosis("permission", f"cannot write {path}: the file system is read-only{_at(f)}",
-                         "the script writes into a read-only mount (a container image, a dataset volume).",
-                         "write outputs and checkpoints to a writable folder (set checkpoint_dir in trainctl.toml, "
-                         "or the script's output flag).")
+    path = m.group(1) if m else None
     return Diagnosis("permission", f"permission denied: {path or f.exception[1]}{_at(f)}",  # type: ignore[index]
                      "the user running the script may not read or write that path (owned by another user, or mode too strict).",
                      f"fix its permissions (ls -l {shlex.quote(path) if path else 'PATH'}; chmod/chown), or use a "
@@ -483,7 +495,7 @@ def _generic(f: Failure) -> Diagnosis | None:
 
 RULES: list[Callable[[Failure], Diagnosis | None]] = [
     _resume_flag, _bad_arguments, _cuda_oom, _distributed, _cuda_driver, _cuda_unavailable,
-    _shared_memory, _worker_killed, _module_missing, _state_dict, _disk_full, _permission,
+    _shared_memory, _worker_killed, _module_missing, _state_dict, _read_only, _disk_full, _permission,
     _file_not_found, _nan_loss, _killed, _generic,
 ]
 
@@ -492,6 +504,7 @@ def diagnose(output_tail: str, *, exit_code: int | None, signal_name: str | None
              script: str = "", args: Sequence[str] = (), checkpoint: str | None = None,
              resume_flag: str = "--resume") -> Diagnosis | None:
     """Classify a failed run from its last lines of output and exit status; None when nothing is known."""
+    from ..redact import redact_command_text
     from ..resume import resume_command
 
     lines = _clean(output_tail or "")
@@ -503,6 +516,8 @@ def diagnose(output_tail: str, *, exit_code: int | None, signal_name: str | None
     for rule in RULES:
         found = rule(failure)
         if found is not None:
+            # what the rules quote from the output may hold the command line (a usage error)
+            found.what, found.cause, found.fix = (redact_command_text(t) for t in (found.what, found.cause, found.fix))
             if checkpoint:
                 found.command = resume_command(script, args, checkpoint, failure.resume_flag)
             return found

@@ -19,6 +19,7 @@ SAMPLE_INTERVAL_S = 0.05
 TAIL_LINES = 200
 TAIL_CHARS = 64 * 1024
 MAX_PARTIAL_CHARS = 1 << 20
+MAX_UNRECORDED_EVENTS = 10_000  # parsed metrics kept while the events log can't be written
 
 
 class OutputText:
@@ -144,6 +145,7 @@ class OutputMetrics:
     flush_lock: threading.Lock = field(default_factory=threading.Lock)
     attached: bool = False
     tensorboard: Any = None
+    on_error: Any = None  # called with the OSError when the events log can't be written
 
     totals: dict[str, Any] = field(default_factory=dict)
 
@@ -178,20 +180,36 @@ class OutputMetrics:
             self.attached = runtime.get("attempt") == self.attempt and bool(runtime.get("pid"))
         if self.attached:
             return  # the script reports through trainctl.init(): its numbers are the record
-        self.session.append_events(events)
+        try:
+            self.session.append_events(events)
+        except OSError as e:  # a full disk: kept (the newest, bounded) for the next flush
+            with self.lock:
+                self.buffer[:0] = events
+                del self.buffer[:-MAX_UNRECORDED_EVENTS]
+            if self.on_error is not None:
+                self.on_error(e)
+            return
         events = [e for e in events if e["kind"] == "metric"]
         if not events:
             return
-        if self.tensorboard is None:
-            from ..tensorboard_sink import TensorBoardSink
-
-            self.tensorboard = TensorBoardSink(self.session.tensorboard_dir / "output")
         try:
+            if self.tensorboard is None:
+                from ..tensorboard_sink import TensorBoardSink
+
+                self.tensorboard = TensorBoardSink(self.session.tensorboard_dir / "output")
             self.tensorboard.write(events)
-        except Exception:
+        except Exception:  # TensorBoard is a view of the events log, which has them
             pass
+
+    def unrecorded(self) -> list[dict[str, Any]]:
+        """Parsed metrics the events log could not take (a full disk), for the summary."""
+        with self.lock:
+            return [e for e in self.buffer if e["kind"] == "metric"]
 
     def close(self) -> None:
         self.flush()
         if self.tensorboard is not None:
-            self.tensorboard.close()
+            try:
+                self.tensorboard.close()
+            except Exception:
+                pass

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..config import CONFIG_FILE, Config, format_size
 from ..errors import PreflightError
+from ..redact import REDACTED, is_secret_name
 
 # import name -> the distribution that provides it, where the two differ.
 PACKAGE_FOR_MODULE: dict[str, str] = {
@@ -503,7 +504,7 @@ def _check_arguments(args: Sequence[str], cwd: Path) -> list[CheckResult]:
             present.append(value)
             continue
         lowered = (flag or "").lower()
-        shown = f"{flag} {value}" if flag else value
+        shown = f"{flag} {REDACTED if is_secret_name(flag) else value}" if flag else value
         if any(w in lowered for w in _OUTPUT_WORDS):
             continue  # the script writes it
         if flag and any(w in lowered for w in _INPUT_WORDS):

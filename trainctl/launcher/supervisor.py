@@ -22,7 +22,7 @@ from .. import config as config_mod
 from .. import resume as resume_mod
 from .. import sysinfo
 from ..backends.base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec, get_backend
-from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, UsageError
+from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, DiskError, UsageError, disk_problem
 from ..fsutil import atomic_write_json
 from ..redact import redact_args
 from ..session import Session, SessionStore, State, new_session_id, summarize_metrics
@@ -63,6 +63,8 @@ class RunResult:
     diagnosis: dict[str, Any] | None
     newest_checkpoint: str | None
     exit_code: int
+    # the end as recorded, also when session.json could not be written (a full disk)
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineEvents:
@@ -148,6 +150,9 @@ class Supervisor:
         self._handle: Handle | None = None
         self._backend: Backend | None = None
         self._watching: ScriptCheckpoints | None = None
+        self._warned: set[str] = set()
+        self._unrecorded_metrics: list[dict[str, Any]] = []
+        self.unrecorded: list[str] = []  # what the session store could not take (a full disk)
 
     # -------------------------------------------------------------- set-up
     def prepare(self, *, preflight: bool = True, resume_verified: bool = False) -> Session:
@@ -240,8 +245,22 @@ class Supervisor:
         report.raise_if_failed()
 
     def _create_session(self) -> Session:
-        spec = self.spec
         session_id = new_session_id()
+        try:
+            return self._new_session(session_id)
+        except OSError as e:
+            problem = disk_problem(e)
+            if problem is None:
+                raise
+            folder = self.store.sessions_dir / session_id
+            if folder.is_dir() and not (folder / "session.json").exists():
+                import shutil
+
+                shutil.rmtree(folder, ignore_errors=True)  # ours, begun a moment ago, holds nothing
+            raise DiskError(problem, self.cfg.state_dir, e) from e
+
+    def _new_session(self, session_id: str) -> Session:
+        spec = self.spec
         session = self.store.create(
             session_id=session_id, status=State.RUNNING, name=spec.name, backend=self.backend_name,
             script=str(spec.script.resolve()), args=redact_args(list(spec.args)),
@@ -277,13 +296,36 @@ class Supervisor:
                 pass
         return previous
 
+    # -------------------------------------------------------------- a disk that fails
+    def _warn_once(self, kind: str, text: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            self.events.message(text)
+
+    def _record(self, what: str, write: Any, *args: Any, **kwargs: Any) -> bool:
+        """Write to the session store; when its disk is full (or read-only) the run goes on
+        without the record, and one line says so."""
+        try:
+            write(*args, **kwargs)
+            return True
+        except OSError as e:
+            problem = disk_problem(e)
+            if problem is None:
+                raise
+            self.unrecorded.append(what)
+            where = self.session.dir if self.session is not None else self.cfg.state_dir
+            self._warn_once("session_store", f"cannot record {what} in {where}: {problem} ({e.strerror}); "
+                                             "the run goes on, and what it could not record is named at the end")
+            return False
+
     # -------------------------------------------------------------- the run
     def run(self) -> RunResult:
         """Attempts until the script ends for good; the record in session.json, the end returned."""
         session = self.session or self.prepare()
         recorded = session.read().get("processes") or []
         if not any(p.get("pid") == os.getpid() for p in recorded if isinstance(p, dict)):
-            session.update(processes=[_this_process("launcher")])  # a detached engine: another process
+            self._record("the launcher's process", session.update,
+                         processes=[_this_process("launcher")])  # a detached engine: another process
         location = session.checkpoint_location() or str(self.cfg.checkpoint_dir / session.id)
         Path(location).mkdir(parents=True, exist_ok=True)
         backend = self._backend = get_backend(self.backend_name, **self.backend_options)
@@ -319,7 +361,17 @@ class Supervisor:
 
         def flush_loop() -> None:
             while not flusher_stop.wait(1.0):
-                recorder.flush()
+                try:
+                    recorder.flush()
+                except Exception as e:  # recording parsed metrics must never stop the run
+                    self._warn_once("parsed_metrics", f"cannot record metrics parsed from the output: {e}")
+
+        def metrics_not_recorded(error: OSError) -> None:
+            problem = disk_problem(error) or str(error)
+            self._warn_once("parsed_metrics", f"cannot record metrics parsed from the output in {session.events_path}: "
+                                              f"{problem}; the newest are kept in memory and written once there is room")
+
+        recorder.on_error = metrics_not_recorded
 
         try:
             while True:
@@ -351,7 +403,7 @@ class Supervisor:
                 backend.release(handle)
                 if parser is not None:
                     parser.finish()
-                recorder.flush()
+                recorder.flush()  # waits for a flush the background thread is in
                 watching.settle()  # the script is gone: what it finished writing counts now
                 outcome = Outcome(self._classify(session, end, attempt), end.exit_code, end.signal, text.tail)
                 final_status = outcome.status
@@ -367,7 +419,8 @@ class Supervisor:
                     f"attempt {attempt - 1} {outcome.status} ({reason}); restart {attempt}/{policy.max_restarts} "
                     f"in {policy.restart_delay_s:g}s" + (f", resuming from {resume}" if resume else
                                                          f"; {nothing}: restarting from scratch"))
-                session.event("restart", attempt=attempt, reason=f"{outcome.status}: {reason}", resume=resume)
+                self._record("the restart", session.event, "restart", attempt=attempt,
+                             reason=f"{outcome.status}: {reason}", resume=resume)
                 stopped = self._wait_restart_delay(session)
                 if stopped is not None:
                     outcome.status = final_status = stopped
@@ -379,6 +432,7 @@ class Supervisor:
                 flusher.join(timeout=OUTPUT_DRAIN_S)
             self.events.attempts_ended(final_status)
             recorder.close()
+            self._unrecorded_metrics = recorder.unrecorded()
 
     def _make_parser(self, recorder: OutputMetrics) -> OutputParser | None:
         if not self.cfg.get("metrics", "parse_output"):
@@ -393,16 +447,20 @@ class Supervisor:
 
     def _read_output(self, backend: Backend, handle: Handle, text: OutputText,
                      parser: OutputParser | None, done: threading.Event) -> None:
+        # never stops reading while the attempt runs: a script whose output nobody reads blocks
         try:
             for chunk in backend.log_iter(handle, since=0, follow=True):
-                self.events.output(chunk)
-                lines = text.feed(chunk.data, chunk.stream)
-                if lines and parser is not None:
-                    parser.feed(lines)
+                try:
+                    self.events.output(chunk)
+                    lines = text.feed(chunk.data, chunk.stream)
+                    if lines and parser is not None:
+                        parser.feed(lines)
+                except Exception as e:  # shown or parsed no more, still read
+                    self._warn_once("output", f"cannot show or parse the script's output any more: {e}")
             rest = text.finish()
             if rest and parser is not None:
                 parser.feed(rest)
-        except Exception as e:  # the run goes on without its output shown or parsed
+        except Exception as e:  # the backend's own stream broke
             self.events.message(f"stopped reading the script's output: {e}")
         finally:
             done.set()
@@ -417,14 +475,16 @@ class Supervisor:
             # git status and nvidia-smi (~10-100 ms) run while the script starts, not before
             facts = {"git": sysinfo.git_info(self.spec.script.resolve().parent), "gpus": sysinfo.gpu_description()}
         here = backend.describe(handle).details.get("processes") or []
-        session.update(attempts=attempts, resume_from=resume, handle=handle.to_json(), **facts,
-                       processes=[_this_process("launcher"), *here])
+        self._record(f"attempt {attempt}'s start", session.update, attempts=attempts, resume_from=resume,
+                     handle=handle.to_json(), **facts, processes=[_this_process("launcher"), *here])
 
     def _wait(self, backend: Backend, handle: Handle, output_done: threading.Event) -> Description:
         """Look at the attempt until it has ended; the end of its output wakes the loop at once."""
         pause = 0.001
         while True:
             end = backend.describe(handle)
+            for kind, text in (end.details.get("warnings") or {}).items():
+                self._warn_once(kind, text)
             if not end.running:
                 return end
             if output_done.is_set():
@@ -438,7 +498,7 @@ class Supervisor:
         if attempts:
             attempts[-1].update(ended_at=time.time(), exit_code=outcome.exit_code,
                                 signal=outcome.signal, status=outcome.status)
-        session.update(attempts=attempts)
+        self._record(f"how attempt {outcome_attempt(attempts)} ended", session.update, attempts=attempts)
 
     def _stop_requested(self, session: Session) -> bool:
         """`trainctl sessions stop` recorded a stop request for this session."""
@@ -483,7 +543,7 @@ class Supervisor:
                     and len({c for _, c in recent}) == 1 and signature != "SIGKILL":
                 self.events.message(f"not restarting: the script failed {CRASH_LOOP_REPEATS} times in a row "
                                     f"with the same error and no new checkpoint: {signature}")
-                session.event("warning", message=f"crash loop stopped: {signature}")
+                self._record("a warning", session.event, "warning", message=f"crash loop stopped: {signature}")
                 return False
         else:
             failures.clear()
@@ -499,7 +559,7 @@ class Supervisor:
         found, skipped = checkpoint.newest_valid(location)
         for path, why in skipped:
             self.events.message(f"skipping checkpoint {path}: {why}")
-            session.event("warning", message=f"skipped checkpoint {path}: {why}")
+            self._record("a warning", session.event, "warning", message=f"skipped checkpoint {path}: {why}")
         return str(found) if found is not None else None
 
     def _still_valid(self, resume: str | None) -> str | None:
@@ -551,7 +611,7 @@ class Supervisor:
     def _finish(self, session: Session, outcome: Outcome, attempts: int, started: float,
                 location: str) -> RunResult:
         ended = time.time()
-        summary = summarize_metrics(session.metrics())
+        summary = summarize_metrics([*session.metrics(), *self._unrecorded_metrics])
         ckpt_events = list(session.iter_events(("checkpoint",)))
         # every checkpoint this session wrote has an event: none, nothing to look for
         newest = None
@@ -577,11 +637,20 @@ class Supervisor:
                             signal_name=outcome.signal, script=str(self.spec.script),
                             args=list(self.spec.args), checkpoint=newest, resume_flag=self.cfg.resume_flag)
             diagnosis = diag.to_dict() if diag else None
-        session.update(status=outcome.status, ended_at=ended, exit_code=outcome.exit_code,
-                       signal=outcome.signal, summary=summary, diagnosis=diagnosis)
-        session.event("status", status=outcome.status, source="launcher",
-                      exit_code=outcome.exit_code, signal=outcome.signal)
-        return RunResult(session, outcome, summary, diagnosis, newest, exit_code_for(outcome))
+        record = {"status": outcome.status, "ended_at": ended, "exit_code": outcome.exit_code,
+                  "signal": outcome.signal, "summary": summary, "diagnosis": diagnosis}
+        self._record("how the session ended", session.update, **record)
+        self._record("how the session ended", session.event, "status", status=outcome.status, source="launcher",
+                     exit_code=outcome.exit_code, signal=outcome.signal)
+        if self.unrecorded:
+            missing = ", ".join(dict.fromkeys(self.unrecorded))
+            self.events.message(f"the session store's disk failed: not recorded in {session.dir}: {missing}. "
+                                f"Free space there (df -h {session.dir}); the output and checkpoints are kept.")
+        return RunResult(session, outcome, summary, diagnosis, newest, exit_code_for(outcome), record)
+
+
+def outcome_attempt(attempts: list[dict[str, Any]]) -> Any:
+    return attempts[-1].get("attempt") if attempts and isinstance(attempts[-1], dict) else "?"
 
 
 class ScriptCheckpoints:
