@@ -23,8 +23,9 @@ demo: $(STAMP)
 demo-resume: $(STAMP)
 	$(PY) examples/resume_demo.py
 
+# Two workers: most tests wait on real subprocesses, so two processes keep both cores busy.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py
