@@ -218,6 +218,25 @@ def test_spot_notice_uploads_the_emergency_checkpoint_and_a_new_machine_ends_bit
     assert_same_training_state(remote_state(cloud, tmp_path / "final"), reference_run(tmp_path, *args))
 
 
+def test_sigterm_on_ec2_is_a_stop_request_that_ends_the_machine_but_not_the_session(cloud, imds):
+    env = loopback_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
+    proc = cloud.start("stop", "--watch", "aws", "--watch-interval", "0.2", env=env,
+                       script=("train.py", "--epochs", "3", "--steps-per-epoch", "20", "--step-delay", "0.1"))
+    try:
+        wait_for(lambda: (cloud.remote.read_heartbeat() or {}).get("step") or proc.poll() is not None, timeout_s=120,
+                 interval_s=0.2)
+        proc.send_signal(signal.SIGTERM)  # what `trainctl aws stop` sends through SSM
+        out, _ = proc.communicate(timeout=150)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out  # 0: the boot script powers the machine off
+    assert cloud.ends("stop") == ["stopped on request"]
+    assert cloud.remote.ended() is None  # the session can be resumed
+    assert cloud.remote.read_session()["status"] == "stopped"
+    newest = max((cloud.machine("stop") / "project" / "checkpoints").glob("*/*.pt"), key=lambda p: p.stat().st_mtime)
+    assert cloud.remote.latest_checkpoint()["file"] == newest.name
+
+
 def test_upload_failures_are_retried_and_nothing_is_lost(cloud, fault_proxy, tmp_path):
     # a 20 MB checkpoint goes up in two parts: the second part's connection drops once, the
     # file's first PUTs fail with 500s, a segment write and latest.json fail once each

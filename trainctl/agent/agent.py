@@ -40,7 +40,7 @@ from ..storage.uri import parse_uri
 from .ending import EndFailedError, MachineEnd, open_end_hook
 from .environment import Prepared, SetupError, find_interpreter, setup_environment
 from .lease import Lease, LeaseLostError
-from .preemption import INTERRUPTION, Notice, PreemptionWatch, open_watches
+from .preemption import INTERRUPTION, STOP, Notice, PreemptionWatch, open_watches
 from .runner import AgentEvents, EngineRun
 from .secrets import open_secret_store, resolve_secrets
 from .sync import SyncLoop
@@ -142,7 +142,8 @@ class Agent:
         self.machine_t = machine_started_t()
         self.end_hook = end_hook or open_end_hook(settings.end, command=settings.end_command)
         self.watches = watches if watches is not None else open_watches(
-            settings.watch, interval_s=settings.watch_interval_s, signal_grace_s=settings.signal_grace_s)
+            settings.watch, interval_s=settings.watch_interval_s, signal_grace_s=settings.signal_grace_s,
+            stop_grace_s=settings.grace_period_s)
         self.machine_dir = Path(settings.machine_dir).absolute()
         self.remote: RemoteSession | None = None
         self.lease: Lease | None = None
@@ -203,6 +204,8 @@ class Agent:
         except _Interrupted as interrupted:
             if interrupted.notice.kind == "lost":
                 return self._lost(interrupted.notice.action)
+            if interrupted.notice.kind == STOP:
+                return self._stopped(interrupted.notice)
             return self._preempted(interrupted.notice)
         except (SetupError, UsageError, StorageError, OSError) as e:
             return self._fail_setup(e)
@@ -214,7 +217,7 @@ class Agent:
         try:
             while True:
                 notice = self.notices.get_nowait()
-                if notice.kind in (INTERRUPTION, "lost"):
+                if notice.kind in (INTERRUPTION, STOP, "lost"):
                     for other in held:
                         self.notices.put(other)
                     raise _Interrupted(notice)
@@ -313,6 +316,8 @@ class Agent:
                 return self._lost(notice.action)
             if notice.kind == INTERRUPTION:
                 return self._preempted(notice)
+            if notice.kind == STOP:
+                return self._stopped(notice)
             self._rebalance(notice)
 
     def _attach(self, session: Any) -> None:
@@ -370,6 +375,17 @@ class Agent:
         # the platform reclaims the machine (AWS does not bill a spot machine it interrupts in its
         # first hour); a replacement resumes from latest.json
         return EXIT_PREEMPTED
+
+    def _stopped(self, notice: Notice) -> int:
+        """A stop request (`trainctl aws stop`: the launcher deleted the fleet, then sent SIGTERM):
+        emergency checkpoint, last sync, the machine ends; no tombstone, the session can resume."""
+        assert self.sync is not None
+        self._say(f"stop requested ({notice.action}): emergency checkpoint, last sync, then this machine ends")
+        self.sync.add_events([{**notice.to_dict(), "kind": "notice", "notice": notice.kind}])
+        if self.runner is not None:
+            self._stop_runner(time.time() + self.s.grace_period_s + 5.0)
+        self.sync.close(status="stopped")
+        return self._finish("stopped on request", status="stopped", code=EXIT_DONE, tombstone=False)
 
     def _rebalance(self, notice: Notice) -> None:
         assert self.sync is not None and self.runner is not None

@@ -32,6 +32,7 @@ POLL_INTERVAL_S = 5.0
 SIGNAL_GRACE_S = 5.0  # RunPod: SIGKILL follows SIGTERM after about 5 s
 INTERRUPTION = "interruption"
 REBALANCE = "rebalance"
+STOP = "stop"
 
 
 @dataclass(frozen=True)
@@ -67,14 +68,18 @@ class PreemptionWatch(ABC):
 
 
 class SignalWatch(PreemptionWatch):
-    """SIGTERM (the container's stop, `docker stop`, RunPod's interruption) and SIGINT as an
-    interruption `grace_s` ahead. Installs its handlers from the main thread."""
+    """SIGTERM and SIGINT as a notice `grace_s` ahead, of `kind` "interruption" (RunPod: the
+    platform stops the pod about 5 s later) or "stop" (EC2, where the platform's notices come
+    from IMDS and a SIGTERM is `trainctl aws stop`: checkpoint, sync, end the machine).
+    Installs its handlers from the main thread."""
 
     name = "signal"
 
-    def __init__(self, grace_s: float = SIGNAL_GRACE_S, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> None:
+    def __init__(self, grace_s: float = SIGNAL_GRACE_S, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT),
+                 *, kind: str = INTERRUPTION) -> None:
         self.grace_s = grace_s
         self.signals = signals
+        self.kind = kind
         self._previous: dict[int, Any] = {}
         self._notices: queue.SimpleQueue[Notice] | None = None
 
@@ -90,7 +95,7 @@ class SignalWatch(PreemptionWatch):
         # SimpleQueue.put is reentrant: the one thing a handler may do here
         now = time.time()
         assert self._notices is not None
-        self._notices.put(Notice(INTERRUPTION, signal.Signals(signum).name, now + self.grace_s, self.name, now))
+        self._notices.put(Notice(self.kind, signal.Signals(signum).name, now + self.grace_s, self.name, now))
 
     def stop(self) -> None:
         for signum, handler in self._previous.items():
@@ -194,8 +199,9 @@ class ImdsWatch(PreemptionWatch):
 
 
 def open_watches(kind: str, *, interval_s: float = POLL_INTERVAL_S, signal_grace_s: float = SIGNAL_GRACE_S,
-                 ) -> list[PreemptionWatch]:
-    """The watches for `kind`: "aws" (IMDS and signals), "signal" (signals only), "none"."""
+                 stop_grace_s: float = 30.0) -> list[PreemptionWatch]:
+    """The watches for `kind`: "aws" (IMDS notices; a signal is a stop request), "signal"
+    (a signal is an interruption), "none"."""
     from ..errors import UsageError
 
     if kind == "none":
@@ -203,6 +209,6 @@ def open_watches(kind: str, *, interval_s: float = POLL_INTERVAL_S, signal_grace
     if kind == "signal":
         return [SignalWatch(signal_grace_s)]
     if kind == "aws":
-        return [ImdsWatch(interval_s=interval_s), SignalWatch(signal_grace_s)]
+        return [ImdsWatch(interval_s=interval_s), SignalWatch(stop_grace_s, kind=STOP)]
     raise UsageError(f"Unknown preemption watch {kind!r}. Valid: aws, signal, none.",
                      "Use --watch aws on EC2, --watch signal elsewhere.")
