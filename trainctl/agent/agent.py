@@ -385,7 +385,9 @@ class Agent:
         if self.runner is not None:
             self._stop_runner(time.time() + self.s.grace_period_s + 5.0)
         self.sync.close(status="stopped")
-        return self._finish("stopped on request", status="stopped", code=EXIT_DONE, tombstone=False)
+        # 75, like a preemption (the launcher resumes or ends the session; the boot script leaves
+        # the machine alone): this machine ends itself here all the same, laptop or not
+        return self._finish("stopped on request", status="stopped", code=EXIT_PREEMPTED, tombstone=False)
 
     def _rebalance(self, notice: Notice) -> None:
         assert self.sync is not None and self.runner is not None
