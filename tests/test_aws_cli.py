@@ -177,6 +177,8 @@ def test_status_list_and_leaks(project: Project, cloud: Cloud):
     assert f"session {live} " not in listing.stdout.split("Possible leaks")[1]
     as_json = json.loads(project.run("aws", "list", "--json").stdout)
     assert {leak["session_id"] for leak in as_json[0]["leaks"]} >= {done}
+    elsewhere = make_project(project.root.parent / "elsewhere", cloud, setup=False)  # not recorded there
+    assert f"session {live} on AWS {REGION}: running" in elsewhere.run("aws", "status", live).stdout
     shell = project.run("aws", "ssh", live, "--print-command")
     assert shell.stdout.strip() == (f"aws ssm start-session --target {cloud.instances(live)[0]['InstanceId']} "
                                     f"--region {REGION}")

@@ -7,6 +7,7 @@ provider layer): parse, call, print. boto3 is imported by those, inside function
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import click
 
+SESSION_ID = re.compile(r"\d{8}-\d{6}-[0-9a-f]{6}")  # what new_session_id makes
 PLAN_HELP = "Print the plan (machine, price, quotas, AMI, storage, code, exact requests) and start nothing."
 
 
@@ -405,9 +407,9 @@ def status_cmd(session_ref: str, region: str | None, as_json: bool) -> None:
     try:
         session, data, handle = _aws_session(cfg, session_ref)
     except SessionNotFoundError:
-        if not session_ref.startswith("2") and not session_ref.startswith("s-"):
-            raise
-        found = session_status(backend.context(region), session_ref)  # started elsewhere
+        if not SESSION_ID.fullmatch(session_ref):
+            raise  # not a whole session id: a name or prefix of a session that isn't here
+        found = session_status(backend.context(region), session_ref)  # started elsewhere: its tagged machines
         click.echo(json.dumps(found.to_dict(), indent=2, default=str) if as_json else found.render_text(), nl=not as_json)
         return
     if handle is None:
