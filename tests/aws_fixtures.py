@@ -273,7 +273,12 @@ class Cloud:
         return sorted((i for r in reservations for i in r["Instances"]), key=lambda i: i["LaunchTime"])
 
     def keys(self, prefix: str = "") -> list[str]:
-        found = self.moto.client("s3").list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        """The bucket's keys under `prefix` (none before any setup made the bucket)."""
+        s3 = self.moto.client("s3")
+        try:
+            found = s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix).get("Contents", [])
+        except s3.exceptions.NoSuchBucket:
+            return []
         return sorted(o["Key"] for o in found)
 
 

@@ -114,3 +114,26 @@ def test_plan_is_repeatable_and_creates_nothing(project: Project, cloud: Cloud):
     assert first.command == second.command
     assert first.checkpoint_location == f"s3://{BUCKET}/trainctl/demo/{spec.session_id}/checkpoints/"
     assert first.cost_per_hour == 0.5002 and (cloud.keys(), len(cloud.instances("*"))) == before
+
+
+def test_output_is_read_from_its_offset_whoever_pulled_it_in(project: Project, cloud: Cloud):
+    """describe brings output into the local folder as it looks; log_iter still hands on every
+    byte from the offset asked for (a follower lost what a look had pulled before)."""
+    from trainctl import config
+    from trainctl.backends.aws import AwsBackend
+    from trainctl.backends.base import Handle
+
+    sid = project.launch("-t", "g5.xlarge", "train.py")
+    output = storage(cloud, sid).output_writer()
+    output.append(b"first line\n")
+    output.flush()
+    backend = AwsBackend(cfg=config.load(project.root))
+    handle = Handle.from_json(project.record(sid)["handle"])
+    assert backend.describe(handle).running  # this look pulled the first line in
+    output.append(b"second line\n")
+    output.flush()
+    assert b"".join(c.data for c in backend.log_iter(handle, since=0)) == b"first line\nsecond line\n"
+    assert b"".join(c.data for c in backend.log_iter(handle, since=6)) == b"line\nsecond line\n"
+    local = project.root / ".trainctl" / "sessions" / sid / "output.log"
+    assert local.read_bytes() == b"first line\nsecond line\n"  # in once, though two looks pulled
+    project.run("aws", "terminate", sid, "--yes")

@@ -460,25 +460,35 @@ class AwsBackend(Backend):
         return max(reclaimed, noticed)
 
     def log_iter(self, handle: Handle, since: int = 0, follow: bool = False) -> Iterator[LogChunk]:
-        """The session's output from byte `since`, read from its segments in storage; with
-        `follow`, until the session ends."""
+        """The session's output from byte `since`, read from its segments in storage (through
+        the local folder's output.log when there is one: whoever pulled a byte in, it is read
+        from there at its offset); with `follow`, until the session ends."""
         mirror = self._mirror(handle)
-        reader = _OutputView(self._remote_for(handle)) if mirror is None else None
+        source = _OutputView(self._remote_for(handle)) if mirror is None else None
         offset = since
-        while True:
-            chunk = mirror.pull() if mirror is not None else reader.poll()
+
+        def fresh() -> Iterator[LogChunk]:
+            if mirror is not None:
+                mirror.pull()
+                yield from mirror.read(offset)
+                return
+            chunk = source.poll()  # type: ignore[union-attr]
             if chunk is not None and chunk.offset + len(chunk.data) > offset:
                 cut = max(0, offset - chunk.offset)
                 yield LogChunk(chunk.offset + cut, chunk.data[cut:], chunk.stream)
+
+        while True:
+            got = False
+            for chunk in fresh():
+                got = True
                 offset = chunk.offset + len(chunk.data)
+                yield chunk
+            if got:
                 continue
             if not follow:
                 return
             if not self.describe(handle).running:
-                chunk = mirror.pull() if mirror is not None else reader.poll()  # the last sync's output
-                if chunk is not None and chunk.offset + len(chunk.data) > offset:
-                    cut = max(0, offset - chunk.offset)
-                    yield LogChunk(chunk.offset + cut, chunk.data[cut:], chunk.stream)
+                yield from fresh()  # what the last sync brought
                 return
             time.sleep(FOLLOW_POLL_S)
 

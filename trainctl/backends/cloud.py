@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 MIRROR_STATE = "mirror.json"
 MIRROR_LOCK = "mirror.lock"
+READ_BYTES = 65536
 # what the machine's record says better than the launcher's (the rest stays the launcher's)
 REMOTE_FIELDS = ("summary", "diagnosis", "exit_code", "signal", "totals", "config", "runtime", "error",
                  "resume_from", "gpus", "torch", "git")
@@ -111,6 +112,17 @@ class SessionMirror:
                                   sync_dir=False)
         offset, data = new_output
         return LogChunk(offset, data, "output") if data else None
+
+    def read(self, offset: int) -> Iterator[LogChunk]:
+        """output.log from byte `offset` (the run's output as far as any mirror brought it in)."""
+        try:
+            with open(self.session.output_log, "rb") as f:
+                f.seek(offset)
+                while data := f.read(READ_BYTES):
+                    yield LogChunk(offset, data, "output")
+                    offset += len(data)
+        except FileNotFoundError:
+            return
 
     def _append(self, log: _Log, new: tuple[int, bytes], done: int, path: os.PathLike[str] | str, *,
                 whole_lines: bool) -> int:
