@@ -275,7 +275,9 @@ def test_a_pod_ends_itself_with_its_pod_scoped_key(fake: FakeRunPod, client):
 
 
 def test_the_agents_runpod_end_hook_terminates_its_pod(fake: FakeRunPod, client, monkeypatch):
-    from trainctl.agent.ending import EndFailedError, open_end_hook
+    from trainctl.agent.ending import open_end_hook
+    from trainctl.backends.base import EndFailedError
+    from trainctl.backends.runpod import RunPodMachineEnd
 
     pod = client.create_pod("podFindAndDeployOnDemand", {
         "name": "n", "imageName": "img", "gpuTypeId": "NVIDIA RTX A4000", "gpuCount": 1, "cloudType": "SECURE"})
@@ -283,6 +285,7 @@ def test_the_agents_runpod_end_hook_terminates_its_pod(fake: FakeRunPod, client,
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("PATH", "/nonexistent")  # no runpodctl here: the API, with the pod's own key
     hook = open_end_hook("runpod")
+    assert isinstance(hook, RunPodMachineEnd)
     hook.end_machine("training completed")
     assert fake.terminated == [(pod["id"], "pod")]
     assert "pod-scoped" in hook.describe()

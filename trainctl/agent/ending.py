@@ -4,7 +4,8 @@
 (AWS: delete the session's fleet without terminating, then terminate this instance; RunPod:
 `podTerminate` with the pod-scoped key). Terminate, never stop: a stopped machine still bills
 for its disk. The interface (`MachineEnd`, `EndFailedError`) lives with the backends, each of
-which provides its hook (`aws`: trainctl.backends.aws); the agent calls nothing else.
+which provides its hook (`aws`: trainctl.backends.aws, `runpod`: trainctl.backends.runpod); the
+agent calls nothing else.
 
     END_HOOKS     name -> "module:Class", imported on first use
     open_end_hook("command", command="runpodctl remove pod $RUNPOD_POD_ID")
@@ -20,14 +21,14 @@ import time
 from typing import Any
 
 from ..backends.base import EndFailedError, MachineEnd
-from ..errors import TrainctlError, UsageError
+from ..errors import UsageError
 
 END_HOOKS: dict[str, str] = {
     "none": "trainctl.agent.ending:NoEnd",
     "poweroff": "trainctl.agent.ending:PowerOff",
     "command": "trainctl.agent.ending:CommandEnd",
     "aws": "trainctl.backends.aws:AwsMachineEnd",
-    "runpod": "trainctl.agent.ending:RunPodEnd",
+    "runpod": "trainctl.backends.runpod:RunPodMachineEnd",
 }
 REASON_VARIABLE = "TRAINCTL_END_REASON"
 ATTEMPTS = 3
@@ -88,26 +89,6 @@ class PowerOff(CommandEnd):
 
     def __init__(self, command: str | None = None, **kw: Any) -> None:
         super().__init__(command or "systemctl poweroff || shutdown -h now", **kw)
-
-
-class RunPodEnd(MachineEnd):
-    """Terminates the RunPod pod the agent runs in (trainctl.backends.runpod.end_this_pod:
-    `runpodctl remove pod` where the image has it, else podTerminate with the pod-scoped key)."""
-
-    name = "runpod"
-
-    def end_machine(self, reason: str) -> None:
-        from ..backends.runpod import end_this_pod
-
-        try:
-            end_this_pod(reason)
-        except TrainctlError as e:
-            raise EndFailedError(f"Could not end this pod: {e.message}",
-                                 "The start script ends the pod when the agent exits, and its "
-                                 "watchdog at the deadline") from e
-
-    def describe(self) -> str:
-        return "runpod: terminate this pod with its pod-scoped key"
 
 
 def register_end_hook(name: str, target: str) -> None:

@@ -34,18 +34,26 @@ from typing import Any
 
 from ..errors import UsageError
 from ..session import TERMINAL, Session, State, summarize_metrics
-from .base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec
+from .base import (
+    Backend,
+    Description,
+    EndFailedError,
+    Handle,
+    LaunchPlan,
+    LogChunk,
+    MachineEnd,
+    RunSpec,
+)
 from .cloud import SessionMirror, merge_remote_record
 
 BACKEND = "runpod"
-MACHINE_DIR = "~/trainctl"  # on the pod: the container disk, under RunPod's HOME (/root)
 FACTS_MAX_AGE_S = 300.0  # prices and stock move; a plan made later reads them again
 LOOK_CACHE_S = 1.0  # describe asks RunPod and storage at most this often per pod
 MIRROR_EVERY_S = 1.0  # a follower copies storage's new output at most this often
 POD_LOOK_EVERY_S = 5.0  # ... and asks RunPod about the pod at most this often
 SIGNAL_GRACE_S = 5  # what RunPod gives a container between SIGTERM and SIGKILL
 CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-END_HOOK = "runpod"  # the agent's RunPodEnd (trainctl.agent.ending): end_this_pod below
+END_HOOK = "runpod"  # the agent's name for RunPodMachineEnd, below
 
 # The pod's start command runs this with the system python3 of the image (where its CUDA torch
 # is): it fetches trainctl's wheel from the session's storage (the pod has no trainctl, and PyPI
@@ -688,3 +696,24 @@ def end_this_pod(reason: str, environ: Mapping[str, str] | None = None) -> str:
                           retry_delays_s=(1.0, 2.0, 4.0, 8.0))
     gone = not client.terminate_pod(pod_id)
     return f"podTerminate {pod_id}" + (" (it was already gone)" if gone else "") + f" ({reason})"
+
+
+class RunPodMachineEnd(MachineEnd):
+    """The agent's end on a RunPod pod (`--end runpod`): terminate the pod it runs in, with
+    `runpodctl` or the pod-scoped key (end_this_pod). The start script also ends the pod when
+    the agent exits, and its watchdog at the deadline."""
+
+    name = BACKEND
+
+    def end_machine(self, reason: str) -> None:
+        from ..errors import TrainctlError
+
+        try:
+            end_this_pod(reason)
+        except TrainctlError as e:
+            raise EndFailedError(f"Could not end this pod: {e.message}",
+                                 "The start script ends the pod when the agent exits, and its "
+                                 "watchdog at the deadline") from e
+
+    def describe(self) -> str:
+        return "runpod: terminate this pod with its pod-scoped key"
