@@ -90,6 +90,16 @@ def test_put_file_refuses_bytes_that_do_not_match_the_expected_digest(store, tmp
     assert store.head("ckpt.pt") is None and store.list() == []
 
 
+@pytest.mark.parametrize("what", ["missing", "folder"])
+def test_put_file_of_something_that_is_not_a_file_says_so(store, tmp_path, what):
+    path = tmp_path / "ckpt.pt"
+    if what == "folder":
+        path.mkdir()
+    with pytest.raises(StorageError, match="Cannot upload"):
+        store.put_file("ckpt.pt", path)
+    assert store.list() == []
+
+
 def test_get_file_with_a_wrong_expected_digest_writes_nothing(store, tmp_path):
     (tmp_path / "a.bin").write_bytes(b"abc")
     store.put_file("a.bin", tmp_path / "a.bin")

@@ -125,6 +125,8 @@ class LocalStore(Store):
     def put_file(self, key: str, path: str | os.PathLike[str], *, sha256: str | None = None) -> ObjectInfo:
         check_digest(sha256)
         dest = self._path(key)
+        if not os.path.isfile(path):
+            raise StorageError(f"Cannot upload {path}: not a file.", "Check the path.", uri=self.url(key))
         dest.parent.mkdir(parents=True, exist_ok=True)
         with temp_beside(dest) as tmp:
             digest = _copy_hashing(Path(path), tmp, expect=sha256, what=f"upload of {path} to {self.url(key)}")

@@ -32,6 +32,7 @@ import base64
 import hashlib
 import json
 import os
+import stat
 import threading
 import zlib
 from collections.abc import Callable
@@ -395,6 +396,8 @@ class S3Store(Store):
         except OSError as e:
             raise StorageError(f"Cannot upload {path}: {e.strerror or e}.", "Check the path.",
                                uri=self.url(key)) from e
+        if not stat.S_ISREG(before.st_mode):
+            raise StorageError(f"Cannot upload {path}: not a file.", "Check the path.", uri=self.url(key))
         if before.st_size <= self.multipart_threshold:
             data = path.read_bytes()
             digest = sha256_bytes(data)
