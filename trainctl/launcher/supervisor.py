@@ -136,8 +136,9 @@ class Supervisor:
 
     def __init__(self, spec: RunSpec, policy: RestartPolicy, cfg: config_mod.Config, *,
                  backend: str = "local", backend_options: dict[str, Any] | None = None,
-                 events: EngineEvents | None = None, parent: str | None = None) -> None:
+                 events: EngineEvents | None = None, parent: str | None = None, force: bool = False) -> None:
         self.spec = spec
+        self.force = force  # resume a checkpoint another script wrote
         self.policy = policy
         self.cfg = cfg
         self.backend_name = backend
@@ -160,6 +161,7 @@ class Supervisor:
         # resolved first: a missing checkpoint fails before anything else, and `--resume auto`
         # with nothing to resume from is a fresh start that needs no resume flag
         if resume_verified and spec.resume:
+            self.say_resume(spec.resume)
             resume = str(Path(spec.resume).resolve())
         else:
             resume = self.resolve_resume(spec.resume)
@@ -183,30 +185,49 @@ class Supervisor:
                                     config_path=session_dir / "config.json", cwd=spec.cwd or Path.cwd()))
 
     def resolve_resume(self, ref: str | None) -> str | None:
-        """'auto' -> newest valid checkpoint of the same script (or name); a path is verified."""
+        """'auto' -> the checkpoint of the same script (or name) whose settings match this run's,
+        else the newest; said with where it comes from and what differs. A path is verified.
+        Another script's checkpoint is refused unless `force`."""
         if not ref:
             return None
         from .. import checkpoint
 
+        script = str(self.spec.script.resolve())
         if ref == resume_mod.AUTO:
-            found = resume_mod.resolve_auto(self.cfg.checkpoint_dir, self.cfg.state_dir,
-                                            script=str(self.spec.script.resolve()), name=self.spec.name)
+            found = resume_mod.resolve_auto(self.cfg.checkpoint_dir, self.cfg.state_dir, script=script,
+                                            name=self.spec.name, args=list(self.spec.args),
+                                            resume_flag=self.cfg.resume_flag, force=self.force)
             for path, why in found.skipped:
                 self.events.message(f"skipping checkpoint {path}: {why}")
-            if found.path is None:
-                self.events.message("--resume auto: no valid checkpoint of this script yet; starting from scratch.")
-                return None
-            self.events.message(f"resuming from {found.path}")
-            return str(found.path)
+            refusal = found.refusal()
+            if refusal is not None:
+                raise refusal
+            for line in found.lines():
+                self.events.message(line)
+            return str(found.path) if found.path else None
         path = Path(ref)
         checkpoint.require_valid(path, suggestion="--resume {found}")
+        self.say_resume(path)
         return str(path.resolve())
+
+    def say_resume(self, path: str | Path) -> None:
+        """Where a checkpoint named by path comes from and what differs; another script's is
+        refused unless `force`."""
+        judged = resume_mod.judge_path(path, self.cfg.state_dir, script=str(self.spec.script.resolve()),
+                                       args=list(self.spec.args), resume_flag=self.cfg.resume_flag)
+        chosen = judged.chosen
+        if chosen is not None and chosen.script_state == "other" and not self.force:
+            raise resume_mod.CheckpointRefusedError(
+                f"checkpoint {path} was written by another script, {chosen.script}, not {self.spec.script}.",
+                "Resume it anyway with --force, or resume a checkpoint this script wrote (trainctl checkpoint list).")
+        for line in judged.lines():
+            self.events.message(line)
 
     def _run_preflight(self) -> None:
         from .preflight import run_preflight
 
         report = run_preflight(self.spec.script, list(self.spec.args), self.cfg, resume=self.spec.resume,
-                               gpus=self.spec.resources.get("gpus"))
+                               gpus=self.spec.resources.get("gpus"), force=self.force)
         self.events.preflight(report)
         report.raise_if_failed()
 
