@@ -23,7 +23,7 @@ from .. import resume as resume_mod
 from .. import sysinfo
 from ..backends.base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec, get_backend
 from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, DiskError, UsageError, disk_problem
-from ..fsutil import atomic_write_json
+from ..fsutil import temp_beside
 from ..redact import redact_args
 from ..session import Session, SessionStore, State, new_session_id, summarize_metrics
 from .output import OutputMetrics, OutputParser, OutputText
@@ -152,6 +152,7 @@ class Supervisor:
         self._backend: Backend | None = None
         self._warned: set[str] = set()
         self._unrecorded_metrics: list[dict[str, Any]] = []
+        self._final_attempts: list[dict[str, Any]] | None = None
         self.unrecorded: list[str] = []  # what the session store could not take (a full disk)
 
     # -------------------------------------------------------------- set-up
@@ -257,7 +258,7 @@ class Supervisor:
             checkpoint_location=str(self.cfg.checkpoint_dir / session_id),
             restart=asdict(self.policy), processes=[_this_process("launcher")],
         )
-        atomic_write_json(session.config_path, self.cfg.resolved())
+        _write_derived_json(session.config_path, self.cfg.resolved())
         return session
 
     # -------------------------------------------------------------- signals
@@ -391,9 +392,11 @@ class Supervisor:
                 recorder.flush()  # waits for a flush the background thread is in
                 outcome = Outcome(self._classify(session, end, attempt), end.exit_code, end.signal, text.tail)
                 final_status = outcome.status
-                self._record_end(session, outcome)
+                ended = self._ended_attempts(session, outcome)
                 if not self._should_restart(outcome, attempt, failures, session):
+                    self._final_attempts = ended  # recorded with the session's end: one write, not two
                     return outcome, attempt + 1
+                self._record(f"how attempt {attempt} ended", session.update, attempts=ended)
                 resume = self._restart_checkpoint(session, location) or resume
                 attempt += 1
                 reason = outcome.signal or f"exit code {outcome.exit_code}"
@@ -474,12 +477,13 @@ class Supervisor:
                 output_done.wait(pause)
             pause = min(pause * 2, POLL_MAX_S)
 
-    def _record_end(self, session: Session, outcome: Outcome) -> None:
+    def _ended_attempts(self, session: Session, outcome: Outcome) -> list[dict[str, Any]]:
+        """session.json's attempts with the latest one's end filled in."""
         attempts = session.read().get("attempts") or []
-        if attempts:
+        if attempts and isinstance(attempts[-1], dict):
             attempts[-1].update(ended_at=time.time(), exit_code=outcome.exit_code,
                                 signal=outcome.signal, status=outcome.status)
-        self._record(f"how attempt {outcome_attempt(attempts)} ended", session.update, attempts=attempts)
+        return attempts
 
     def _stop_requested(self, session: Session) -> bool:
         """`trainctl sessions stop` recorded a stop request for this session."""
@@ -581,6 +585,8 @@ class Supervisor:
             diagnosis = diag.to_dict() if diag else None
         record = {"status": outcome.status, "ended_at": ended, "exit_code": outcome.exit_code,
                   "signal": outcome.signal, "summary": summary, "diagnosis": diagnosis}
+        if self._final_attempts is not None:
+            record["attempts"] = self._final_attempts
         self._record("how the session ended", session.update, **record)
         self._record("how the session ended", session.event, "status", status=outcome.status, source="launcher",
                      exit_code=outcome.exit_code, signal=outcome.signal)
@@ -591,8 +597,15 @@ class Supervisor:
         return RunResult(session, outcome, summary, diagnosis, newest, exit_code_for(outcome), record)
 
 
-def outcome_attempt(attempts: list[dict[str, Any]]) -> Any:
-    return attempts[-1].get("attempt") if attempts and isinstance(attempts[-1], dict) else "?"
+def _write_derived_json(path: Path, data: Any) -> None:
+    """Atomic but not fsynced: config.json is rewritten from trainctl.toml at every launch, so
+    a power cut can cost nothing that is not made again, and the fsyncs (here ~5 ms) delayed
+    the script's start."""
+    import json
+
+    with temp_beside(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
 
 def _stop_signal_name(signum: int) -> str:
