@@ -458,8 +458,11 @@ class Run:
                                attempt=self.attempt)
             # kept in session.json as they are written: `sessions list` reads nothing else, and a
             # run killed with every process (OOM, kill -9) records no end
-            self.session.update(summary={"checkpoints": self._checkpoints_before + self._checkpoints,
-                                         "last_checkpoint": str(path)})
+            try:
+                self.session.update(summary={"checkpoints": self._checkpoints_before + self._checkpoints,
+                                             "last_checkpoint": str(path)})
+            except OSError:  # a listing aid: the checkpoint and its event are what count
+                pass
         protected = [self._resume_cache[0]] if self._resume_cache else []
         try:
             removed = checkpoint.apply_retention(self.checkpoint_dir, self.project_config,
