@@ -201,9 +201,9 @@ def resolve_auto(checkpoint_dir: str | os.PathLike[str], state_dir: str | os.Pat
         records, _problems = SessionStore(state_dir).list(status=State.RUNNING)
         running = {r["id"] for r in records}
     digest = _digest(script)
-    infos = [i for i in checkpoint.scan(checkpoint_dir)
-             if i.kind == "trainctl" and i.status == "valid" and i.meta.get("session_id") not in running
-             and _wanted(i, script, name)]
+    scanned = [i for i in checkpoint.scan(checkpoint_dir)
+               if i.kind == "trainctl" and i.meta.get("session_id") not in running and _wanted(i, script, name)]
+    infos = [i for i in scanned if i.status == "valid"]
     # one judgement per session (its checkpoints share script and settings), newest first
     by_session: dict[Any, Candidate] = {}
     for info in infos:
@@ -235,6 +235,11 @@ def resolve_auto(checkpoint_dir: str | os.PathLike[str], state_dir: str | os.Pat
             result.passed_over = [by_session[k] for k in newest_first[:newest_first.index(key)]
                                   if not by_session[k].matches and by_session[k].script_state != "other"]
         break
+    # a torn or corrupt checkpoint newer than the one taken is said, wherever it is
+    taken = {p for p, _ in skipped}
+    since = next((i.time for i in infos if i.path == result.path), None)
+    skipped += [(i.path, i.error or i.status) for i in scanned
+                if i.status != "valid" and i.path not in taken and (since is None or i.time > since)]
     result.skipped = skipped
     if result.chosen is not None:  # another script's newer checkpoints are noise once one is chosen
         result.refused = []
