@@ -154,6 +154,7 @@ class Run:
         self._tracked: dict[str, Any] = {}
         self._resume_cache: tuple[str, dict[str, Any]] | None = None
         self._resume_meta: dict[str, Any] | None = None
+        self._auto_resume: resume_mod.AutoResume | None = None
         self._step = 0
         self._epoch: Any = None
         # a deque: append (training thread) and popleft (flusher) are atomic, so no lock and no
@@ -522,6 +523,8 @@ class Run:
             # facts that don't change during a run: computed once, not at every save
             self._static_meta = {
                 "script_digest": _file_digest(self.script) if self.script else None,
+                # what --resume auto compares with a later run's (redacted, without the resume flag)
+                "args": redact_args(resume_mod.strip_resume_args(sys.argv[1:], self.resume_flag)),
                 "git": sysinfo.git_info(os.path.dirname(self.script) if self.script else os.getcwd()),
                 "python": sysinfo.python_version(),
                 "torch": sysinfo.torch_version(), "gpus": sysinfo.gpu_description(),
@@ -674,11 +677,20 @@ class Run:
         if not ref:
             return None
         if ref == resume_mod.AUTO:
-            found = resume_mod.resolve_auto(self.project_config.checkpoint_dir, self.project_config.state_dir,
-                                            script=self.script, name=self.name)
-            for p, why in found.skipped:
-                warnings.warn(f"skipping checkpoint {p}: {why}", TrainctlWarning, stacklevel=2)
-            return str(found.path) if found.path else None
+            if self._auto_resume is None:  # resolved (and said) once
+                found = resume_mod.resolve_auto(
+                    self.project_config.checkpoint_dir, self.project_config.state_dir, script=self.script,
+                    name=self.name, args=sys.argv[1:], config=self.config, resume_flag=self.resume_flag)
+                for p, why in found.skipped:
+                    warnings.warn(f"skipping checkpoint {p}: {why}", TrainctlWarning, stacklevel=2)
+                refusal = found.refusal(in_message=True)
+                if refusal is not None:
+                    raise refusal
+                if self.is_main:
+                    for line in found.lines():
+                        print(f"[trainctl] {line}", file=sys.stderr, flush=True)
+                self._auto_resume = found
+            return str(self._auto_resume.path) if self._auto_resume.path else None
         return ref
 
     def resume_state(self, *, trust: bool = False) -> dict[str, Any] | None:

@@ -132,9 +132,15 @@ def _requested_resume() -> str | None:
     if ref != resume_mod.AUTO:
         return ref or None
     script = os.path.abspath(sys.argv[0]) if sys.argv and sys.argv[0] else None
-    found = resume_mod.resolve_auto(cfg.checkpoint_dir, cfg.state_dir, script=script)
+    found = resume_mod.resolve_auto(cfg.checkpoint_dir, cfg.state_dir, script=script, args=sys.argv[1:],
+                                    resume_flag=cfg.resume_flag)
     for path, why in found.skipped:
         warnings.warn(f"skipping checkpoint {path}: {why}", TrainctlWarning, stacklevel=3)
+    refusal = found.refusal(in_message=True)
+    if refusal is not None:
+        raise refusal
+    for line in found.lines():
+        print(f"[trainctl] {line}", file=sys.stderr, flush=True)
     return str(found.path) if found.path else None
 
 

@@ -17,9 +17,10 @@ import click
               help="GPUs the script needs (default: `gpus` in trainctl.toml).")
 @click.option("--python", "python", default=None, metavar="PATH",
               help="Interpreter that will run the script (default: this one).")
+@click.option("--force", is_flag=True, help="With --resume: check as `trainctl local --force` would run.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def check(script: Path, args: tuple[str, ...], resume: str | None, gpus: int | None,
-          python: str | None, as_json: bool) -> None:
+          python: str | None, force: bool, as_json: bool) -> None:
     """Run the pre-flight checks on SCRIPT [ARGS]... and exit 0, or 2 when one fails.
 
     Checks that the script exists and compiles, that its imports are installed, that it takes
@@ -33,7 +34,7 @@ def check(script: Path, args: tuple[str, ...], resume: str | None, gpus: int | N
 
     cfg = config_mod.load()
     report = run_preflight(script, list(args), cfg, resume=resume, gpus=gpus,
-                           python=python or sys.executable)
+                           python=python or sys.executable, force=force)
     failures = report.failures
     if as_json:
         import json

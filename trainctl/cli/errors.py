@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
-import time
-import traceback
 
 import click
 
@@ -20,6 +17,10 @@ def print_error(message: str, hint: str | None = None) -> None:
 
 
 def _write_report(exc: BaseException) -> str | None:
+    import tempfile
+    import time
+    import traceback
+
     from ..redact import redact_args, redact_command_text
 
     text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -70,6 +71,8 @@ def run_cli(group: click.Group, argv: list[str] | None = None) -> int:
 
 def _unexpected(e: Exception) -> int:
     """An error trainctl did not expect: a short traceback, the full report on disk."""
+    import traceback
+
     from ..redact import redact_command_text
 
     tb = traceback.extract_tb(e.__traceback__)[-3:]

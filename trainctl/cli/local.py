@@ -24,7 +24,8 @@ was stopped (trainctl sessions stop); 2 when a pre-flight check failed."""
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @click.option("--name", help="A name for this run (used by --resume auto and in listings).")
 @click.option("--resume", "resume", metavar="auto|PATH",
-              help="Resume from a checkpoint; 'auto' picks the newest valid one of this script.")
+              help="Resume from a checkpoint; 'auto' picks this script's (or --name's) newest valid one, "
+                   "preferring one whose settings match this run's, and says what differs.")
 @click.option("--max-restarts", type=int, default=None,
               help="Restart after a preemption or crash, resuming from the newest valid checkpoint.")
 @click.option("--restart-on", default=None, metavar="STATUSES",
@@ -45,10 +46,12 @@ was stopped (trainctl sessions stop); 2 when a pre-flight check failed."""
 @click.option("--sync", "sync_uri", metavar="URI", default=None,
               help="Also mirror the session to storage (s3://bucket/prefix or a folder) while it runs: "
                    "checkpoints once verified, then latest.json; events and output.")
+@click.option("--force", is_flag=True,
+              help="Resume even from a checkpoint another script wrote (refused otherwise).")
 def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str | None,
               max_restarts: int | None, restart_on: str | None, restart_delay: float | None,
               grace_period: float | None, nproc_per_node: int, gpus: int | None, quiet: bool,
-              no_preflight: bool, detach: bool, dry_run: bool, sync_uri: str | None) -> None:
+              no_preflight: bool, detach: bool, dry_run: bool, sync_uri: str | None, force: bool) -> None:
     """Run SCRIPT [ARGS]... here as a recorded session.
 
     The script runs as it would with `python SCRIPT ARGS`, with TRAIN_OPS_* variables telling it
@@ -87,10 +90,11 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
         resources["gpus"] = gpus
     spec = RunSpec(script=script, args=tuple(args_list), resources=resources, resume=resume, name=name)
     if dry_run:
-        show_plan(spec, restart, cfg)
+        show_plan(spec, restart, cfg, force=force)
         return
     if detach:
-        start_in_background(spec, restart, cfg, preflight=not no_preflight)
+        start_in_background(spec, restart, cfg, preflight=not no_preflight, force=force)
         return
-    _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight, sync_uri=sync_uri)
+    _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight, sync_uri=sync_uri,
+                                   force=force)
     sys.exit(result.exit_code)

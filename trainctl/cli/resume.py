@@ -34,10 +34,11 @@ def _where(epoch: object, step: object) -> str:
 @click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs the script needs (checked before start).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")
 @click.option("--no-preflight", is_flag=True, help="Skip the pre-flight checks.")
+@click.option("--force", is_flag=True, help="Resume even if another script wrote CKPT (refused otherwise).")
 def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
            max_restarts: int | None, restart_on: str | None, restart_delay: float | None,
            grace_period: float | None, nproc_per_node: int, gpus: int | None, quiet: bool,
-           no_preflight: bool) -> None:
+           no_preflight: bool, force: bool) -> None:
     """Run SCRIPT [ARGS]... as a new session resuming from CKPT.
 
     The checkpoint is verified first; the script gets `--resume CKPT` (the flag is `resume_flag`
@@ -57,14 +58,6 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
     command = shlex.join([str(script), *args]).replace("{", "{{").replace("}", "}}")
     ckpt_mod.require_valid(ckpt, suggestion="trainctl checkpoint resume {found} " + command)
     info = ckpt_mod.inspect(ckpt)
-    meta = info.meta or {}
-    warn = []
-    if info.script and Path(info.script).name != script.name:
-        warn.append(f"it was written by {info.script}, not {script}")
-    elif meta.get("script_digest") and meta["script_digest"] != ckpt_mod.file_sha256(script):
-        warn.append(f"{script} changed since the checkpoint was written")
-    for w in warn:
-        click.secho(f"warning: {w}.", err=True, fg="yellow")
 
     cfg = config_mod.load()
     restart = restart_policy(cfg, max_restarts=max_restarts, restart_on=restart_on,
@@ -73,8 +66,9 @@ def resume(ckpt: Path, script: Path, args: tuple[str, ...], name: str | None,
     if gpus is not None:
         resources["gpus"] = gpus
     spec = RunSpec(script=script, args=tuple(args), resources=resources, resume=str(ckpt), name=name)
+    # where CKPT comes from, what differs from this run, and another script's refused: said by the engine
     _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight,
-                                   parent=info.session_id, resume_verified=True)
+                                   parent=info.session_id, resume_verified=True, force=force)
     metrics = result.session.metrics()
     last = metrics[-1] if metrics else {}
     reached = _where(last.get("epoch"), last.get("step")) if last else "no new step"

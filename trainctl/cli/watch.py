@@ -80,10 +80,11 @@ def _err(text: str) -> None:
 
 def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, preflight: bool,
              parent: str | None = None, resume_verified: bool = False,
-             sync_uri: str | None = None) -> tuple[Supervisor, RunResult]:
+             sync_uri: str | None = None, force: bool = False) -> tuple[Supervisor, RunResult]:
     """Run on this terminal until the session ends; its summary printed. With `sync_uri`, the
     session is mirrored to storage while it runs (the cloud agent's sync loop)."""
-    supervisor = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=quiet, args=spec.args), parent=parent)
+    supervisor = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=quiet, args=spec.args), parent=parent,
+                            force=force)
     session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
     if sync_uri is None:
         result = supervisor.run()
@@ -101,12 +102,12 @@ def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, pre
 
 
 def start_in_background(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, preflight: bool,
-                        parent: str | None = None, resume_verified: bool = False) -> Session:
+                        parent: str | None = None, resume_verified: bool = False, force: bool = False) -> Session:
     """Resolve, check and create the session here, then leave the run to a background process."""
     from ..launcher import detached
 
     supervisor = Supervisor(spec, policy, cfg, backend_options={"use_pty": False},
-                            events=TerminalEvents(quiet=False, args=spec.args), parent=parent)
+                            events=TerminalEvents(quiet=False, args=spec.args), parent=parent, force=force)
     session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
     pid = detached.start(supervisor)
     click.echo(f"Started session {session.id} in the background (pid {pid}).")
@@ -116,11 +117,12 @@ def start_in_background(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, prefl
     return session
 
 
-def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any) -> None:
+def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, force: bool = False) -> None:
     """`--dry-run`: the launch plan, secrets redacted; nothing is created or started."""
     import shlex
 
-    plan = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=True, args=spec.args)).plan().display()
+    plan = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=True, args=spec.args),
+                      force=force).plan().display()
     click.echo(f"backend      {plan['backend']}")
     click.echo(f"command      {shlex.join(plan['command'])}")
     click.echo(f"cwd          {plan['cwd']}")

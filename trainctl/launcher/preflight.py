@@ -587,8 +587,26 @@ def _check_gpus(requested: int) -> CheckResult:
 # ---------------------------------------------------------------------------- entry point
 
 
+def _check_resume_source(script: Path, resume: str, force: bool) -> CheckResult | None:
+    """A checkpoint another script wrote is refused unless --force."""
+    from .. import checkpoint
+    from ..resume import script_state
+
+    try:
+        meta = checkpoint.inspect(resume).meta or {}
+    except Exception:  # unreadable: verification says why, elsewhere
+        return None
+    if script_state(meta.get("script"), meta.get("script_digest"), str(script.resolve())) != "other":
+        return None
+    message = f"{resume} was written by another script, {meta.get('script')}"
+    if force:
+        return CheckResult("resume", "warn", message + " (resumed anyway: --force)")
+    return CheckResult("resume", "fail", message + ".",
+                       "Resume a checkpoint this script wrote (trainctl checkpoint list), or pass --force.")
+
+
 def run_preflight(script: str | Path, args: Sequence[str], config: Config, *, resume: str | None = None,
-                  gpus: int | None = None, python: str = sys.executable) -> PreflightReport:
+                  gpus: int | None = None, python: str = sys.executable, force: bool = False) -> PreflightReport:
     """Run every check on `python script args...` without starting it; never raises for a failed check."""
     script = Path(script)
     report = PreflightReport()
@@ -632,6 +650,10 @@ def run_preflight(script: str | Path, args: Sequence[str], config: Config, *, re
                 add(r)
             if resume is not None:
                 add(_check_resume(script, tree, data.decode("utf-8", "replace"), config))
+        if resume and resume != "auto" and Path(resume).exists():
+            source = _check_resume_source(script, resume, force)
+            if source is not None:
+                add(source)
 
     for r in _check_arguments(args, Path.cwd()):
         add(r)

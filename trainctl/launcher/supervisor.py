@@ -23,7 +23,7 @@ from .. import resume as resume_mod
 from .. import sysinfo
 from ..backends.base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec, get_backend
 from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, DiskError, UsageError, disk_problem
-from ..fsutil import atomic_write_json
+from ..fsutil import temp_beside
 from ..redact import redact_args
 from ..session import Session, SessionStore, State, new_session_id, summarize_metrics
 from .output import OutputMetrics, OutputParser, OutputText
@@ -136,8 +136,9 @@ class Supervisor:
 
     def __init__(self, spec: RunSpec, policy: RestartPolicy, cfg: config_mod.Config, *,
                  backend: str = "local", backend_options: dict[str, Any] | None = None,
-                 events: EngineEvents | None = None, parent: str | None = None) -> None:
+                 events: EngineEvents | None = None, parent: str | None = None, force: bool = False) -> None:
         self.spec = spec
+        self.force = force  # resume a checkpoint another script wrote
         self.policy = policy
         self.cfg = cfg
         self.backend_name = backend
@@ -152,6 +153,7 @@ class Supervisor:
         self._watching: ScriptCheckpoints | None = None
         self._warned: set[str] = set()
         self._unrecorded_metrics: list[dict[str, Any]] = []
+        self._final_attempts: list[dict[str, Any]] | None = None
         self.unrecorded: list[str] = []  # what the session store could not take (a full disk)
 
     # -------------------------------------------------------------- set-up
@@ -161,6 +163,7 @@ class Supervisor:
         # resolved first: a missing checkpoint fails before anything else, and `--resume auto`
         # with nothing to resume from is a fresh start that needs no resume flag
         if resume_verified and spec.resume:
+            self.say_resume(spec.resume)
             resume = str(Path(spec.resume).resolve())
         else:
             resume = self.resolve_resume(spec.resume)
@@ -184,27 +187,33 @@ class Supervisor:
                                     config_path=session_dir / "config.json", cwd=spec.cwd or Path.cwd()))
 
     def resolve_resume(self, ref: str | None, *, dry_run: bool = False) -> str | None:
-        """'auto' -> newest valid checkpoint of the same script (or name); a path is verified.
-        `dry_run`: change nothing on disk (a snapshot is named, not put back)."""
+        """'auto' -> the checkpoint of the same script (or name) whose settings match this run's,
+        else the newest; said with where it comes from and what differs; a checkpoint the script
+        wrote itself wins when it is newer. A path is verified. Another script's checkpoint is
+        refused unless `force`. `dry_run`: change nothing on disk (a snapshot is named, not put back)."""
         if not ref:
             return None
         from .. import checkpoint
 
+        script = str(self.spec.script.resolve())
         if ref == resume_mod.AUTO:
-            found = resume_mod.resolve_auto(self.cfg.checkpoint_dir, self.cfg.state_dir,
-                                            script=str(self.spec.script.resolve()), name=self.spec.name)
+            found = resume_mod.resolve_auto(self.cfg.checkpoint_dir, self.cfg.state_dir, script=script,
+                                            name=self.spec.name, args=list(self.spec.args),
+                                            resume_flag=self.cfg.resume_flag, force=self.force)
             written = self._auto_resume_script_checkpoint(found.path, dry_run=dry_run)
             if written is not None:
                 return written
             for path, why in found.skipped:
                 self.events.message(f"skipping checkpoint {path}: {why}")
-            if found.path is None:
-                self.events.message("--resume auto: no valid checkpoint of this script yet; starting from scratch.")
-                return None
-            self.events.message(f"resuming from {found.path}")
-            return str(found.path)
+            refusal = found.refusal()
+            if refusal is not None:
+                raise refusal
+            for line in found.lines():
+                self.events.message(line)
+            return str(found.path) if found.path else None
         path = Path(ref)
         checkpoint.require_valid(path, suggestion="--resume {found}")
+        self.say_resume(path)
         return str(path.resolve())
 
     def _auto_resume_script_checkpoint(self, theirs: Path | None, *, dry_run: bool = False) -> str | None:
@@ -236,11 +245,24 @@ class Supervisor:
                             + (f" (session {choice.entry.get('session_id')})" if choice.entry else ""))
         return str(target)
 
+    def say_resume(self, path: str | Path) -> None:
+        """Where a checkpoint named by path comes from and what differs; another script's is
+        refused unless `force`."""
+        judged = resume_mod.judge_path(path, self.cfg.state_dir, script=str(self.spec.script.resolve()),
+                                       args=list(self.spec.args), resume_flag=self.cfg.resume_flag)
+        chosen = judged.chosen
+        if chosen is not None and chosen.script_state == "other" and not self.force:
+            raise resume_mod.CheckpointRefusedError(
+                f"checkpoint {path} was written by another script, {chosen.script}, not {self.spec.script}.",
+                "Resume it anyway with --force, or resume a checkpoint this script wrote (trainctl checkpoint list).")
+        for line in judged.lines():
+            self.events.message(line)
+
     def _run_preflight(self) -> None:
         from .preflight import run_preflight
 
         report = run_preflight(self.spec.script, list(self.spec.args), self.cfg, resume=self.spec.resume,
-                               gpus=self.spec.resources.get("gpus"))
+                               gpus=self.spec.resources.get("gpus"), force=self.force)
         self.events.preflight(report)
         report.raise_if_failed()
 
@@ -270,7 +292,7 @@ class Supervisor:
             checkpoint_location=str(self.cfg.checkpoint_dir / session_id),
             restart=asdict(self.policy), processes=[_this_process("launcher")],
         )
-        atomic_write_json(session.config_path, self.cfg.resolved())
+        _write_derived_json(session.config_path, self.cfg.resolved())
         return session
 
     # -------------------------------------------------------------- signals
@@ -407,9 +429,11 @@ class Supervisor:
                 watching.settle()  # the script is gone: what it finished writing counts now
                 outcome = Outcome(self._classify(session, end, attempt), end.exit_code, end.signal, text.tail)
                 final_status = outcome.status
-                self._record_end(session, outcome)
+                ended = self._ended_attempts(session, outcome)
                 if not self._should_restart(outcome, attempt, failures, session):
+                    self._final_attempts = ended  # recorded with the session's end: one write, not two
                     return outcome, attempt + 1
+                self._record(f"how attempt {attempt} ended", session.update, attempts=ended)
                 resume = self._restart_checkpoint(session, location) or self._still_valid(resume)
                 attempt += 1
                 reason = outcome.signal or f"exit code {outcome.exit_code}"
@@ -493,12 +517,13 @@ class Supervisor:
                 output_done.wait(pause)
             pause = min(pause * 2, POLL_MAX_S)
 
-    def _record_end(self, session: Session, outcome: Outcome) -> None:
+    def _ended_attempts(self, session: Session, outcome: Outcome) -> list[dict[str, Any]]:
+        """session.json's attempts with the latest one's end filled in."""
         attempts = session.read().get("attempts") or []
-        if attempts:
+        if attempts and isinstance(attempts[-1], dict):
             attempts[-1].update(ended_at=time.time(), exit_code=outcome.exit_code,
                                 signal=outcome.signal, status=outcome.status)
-        self._record(f"how attempt {outcome_attempt(attempts)} ended", session.update, attempts=attempts)
+        return attempts
 
     def _stop_requested(self, session: Session) -> bool:
         """`trainctl sessions stop` recorded a stop request for this session."""
@@ -639,6 +664,8 @@ class Supervisor:
             diagnosis = diag.to_dict() if diag else None
         record = {"status": outcome.status, "ended_at": ended, "exit_code": outcome.exit_code,
                   "signal": outcome.signal, "summary": summary, "diagnosis": diagnosis}
+        if self._final_attempts is not None:
+            record["attempts"] = self._final_attempts
         self._record("how the session ended", session.update, **record)
         self._record("how the session ended", session.event, "status", status=outcome.status, source="launcher",
                      exit_code=outcome.exit_code, signal=outcome.signal)
@@ -649,8 +676,15 @@ class Supervisor:
         return RunResult(session, outcome, summary, diagnosis, newest, exit_code_for(outcome), record)
 
 
-def outcome_attempt(attempts: list[dict[str, Any]]) -> Any:
-    return attempts[-1].get("attempt") if attempts and isinstance(attempts[-1], dict) else "?"
+def _write_derived_json(path: Path, data: Any) -> None:
+    """Atomic but not fsynced: config.json is rewritten from trainctl.toml at every launch, so
+    a power cut can cost nothing that is not made again, and the fsyncs (here ~5 ms) delayed
+    the script's start."""
+    import json
+
+    with temp_beside(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
 
 
 class ScriptCheckpoints:
