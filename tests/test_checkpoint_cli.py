@@ -142,7 +142,7 @@ def _bad_inputs(project: Path, series: Path) -> dict[str, Path]:
     paths["truncated"] = folder / "truncated.pt"
     paths["truncated"].write_bytes(data[: len(data) // 2])
     paths["random"] = folder / "random.pt"
-    paths["random"].write_bytes(os.urandom(4096))
+    paths["random"].write_bytes(b"\x00" + os.urandom(4095))  # (a leading 0x80 would read as a pickle)
     paths["text"] = folder / "text.pt"
     paths["text"].write_text("epoch,loss\n1,0.5\n")
     paths["not_ckpt"] = folder / "archive.pt"

@@ -239,3 +239,16 @@ def test_unpickler_turns_every_unknown_global_into_an_inert_placeholder():
     assert isinstance(obj["cmd"], reader.Opaque)
     assert obj["cmd"].args[0] == "touch /nonexistent/never"
     assert unpickler.refused == {f"{os.system.__module__}.system"}
+
+
+def test_bytes_with_a_brace_at_offset_8_are_not_taken_for_safetensors(tmp_path):
+    # random bytes hit this one time in 256: the first 8 bytes then give a header length no file holds
+    path = tmp_path / "random.pt"
+    path.write_bytes(b"\x00\x11\x22\x33\x44\x55\x66\x77{" + bytes(range(256)) * 8)
+    assert reader.sniff(path) == "binary"
+    info = ckpt.inspect(path)
+    assert info.status == "corrupt" and "not a checkpoint" in info.error
+    real = tmp_path / "weights.bin"
+    header = b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}'
+    real.write_bytes(struct.pack("<Q", len(header)) + header + bytes(8))
+    assert reader.sniff(real) == "safetensors"

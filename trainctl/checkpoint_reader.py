@@ -505,7 +505,7 @@ def sniff(path: Path) -> str:
         return "legacy"
     if head[:1] == b"\x80" and 2 <= head[1] <= 5:
         return "pickle"
-    if path.suffix == ".safetensors" or (len(head) > 9 and head[8:9] == b"{"):
+    if path.suffix == ".safetensors" or (len(head) > 9 and head[8:9] == b"{" and _fits_header(path, head)):
         return "safetensors"
     try:
         text = head.decode("utf-8")
@@ -514,6 +514,15 @@ def sniff(path: Path) -> str:
     except UnicodeDecodeError:
         pass
     return "binary"
+
+
+def _fits_header(path: Path, head: bytes) -> bool:
+    """A safetensors file's first 8 bytes are its header's length: one that fits in the file
+    (random bytes with a '{' at offset 8 give an absurd length)."""
+    try:
+        return int.from_bytes(head[:8], "little") <= path.stat().st_size - 8
+    except OSError:
+        return False
 
 
 def _mb(n: int) -> str:
