@@ -18,14 +18,24 @@ import pytest
 from .conftest import REPO, clean_env, write_entry_point
 
 
-def readme_commands() -> list[str]:
+# sections whose commands need a cloud account: their own tests run them, in order, against
+# moto (tests/test_aws_e2e.py) and the fake RunPod API (tests/test_runpod_readme.py)
+OWN_TESTS = {"AWS": "tests/test_aws_e2e.py", "RunPod": "tests/test_runpod_readme.py"}
+
+
+def readme_commands(*, cloud: bool = False) -> list[str]:
+    """The `trainctl ...` lines of README.md's bash blocks, in order; those of the cloud
+    sections only with `cloud`."""
     text = (REPO / "README.md").read_text()
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
-        for line in block.splitlines():
-            command = re.split(r"\s{2,}#", line)[0].strip()
-            if command.startswith("trainctl "):
-                commands.append(command)
+    for section in re.split(r"^## ", text, flags=re.MULTILINE):
+        if (section.split("\n", 1)[0].strip() in OWN_TESTS) != cloud:
+            continue
+        for block in re.findall(r"```bash\n(.*?)```", section, re.DOTALL):
+            for line in block.splitlines():
+                command = re.split(r"\s{2,}#", line)[0].strip()
+                if command.startswith("trainctl "):
+                    commands.append(command)
     return commands
 
 
@@ -82,6 +92,34 @@ def lists_the_latest_sessions_checkpoints_as_json(r: Ran) -> None:
     latest = newest_session(r.project)["id"]
     assert listed and {c["session_id"] for c in listed} == {latest}
     assert all(c["status"] == "valid" for c in listed)
+
+
+def lists_checkpoints_and_partial_files(r: Ran) -> None:
+    for name in checkpoints(r):
+        assert re.search(rf"{re.escape(name.split('/', 1)[1])}\s.*valid", r.out), (name, r.out)
+
+
+def monitors_a_checkpoint_folder(r: Ran) -> None:
+    assert re.search(r"^checkpoints \d+, newest checkpoints/\S+\.pt step \d+", r.out, re.MULTILINE), r.out
+
+
+def monitors_a_log_and_a_checkpoint_folder(r: Ran) -> None:
+    assert r.out.startswith("log .trainctl/sessions/") and re.search(r"^progress\s+epoch", r.out, re.MULTILINE)
+    monitors_a_checkpoint_folder(r)
+
+
+def backs_up_to_a_folder(r: Ran) -> None:
+    session = newest_session(r.project)
+    assert session["status"] == "completed"
+    assert "synced: 1 checkpoint(s) uploaded, latest ckpt-step00000005.pt" in r.err, r.err
+    copy = r.project / "backup" / r.project.name / session["id"]
+    assert json.loads((copy / "latest.json").read_text())["file"] == "ckpt-step00000005.pt"
+
+
+def reads_the_backup(r: Ran) -> None:
+    session = newest_session(r.project)
+    log = (r.project / ".trainctl" / "sessions" / session["id"] / "output.log").read_text()
+    assert r.out and r.out.splitlines() == log.splitlines()[-3:], r.out
 
 
 def shows_epoch_step_and_metrics(r: Ran) -> None:
@@ -154,7 +192,9 @@ def shows_progress_and_metrics(r: Ran) -> None:
 def one_json_object(r: Ran) -> None:
     data = r.json()
     assert data["session"] == newest_session(r.project)["id"]
-    assert data["progress"]["step"] == 100 and "loss" in data["metrics"]
+    session = newest_session(r.project)  # the backed-up run of "Cloud storage": 5 steps
+    last = Path(session["summary"]["last_checkpoint"]).name
+    assert f"ckpt-step{data['progress']['step']:08d}.pt" == last and "loss" in data["metrics"]
 
 
 def parses_the_log(r: Ran) -> None:
@@ -214,7 +254,12 @@ def shows_what_happened(r: Ran) -> None:
 EXPECTED: list[tuple[str, Callable[[Ran], None]]] = [
     (r"checkpoint list$", lists_every_checkpoint),
     (r"checkpoint list --session latest --json$", lists_the_latest_sessions_checkpoints_as_json),
+    (r"checkpoint list --all$", lists_checkpoints_and_partial_files),
     (r"checkpoint info .*\*\.pt", shows_epoch_step_and_metrics),
+    (r"monitor --checkpoint checkpoints$", monitors_a_checkpoint_folder),
+    (r"monitor --log .* --checkpoint checkpoints$", monitors_a_log_and_a_checkpoint_folder),
+    (r"local --quiet --sync \./backup ", backs_up_to_a_folder),
+    (r"sessions logs .*backup/.* --tail 3$", reads_the_backup),
     (r"checkpoint verify$", verifies_every_checkpoint),
     (r"checkpoint cleanup .*--dry-run", deletes_nothing),
     (r"checkpoint resume .* examples/quickstart\.py --epochs 5$", resume_trains_more_epochs),
@@ -273,10 +318,6 @@ def demo_project(tmp_path_factory) -> Path:
 def test_readme_command_does_what_it_says(demo_project, command):
     if any(re.search(p, command) for p in RUNS_UNTIL_STOPPED):
         pytest.skip("runs until stopped")
-    if command.startswith("trainctl aws "):
-        pytest.skip("needs an AWS account: tests/test_aws_e2e.py runs the README's AWS commands against moto")
-    if command.startswith("trainctl runpod "):
-        pytest.skip("needs RunPod: test_runpod_readme.py runs it against the fake RunPod API")
     bin_dir = write_entry_point(demo_project.parent / "bin")
     env = clean_env(PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
                     COLUMNS="120")
@@ -290,3 +331,12 @@ def test_readme_command_does_what_it_says(demo_project, command):
     check = expectation(command)
     assert check is not None
     check(ran)
+
+
+def test_the_cloud_sections_are_run_by_their_own_tests():
+    """The AWS and RunPod commands are left out above: each section's own test runs them."""
+    cloud = readme_commands(cloud=True)
+    assert any(c.startswith("trainctl aws ") for c in cloud) and any(c.startswith("trainctl runpod ") for c in cloud)
+    assert not any(c.startswith(("trainctl aws ", "trainctl runpod ")) for c in readme_commands())
+    for test in OWN_TESTS.values():
+        assert "README" in (REPO / test).read_text()
