@@ -69,27 +69,48 @@ def _clean(text: str) -> list[str]:
 
 
 def _last_exception(lines: list[str]) -> tuple[tuple[str, str] | None, str | None]:
+    """The last traceback's exception and the innermost frame of the user's code. The script's
+    stdout and stderr are read apart, so a line of other output can land inside the traceback:
+    a line followed by more frames is skipped, and of the lines after the frames the first that
+    looks like an exception is taken."""
     starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
     if not starts:
         return None, None
     i = starts[-1] + 1
     location = None
-    while i < len(lines) and (lines[i].startswith((" ", "\t")) or not lines[i].strip()):
-        frame = _FRAME.match(lines[i])
+    while i < len(lines):
+        line = lines[i]
+        if not (line.startswith((" ", "\t")) or not line.strip()):
+            if not (i + 1 < len(lines) and lines[i + 1].startswith((" ", "\t"))):
+                break  # the exception line (or what stands for it)
+        frame = _FRAME.match(line)
         if frame and not _is_library(frame.group(1)):
             location = f"{_short(frame.group(1))}:{frame.group(2)}"
         i += 1
     if i >= len(lines):
         return None, location
-    m = _EXC_LINE.match(lines[i].strip())
-    if not m:
+    found = None
+    for j in range(i, min(i + 4, len(lines))):
+        m = _EXC_LINE.match(lines[j].strip())
+        if m and (found is None or _looks_like_exception(m)):
+            found = (j, m)
+            if _looks_like_exception(m):
+                break
+    if found is None:
         return None, location
+    j, m = found
     message = [m.group(2) or ""]
-    for follow in lines[i + 1:]:
+    for follow in lines[j + 1:]:
         if not follow.strip() or not follow.startswith((" ", "\t")):
             break
         message.append(follow.strip())
     return (m.group(1), "\n".join(message).strip()), location
+
+
+def _looks_like_exception(m: re.Match[str]) -> bool:
+    name = m.group(1).rsplit(".", 1)[-1]
+    return m.group(2) is not None or "." in m.group(1) or \
+        name.endswith(("Error", "Exception", "Interrupt", "Exit", "Warning", "Iteration", "Failure"))
 
 
 def _is_library(path: str) -> bool:
