@@ -329,13 +329,13 @@ TRACEBACK = ['Traceback (most recent call last):', '  File "/p/train.py", line 5
 @pytest.mark.parametrize("at", range(1, len(TRACEBACK) + 1))
 def test_a_line_of_stdout_inside_the_traceback_does_not_hide_the_exception(at):
     # stdout and stderr are read apart: a line printed just before the crash can land anywhere in it
-    lines = TRACEBACK[:at] + ["starting"] + TRACEBACK[at:]
+    lines = [*TRACEBACK[:at], "starting", *TRACEBACK[at:]]
     found = diagnose("\n".join(["epoch 1", *lines]) + "\n", exit_code=1, script="train.py")
     assert found is not None and found.what == "the script raised ValueError: boom in step 7 at train.py:3", lines
 
 
 def test_an_exception_without_a_message_is_still_named():
-    found = diagnose("\n".join(TRACEBACK[:-1] + ["KeyboardInterrupt"]) + "\n", exit_code=1, script="train.py")
+    found = diagnose("\n".join([*TRACEBACK[:-1], "KeyboardInterrupt"]) + "\n", exit_code=1, script="train.py")
     assert found is not None and "KeyboardInterrupt" in found.what
-    custom = diagnose("\n".join(TRACEBACK[:-1] + ["Boom"]) + "\n", exit_code=1, script="train.py")
-    assert custom is not None and "the script raised Boom at train.py:3" == custom.what
+    custom = diagnose("\n".join([*TRACEBACK[:-1], "Boom"]) + "\n", exit_code=1, script="train.py")
+    assert custom is not None and custom.what == "the script raised Boom at train.py:3"

@@ -17,7 +17,6 @@ import pytest
 
 from .conftest import REPO, clean_env, write_entry_point
 
-
 # sections whose commands need a cloud account: their own tests run them, in order, against
 # moto (tests/test_aws_e2e.py) and the fake RunPod API (tests/test_runpod_readme.py)
 OWN_TESTS = {"AWS": "tests/test_aws_e2e.py", "RunPod": "tests/test_runpod_readme.py"}

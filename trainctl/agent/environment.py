@@ -393,7 +393,7 @@ def setup_environment(project_dir: str | os.PathLike[str], interpreter: Interpre
         if wheel:
             # the laptop's trainctl, even where the image has one of the same version (pip would
             # call that satisfied and keep it); its dependencies come with the next install
-            _run_pip(command + ["--no-deps", "--force-reinstall", str(wheel)], log, timeout_s=timeout_s)
+            _run_pip([*command, "--no-deps", "--force-reinstall", str(wheel)], log, timeout_s=timeout_s)
         _run_pip(command + targets, log, timeout_s=timeout_s)
     return Prepared(python, chosen, interpreter, [r.text for r in requirements], str(constraints),
                     time.monotonic() - started)

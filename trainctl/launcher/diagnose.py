@@ -80,9 +80,9 @@ def _last_exception(lines: list[str]) -> tuple[tuple[str, str] | None, str | Non
     location = None
     while i < len(lines):
         line = lines[i]
-        if not (line.startswith((" ", "\t")) or not line.strip()):
-            if not (i + 1 < len(lines) and lines[i + 1].startswith((" ", "\t"))):
-                break  # the exception line (or what stands for it)
+        if line.strip() and not line.startswith((" ", "\t")) and \
+                not (i + 1 < len(lines) and lines[i + 1].startswith((" ", "\t"))):
+            break  # the exception line (or what stands for it)
         frame = _FRAME.match(line)
         if frame and not _is_library(frame.group(1)):
             location = f"{_short(frame.group(1))}:{frame.group(2)}"
