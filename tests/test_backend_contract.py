@@ -225,3 +225,16 @@ def test_the_engine_runs_a_session_with_restarts_on_another_backend(tmp_path, mo
     assert any("restart 1/2" in m for m in events.messages)
     assert [e["values"] for e in result.session.metrics()] == [{"loss": 0.5}, {"loss": 0.5}]
     assert list((tmp_path / "attempts").iterdir()) == []  # each attempt released
+
+
+def test_a_follower_that_joins_late_still_gets_each_stream_apart(tmp_path):
+    """The engine's reader may attach after the script printed (a loaded machine): what it
+    catches up on keeps stdout and stderr apart, or stderr lines reached the user's stdout."""
+    local = get_backend("local", use_pty=False)
+    source = ("import sys\nfor i in range(3):\n    print(f'out {i}')\n    print(f'err {i}', file=sys.stderr)\n")
+    handle = local.launch(local.plan(spec(tmp_path, source)), 0)
+    wait_until_ended(local, handle)  # everything printed before anyone follows
+    chunks = list(local.log_iter(handle, follow=True))
+    by_stream = {s: b"".join(c.data for c in chunks if c.stream == s).decode() for s in ("stdout", "stderr")}
+    assert by_stream == {"stdout": "out 0\nout 1\nout 2\n", "stderr": "err 0\nerr 1\nerr 2\n"}, chunks
+    local.release(handle)

@@ -35,6 +35,7 @@ FOLLOW_LIMIT = 256  # chunks a follower may lag behind before the pump waits for
 JOIN_LIMIT_BYTES = 1 << 20  # queued chunks a follower takes as one
 GATHER_BELOW_BYTES = 2048  # after a read smaller than this (a pty gives 4 KB at most), output gathers...
 GATHER_S = 0.001  # ...this long before reading again (far below what a person notices)
+RECENT_KEEP_BYTES = 1 << 20  # newest chunks kept in memory, stream and all, for a follower that joins late
 REAP_GRACE_S = 2.0  # what is left of the script's process group gets this long after SIGTERM
 UNWRITTEN_KEEP_BYTES = 64 * 1024  # newest output kept in memory while output.log can't be written
 LOG_RETRY_S = 1.0  # how often a failing output.log is tried again
@@ -181,6 +182,10 @@ class _Attempt:
         self.end = start  # offset in output.log after the last chunk written
         self.lock = threading.Lock()
         self.followers: list[_Follower] = []
+        # what a follower that joins late reads before its first live chunk: from memory while
+        # it is kept (output.log has the bytes but not which stream each came from)
+        self.recent: collections.deque[LogChunk] = collections.deque()
+        self.recent_bytes = 0
         self.done = threading.Event()
         self.returncode: int | None = None
         self.pumps = [threading.Thread(target=self._pump, args=(fd, stream), daemon=True,
@@ -203,6 +208,10 @@ class _Attempt:
                 self.end += len(data)
                 for follower in self.followers:
                     follower.put(chunk)
+                self.recent.append(chunk)
+                self.recent_bytes += len(data)
+                while self.recent_bytes > RECENT_KEEP_BYTES and len(self.recent) > 1:
+                    self.recent_bytes -= len(self.recent.popleft().data)
             if len(data) < GATHER_BELOW_BYTES:
                 # a script printing line by line (PYTHONUNBUFFERED) makes one write per line:
                 # letting a millisecond's worth gather costs each piece nothing visible and
@@ -346,11 +355,17 @@ class LocalBackend(Backend):
         follower = None
         with att.lock:
             end = att.end
+            kept = list(att.recent) if att.recent and att.recent[0].offset <= start else None
             if follow and not att.done.is_set():
                 follower = _Follower()
                 att.followers.append(follower)
         try:
-            if start < end:
+            if start < end and kept is not None:  # each chunk with its stream
+                for chunk in kept:
+                    if chunk.offset + len(chunk.data) > start:
+                        cut = max(0, start - chunk.offset)
+                        yield LogChunk(chunk.offset + cut, chunk.data[cut:], chunk.stream)
+            elif start < end:
                 yield from _read_file(att.output, start, end)
             while follower is not None:
                 chunk = follower.get()
