@@ -281,9 +281,13 @@ def script_state(recorded_script: Any, recorded_digest: Any, script: str | None,
 def settings_differences(then: dict[str, Any], now: dict[str, Any], *, only_now: bool = False) -> list[Difference]:
     """What differs between two flat settings maps (NOT_GIVEN for a key one side lacks);
     with `only_now`, only keys this run sets (the other side is a full config)."""
+    from .redact import is_secret_name
+
     keys = list(now) if only_now else list(dict.fromkeys([*now, *then]))
     out = []
     for key in keys:
+        if is_secret_name(str(key)):
+            continue  # never recorded (only ***), so never compared, and never shown
         a, b = then.get(key, NOT_GIVEN), now.get(key, NOT_GIVEN)
         if not _same_value(a, b):
             out.append(Difference(key, a, b))
