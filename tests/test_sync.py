@@ -4,6 +4,7 @@ reading a remote session from the laptop: `sessions pull ID|URI`, `sessions logs
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,31 @@ def test_local_sync_mirrors_the_session_and_pull_brings_it_back(tmp_path):
     here = run_cli(["sessions", "pull", remote.uri], project)
     assert here.returncode == 2 and "ran in this project" in here.stderr
     assert json.loads((local / "session.json").read_text())["status"] == "completed"
+
+
+def test_local_sync_detached_mirrors_the_session_like_the_foreground_run(tmp_path):
+    project = make_project(tmp_path / "laptop-a")
+    bucket = tmp_path / "bucket"
+    started = run_cli(["local", "--no-preflight", "--sync", str(bucket), "--detach", "train.py", *TRAIN], project)
+    assert started.returncode == 0, started.stderr
+    local = only_session(project)
+    remote = RemoteSession(LocalStore(bucket / "proj" / local.name))
+    assert f"Started session {local.name} in the background" in started.stdout
+    assert f"syncing  to {remote.uri}" in started.stdout
+    record = wait_for(lambda: (lambda r: r if r.get("status") not in ("pending", "running") else None)(
+        json.loads((local / "session.json").read_text())), timeout_s=240, interval_s=0.2)
+    assert record["status"] == "completed" and record["storage"] == remote.uri
+    # the background process closes the sync after the run: its last line says so
+    wait_for(lambda: "[trainctl] synced: " in (local / "output.log").read_text(), timeout_s=120, interval_s=0.2)
+    assert re.search(rf"\[trainctl\] synced: [12] checkpoint\(s\) uploaded, latest ckpt-step00000040\.pt "
+                     rf"\({re.escape(remote.uri)}\)", (local / "output.log").read_text())
+    assert remote.latest_checkpoint()["file"] == "ckpt-step00000040.pt"
+    assert (bucket / "proj" / local.name / "checkpoints" / "ckpt-step00000040.pt").read_bytes() == \
+        (project / "checkpoints" / local.name / "ckpt-step00000040.pt").read_bytes()
+    events = b"".join(remote.store.get_bytes(o.key)[0] for o in remote.store.list("events/"))
+    assert events == (local / "events.jsonl").read_bytes()
+    assert "epoch 2/2 step 40/40" in remote.read_output()
+    assert remote.read_session()["status"] == "completed" and remote.read_heartbeat()["released"]
 
 
 def test_pull_by_id_looks_under_cloud_storage_for_this_project(tmp_path):
@@ -164,7 +190,6 @@ def test_monitor_reads_a_synced_session_from_storage_by_uri(tmp_path):
 
 @pytest.mark.parametrize("args, code, message", [
     (["local", "--sync", "ftp://host/x", "train.py"], 2, "unsupported scheme 'ftp://'"),
-    (["local", "--sync", "BUCKET", "--detach", "train.py"], 2, "--sync and --detach do not go together"),
     (["sessions", "pull", "20260101-000000-abcdef"], 2, "no [cloud] storage is set"),
     (["sessions", "pull", "EMPTY"], 3, "No session at"),
     (["sessions", "logs", "nosuch"], 3, "No session 'nosuch'"),
