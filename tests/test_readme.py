@@ -121,6 +121,13 @@ def reads_the_backup(r: Ran) -> None:
     assert r.out and r.out.splitlines() == log.splitlines()[-3:], r.out
 
 
+def monitors_the_backup(r: Ran) -> None:
+    session = newest_session(r.project)
+    assert r.out.startswith(f"session {session['id']}  completed"), r.out
+    assert re.search(r"^progress\s+epoch 1/1 step 5/5", r.out, re.MULTILINE), r.out
+    assert re.search(r"^storage\s+file://\S+/backup/\S+ \(released\)$", r.out, re.MULTILINE), r.out
+
+
 def shows_epoch_step_and_metrics(r: Ran) -> None:
     assert re.search(r"^status:\s+valid$", r.out, re.MULTILINE), r.out
     assert re.search(r"^epoch:\s+\d+$", r.out, re.MULTILINE) and re.search(r"^step:\s+\d+$", r.out, re.MULTILINE)
@@ -259,6 +266,7 @@ EXPECTED: list[tuple[str, Callable[[Ran], None]]] = [
     (r"monitor --log .* --checkpoint checkpoints$", monitors_a_log_and_a_checkpoint_folder),
     (r"local --quiet --sync \./backup ", backs_up_to_a_folder),
     (r"sessions logs .*backup/.* --tail 3$", reads_the_backup),
+    (r"monitor .*backup/.* --once$", monitors_the_backup),
     (r"checkpoint verify$", verifies_every_checkpoint),
     (r"checkpoint cleanup .*--dry-run", deletes_nothing),
     (r"checkpoint resume .* examples/quickstart\.py --epochs 5$", resume_trains_more_epochs),

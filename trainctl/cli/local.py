@@ -73,13 +73,9 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
                                   path=str(script))
     cfg = load()
     if sync_uri is not None:
-        from ..errors import UsageError
         from ..storage.uri import parse_uri
 
         parse_uri(sync_uri)  # a bad URI fails before anything starts
-        if detach:
-            raise UsageError("--sync and --detach do not go together yet.",
-                             "Run with --sync in a terminal multiplexer (tmux, screen), or without --sync.")
     args_list = list(args)
     if resume is None:
         resume, args_list = split_resume_arg(args_list, cfg.resume_flag)
@@ -93,7 +89,7 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
         show_plan(spec, restart, cfg, force=force)
         return
     if detach:
-        start_in_background(spec, restart, cfg, preflight=not no_preflight, force=force)
+        start_in_background(spec, restart, cfg, preflight=not no_preflight, force=force, sync_uri=sync_uri)
         return
     _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight, sync_uri=sync_uri,
                                    force=force)

@@ -259,19 +259,9 @@ def sessions_logs(session_ref: str, follow: bool, tail: int | None) -> None:
 
 def _remote_of(session_ref: str):
     """The remote session `session_ref` names: a storage URI, or a session pulled from storage."""
-    from ..errors import NotFoundError
-    from ..storage.mirror import looks_like_uri, remote_session
+    from ..storage.mirror import remote_of
 
-    cfg = _config()
-    if looks_like_uri(session_ref):
-        return remote_session(session_ref, cfg)
-    try:
-        data = _store().get(session_ref).read()
-    except NotFoundError:
-        return None
-    if data.get("pulled_at") and isinstance(data.get("storage"), str):
-        return remote_session(data["storage"], cfg)
-    return None
+    return remote_of(session_ref, _config())
 
 
 def _remote_logs(remote, *, follow: bool, tail: int | None) -> None:

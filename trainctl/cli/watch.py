@@ -102,15 +102,28 @@ def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, pre
 
 
 def start_in_background(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, preflight: bool,
-                        parent: str | None = None, resume_verified: bool = False, force: bool = False) -> Session:
-    """Resolve, check and create the session here, then leave the run to a background process."""
+                        parent: str | None = None, resume_verified: bool = False, force: bool = False,
+                        sync_uri: str | None = None) -> Session:
+    """Resolve, check and create the session here, then leave the run to a background process.
+    With `sync_uri`, the session's lease in storage is taken here (a storage that can't be
+    written is said now) and the background process syncs under it."""
     from ..launcher import detached
 
     supervisor = Supervisor(spec, policy, cfg, backend_options={"use_pty": False},
                             events=TerminalEvents(quiet=False, args=spec.args), parent=parent, force=force)
     session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
-    pid = detached.start(supervisor)
+    sync = None
+    if sync_uri is not None:
+        from ..agent.sync import claim_sync
+        from ..storage.mirror import project_name
+
+        project = project_name(cfg)
+        sync = {"storage": sync_uri, "project": project,
+                "lease_term": claim_sync(session, sync_uri, project=project, cfg=cfg)}
+    pid = detached.start(supervisor, sync=sync)
     click.echo(f"Started session {session.id} in the background (pid {pid}).")
+    if sync is not None:
+        click.echo(f"  syncing  to {session.read().get('storage')}")
     click.echo(f"  attach   trainctl sessions attach {session.id}     (Ctrl-C detaches; the run goes on)")
     click.echo(f"  output   trainctl sessions logs {session.id} --follow")
     click.echo(f"  stop     trainctl sessions stop {session.id}       (emergency checkpoint, then stopped)")

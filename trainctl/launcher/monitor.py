@@ -503,6 +503,12 @@ def render(snap: dict[str, Any], width: int = 80) -> list[str]:
         state = "  incomplete" if r["status"] == "incomplete" else ""
         lines.append(f"  {r['display']}{step}  {metrics.format_duration(r['age_s'])} ago{state}")
     lines = [line if len(line) <= width else line[:width - 1] + "…" for line in lines]
+    store = snap.get("storage")
+    if store:  # a session read from storage: where (never cut: it is copied), what its writer last said
+        beat = store.get("heartbeat_age_s")
+        state = ("ended" if store.get("ended") else "released" if store.get("released")
+                 else f"heartbeat {metrics.format_duration(beat)} ago" if beat is not None else "no heartbeat yet")
+        lines.append(f"storage   {store['uri']} ({state})")
     if snap.get("resume_command") and snap["status"] != State.CRASHED:  # crashed: in its warning
         lines.append(f"resume    {snap['resume_command']}")  # never cut: it must run as printed
     for w in snap["warnings"]:  # warnings are wrapped, never cut
