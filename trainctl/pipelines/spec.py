@@ -163,8 +163,9 @@ def load(path: str | Path) -> Pipeline:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         m = re.search(r"line (\d+)", str(e))
+        line = int(m.group(1)) if m else (len(where.lines) if "end of document" in str(e) else 1)
         raise PipelineError(f"not valid TOML: {e}", "Fix the syntax (https://toml.io).", path=str(path),
-                            line=int(m.group(1)) if m else 1) from e
+                            line=max(line, 1)) from e
     for key in data:
         if key not in PIPELINE_KEYS:
             raise where.error(f"unknown key '{key}'. Valid at the top: {', '.join(PIPELINE_KEYS)}.",
@@ -201,7 +202,7 @@ def _step(name: str, raw: Any, path: Path, where: Locator) -> Step:
     script = raw.get("script")
     if not isinstance(script, str) or not script:
         raise bad("script", "is missing or not a string.", f'Add script = "train.py" to [steps.{name}]')
-    script_path = (path.parent / script)
+    script_path = (path.parent / script).absolute()
     if not script_path.is_file():
         raise bad("script", f"{script} does not exist (looked for {script_path}).",
                   "Scripts are found relative to the pipeline file's folder.")
