@@ -284,3 +284,79 @@ def test_pipeline_list_empty_and_help_is_light(project):
             "print(sorted(m for m in ('torch', 'lightning', 'boto3') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=clean_env(), capture_output=True, text=True)
     assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
+
+
+# --- cheap steps (no torch): matrix expansion, what counts as "the same", --only ------------------
+
+ECHO = """import sys
+import trainctl
+run = trainctl.init()
+run.log({"val_loss": float(sys.argv[sys.argv.index("--loss") + 1]) if "--loss" in sys.argv else 1.0}, step=1)
+print("argv", sys.argv[1:])
+"""
+
+
+def test_matrix_runs_every_combination_and_reruns_what_changed(project):
+    (project / "echo.py").write_text(ECHO)
+    (project / "p.toml").write_text("""
+[steps.first]
+script = "echo.py"
+args = ["--loss", "0.5"]
+[steps.grid]
+script = "echo.py"
+needs = ["first"]
+args = ["--loss", "{matrix.loss}", "--after", "{steps.first.session_id}"]
+matrix = {loss = [0.3, 0.1], wd = [0, 1]}
+parallel = 2
+""")
+    r = run_cli(["pipeline", "run", "p.toml"], project, timeout=300)
+    assert r.returncode == 0, r.stderr
+    grid = step_sessions(project, "p", "grid")
+    (first,) = step_sessions(project, "p", "first")
+    assert sorted(g["pipeline"]["instance"] for g in grid) == ["loss=0.1,wd=0", "loss=0.1,wd=1",
+                                                               "loss=0.3,wd=0", "loss=0.3,wd=1"]
+    for g in grid:  # the key the args don't name comes as --wd VALUE
+        combo = g["pipeline"]["combo"]
+        assert g["args"] == ["--loss", str(combo["loss"]), "--after", first["id"], "--wd", str(combo["wd"])]
+    rec = record(project, "p")
+    assert rec["steps"]["grid"]["best_instance"].startswith("loss=0.1")  # val_loss, min
+    assert rec["steps"]["grid"]["outputs"]["select"] == {"metric": "val_loss", "mode": "min", "value": 0.1}
+    shown = json.loads(run_cli(["pipeline", "status", "--json"], project).stdout)
+    assert shown["id"] == "p" and shown["status"] == "completed"
+
+    # a changed matrix: only the new combination runs
+    (project / "p.toml").write_text((project / "p.toml").read_text().replace("wd = [0, 1]", "wd = [0, 1, 2]"))
+    r = run_cli(["pipeline", "run", "-q", "p.toml"], project, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "step grid: 2 session(s) to run, 4 up to date" in r.stderr
+    assert len(step_sessions(project, "p", "first")) == 1 and len(step_sessions(project, "p", "grid")) == 6
+
+    # a changed script: everything that runs it again, the steps after with the new inputs
+    (project / "echo.py").write_text(ECHO + "# changed\n")
+    r = run_cli(["pipeline", "run", "-q", "p.toml"], project, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert len(step_sessions(project, "p", "first")) == 2 and len(step_sessions(project, "p", "grid")) == 12
+
+
+def test_only_needs_its_inputs_done(project):
+    (project / "echo.py").write_text(ECHO)
+    (project / "p.toml").write_text("""
+[steps.a]
+script = "echo.py"
+[steps.b]
+script = "echo.py"
+needs = ["a"]
+args = ["--dir", "{steps.a.session_dir}"]
+""")
+    r = run_cli(["pipeline", "run", "p.toml", "--only", "b"], project, timeout=300)
+    assert r.returncode == 1
+    assert "step b needs the outputs of step a, which has not completed." in r.stderr
+    assert "failed at step b" in r.stdout and not step_sessions(project, "p", "b")
+    r = run_cli(["pipeline", "run", "p.toml", "--only", "a"], project, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert [len(step_sessions(project, "p", s)) for s in "ab"] == [1, 0]
+    r = run_cli(["pipeline", "run", "p.toml", "--only", "b"], project, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (a,) = step_sessions(project, "p", "a")
+    (b,) = step_sessions(project, "p", "b")
+    assert b["args"] == ["--dir", str(project / ".trainctl" / "sessions" / a["id"])]
