@@ -242,6 +242,10 @@ BAD_FILES = [
      "step a: select mode must be min or max, not 'up'."),
     ("bad parallel", GOOD_STEP + 'parallel = 0\n', 3,
      "step a: parallel must be a whole number of 1 or more, not 0."),
+    ("unknown resource", GOOD_STEP + 'resources = {gpu = 1}\n', 3,
+     "step a: resources has unknown key 'gpu'. Valid here: nproc_per_node, gpus."),
+    ("bad resource value", GOOD_STEP + 'resources = {nproc_per_node = 0}\n', 3,
+     "step a: resources nproc_per_node must be a whole number of 1 or more, not 0."),
     ("not TOML", GOOD_STEP + 'args = [\n', 3, None),
     ("no steps", 'name = "x"\n', 1, "the pipeline has no steps."),
 ]

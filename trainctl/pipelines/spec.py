@@ -29,6 +29,7 @@ OUTPUTS = ("best_checkpoint", "last_checkpoint", "session_dir", "session_id", "c
 REFERENCE = re.compile(r"\{([^{}]*)\}")
 NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 BACKENDS = ("local", "aws", "runpod")
+LOCAL_RESOURCES = {"nproc_per_node": 1, "gpus": 0}  # key -> smallest value
 
 
 class PipelineError(ConfigError):
@@ -218,6 +219,14 @@ def _step(name: str, raw: Any, path: Path, where: Locator) -> Step:
     resources = raw.get("resources", {})
     if not isinstance(resources, dict):
         raise bad("resources", "must be a table.", "Example: resources = {nproc_per_node = 2}")
+    if backend == "local":  # what `trainctl local` takes; the cloud backends read more from trainctl.toml
+        for key, value in resources.items():
+            if key not in LOCAL_RESOURCES:
+                raise bad("resources", f"has unknown key '{key}'. Valid here: {', '.join(LOCAL_RESOURCES)}.",
+                          "Example: resources = {nproc_per_node = 2, gpus = 1}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < LOCAL_RESOURCES[key]:
+                raise bad("resources", f"{key} must be a whole number of {LOCAL_RESOURCES[key]} or more, not {value!r}.",
+                          "Example: resources = {nproc_per_node = 2, gpus = 1}")
     matrix = raw.get("matrix", {})
     if not isinstance(matrix, dict) or not all(isinstance(v, list) and v for v in matrix.values()):
         raise bad("matrix", "must map each key to a non-empty list.", "Example: matrix = {lr = [1e-3, 3e-4]}")
@@ -234,7 +243,8 @@ def _step(name: str, raw: Any, path: Path, where: Locator) -> Step:
     if not isinstance(metric, str) or mode not in ("min", "max"):
         raise bad("select", f"mode must be min or max, not {mode!r}.", 'Example: select = {metric = "accuracy", mode = "max"}')
     max_restarts = raw.get("max_restarts")
-    if max_restarts is not None and (not isinstance(max_restarts, int) or max_restarts < 0):
+    if max_restarts is not None and (not isinstance(max_restarts, int) or isinstance(max_restarts, bool)
+                                     or max_restarts < 0):
         raise bad("max_restarts", "must be 0 or more.", "Example: max_restarts = 2")
     return Step(name, script_path, [str(a) for a in args], list(needs), backend, dict(resources),
                 {str(k): list(v) for k, v in matrix.items()}, parallel, metric, mode, max_restarts)
