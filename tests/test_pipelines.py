@@ -4,6 +4,7 @@ what is done and resume what stopped, and pipeline files checked before anything
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -186,6 +187,7 @@ args = ["--from-step", "{{steps.pretrain.session_id}}", "--loss", "{{steps.pretr
     r = run_cli(["pipeline", "run", "-q", "pipeline.toml"], project, timeout=300)
     assert r.returncode == 1
     assert "failed at step check; continue" in r.stdout and "trainctl pipeline run pipeline.toml" in r.stdout
+    assert re.search(r"^step check: session (\S+) failed: trainctl sessions show \1$", r.stdout, re.MULTILINE), r.stdout
     rec = record(project, "pipeline")
     assert rec["status"] == "failed" and rec["steps"]["check"]["state"] == "failed"
     (check,) = step_sessions(project, "pipeline", "check")
@@ -355,6 +357,7 @@ args = ["--dir", "{steps.a.session_dir}"]
     r = run_cli(["pipeline", "run", "p.toml", "--only", "b"], project, timeout=300)
     assert r.returncode == 1
     assert "step b needs the outputs of step a, which has not completed." in r.stderr
+    assert "step b: step b needs the outputs of step a, which has not completed." in r.stdout
     assert "failed at step b" in r.stdout and not step_sessions(project, "p", "b")
     r = run_cli(["pipeline", "run", "p.toml", "--only", "a"], project, timeout=300)
     assert r.returncode == 0, r.stderr

@@ -137,6 +137,16 @@ def _show_status(record: dict[str, Any], state_dir: Path) -> None:
         rows.append([s.name, s.state, str(s.sessions), format_duration(s.duration_s) if s.duration_s is not None
                      else "-", best, _short_path(s.checkpoint)])
     click.echo(table(["STEP", "STATE", "SESSIONS", "DURATION", "BEST", "CHECKPOINT"], rows))
+    for name, step in (record.get("steps") or {}).items():
+        if step.get("state") != "failed":
+            continue
+        if step.get("error"):
+            click.echo(f"step {name}: {step['error']}")
+        for key, entry in (step.get("instances") or {}).items():
+            if entry.get("state") == "failed":
+                why = entry.get("error") or (f"session {entry['session']} failed: trainctl sessions show {entry['session']}"
+                                             if entry.get("session") else "failed")
+                click.echo(f"step {name}{f'[{key}]' if key else ''}: {why}")
     if status in ("failed", "interrupted"):
         where = f" at step {record['failed_step']}" if record.get("failed_step") else ""
         click.echo(f"\n{status}{where}; continue (done steps are skipped, the stopped one resumes from its "

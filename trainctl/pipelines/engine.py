@@ -425,11 +425,12 @@ class PipelineRun:
                     i = pending.pop(future)
                     try:
                         states[i.key] = future.result()
-                    except TrainctlError as e:
+                    except Exception as e:  # one session that could not start must not end the others
                         states[i.key] = "failed"
-                        self.events.message(f"step {label}{_shown(i.key)}: {e.message}")
+                        why = e.message if isinstance(e, TrainctlError) else f"{type(e).__name__}: {e}"
+                        self.events.message(f"step {label}{_shown(i.key)}: {why}")
                         with self._lock:
-                            known[i.key].update(state="failed", error=e.message)
+                            known[i.key].update(state="failed", error=why)
         outputs = self._step_outputs(step, instances)
         failed = [k for k, s in states.items() if s != "completed"]
         state = "completed"
