@@ -296,15 +296,16 @@ class PipelineRun:
         return self.record["steps"].setdefault(name, {"state": "pending", "instances": {}})
 
     def _upstream_outputs(self, step: Step) -> dict[str, dict[str, Any]]:
+        """The outputs of every step `step` needs or refers to; each must have completed."""
         out = {}
-        for ref in step.references():
-            if ref.step and ref.step not in out:
-                rec = self.record["steps"].get(ref.step) or {}
-                if rec.get("state") != "completed" or not rec.get("outputs"):
-                    raise UsageError(f"step {step.name} needs the outputs of step {ref.step}, which has not completed.",
+        for name in [*step.needs, *(r.step for r in step.references() if r.step)]:
+            if name not in out:
+                rec = self.record["steps"].get(name) or {}
+                if rec.get("state") != "completed" or "outputs" not in rec:
+                    raise UsageError(f"step {step.name} needs the outputs of step {name}, which has not completed.",
                                      f"Run it first: {self._continue_command()}"
-                                     + (f" --only {ref.step}" if self.only else ""))
-                out[ref.step] = rec["outputs"]
+                                     + (f" --only {name}" if self.only else ""))
+                out[name] = rec["outputs"]
         return out
 
     def _plan_step(self, step: Step) -> list[Instance]:
