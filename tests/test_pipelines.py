@@ -236,6 +236,8 @@ BAD_FILES = [
      "unknown key 'step'. Valid at the top: name, steps."),
     ("missing script", GOOD_STEP + '[steps.b]\nscript = "nowhere.py"\n', 4,
      "step b: script nowhere.py does not exist (looked for {root}/nowhere.py)."),
+    ("quoted step table, key further down", GOOD_STEP + '\n# the second step\n[ steps."b" ]\nneeds = ["a"]\n'
+     'script = "gone.py"\n', 7, "step b: script gone.py does not exist (looked for {root}/gone.py)."),
     ("no script key", GOOD_STEP + '[steps.b]\nargs = []\n', 3,
      "step b: script is missing or not a string."),
     ("unknown backend", GOOD_STEP + 'backend = "gcp"\n', 3,
