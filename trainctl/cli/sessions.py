@@ -41,20 +41,31 @@ def _warn_problems(problems: list[str]) -> None:
 @sessions.command("list")
 @click.option("--status", type=click.Choice(STATUS_CHOICES), help="Only sessions with this status.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Show at most N sessions.")
+@click.option("--pipeline", "pipeline_id", metavar="ID", default=None,
+              help="Only the sessions of pipeline ID's steps (trainctl pipeline list).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
-def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
+def sessions_list(status: str | None, limit: int | None, pipeline_id: str | None, as_json: bool) -> None:
     """Every session of this project, newest first (reads session.json files only)."""
     from ..formatting import format_duration
     from .render import age, metrics_line, table
 
-    records, problems = _store().list(status=status, limit=limit)
+    if pipeline_id is None:
+        records, problems = _store().list(status=status, limit=limit)
+    else:
+        records, problems = _store().list(status=status)
+        records = [r for r in records if isinstance(r.get("pipeline"), dict)
+                   and r["pipeline"].get("id") == pipeline_id][:limit]
     _warn_problems(problems)
     if as_json:
         click.echo(json.dumps(records, indent=2, default=str))
         return
     if not records:
-        click.echo("No sessions yet. Start one with: trainctl local SCRIPT" if not status
-                   else f"No {status} sessions.")
+        if pipeline_id is not None:
+            click.echo(f"No {status + ' ' if status else ''}sessions of pipeline {pipeline_id}. "
+                       "See the pipelines with: trainctl pipeline list")
+        else:
+            click.echo("No sessions yet. Start one with: trainctl local SCRIPT" if not status
+                       else f"No {status} sessions.")
         return
     now = time.time()
     costs: dict = {}
