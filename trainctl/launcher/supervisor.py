@@ -372,12 +372,13 @@ class Supervisor:
                         world_size=node.get("world_size"), master_addr=node.get("master_addr"),
                         head=ranks[0] == 0, seen_attempt=self._node_entry.get("attempt"))
 
-    def _shared_with_others(self, session: Session) -> bool:
+    def _other_head(self, session: Session) -> bool:
+        """Another node recorded here held global rank 0 (a session folder the nodes share)."""
         try:
             nodes = session.read().get("nodes") or {}
         except Exception:
             return False
-        return any(key != self.node_key for key in nodes)
+        return any(key != self.node_key and isinstance(n, dict) and n.get("head") for key, n in nodes.items())
 
     # -------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -518,7 +519,7 @@ class Supervisor:
                     self._final_attempts = ended  # recorded with the session's end: one write, not two
                     return outcome, attempt + 1
                 if self.node is not None:
-                    self._save_node(session, attempts=ended, state=outcome.status.value)
+                    self._save_node(session, attempts=ended, state="restarting")
                     stopped = self._node_restart_delay(session, outcome, attempt)
                     if stopped is not None:
                         outcome.status = final_status = stopped
@@ -786,7 +787,7 @@ class Supervisor:
             self._save_node(session, state=outcome.status.value, ended_at=ended, exit_code=outcome.exit_code,
                             signal=outcome.signal, attempts=self._final_attempts or self._node_entry.get("attempts"))
             # in a session folder the nodes share, the node that held global rank 0 records the end
-            if not self._node_entry.get("head") and self._shared_with_others(session):
+            if not self._node_entry.get("head") and self._other_head(session):
                 return RunResult(session, outcome, summary, diagnosis, newest, exit_code_for(outcome), record)
         self._record("how the session ended", session.update, **record)
         self._record("how the session ended", session.event, "status", status=outcome.status, source="launcher",
