@@ -171,6 +171,11 @@ def _from_slurm(env: Mapping[str, str]) -> NodeSpec:
         raise UsageError(f"SLURM_NNODES={env.get('SLURM_NNODES')!r} and SLURM_NODEID={env.get('SLURM_NODEID')!r} "
                          "do not describe a node of a job.",
                          "Run under srun inside an allocation, or pass --nnodes/--rdzv-endpoint yourself.")
+    tasks = _int(env, "SLURM_NTASKS")
+    if tasks is not None and tasks != nnodes:
+        raise UsageError(f"srun started {tasks} tasks on {nnodes} nodes: trainctl local starts the processes of "
+                         "a node itself (--nproc-per-node), so it needs one task per node.",
+                         "srun --ntasks-per-node=1 trainctl local --nproc-per-node G train.py")
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
     if not nodelist:
         raise UsageError("SLURM_JOB_NODELIST is not set: the head node is unknown.",
