@@ -89,10 +89,10 @@ def _split_top(text: str, whole: str) -> list[str]:
     return [p.strip() for p in parts]
 
 
-def _expand_one(part: str, whole: str) -> list[str]:
+def _expand_one(part: str, whole: str, *, tail: bool = False) -> list[str]:
     start = part.find("[")
     if start < 0:
-        if not _HOST.match(part):
+        if "]" in part or (not tail and not _HOST.match(part)):
             raise _bad_hostlist(whole)
         return [part]
     end = part.index("]", start)
@@ -109,9 +109,9 @@ def _expand_one(part: str, whole: str) -> list[str]:
             raise _bad_hostlist(whole)
         width = len(lo) if lo.startswith("0") else 0
         values.extend(str(n).zfill(width) for n in range(int(lo), int(hi) + 1))
-    tails = _expand_one(rest, whole) if rest else [""]
+    tails = _expand_one(rest, whole, tail=True) if rest else [""]
     hosts = [prefix + v + t for v in values for t in tails]
-    if any(not _HOST.match(h) for h in hosts):
+    if not tail and any(not _HOST.match(h) for h in hosts):
         raise _bad_hostlist(whole)
     return hosts
 
