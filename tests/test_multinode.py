@@ -130,7 +130,7 @@ def test_two_nodes_with_their_own_state_dirs_train_as_one_machine_with_two_proce
 def test_a_node_killed_mid_run_restarts_the_whole_job_from_the_newest_checkpoint(tmp_path, reference):
     project = make_project(tmp_path)  # one state dir for both nodes
     procs = two_nodes((project, project), free_port(), "killed", "--max-restarts", "1", "--restart-delay", "1",
-                      train=[*TRAIN, "--step-delay", "0.3"])
+                      train=[*TRAIN, "--step-delay", "0.1"])
     first = project / "checkpoints"
     deadline = time.time() + NODE_TIMEOUT_S
     while not list(first.glob("*/ckpt-step00000002.pt")) and time.time() < deadline:
@@ -224,13 +224,12 @@ SLURM_BAD_LIST = {"SLURM_NNODES": "2", "SLURM_NODEID": "0", "SLURM_JOB_ID": "7",
 ])
 def test_bad_input_is_one_error_line_with_a_hint(project, args, env, message):
     (project / "train.py").write_text("pass\n")
-    for dry in ([], ["--dry-run"]):
-        r = run_cli(["local", *dry, *args, "train.py"], project, env=clean_env(**env))
-        assert r.returncode == 2, r.stderr
-        lines = r.stderr.strip().splitlines()
-        assert lines[0].startswith("error: ") and message in lines[0], r.stderr
-        assert len(lines) == 2 and lines[1].startswith("hint: ")
-        assert "Traceback" not in r.stderr
+    r = run_cli(["local", *args, "train.py"], project, env=clean_env(**env))
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert len(lines) == 2 and lines[1].startswith("hint: ")
+    assert "Traceback" not in r.stderr
     assert not (project / ".trainctl").exists()
 
 
@@ -278,3 +277,17 @@ def test_collectives_that_cannot_connect_name_the_interface():
                  "Gloo connectFullMesh failed with Connection refused\n", exit_code=1)
     assert d is not None and d.kind == "distributed_network"
     assert "GLOO_SOCKET_IFNAME" in d.fix and "docker0" in d.cause
+
+
+def test_monitor_warns_when_a_node_stops_reporting(project):
+    from trainctl.session import SessionStore
+
+    now = time.time()
+    session = SessionStore(project / ".trainctl").create(
+        session_id="20261130-job-quiet", status="running", started_at=now - 600, processes=[],
+        nodes={"gpu01-0": {"host": "gpu01", "state": "running", "ranks": [0, 7], "heartbeat_at": now - 5},
+               "gpu02-1": {"host": "gpu02", "state": "running", "ranks": [8, 15], "heartbeat_at": now - 300}})
+    r = run_cli(["monitor", session.id, "--once", "--json"], project)
+    assert r.returncode == 0, r.stderr
+    silent = [w for w in json.loads(r.stdout)["warnings"] if w["kind"] == "node_silent"]
+    assert len(silent) == 1 and "gpu02-1 (gpu02, ranks 8-15)" in silent[0]["message"]

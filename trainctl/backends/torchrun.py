@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 _ID = re.compile(r"[^A-Za-z0-9._-]+")
+NODE_HEARTBEAT_S = 15.0  # how often each node of a running job says in session.json that it is alive
+NODE_SILENT_S = 4 * NODE_HEARTBEAT_S  # a node not heard from for this long may be down
 
 
 @dataclass(frozen=True)

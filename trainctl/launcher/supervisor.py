@@ -22,7 +22,7 @@ from .. import config as config_mod
 from .. import resume as resume_mod
 from .. import sysinfo
 from ..backends.base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec, get_backend
-from ..backends.torchrun import NodeSpec
+from ..backends.torchrun import NODE_HEARTBEAT_S, NodeSpec
 from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, DiskError, UsageError, disk_problem
 from ..fsutil import temp_beside
 from ..redact import redact_args
@@ -616,6 +616,8 @@ class Supervisor:
                 self._warn_once(kind, text)
             if self.node is not None and self.session is not None:
                 self._saw_node(self.session, end)
+                if time.time() - self._node_entry.get("heartbeat_at", 0) >= NODE_HEARTBEAT_S:
+                    self._save_node(self.session)  # "last heard" in sessions show; monitor warns when it stops
             if not end.running:
                 return end
             if output_done.is_set():
