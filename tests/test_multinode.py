@@ -291,3 +291,20 @@ def test_monitor_warns_when_a_node_stops_reporting(project):
     assert r.returncode == 0, r.stderr
     silent = [w for w in json.loads(r.stdout)["warnings"] if w["kind"] == "node_silent"]
     assert len(silent) == 1 and "gpu02-1 (gpu02, ranks 8-15)" in silent[0]["message"]
+
+
+def test_a_job_whose_node_launchers_are_all_gone_is_crashed():
+    from trainctl import sysinfo
+    from trainctl.session import effective_status
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    me = {"pid": os.getpid(), "start_ticks": sysinfo.process_start_ticks(os.getpid())}
+    data = {"status": "running", "host": sysinfo.host(), "processes": [],
+            "nodes": {"a-0": {"host": sysinfo.host(), "launcher": {"pid": gone.pid}},
+                      "a-1": {"host": sysinfo.host(), "launcher": {"pid": gone.pid}}}}
+    assert effective_status(data) == "crashed"
+    data["nodes"]["a-1"]["launcher"] = me
+    assert effective_status(data) == "running"
+    data["nodes"]["a-1"] = {"host": "elsewhere", "launcher": {"pid": gone.pid}}
+    assert effective_status(data) == "running"  # another machine's node: can't tell from here

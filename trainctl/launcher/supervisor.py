@@ -429,7 +429,13 @@ class Supervisor:
     def run(self) -> RunResult:
         """Attempts until the script ends for good; the record in session.json, the end returned."""
         session = self.session or self.prepare()
-        recorded = session.read().get("processes") or []
+        data = session.read()
+        recorded = data.get("processes") or []
+        if self.node is not None:
+            # a detached engine: the node's record was begun by the process that prepared it
+            entry = (data.get("nodes") or {}).get(self.node_key)
+            self._node_entry = {**(entry if isinstance(entry, dict) else {}), **self._node_entry,
+                                "launcher": _this_process("launcher")}
         if self.node is None and not any(p.get("pid") == os.getpid() for p in recorded if isinstance(p, dict)):
             self._record("the launcher's process", session.update,
                          processes=[_this_process("launcher")])  # a detached engine: another process
