@@ -441,6 +441,9 @@ class Supervisor:
                          processes=[_this_process("launcher")])  # a detached engine: another process
         location = session.checkpoint_location() or str(self.cfg.checkpoint_dir / session.id)
         Path(location).mkdir(parents=True, exist_ok=True)
+        if self.node is not None:
+            self.events.message(f"node {self.node_key}: one of {self.node.nnodes} machines meeting at "
+                                f"{self.node.endpoint} (rendezvous id {self.node.rdzv_id}, session {session.id})")
         backend = self._backend = get_backend(self.backend_name, **self.backend_options)
         previous = self._install_signals()
         started = time.time()
@@ -531,6 +534,11 @@ class Supervisor:
                         outcome.status = final_status = stopped
                         return outcome, attempt + 1
                     resume = self._restart_checkpoint(session, location) or self._still_valid(resume)
+                    if resume is None and not self._node_entry.get("head"):
+                        self.events.message(
+                            f"this node sees no checkpoint in {location}: if the node holding rank 0 wrote one, "
+                            "this node cannot read it and the ranks would start from different states; put "
+                            "checkpoint_dir on storage every node reads (trainctl.toml), or mirror it with --sync")
                     attempt += 1
                     self.events.message(f"restart {attempt}/{policy.max_restarts} of the whole job"
                                         + (f", resuming from {resume}" if resume else ": no checkpoint, from scratch"))
