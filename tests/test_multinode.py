@@ -102,15 +102,28 @@ def reference(tmp_path_factory) -> dict:
     return weights(final_checkpoint(project / "checkpoints", only_session(project).id))
 
 
-def test_two_nodes_with_their_own_state_dirs_train_as_one_machine_with_two_processes(tmp_path, reference):
+def slurm_env(node_id: int, port: int) -> dict[str, str]:
+    """What srun gives each task of a two-node job (no SLURM needed): the head is the first host."""
+    return clean_env(SLURM_NNODES="2", SLURM_NODEID=str(node_id), SLURM_JOB_ID="4242",
+                     SLURM_JOB_NODELIST="127.0.0.[1-2]", MASTER_PORT=str(port))
+
+
+def test_two_nodes_under_slurm_with_their_own_state_dirs_train_as_one_machine_with_two_processes(tmp_path, reference):
     shared_checkpoints = tmp_path / "shared-checkpoints"
     projects = (make_project(tmp_path / "node-a", shared_checkpoints), make_project(tmp_path / "node-b", shared_checkpoints))
-    results = finish(*two_nodes(projects, free_port(), "unshared"))
+    port = free_port()
+    # srun trainctl local --nproc-per-node 1 train.py: nothing else on the command line
+    procs = [start_node(p, "--nproc-per-node", "1", *TRAIN, env=slurm_env(i, port)) for i, p in enumerate(projects)]
+    results = finish(*procs)
     assert [code for code, _ in results] == [0, 0], results
     sessions = [only_session(p) for p in projects]
-    assert sessions[0].id == sessions[1].id and sessions[0].id.endswith("-job-unshared")
+    assert sessions[0].id == sessions[1].id and sessions[0].id.endswith("-job-4242")
     records = [s.read() for s in sessions]
+    for record in records:
+        assert record["multinode"] == {"nnodes": 2, "nproc_per_node": 1, "rdzv_endpoint": f"127.0.0.1:{port}",
+                                       "rdzv_id": "4242", "source": "slurm"}
     nodes = [next(iter(r["nodes"].values())) for r in records]  # each state dir: its own node only
+    assert [n["node_rank"] for n in nodes] == [0, 1]
     # c10d picks which node holds global rank 0: whichever it was, that one records the job
     assert sorted(n["head"] for n in nodes) == [False, True]
     head = next(i for i, n in enumerate(nodes) if n["head"])
@@ -125,12 +138,15 @@ def test_two_nodes_with_their_own_state_dirs_train_as_one_machine_with_two_proce
     ranks = [json.loads((p / f"rank{nodes[i]['ranks'][0]}.json").read_text()) for i, p in enumerate(projects)]
     assert {r["session"] for r in ranks} == {sessions[0].id}
     assert_same_weights(weights(final_checkpoint(shared_checkpoints, sessions[0].id)), reference)
+    # the same job id again is an earlier job's session, not one to join
+    again = run_cli(["local", "--no-preflight", "--nproc-per-node", "1", *TRAIN], projects[0], env=slurm_env(0, port))
+    assert again.returncode == 2 and "already exists" in again.stderr and "--rdzv-id" in again.stderr
 
 
 def test_a_node_killed_mid_run_restarts_the_whole_job_from_the_newest_checkpoint(tmp_path, reference):
     project = make_project(tmp_path)  # one state dir for both nodes
     procs = two_nodes((project, project), free_port(), "killed", "--max-restarts", "1", "--restart-delay", "1",
-                      train=[*TRAIN, "--step-delay", "0.1"])
+                      train=[*TRAIN, "--step-delay", "0.3"])  # time to land the kill mid-run
     first = project / "checkpoints"
     deadline = time.time() + NODE_TIMEOUT_S
     while not list(first.glob("*/ckpt-step00000002.pt")) and time.time() < deadline:
@@ -149,32 +165,8 @@ def test_a_node_killed_mid_run_restarts_the_whole_job_from_the_newest_checkpoint
     assert len(resumed) == 1 and None not in resumed  # both from the same checkpoint
     assert all("the job restarts on every node" in err for _, err in results)
     assert_same_weights(weights(final_checkpoint(first, session.id)), reference)
-
-
-def test_slurm_variables_are_read_and_a_shared_state_dir_gives_one_session(project):
-    port = free_port()
-
-    def slurm(node_id: int) -> dict[str, str]:
-        return clean_env(SLURM_NNODES="2", SLURM_NODEID=str(node_id), SLURM_JOB_ID="4242",
-                         SLURM_JOB_NODELIST="127.0.0.[1-2]", MASTER_PORT=str(port))
-
-    train = [SCRIPT, "--steps", "2", "--checkpoint-every", "2"]
-    procs = [start_node(project, "--nproc-per-node", "1", *train, env=slurm(i)) for i in (0, 1)]
-    results = finish(*procs)
-    assert [code for code, _ in results] == [0, 0], results
-    session = only_session(project)
-    data = session.read()
-    assert session.id.endswith("-job-4242")
-    assert data["multinode"] == {"nnodes": 2, "nproc_per_node": 1, "rdzv_endpoint": f"127.0.0.1:{port}",
-                                 "rdzv_id": "4242", "source": "slurm"}
-    assert sorted(n["node_rank"] for n in data["nodes"].values()) == [0, 1]
-    assert sorted(n["head"] for n in data["nodes"].values()) == [False, True]
-    assert data["status"] == "completed"
     shown = run_cli(["sessions", "show", "latest"], project)
     assert "2 of 2 recorded here" in shown.stdout and "(head)" in shown.stdout, shown.stdout
-    # the same job id again is an earlier job's session, not one to join
-    again = run_cli(["local", "--no-preflight", "--nproc-per-node", "1", *train], project, env=slurm(0))
-    assert again.returncode == 2 and "already exists" in again.stderr and "--rdzv-id" in again.stderr
 
 
 # ---------------------------------------------------------------- plan, input, hostlists, diagnosis
@@ -197,8 +189,9 @@ def test_dry_run_passes_the_rendezvous_to_torchrun_and_keeps_restarts_to_trainct
 def test_interface_the_user_chose_is_kept():
     node = multinode.with_network(NodeSpec(nnodes=2, host="127.0.0.1", port=29400, rdzv_id="x"), environ={})
     assert (node.local_addr, node.socket_ifname) == ("127.0.0.1", "lo")
-    assert network_env(node, {"GLOO_SOCKET_IFNAME": "eth9"}) == {"NCCL_SOCKET_IFNAME": "lo"}
-    assert network_env(NodeSpec(2, "h", 1, "x", socket_ifname="^lo,docker0"), {}) == {"NCCL_SOCKET_IFNAME": "^lo,docker0"}
+    assert network_env(node, {"GLOO_SOCKET_IFNAME": "eth9", "NCCL_DEBUG": "INFO"}) == {"NCCL_SOCKET_IFNAME": "lo"}
+    assert network_env(NodeSpec(2, "h", 1, "x", socket_ifname="^lo,docker0"), {}) == {
+        "NCCL_SOCKET_IFNAME": "^lo,docker0", "NCCL_DEBUG": "WARN"}
     assert "--max-restarts=0" in torchrun_args(node, 8)
 
 
@@ -272,9 +265,14 @@ def test_rendezvous_failures_are_diagnosed_with_the_fix(fixture, kind, fragment)
     assert "security group" in d.fix and "SOCKET_IFNAME" in d.fix
 
 
-def test_collectives_that_cannot_connect_name_the_interface():
-    d = diagnose("RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:144] "
-                 "Gloo connectFullMesh failed with Connection refused\n", exit_code=1)
+@pytest.mark.parametrize("line", [
+    "RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:144] Gloo connectFullMesh failed with "
+    "Connection refused",
+    "gpu02:1234:1290 [0] misc/socket.cc:484 NCCL WARN NET/Socket : Connect to 10.0.0.1<43117> failed : "
+    "No route to host",
+])
+def test_collectives_that_cannot_connect_name_the_interface(line):
+    d = diagnose(line + "\n", exit_code=1)
     assert d is not None and d.kind == "distributed_network"
     assert "GLOO_SOCKET_IFNAME" in d.fix and "docker0" in d.cause
 

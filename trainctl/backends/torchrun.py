@@ -79,6 +79,8 @@ def network_env(node: NodeSpec, environ: Mapping[str, str] | None = None) -> dic
     for name in names:
         if not env.get(name):
             out[name] = node.socket_ifname
+    if not env.get("NCCL_DEBUG"):
+        out["NCCL_DEBUG"] = "WARN"  # NCCL's own account of a failure, in the output the diagnosis reads
     return out
 
 
