@@ -306,3 +306,28 @@ def test_a_job_whose_node_launchers_are_all_gone_is_crashed():
     assert effective_status(data) == "running"
     data["nodes"]["a-1"] = {"host": "elsewhere", "launcher": {"pid": gone.pid}}
     assert effective_status(data) == "running"  # another machine's node: can't tell from here
+
+
+def test_a_stopped_job_continues_as_a_new_job_on_every_node():
+    from trainctl.cli.render import continue_command
+
+    data = {"command": ["trainctl", "local", "train.py", "--lr", "0.1"], "args": ["--lr", "0.1"],
+            "multinode": {"nnodes": 2, "nproc_per_node": 8, "rdzv_endpoint": "10.0.0.1:29400", "rdzv_id": "exp42",
+                          "source": "flags"}}
+    by_hand = continue_command(data, "/ckpt/step3.pt")
+    assert by_hand.startswith("trainctl local --nnodes 2 --rdzv-endpoint 10.0.0.1:29400 --rdzv-id exp42-2 "
+                              "--nproc-per-node 8 --resume /ckpt/step3.pt train.py --lr 0.1")
+    data["multinode"]["source"] = "slurm"
+    assert continue_command(data, "/ckpt/step3.pt") == \
+        "srun trainctl local --nproc-per-node 8 --resume /ckpt/step3.pt train.py --lr 0.1"
+
+
+def test_sessions_stop_finds_the_node_running_here():
+    from trainctl import sysinfo
+    from trainctl.launcher.control import recorded_handle
+
+    handle = {"backend": "local", "ids": {"pid": 123}, "attempt": 1}
+    data = {"status": "running", "nodes": {
+        "far-0": {"host": "elsewhere", "state": "running", "handle": {**handle, "ids": {"pid": 9}}},
+        "here-1": {"host": sysinfo.host(), "state": "running", "handle": handle}}}
+    assert recorded_handle(data).ids == {"pid": 123}
