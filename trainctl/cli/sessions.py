@@ -141,12 +141,14 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         ("metrics", metrics_line(summary, limit=6)),
         ("failed saves", f"{summary['failed_saves']} (last: {summary.get('last_save_error')})"
          if summary.get("failed_saves") else None),
-        ("output", str(session.output_log)),
+        ("output", str(session.output_log) if not data.get("nodes") else None),
         *_cloud_rows(data),
     ]
     for key, value in rows:
         if value not in (None, ""):
             click.echo(f"{key:<15} {value}")
+    if data.get("nodes"):
+        _show_nodes(session, data)
     start = _startup_line(list(session.iter_events(("startup",))))
     if start:
         click.echo(f"{'start':<15} {start}")
@@ -191,6 +193,34 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         command = continue_command(data, last)
         click.echo(f"{label:<15} {command}")
         _secrets_note(command, 16)
+
+
+def _show_nodes(session, data: dict) -> None:
+    """A multi-node session: each node that recorded here, where c10d put it, how it stands."""
+    from .. import sysinfo
+    from .render import age, table
+
+    job = data.get("multinode") or {}
+    nodes = data.get("nodes") or {}
+    click.echo(f"{'nodes':<15} {len(nodes)} of {job.get('nnodes', '?')} recorded here"
+               f" (rendezvous {job.get('rdzv_endpoint', '?')}, id {job.get('rdzv_id', '?')})")
+    rows = []
+    for key, node in sorted(nodes.items(), key=lambda kv: ((kv[1].get("ranks") or [1 << 30])[0], kv[0])):
+        if not isinstance(node, dict):
+            continue
+        ranks = node.get("ranks") or []
+        state = str(node.get("state") or "?")
+        launcher = node.get("launcher") or {}
+        if state not in {t.value for t in TERMINAL} and node.get("host") == sysinfo.host() and launcher.get("pid") \
+                and not sysinfo.pid_alive(launcher["pid"], launcher.get("start_ticks")):
+            state = "crashed"
+        rows.append([str(node.get("host") or "?"), key,
+                     (f"{ranks[0]}-{ranks[1]}" if ranks[0] != ranks[1] else str(ranks[0])) if len(ranks) == 2 else "-",
+                     state + (" (head)" if node.get("head") else ""),
+                     age(node.get("heartbeat_at")) if node.get("heartbeat_at") else "-",
+                     str(session.dir / node["output"]) if node.get("output") else "-"])
+    for line in table(["host", "node", "ranks", "state", "last heard", "output"], rows).splitlines():
+        click.echo("  " + line)
 
 
 def _secrets_note(command: str, indent: int) -> None:

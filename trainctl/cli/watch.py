@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -97,7 +98,8 @@ def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, pre
             result = supervisor.run()
         _err(f"[trainctl] synced: {len(loop.uploaded)} checkpoint(s) uploaded"
              + (f", latest {loop.uploaded[-1]['file']}" if loop.uploaded else "") + f" ({loop.remote.uri})")
-    show_end(result.session, [], result.record)  # the script's output, its traceback included, is on screen
+    output = supervisor.output_path(result.session)
+    show_end(result.session, [], result.record, output=output)  # the script's output, its traceback included, is on screen
     return supervisor, result
 
 
@@ -149,7 +151,8 @@ def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, force: bool = F
     click.echo("cost         " + (f"~${plan['cost_per_hour']:.2f}/h" if plan["cost_per_hour"] is not None else "none (this machine)"))
 
 
-def show_end(session: Session, output_tail: list[str], record: dict[str, Any] | None = None) -> None:
+def show_end(session: Session, output_tail: list[str], record: dict[str, Any] | None = None,
+             output: Path | None = None) -> None:
     """The closing lines of a run, from what session.json recorded (and `record`, the end the
     engine saw, should the disk have refused it); `output_tail` only when the output was not
     on this screen already (a run that ended while detached)."""
@@ -157,7 +160,7 @@ def show_end(session: Session, output_tail: list[str], record: dict[str, Any] | 
         data = session.read()
     except Exception:  # unreadable: what the engine saw is all there is
         data = {"id": session.id}
-    render.run_summary({**data, **(record or {}), "output_log": str(session.output_log)}, output_tail)
+    render.run_summary({**data, **(record or {}), "output_log": str(output or session.output_log)}, output_tail)
 
 
 def recorded_exit_code(data: dict[str, Any]) -> int:
