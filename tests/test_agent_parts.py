@@ -291,9 +291,26 @@ def test_folder_secret_store_keeps_values_private(tmp_path):
     assert env.get("HF_TOKEN") == "x" and env.get("OTHER") == "y" and env.names() == ["HF_TOKEN"]
 
 
+def test_ssm_secret_store_reads_what_the_launcher_put(moto_server, monkeypatch):
+    """`ssm:PATH` (the boot script's TRAINCTL_SSM_PATH) reads SecureStrings decrypted; the
+    endpoint is botocore's own (AWS_ENDPOINT_URL here), the region the boot script's."""
+    from trainctl.cloud.aws.secrets import put_secrets
+
+    put_secrets(moto_server.context(), "parts", {"HF_TOKEN": "hf_ssm", "WANDB_API_KEY": "w"})
+    monkeypatch.delenv("TRAINCTL_ENDPOINT_URL", raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", moto_server.endpoint_url)
+    monkeypatch.setenv("TRAINCTL_REGION", "us-east-1")
+    store = open_secret_store("ssm:/trainctl/parts/")
+    assert store.name == "ssm" and store.names() == ["HF_TOKEN", "WANDB_API_KEY"]
+    assert resolve_secrets(store, ["HF_TOKEN", "WANDB_API_KEY"]) == {"HF_TOKEN": "hf_ssm", "WANDB_API_KEY": "w"}
+    with pytest.raises(SecretNotFoundError, match="Secret NOPE is not in ssm"):
+        resolve_secrets(store, ["HF_TOKEN", "NOPE"])
+
+
 @pytest.mark.parametrize("spec, message", [
     ("vault:/x", "Unknown secret store 'vault'"),
     ("folder:", "needs a folder"),
+    ("ssm:trainctl/x", "needs a parameter path"),
 ])
 def test_bad_secret_store_specs(spec, message):
     with pytest.raises(UsageError, match=message):

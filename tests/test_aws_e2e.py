@@ -198,6 +198,51 @@ def test_a_spot_reclaim_mid_run_ends_with_the_weights_of_an_uninterrupted_run(tm
 
 
 
+SECRET_SCRIPT = """\
+import hashlib, os
+import trainctl
+run = trainctl.init()
+print("secret digest", hashlib.sha256(os.environ.get("HF_TOKEN", "").encode()).hexdigest()[:16])
+run.log({"loss": 1.0}, step=1)
+run.finish()
+"""
+
+
+def test_a_forwarded_secret_reaches_the_script_through_ssm_and_is_recorded_nowhere(tmp_path: Path, cloud: Cloud):
+    """`aws launch --secret HF_TOKEN` puts the value in SSM; the machine's agent reads it with the
+    instance role into the script's environment alone: not in user data, output, events, storage,
+    the machine's folder or the laptop's records."""
+    import hashlib
+
+    project = make_project(tmp_path / "demo", cloud)
+    (project.root / "secret.py").write_text(SECRET_SCRIPT)
+    value = "hf_" + os.urandom(12).hex()
+    sid = project.launch("-t", "g5.xlarge", "--max-hours", "1", "--secret", "HF_TOKEN", "secret.py", HF_TOKEN=value)
+    parameter = cloud.moto.client("ssm").get_parameter(Name="/trainctl/demo/HF_TOKEN", WithDecryption=True)
+    assert parameter["Parameter"]["Type"] == "SecureString" and parameter["Parameter"]["Value"] == value
+    (instance,) = cloud.instances(sid)
+    assert value not in boot_script(cloud, instance["InstanceId"])
+    machine = Machine(cloud, instance["InstanceId"], tmp_path / "machine", project.guard_log)
+    code, out = machine.finish()
+    assert code == 0, out
+    storage = remote(cloud, sid)
+    assert f"secret digest {hashlib.sha256(value.encode()).hexdigest()[:16]}" in storage.read_output()
+    assert "1 secret(s) for the script: HF_TOKEN" in out and value not in out
+    assert storage.read_session()["status"] == "completed"
+    # monitor brings the session over through its backend as it looks (nothing else did yet)
+    monitored = project.run("monitor", sid, "--json")
+    assert json.loads(monitored.stdout)["status"] == "completed", monitored.stdout
+    pulled = project.run("sessions", "pull", sid, "--checkpoints")
+    shown = project.run("sessions", "show", sid)
+    assert value not in monitored.stdout + pulled.stdout + pulled.stderr + shown.stdout + shown.stderr
+    s3 = cloud.moto.client("s3")
+    for key in cloud.keys("trainctl/"):
+        assert value.encode() not in s3.get_object(Bucket=BUCKET, Key=key)["Body"].read(), key
+    for path in tmp_path.rglob("*"):  # the laptop's project and records, the machine's folder
+        if path.is_file():
+            assert value.encode() not in path.read_bytes(), path
+
+
 def readme_aws_commands() -> list[str]:
     """The `trainctl ...` lines of README.md's AWS section, in order."""
     text = (REPO / "README.md").read_text()

@@ -121,6 +121,13 @@ def reads_the_backup(r: Ran) -> None:
     assert r.out and r.out.splitlines() == log.splitlines()[-3:], r.out
 
 
+def monitors_the_backup(r: Ran) -> None:
+    session = newest_session(r.project)
+    assert r.out.startswith(f"session {session['id']}  completed"), r.out
+    assert re.search(r"^progress\s+epoch 1/1 step 5/5", r.out, re.MULTILINE), r.out
+    assert re.search(r"^storage\s+file://\S+/backup/\S+ \(released\)$", r.out, re.MULTILINE), r.out
+
+
 def shows_epoch_step_and_metrics(r: Ran) -> None:
     assert re.search(r"^status:\s+valid$", r.out, re.MULTILINE), r.out
     assert re.search(r"^epoch:\s+\d+$", r.out, re.MULTILINE) and re.search(r"^step:\s+\d+$", r.out, re.MULTILINE)
@@ -250,6 +257,71 @@ def shows_what_happened(r: Ran) -> None:
     assert "trainctl checkpoint resume" in r.out
 
 
+def lists_the_templates(r: Ran) -> None:
+    assert [line.split()[0] for line in r.out.splitlines()] == ["plain", "lightning", "hf"]
+    assert r.after == r.before
+
+
+def writes_the_plain_template(r: Ran) -> None:
+    assert r.after - r.before == {"train.py"}, r.after - r.before
+    assert "Wrote train.py (plain template)." in r.out and "Kept the existing trainctl.toml." in r.out
+    assert "run.restore()" in (r.project / "train.py").read_text()
+
+
+def trains_the_template(r: Ran) -> None:
+    session = newest_session(r.project)
+    assert session["status"] == "completed" and session["script"].endswith("/train.py")
+    assert f"checkpoints/{session['id']}/ckpt-step00000040.pt" in r.after - r.before
+    assert session["summary"]["checkpoints"] == 4 and "val_loss" in session["summary"]["best"]
+
+
+def pipeline_sessions(project: Path, step: str | None = None) -> list[dict]:
+    out = []
+    for folder in sorted((project / ".trainctl" / "sessions").iterdir()):
+        data = json.loads((folder / "session.json").read_text())
+        link = data.get("pipeline") or {}
+        if link.get("id") == "demo" and step in (None, link.get("step")):
+            out.append(data)
+    return out
+
+
+def runs_the_three_steps(r: Ran) -> None:
+    record = json.loads((r.project / ".trainctl" / "pipelines" / "demo.json").read_text())
+    assert record["status"] == "completed"
+    assert {n: s["state"] for n, s in record["steps"].items()} == dict.fromkeys(("pretrain", "finetune", "evaluate"), "completed")
+    assert [len(pipeline_sessions(r.project, s)) for s in ("pretrain", "finetune", "evaluate")] == [1, 2, 1]
+    (evaluate,) = pipeline_sessions(r.project, "evaluate")
+    best = record["steps"]["finetune"]["outputs"]["best_checkpoint"]
+    assert evaluate["args"] == ["--checkpoint", best] and f"[evaluate] evaluated {best}" in r.out
+
+
+def shows_the_pipeline_steps(r: Ran) -> None:
+    assert r.out.startswith("pipeline demo  completed")
+    for step in ("pretrain", "finetune", "evaluate"):
+        assert re.search(rf"^{step}\s+completed\s+\d+\s+\S+\s+val_loss ", r.out, re.MULTILINE), r.out
+    assert re.search(r"^finetune .*\[lr=0\.0?\d+\]\s+checkpoints/", r.out, re.MULTILINE), r.out
+
+
+def lists_the_pipeline(r: Ran) -> None:
+    assert re.search(r"^demo\s+completed\s+3/3\s", r.out, re.MULTILINE), r.out
+
+
+def lists_the_pipelines_sessions(r: Ran) -> None:
+    ids = {s["id"] for s in pipeline_sessions(r.project)}
+    listed = {line.split()[0] for line in r.out.splitlines()[1:]}
+    assert len(ids) >= 4 and listed == ids, (listed, ids)
+    assert "demo.finetune[lr=0.01]" in r.out and "demo.pretrain" in r.out
+
+
+def compares_the_sweep(r: Ran) -> None:
+    assert "differences" in r.out and re.search(r"lr\s.*0\.01.*0\.003", r.out), r.out
+
+
+def reruns_only_evaluate(r: Ran) -> None:
+    assert "step pretrain: up to date" in r.err and "step finetune: up to date" in r.err
+    assert [len(pipeline_sessions(r.project, s)) for s in ("pretrain", "finetune", "evaluate")] == [1, 2, 2]
+
+
 EXPECTED: list[tuple[str, Callable[[Ran], None]]] = [
     (r"checkpoint list$", lists_every_checkpoint),
     (r"checkpoint list --session latest --json$", lists_the_latest_sessions_checkpoints_as_json),
@@ -259,6 +331,7 @@ EXPECTED: list[tuple[str, Callable[[Ran], None]]] = [
     (r"monitor --log .* --checkpoint checkpoints$", monitors_a_log_and_a_checkpoint_folder),
     (r"local --quiet --sync \./backup ", backs_up_to_a_folder),
     (r"sessions logs .*backup/.* --tail 3$", reads_the_backup),
+    (r"monitor .*backup/.* --once$", monitors_the_backup),
     (r"checkpoint verify$", verifies_every_checkpoint),
     (r"checkpoint cleanup .*--dry-run", deletes_nothing),
     (r"checkpoint resume .* examples/quickstart\.py --epochs 5$", resume_trains_more_epochs),
@@ -281,6 +354,15 @@ EXPECTED: list[tuple[str, Callable[[Ran], None]]] = [
     (r"check --json examples/quickstart\.py$", checks_as_json),
     (r"local examples/failing\.py --fail nan$", diverges_after_a_checkpoint),
     (r"sessions show latest$", shows_what_happened),
+    (r"init --template list$", lists_the_templates),
+    (r"init --template plain$", writes_the_plain_template),
+    (r"local train\.py --steps 40 --eval-every 10$", trains_the_template),
+    (r"pipeline run examples/pipeline\.toml$", runs_the_three_steps),
+    (r"pipeline status demo$", shows_the_pipeline_steps),
+    (r"pipeline list$", lists_the_pipeline),
+    (r"sessions list --pipeline demo$", lists_the_pipelines_sessions),
+    (r"sessions compare .*demo\.finetune", compares_the_sweep),
+    (r"pipeline run examples/pipeline\.toml --from evaluate$", reruns_only_evaluate),
 ]
 RUNS_UNTIL_STOPPED = (r"--follow", r"^trainctl tensorboard$")
 

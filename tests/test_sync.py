@@ -4,6 +4,7 @@ reading a remote session from the laptop: `sessions pull ID|URI`, `sessions logs
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,31 @@ def test_local_sync_mirrors_the_session_and_pull_brings_it_back(tmp_path):
     assert json.loads((local / "session.json").read_text())["status"] == "completed"
 
 
+def test_local_sync_detached_mirrors_the_session_like_the_foreground_run(tmp_path):
+    project = make_project(tmp_path / "laptop-a")
+    bucket = tmp_path / "bucket"
+    started = run_cli(["local", "--no-preflight", "--sync", str(bucket), "--detach", "train.py", *TRAIN], project)
+    assert started.returncode == 0, started.stderr
+    local = only_session(project)
+    remote = RemoteSession(LocalStore(bucket / "proj" / local.name))
+    assert f"Started session {local.name} in the background" in started.stdout
+    assert f"syncing  to {remote.uri}" in started.stdout
+    record = wait_for(lambda: (lambda r: r if r.get("status") not in ("pending", "running") else None)(
+        json.loads((local / "session.json").read_text())), timeout_s=240, interval_s=0.2)
+    assert record["status"] == "completed" and record["storage"] == remote.uri
+    # the background process closes the sync after the run: its last line says so
+    wait_for(lambda: "[trainctl] synced: " in (local / "output.log").read_text(), timeout_s=120, interval_s=0.2)
+    assert re.search(rf"\[trainctl\] synced: [12] checkpoint\(s\) uploaded, latest ckpt-step00000040\.pt "
+                     rf"\({re.escape(remote.uri)}\)", (local / "output.log").read_text())
+    assert remote.latest_checkpoint()["file"] == "ckpt-step00000040.pt"
+    assert (bucket / "proj" / local.name / "checkpoints" / "ckpt-step00000040.pt").read_bytes() == \
+        (project / "checkpoints" / local.name / "ckpt-step00000040.pt").read_bytes()
+    events = b"".join(remote.store.get_bytes(o.key)[0] for o in remote.store.list("events/"))
+    assert events == (local / "events.jsonl").read_bytes()
+    assert "epoch 2/2 step 40/40" in remote.read_output()
+    assert remote.read_session()["status"] == "completed" and remote.read_heartbeat()["released"]
+
+
 def test_pull_by_id_looks_under_cloud_storage_for_this_project(tmp_path):
     bucket = tmp_path / "bucket"
     project = make_project(tmp_path / "laptop-a")
@@ -119,12 +145,55 @@ def test_logs_follow_reads_a_remote_session_while_it_runs(tmp_path):
     assert "released the session" in follow.stderr or "session ended" in follow.stderr
 
 
+def test_monitor_reads_a_synced_session_from_storage_by_uri(tmp_path):
+    """`monitor URI` (a folder store here, as s3://) reads the session where it is synced:
+    --follow refreshes from its segments until it ends, --once shows where it stands; a session
+    pulled from storage is read at its source too. Nothing is written where monitor runs."""
+    project = make_project(tmp_path / "laptop-a")
+    bucket = tmp_path / "bucket"
+    run = subprocess.Popen([sys.executable, "-m", "trainctl", "local", "--no-preflight", "--sync", str(bucket),
+                            "train.py", "--epochs", "3", "--steps-per-epoch", "20", "--step-delay", "0.1"],
+                           cwd=project, env=clean_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other = make_project(tmp_path / "laptop-b")
+    try:
+        folder = wait_for(lambda: next(iter((bucket / "proj").glob("*/heartbeat.json")), None), timeout_s=120,
+                          interval_s=0.1).parent
+        follow = subprocess.run([sys.executable, "-m", "trainctl", "monitor", str(folder), "--follow", "--json",
+                                 "--interval", "0.2"], cwd=other, env=clean_env(), capture_output=True, text=True,
+                                timeout=240)
+        assert run.wait(timeout=120) == 0
+    finally:
+        run.kill()
+        run.wait()
+    assert follow.returncode == 0, follow.stderr
+    snaps = [json.loads(line) for line in follow.stdout.splitlines()]
+    assert snaps[0]["status"] in ("pending", "running") and snaps[-1]["status"] == "completed"
+    assert snaps[-1]["session"] == folder.name and snaps[-1]["storage"]["uri"] == folder.as_uri()
+    assert snaps[-1]["progress"]["step"] == 60 and snaps[-1]["metrics"]["loss"]["last"] > 0
+    steps = [s["progress"]["step"] for s in snaps if s["progress"]["step"] is not None]
+    assert steps == sorted(steps) and len(snaps) > 1
+    assert not (other / ".trainctl").exists()
+
+    for ref in (str(folder), folder.as_uri()):
+        once = run_cli(["monitor", ref, "--once"], other)
+        assert once.returncode == 0, once.stderr
+        assert once.stdout.startswith(f"session {folder.name}") and "completed" in once.stdout.splitlines()[0]
+        assert "step 60/60" in once.stdout and "checkpoints 3" in once.stdout, once.stdout
+    assert run_cli(["sessions", "pull", str(folder)], other).returncode == 0
+    pulled = json.loads(run_cli(["monitor", folder.name, "--json"], other).stdout)
+    assert pulled["status"] == "completed" and pulled["storage"]["uri"] == folder.as_uri()
+    folder.rename(tmp_path / "moved")  # storage gone: the copy pulled here still answers, with a warning
+    offline = run_cli(["monitor", folder.name, "--json"], other)
+    assert offline.returncode == 0 and "showing the copy pulled here" in offline.stderr, offline.stderr
+    assert json.loads(offline.stdout)["status"] == "completed"
+
+
 @pytest.mark.parametrize("args, code, message", [
     (["local", "--sync", "ftp://host/x", "train.py"], 2, "unsupported scheme 'ftp://'"),
-    (["local", "--sync", "BUCKET", "--detach", "train.py"], 2, "--sync and --detach do not go together"),
     (["sessions", "pull", "20260101-000000-abcdef"], 2, "no [cloud] storage is set"),
     (["sessions", "pull", "EMPTY"], 3, "No session at"),
     (["sessions", "logs", "nosuch"], 3, "No session 'nosuch'"),
+    (["monitor", "EMPTY"], 3, "No session at"),
 ])
 def test_bad_input_is_one_line_and_the_fix(tmp_path, args, code, message):
     project = make_project(tmp_path)

@@ -480,8 +480,21 @@ def effective_status(data: dict[str, Any]) -> State:
         return status  # another machine: can't tell from here
     pids = [(p.get("pid"), p.get("start_ticks")) for p in data.get("processes", []) if isinstance(p, dict)]
     if not pids:
-        return status
+        return _nodes_status(data, status)
     if any(sysinfo.pid_alive(pid, ticks) for pid, ticks in pids):
+        return status
+    return State.CRASHED
+
+
+def _nodes_status(data: dict[str, Any], status: State) -> State:
+    """A multi-node session lists each node's launcher under "nodes": CRASHED when every node
+    ran on this machine and none of their launchers is alive (elsewhere: can't tell from here)."""
+    nodes = [n for n in (data.get("nodes") or {}).values() if isinstance(n, dict)] \
+        if isinstance(data.get("nodes"), dict) else []
+    if not nodes or any(n.get("host") != sysinfo.host() for n in nodes):
+        return status
+    launchers = [n.get("launcher") for n in nodes if isinstance(n.get("launcher"), dict)]
+    if not launchers or any(sysinfo.pid_alive(p.get("pid"), p.get("start_ticks")) for p in launchers):
         return status
     return State.CRASHED
 

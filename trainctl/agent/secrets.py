@@ -3,7 +3,9 @@
 Values never travel in user data, pod environments, storage objects or records: the launcher
 puts each into the platform's store (AWS SSM SecureString, RunPod secrets), the machine names
 only the store and the variable names, and the agent reads the values into the script's
-environment alone (not its own, not any record). The provider layers register their stores;
+environment alone (not its own, not any record). The interface (`SecretStore`) lives with the
+backends, each of which provides its platform's store, named here and imported on first use
+(`ssm`: trainctl.backends.aws, what an AWS boot script names in TRAINCTL_SSM_PATH);
 `FolderSecretStore` keeps values as 0600 files (tests, a machine with a shared disk), and
 `EnvSecretStore` reads variables the platform already injected (RunPod's secret references).
 
@@ -16,58 +18,23 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import ClassVar
 
-from ..errors import NotFoundError, UsageError
+from ..backends.base import SecretNotFoundError, SecretStore
+from ..backends.base import check_secret_name as check_name
+from ..errors import UsageError
 from ..fsutil import atomic_write_bytes
+
+__all__ = ["SECRET_STORES", "EnvSecretStore", "FolderSecretStore", "SecretNotFoundError", "SecretStore",
+           "check_name", "open_secret_store", "register_secret_store", "resolve_secrets"]
 
 SECRET_STORES: dict[str, str] = {
     "folder": "trainctl.agent.secrets:FolderSecretStore",
     "env": "trainctl.agent.secrets:EnvSecretStore",
+    "ssm": "trainctl.backends.aws:SsmSecretStore",
 }
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class SecretNotFoundError(NotFoundError):
-    def __init__(self, name: str, where: str) -> None:
-        super().__init__(f"Secret {name} is not in {where}.",
-                         f"Store it before launching (the launcher does it for --secret {name}), or drop --secret {name}.")
-        self.name = name
-
-
-def check_name(name: str) -> str:
-    """A secret is forwarded as an environment variable: its name must be one."""
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise UsageError(f"Secret name {name!r} is not an environment variable name.",
-                         "Use letters, digits and underscores, not starting with a digit, e.g. --secret HF_TOKEN.")
-    if name.startswith(("TRAIN_OPS_", "TRAINCTL_")):
-        raise UsageError(f"Secret name {name!r} is one of trainctl's own variables.", "Name the script's variable.")
-    return name
-
-
-class SecretStore(ABC):
-    """Where forwarded secrets live between the launcher and the machine."""
-
-    name: ClassVar[str]
-
-    @abstractmethod
-    def put(self, name: str, value: str) -> None:
-        """Store (or replace) one secret."""
-
-    @abstractmethod
-    def get(self, name: str) -> str:
-        """One secret's value; SecretNotFoundError when it is not there."""
-
-    @abstractmethod
-    def delete(self, name: str) -> None:
-        """Remove one secret; a missing one is not an error."""
-
-    @abstractmethod
-    def names(self) -> list[str]:
-        """The names stored, sorted."""
 
 
 class FolderSecretStore(SecretStore):

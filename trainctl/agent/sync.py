@@ -441,28 +441,53 @@ class SyncLoop:
             self.add_events([{"kind": "sync", "what": "retention", "removed": removed}])
 
 
-@contextmanager
-def synced(session: Session, storage: str, *, project: str, cfg: Any, interval_s: float = SYNC_INTERVAL_S,
-           heartbeat_s: float = HEARTBEAT_S, lease_ttl_s: float = 120.0) -> Iterator[SyncLoop]:
-    """A local run mirrored to `<storage>/<project>/<session id>/` while the block runs
-    (`trainctl local --sync`): the session's lease first (one writer), the last pass at the end."""
+def _local_machine() -> dict[str, Any]:
     from .. import sysinfo
-    from ..checkpoint import retention_settings
+
+    return {"id": sysinfo.host(), "host": sysinfo.host(), "backend": "local", "pid": os.getpid()}
+
+
+def _open_remote(session: Session, storage: str, *, project: str, cfg: Any) -> RemoteSession:
     from ..storage import open_store
     from ..storage.uri import parse_uri
-    from .lease import LeaseLostError
 
     uri = parse_uri(storage).join(project, session.id)
-    store = open_store(uri, endpoint_url=cfg.get("cloud", "endpoint_url") or None,
-                       region=cfg.get("cloud", "region") or None, checksums=cfg.get("cloud", "checksums"))
-    remote = RemoteSession(store)
-    machine = {"id": sysinfo.host(), "host": sysinfo.host(), "backend": "local", "pid": os.getpid()}
-    lease = Lease(remote, ttl_s=lease_ttl_s, machine=machine["id"])
+    return RemoteSession(open_store(uri, endpoint_url=cfg.get("cloud", "endpoint_url") or None,
+                                    region=cfg.get("cloud", "region") or None,
+                                    checksums=cfg.get("cloud", "checksums")))
+
+
+def claim_sync(session: Session, storage: str, *, project: str, cfg: Any, lease_ttl_s: float = 120.0) -> int:
+    """Take the session's lease in storage for a local run that will be synced (one writer),
+    where an error can be seen: a detached run claims it in the foreground and its background
+    process syncs under that lease (`synced(..., lease_term=)`). The lease's term."""
+    from .lease import LeaseLostError
+
+    remote = _open_remote(session, storage, project=project, cfg=cfg)
+    lease = Lease(remote, ttl_s=lease_ttl_s, machine=_local_machine()["id"])
     try:
-        lease.acquire(wait_s=0)
+        term = lease.acquire(wait_s=0)
     except LeaseLostError as e:
         raise LeaseLostError(str(e), "Another process writes this session in storage; sync to another URI.") from e
     session.update(storage=remote.uri)
+    return term
+
+
+@contextmanager
+def synced(session: Session, storage: str, *, project: str, cfg: Any, interval_s: float = SYNC_INTERVAL_S,
+           heartbeat_s: float = HEARTBEAT_S, lease_ttl_s: float = 120.0,
+           lease_term: int | None = None) -> Iterator[SyncLoop]:
+    """A local run mirrored to `<storage>/<project>/<session id>/` while the block runs
+    (`trainctl local --sync`): the session's lease first (one writer; `lease_term` when
+    `claim_sync` took it already), the last pass at the end."""
+    from ..checkpoint import retention_settings
+
+    if lease_term is None:
+        lease_term = claim_sync(session, storage, project=project, cfg=cfg, lease_ttl_s=lease_ttl_s)
+    remote = _open_remote(session, storage, project=project, cfg=cfg)
+    machine = _local_machine()
+    lease = Lease(remote, ttl_s=lease_ttl_s, machine=machine["id"])
+    lease.term = lease_term
     loop = SyncLoop(remote, lease=lease, interval_s=interval_s, heartbeat_s=heartbeat_s,
                     retention=retention_settings(cfg), machine=machine, session_id=session.id)
     loop.attach(session.dir)

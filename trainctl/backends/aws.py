@@ -46,6 +46,9 @@ from .base import (
     LogChunk,
     MachineEnd,
     RunSpec,
+    SecretNotFoundError,
+    SecretStore,
+    check_secret_name,
 )
 from .cloud import SessionMirror, merge_remote_record
 
@@ -874,6 +877,75 @@ class AwsMachineEnd(MachineEnd):
 
     def describe(self) -> str:
         return "aws (when the session is over: delete its fleet and launch templates; terminate this instance)"
+
+
+# ------------------------------------------------------------------------------- the machine's secrets
+
+class SsmSecretStore(SecretStore):
+    """The project's forwarded secrets as SSM SecureString parameters under one path
+    (`ssm:/trainctl/<project>/`, what the boot script names in TRAINCTL_SSM_PATH): the launcher
+    puts them, the agent reads them with the instance role, decrypted, for the script's
+    environment alone. Region from TRAINCTL_REGION (else botocore's, else IMDS); endpoint from
+    TRAINCTL_ENDPOINT_URL, else botocore's own (which honours AWS_ENDPOINT_URL)."""
+
+    name = "ssm"
+
+    def __init__(self, path: str | None = None, *, region: str | None = None, endpoint_url: str | None = None,
+                 session: Any = None) -> None:
+        path = path or os.environ.get("TRAINCTL_SSM_PATH") or ""
+        if not path.startswith("/"):
+            raise UsageError(f"The ssm secret store needs a parameter path, not {path!r}.",
+                             "Example: --secret-store ssm:/trainctl/myproject/")
+        self.path = path.rstrip("/") + "/"
+        self.region = region
+        self.endpoint_url = endpoint_url if endpoint_url is not None else os.environ.get("TRAINCTL_ENDPOINT_URL") or None
+        self._session = session
+        self._ctx: Any = None
+
+    def _context(self) -> Any:
+        if self._ctx is None:
+            from ..cloud.aws.context import AwsContext
+
+            region = (self.region or os.environ.get("TRAINCTL_REGION") or os.environ.get("AWS_REGION")
+                      or os.environ.get("AWS_DEFAULT_REGION") or _imds("/latest/meta-data/placement/region"))
+            self._ctx = AwsContext(region, endpoint_url=self.endpoint_url, max_attempts=END_ATTEMPTS,
+                                   session=self._session)
+        return self._ctx
+
+    def _call(self, method: str, **params: Any) -> dict[str, Any]:
+        from ..cloud.aws.errors import AwsError
+
+        try:
+            return self._context().call("ssm", method, **params)
+        except AwsError as e:
+            raise AwsError(f"Could not reach the secrets in SSM {self.path} ({e.message})",
+                           "The machine's instance role must allow ssm:GetParameters on the project's path "
+                           "(trainctl aws setup grants it).") from e
+
+    def put(self, name: str, value: str) -> None:
+        self._call("put_parameter", Name=self.path + check_secret_name(name), Value=value, Type="SecureString",
+                   Overwrite=True)
+
+    def get(self, name: str) -> str:
+        answer = self._call("get_parameters", Names=[self.path + check_secret_name(name)], WithDecryption=True)
+        for parameter in answer.get("Parameters", []):
+            if parameter.get("Name") == self.path + name:
+                return str(parameter["Value"])
+        raise SecretNotFoundError(name, f"SSM {self.path}")
+
+    def delete(self, name: str) -> None:
+        from ..cloud.aws.errors import AwsRequestError
+
+        try:
+            self._context().call("ssm", "delete_parameter", Name=self.path + check_secret_name(name))
+        except AwsRequestError as e:
+            if e.code != "ParameterNotFound":
+                raise
+
+    def names(self) -> list[str]:
+        found = self._context().paginate("ssm", "get_parameters_by_path", "Parameters", Path=self.path,
+                                         Recursive=False, WithDecryption=False)
+        return sorted(p["Name"][len(self.path):] for p in found)
 
 
 def _delete_templates(ctx: Any, session_id: str) -> list[str]:

@@ -10,13 +10,14 @@ session.json so that any process can reattach to the attempt (torchx's `Schedule
 from __future__ import annotations
 
 import importlib
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ..errors import TrainctlError, UsageError
+from ..errors import NotFoundError, TrainctlError, UsageError
 from ..redact import redact_args, redact_mapping
 from ..session import State
 
@@ -176,6 +177,50 @@ class MachineEnd(ABC):
 
     def describe(self) -> str:
         return self.name
+
+
+_SECRET_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class SecretNotFoundError(NotFoundError):
+    def __init__(self, name: str, where: str) -> None:
+        super().__init__(f"Secret {name} is not in {where}.",
+                         f"Store it before launching (the launcher does it for --secret {name}), or drop --secret {name}.")
+        self.name = name
+
+
+def check_secret_name(name: str) -> str:
+    """A secret is forwarded as an environment variable: its name must be one."""
+    if not isinstance(name, str) or not _SECRET_NAME.match(name):
+        raise UsageError(f"Secret name {name!r} is not an environment variable name.",
+                         "Use letters, digits and underscores, not starting with a digit, e.g. --secret HF_TOKEN.")
+    if name.startswith(("TRAIN_OPS_", "TRAINCTL_")):
+        raise UsageError(f"Secret name {name!r} is one of trainctl's own variables.", "Name the script's variable.")
+    return name
+
+
+class SecretStore(ABC):
+    """Where forwarded secrets live between the launcher and the machine: the agent reads them
+    into the script's environment alone. Each cloud backend provides its platform's store
+    (registered by name in trainctl.agent.secrets), as it provides its MachineEnd."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def put(self, name: str, value: str) -> None:
+        """Store (or replace) one secret."""
+
+    @abstractmethod
+    def get(self, name: str) -> str:
+        """One secret's value; SecretNotFoundError when it is not there."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove one secret; a missing one is not an error."""
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """The names stored, sorted."""
 
 
 def register(name: str, target: str) -> None:

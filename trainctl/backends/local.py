@@ -29,6 +29,7 @@ from .. import sysinfo
 from ..redact import redact_args
 from ..session import STATUSES, Session, State, effective_status
 from .base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec
+from .torchrun import NodeSpec, network_env, node_output_name, torchrun_args, worker_ranks
 
 READ_BYTES = 65536
 FOLLOW_LIMIT = 256  # chunks a follower may lag behind before the pump waits for it
@@ -40,6 +41,7 @@ REAP_GRACE_S = 2.0  # what is left of the script's process group gets this long 
 UNWRITTEN_KEEP_BYTES = 64 * 1024  # newest output kept in memory while output.log can't be written
 LOG_RETRY_S = 1.0  # how often a failing output.log is tried again
 _PR_SET_PDEATHSIG = 1
+NODE_LOOK_S = 0.5  # how often a multi-node attempt's workers are looked for until found
 
 
 def _key(handle: Handle) -> tuple[int, int | None]:
@@ -250,10 +252,17 @@ class LocalBackend(Backend):
         self.env = dict(env or {})
         self._owned: dict[tuple[int, int | None], _Attempt] = {}
         self._kill_at: dict[tuple[int, int | None], float] = {}
+        # multi-node attempts: [where this node's workers stand once seen, when to look next]
+        self._nodes: dict[tuple[int, int | None], list[Any]] = {}
 
     # ------------------------------------------------------------------ plan and launch
     def plan(self, spec: RunSpec) -> LaunchPlan:
-        if spec.nproc_per_node > 1:
+        node = NodeSpec.from_resources(spec.resources)
+        if node is not None:
+            # several machines: torchrun's c10d rendezvous, one node of the job here
+            command = [self.python, "-m", "torch.distributed.run", *torchrun_args(node, spec.nproc_per_node),
+                       str(spec.script), *spec.args]
+        elif spec.nproc_per_node > 1:
             # torch's own launcher, never a home-made one
             command = [self.python, "-m", "torch.distributed.run", "--standalone",
                        f"--nproc-per-node={spec.nproc_per_node}", str(spec.script), *spec.args]
@@ -267,10 +276,17 @@ class LocalBackend(Backend):
             backend=self.name, config=str(spec.config_path) if spec.config_path else None,
         ).to_environ()
         env["PYTHONUNBUFFERED"] = "1"
+        output = os.devnull
+        if session_dir and node is not None:
+            # every node keeps its own output, also in a session folder the nodes share
+            output = str(session_dir / node_output_name(spec.resources.get("node_key") or "node"))
+            env.update(network_env(node, {**os.environ, **self.env}))
+        elif session_dir:
+            output = str(session_dir / "output.log")
         return LaunchPlan(
             backend=self.name, command=tuple(command), env=env,
             cwd=str(spec.cwd or Path.cwd()), resources=dict(spec.resources),
-            output=str(session_dir / "output.log") if session_dir else os.devnull,
+            output=output,
             checkpoint_location=spec.checkpoint_location, cost_per_hour=None,
             details={"terminal": self.use_pty, "session_dir": str(session_dir) if session_dir else None})
 
@@ -306,6 +322,8 @@ class LocalBackend(Backend):
                                     "output_start": start,
                                     "session_dir": plan.details.get("session_dir")}, attempt)
         self._owned[_key(handle)] = _Attempt(proc, fds, log, plan.output, start)
+        if NodeSpec.from_resources(plan.resources) is not None:
+            self._nodes[_key(handle)] = [None, 0.0]
         return handle
 
     # ------------------------------------------------------------------ observe
@@ -317,7 +335,9 @@ class LocalBackend(Backend):
             warning = att.log.warning()
             if not att.done.is_set():
                 self._enforce_deadline(key)
+                node = self._node_ranks(key)
                 return Description(State.RUNNING, details={"processes": processes,
+                                                           **({"node": node} if node else {}),
                                                            **({"warnings": {"output_log": warning}} if warning else {})})
             end = _ended(att.returncode, processes)
             if warning:
@@ -428,6 +448,7 @@ class LocalBackend(Backend):
         if att is not None:
             att.done.wait(timeout=10)
         self._kill_at.pop(key, None)
+        self._nodes.pop(key, None)
 
     def list(self) -> list[Handle]:
         """Processes on this machine started for a trainctl session (TRAIN_OPS_SESSION_ID in
@@ -454,6 +475,17 @@ class LocalBackend(Backend):
         return handles
 
     # ------------------------------------------------------------------ helpers
+    def _node_ranks(self, key: tuple[int, int | None]) -> dict[str, Any] | None:
+        """A multi-node attempt's place in the job, looked up at most every NODE_LOOK_S."""
+        seen = self._nodes.get(key)
+        if seen is None or seen[0] is not None:
+            return seen[0] if seen else None
+        now = time.monotonic()
+        if now >= seen[1]:
+            seen[1] = now + NODE_LOOK_S
+            seen[0] = worker_ranks(key[0])
+        return seen[0]
+
     def _alive(self, key: tuple[int, int | None]) -> bool:
         att = self._owned.get(key)
         if att is not None:

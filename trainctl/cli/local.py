@@ -36,6 +36,15 @@ was stopped (trainctl sessions stop); 2 when a pre-flight check failed."""
               help="Seconds between forwarding a stop signal and SIGKILL (default 30).")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=1,
               help="Processes to start through torchrun (torch.distributed.run).")
+@click.option("--nnodes", type=int, default=None,
+              help="Machines in the job; start trainctl local on each (under SLURM, read from its variables).")
+@click.option("--node-rank", type=int, default=None,
+              help="This machine's number, 0 to nnodes-1 (a label: torchrun's c10d rendezvous assigns the ranks).")
+@click.option("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+              help="Where the machines meet: one of them (the head) and a free port, the same on every machine.")
+@click.option("--rdzv-id", default=None, metavar="ID",
+              help="The job's id, the same on every machine; it names the one session they share "
+                   "(default: from the endpoint; under SLURM the job id).")
 @click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs the script needs (checked before start).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")
 @click.option("--no-preflight", is_flag=True, help="Skip the pre-flight checks.")
@@ -50,7 +59,8 @@ was stopped (trainctl sessions stop); 2 when a pre-flight check failed."""
               help="Resume even from a checkpoint another script wrote (refused otherwise).")
 def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str | None,
               max_restarts: int | None, restart_on: str | None, restart_delay: float | None,
-              grace_period: float | None, nproc_per_node: int, gpus: int | None, quiet: bool,
+              grace_period: float | None, nproc_per_node: int, nnodes: int | None, node_rank: int | None,
+              rdzv_endpoint: str | None, rdzv_id: str | None, gpus: int | None, quiet: bool,
               no_preflight: bool, detach: bool, dry_run: bool, sync_uri: str | None, force: bool) -> None:
     """Run SCRIPT [ARGS]... here as a recorded session.
 
@@ -73,19 +83,20 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
                                   path=str(script))
     cfg = load()
     if sync_uri is not None:
-        from ..errors import UsageError
         from ..storage.uri import parse_uri
 
         parse_uri(sync_uri)  # a bad URI fails before anything starts
-        if detach:
-            raise UsageError("--sync and --detach do not go together yet.",
-                             "Run with --sync in a terminal multiplexer (tmux, screen), or without --sync.")
     args_list = list(args)
     if resume is None:
         resume, args_list = split_resume_arg(args_list, cfg.resume_flag)
     restart = restart_policy(cfg, max_restarts=max_restarts, restart_on=restart_on,
                              restart_delay_s=restart_delay, grace_period_s=grace_period)
     resources: dict[str, Any] = {"nproc_per_node": nproc_per_node}
+    from ..launcher import multinode
+
+    node = multinode.resolve(nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id)
+    if node is not None:
+        resources.update(multinode.with_network(node).to_resources())
     if gpus is not None:
         resources["gpus"] = gpus
     spec = RunSpec(script=script, args=tuple(args_list), resources=resources, resume=resume, name=name)
@@ -93,7 +104,7 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
         show_plan(spec, restart, cfg, force=force)
         return
     if detach:
-        start_in_background(spec, restart, cfg, preflight=not no_preflight, force=force)
+        start_in_background(spec, restart, cfg, preflight=not no_preflight, force=force, sync_uri=sync_uri)
         return
     _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight, sync_uri=sync_uri,
                                    force=force)

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "local": "trainctl.cli.local:local_cmd",
     "sessions": "trainctl.cli.sessions:sessions",
     "checkpoint": "trainctl.cli.checkpoint:checkpoint",
+    "pipeline": "trainctl.cli.pipeline:pipeline",
     "check": "trainctl.cli.check:check",
     "monitor": "trainctl.cli.monitor:monitor",
     "tensorboard": "trainctl.cli.tensorboard:tensorboard",
@@ -30,10 +31,11 @@ COMMANDS: dict[str, str] = {
 }
 
 SHORT_HELP: dict[str, str] = {
-    "init": "Write a commented trainctl.toml for this project.",
+    "init": "Write a commented trainctl.toml for this project (--template: a train.py too).",
     "local": "Run a training script here, as a recorded session.",
     "sessions": "List, show, follow, stop, delete, compare and plot recorded sessions.",
     "checkpoint": "List, inspect, verify, clean up and resume checkpoints.",
+    "pipeline": "Run multi-step pipelines (pretrain -> finetune sweep -> evaluate), resumable.",
     "check": "Run the pre-flight checks on a script without starting it.",
     "monitor": "Show where a run stands: progress, ETA, trends, warnings.",
     "tensorboard": "Start TensorBoard over recorded sessions.",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import click
 
 
@@ -30,17 +33,18 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
     reads a log file instead, e.g. `trainctl monitor --log train.log`. Warnings: NaN/Inf
     metrics, divergence, plateau, stall, checkpoint overdue, disk nearly full, crashed.
     """
-    import json
-    import shutil
-    import sys
-    import time
+    import contextlib
+    import functools
+    import tempfile
     from pathlib import Path
 
     from .. import config as config_mod
-    from ..errors import UsageError
-    from ..formatting import json_safe
-    from ..launcher.monitor import Monitor, Settings, open_log, render
-    from ..session import TERMINAL, SessionStore
+    from ..errors import NotFoundError, UsageError
+    from ..launcher.control import refresh
+    from ..launcher.monitor import Monitor, Settings, open_log
+    from ..session import SessionStore
+    from ..storage.errors import StorageError
+    from ..storage.mirror import RemoteView, looks_like_uri, remote_of
 
     if interval <= 0:
         raise UsageError(f"--interval must be positive, not {interval}.", "Use e.g. --interval 2")
@@ -55,11 +59,66 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
         raise UsageError(f"--checkpoint {checkpoint_dir!r} is a file, not a folder.",
                          "Pass the folder the checkpoints are written to.")
 
-    if log_file:
-        mon = Monitor(log=open_log(log_file), checkpoint_dir=ckpt, settings=settings, follow=follow)
-    else:
-        session = SessionStore(cfg.state_dir).get(session_ref or "latest")
-        mon = Monitor(session=session, checkpoint_dir=ckpt, settings=settings, follow=follow)
+    view = None  # a session in storage, read there (segments and heartbeat) into a temporary folder
+    update: Callable[[], None] = _nothing_to_update
+    with contextlib.ExitStack() as cleanup:
+        if log_file:
+            mon = Monitor(log=open_log(log_file), checkpoint_dir=ckpt, settings=settings, follow=follow)
+        else:
+            ref = session_ref or "latest"
+            remote = remote_of(ref, cfg)
+            if remote is not None:
+                try:
+                    if remote.store.list(remote.key("")):
+                        folder = cleanup.enter_context(tempfile.TemporaryDirectory(prefix="trainctl-monitor-"))
+                        view = RemoteView(remote, folder)
+                        view.update()  # its record, for the parts of Monitor that read it first
+                    problem = "nothing there"
+                except StorageError as e:
+                    if looks_like_uri(ref):
+                        raise
+                    view, problem = None, str(e)
+                if view is None and looks_like_uri(ref):
+                    raise NotFoundError(f"No session at {remote.uri}.",
+                                        "Check the URI (and [cloud] endpoint_url in trainctl.toml).")
+                if view is None:  # a pulled session: its copy here still says where it stood
+                    click.secho(f"warning: cannot read {remote.uri} ({problem}); showing the copy pulled here",
+                                err=True, fg="yellow")
+            if view is not None:
+                update = view.update
+                session = view.session
+            else:
+                session = SessionStore(cfg.state_dir).get(session_ref or "latest")
+                if _runs_elsewhere(session):  # launched from here on a cloud: its backend copies from storage
+                    update = functools.partial(refresh, session)
+            mon = Monitor(session=session, checkpoint_dir=ckpt, settings=settings, follow=follow)
+        _watch(mon, view, update, follow=follow, as_json=as_json, interval=interval, parsed=parsed)
+
+
+def _nothing_to_update() -> None:
+    """A local session or a log file: Monitor reads it where it is."""
+
+
+def _runs_elsewhere(session: Any) -> bool:
+    from ..launcher.control import recorded_handle
+
+    try:
+        handle = recorded_handle(session.read())
+    except Exception:  # an unreadable record: monitor says so itself
+        return False
+    return handle is not None and handle.backend != "local"
+
+
+def _watch(mon: Any, view: Any, update: Callable[[], None], *, follow: bool, as_json: bool, interval: float,
+           parsed: bool) -> None:
+    import json
+    import shutil
+    import sys
+    import time
+
+    from ..formatting import json_safe
+    from ..launcher.monitor import open_log, render
+    from ..session import TERMINAL
 
     if parsed:
         if mon.log is None:
@@ -68,12 +127,25 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
             click.echo(json.dumps(json_safe({"line": number, **result, "text": line[:200]})))
         return
 
+    from ..storage.errors import StorageError
+
     tty = sys.stdout.isatty() and not as_json
     drawn = 0
+    unreachable = False
     try:
         while True:
+            try:
+                update()
+            except StorageError as e:  # storage out of reach for now: the last look stands, following goes on
+                if not unreachable:
+                    click.secho(f"warning: cannot read storage ({e}); retrying", err=True, fg="yellow")
+                unreachable = True
+            else:
+                unreachable = False
             mon.refresh()
             snap = mon.snapshot()
+            if view is not None:
+                _add_storage(snap, view)
             if as_json:
                 click.echo(json.dumps(json_safe(snap), allow_nan=False))
             else:
@@ -85,6 +157,8 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
                 drawn = len(lines)
             if not follow or (mon.session is not None and snap["status"] in (*TERMINAL, "crashed")):
                 return
+            if view is not None and view.finished:
+                return  # its writer let go (the segments were read after that was seen: all of them)
             if not tty and not as_json:
                 click.echo("")
             sys.stdout.flush()
@@ -92,3 +166,15 @@ def monitor(session_ref: str | None, log_file: str | None, checkpoint_dir: str |
     except KeyboardInterrupt:
         return  # Ctrl-C is how a --follow on a log ends
 
+
+
+def _add_storage(snap: dict[str, Any], view: Any) -> None:
+    """Where a remote session is read from, and what its heartbeat says about its writer."""
+    from ..storage.mirror import HEARTBEAT_STALE_S
+
+    age = view.heartbeat_age_s(snap["now"])
+    snap["storage"] = {"uri": view.remote.uri, "heartbeat_age_s": age, "heartbeat_step": view.heartbeat.get("step"),
+                       "released": bool(view.heartbeat.get("released")), "ended": view.ended}
+    if age is not None and age > HEARTBEAT_STALE_S and not view.finished and snap["status"] == "running":
+        snap["warnings"].append({"kind": "heartbeat", "message": f"no heartbeat in storage for {age:.0f}s: the "
+                                 "machine writing this session may be gone"})

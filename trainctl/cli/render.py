@@ -110,4 +110,26 @@ def continue_command(data: dict[str, Any], checkpoint: str | None) -> str:
     command = data.get("command") or []
     script = command[2] if len(command) > 2 and command[0] == "trainctl" else str(data.get("script") or "SCRIPT")
     flag = (data.get("trainctl_config") or {}).get("resume_flag") or "--resume"
+    job = data.get("multinode")
+    if isinstance(job, dict) and job.get("nnodes"):
+        return _multinode_continue(job, script, list(data.get("args") or []), checkpoint, flag)
     return resume_command(script, list(data.get("args") or []), checkpoint, flag)
+
+
+def _multinode_continue(job: dict[str, Any], script: str, args: list[str], checkpoint: str | None,
+                        flag: str) -> str:
+    """A multi-node job continues as a new job on every node: under SLURM a new srun (a new job
+    id), by hand a new rendezvous id (the old one names the ended session)."""
+    import shlex
+
+    from ..redact import redact_args
+    from ..resume import strip_resume_args
+
+    rest = redact_args(strip_resume_args(args, flag))
+    resume = ["--resume", checkpoint] if checkpoint else []
+    nproc = ["--nproc-per-node", str(job.get("nproc_per_node") or 1)]
+    if job.get("source") == "slurm":
+        return "srun " + shlex.join(["trainctl", "local", *nproc, *resume, script, *rest])
+    return shlex.join(["trainctl", "local", "--nnodes", str(job["nnodes"]), "--rdzv-endpoint",
+                       str(job.get("rdzv_endpoint")), "--rdzv-id", f"{job.get('rdzv_id')}-2", *nproc, *resume,
+                       script, *rest]) + "  # on every node (--node-rank R on each)"

@@ -41,20 +41,31 @@ def _warn_problems(problems: list[str]) -> None:
 @sessions.command("list")
 @click.option("--status", type=click.Choice(STATUS_CHOICES), help="Only sessions with this status.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Show at most N sessions.")
+@click.option("--pipeline", "pipeline_id", metavar="ID", default=None,
+              help="Only the sessions of pipeline ID's steps (trainctl pipeline list).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON array, for scripts.")
-def sessions_list(status: str | None, limit: int | None, as_json: bool) -> None:
+def sessions_list(status: str | None, limit: int | None, pipeline_id: str | None, as_json: bool) -> None:
     """Every session of this project, newest first (reads session.json files only)."""
     from ..formatting import format_duration
     from .render import age, metrics_line, table
 
-    records, problems = _store().list(status=status, limit=limit)
+    if pipeline_id is None:
+        records, problems = _store().list(status=status, limit=limit)
+    else:
+        records, problems = _store().list(status=status)
+        records = [r for r in records if isinstance(r.get("pipeline"), dict)
+                   and r["pipeline"].get("id") == pipeline_id][:limit]
     _warn_problems(problems)
     if as_json:
         click.echo(json.dumps(records, indent=2, default=str))
         return
     if not records:
-        click.echo("No sessions yet. Start one with: trainctl local SCRIPT" if not status
-                   else f"No {status} sessions.")
+        if pipeline_id is not None:
+            click.echo(f"No {status + ' ' if status else ''}sessions of pipeline {pipeline_id}. "
+                       "See the pipelines with: trainctl pipeline list")
+        else:
+            click.echo("No sessions yet. Start one with: trainctl local SCRIPT" if not status
+                       else f"No {status} sessions.")
         return
     now = time.time()
     costs: dict = {}
@@ -130,12 +141,14 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         ("metrics", metrics_line(summary, limit=6)),
         ("failed saves", f"{summary['failed_saves']} (last: {summary.get('last_save_error')})"
          if summary.get("failed_saves") else None),
-        ("output", str(session.output_log)),
+        ("output", str(session.output_log) if not data.get("nodes") else None),
         *_cloud_rows(data),
     ]
     for key, value in rows:
         if value not in (None, ""):
             click.echo(f"{key:<15} {value}")
+    if data.get("nodes"):
+        _show_nodes(session, data)
     start = _startup_line(list(session.iter_events(("startup",))))
     if start:
         click.echo(f"{'start':<15} {start}")
@@ -180,6 +193,34 @@ def sessions_show(session_ref: str, as_json: bool) -> None:
         command = continue_command(data, last)
         click.echo(f"{label:<15} {command}")
         _secrets_note(command, 16)
+
+
+def _show_nodes(session, data: dict) -> None:
+    """A multi-node session: each node that recorded here, where c10d put it, how it stands."""
+    from .. import sysinfo
+    from .render import age, table
+
+    job = data.get("multinode") or {}
+    nodes = data.get("nodes") or {}
+    click.echo(f"{'nodes':<15} {len(nodes)} of {job.get('nnodes', '?')} recorded here"
+               f" (rendezvous {job.get('rdzv_endpoint', '?')}, id {job.get('rdzv_id', '?')})")
+    rows = []
+    for key, node in sorted(nodes.items(), key=lambda kv: ((kv[1].get("ranks") or [1 << 30])[0], kv[0])):
+        if not isinstance(node, dict):
+            continue
+        ranks = node.get("ranks") or []
+        state = str(node.get("state") or "?")
+        launcher = node.get("launcher") or {}
+        if state not in {t.value for t in TERMINAL} and node.get("host") == sysinfo.host() and launcher.get("pid") \
+                and not sysinfo.pid_alive(launcher["pid"], launcher.get("start_ticks")):
+            state = "crashed"
+        rows.append([str(node.get("host") or "?"), key,
+                     (f"{ranks[0]}-{ranks[1]}" if ranks[0] != ranks[1] else str(ranks[0])) if len(ranks) == 2 else "-",
+                     state + (" (head)" if node.get("head") else ""),
+                     age(node.get("heartbeat_at")) if node.get("heartbeat_at") else "-",
+                     str(session.dir / node["output"]) if node.get("output") else "-"])
+    for line in table(["host", "node", "ranks", "state", "last heard", "output"], rows).splitlines():
+        click.echo("  " + line)
 
 
 def _secrets_note(command: str, indent: int) -> None:
@@ -259,19 +300,9 @@ def sessions_logs(session_ref: str, follow: bool, tail: int | None) -> None:
 
 def _remote_of(session_ref: str):
     """The remote session `session_ref` names: a storage URI, or a session pulled from storage."""
-    from ..errors import NotFoundError
-    from ..storage.mirror import looks_like_uri, remote_session
+    from ..storage.mirror import remote_of
 
-    cfg = _config()
-    if looks_like_uri(session_ref):
-        return remote_session(session_ref, cfg)
-    try:
-        data = _store().get(session_ref).read()
-    except NotFoundError:
-        return None
-    if data.get("pulled_at") and isinstance(data.get("storage"), str):
-        return remote_session(data["storage"], cfg)
-    return None
+    return remote_of(session_ref, _config())
 
 
 def _remote_logs(remote, *, follow: bool, tail: int | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -97,20 +98,34 @@ def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, pre
             result = supervisor.run()
         _err(f"[trainctl] synced: {len(loop.uploaded)} checkpoint(s) uploaded"
              + (f", latest {loop.uploaded[-1]['file']}" if loop.uploaded else "") + f" ({loop.remote.uri})")
-    show_end(result.session, [], result.record)  # the script's output, its traceback included, is on screen
+    output = supervisor.output_path(result.session)
+    show_end(result.session, [], result.record, output=output)  # the script's output, its traceback included, is on screen
     return supervisor, result
 
 
 def start_in_background(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, preflight: bool,
-                        parent: str | None = None, resume_verified: bool = False, force: bool = False) -> Session:
-    """Resolve, check and create the session here, then leave the run to a background process."""
+                        parent: str | None = None, resume_verified: bool = False, force: bool = False,
+                        sync_uri: str | None = None) -> Session:
+    """Resolve, check and create the session here, then leave the run to a background process.
+    With `sync_uri`, the session's lease in storage is taken here (a storage that can't be
+    written is said now) and the background process syncs under it."""
     from ..launcher import detached
 
     supervisor = Supervisor(spec, policy, cfg, backend_options={"use_pty": False},
                             events=TerminalEvents(quiet=False, args=spec.args), parent=parent, force=force)
     session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
-    pid = detached.start(supervisor)
+    sync = None
+    if sync_uri is not None:
+        from ..agent.sync import claim_sync
+        from ..storage.mirror import project_name
+
+        project = project_name(cfg)
+        sync = {"storage": sync_uri, "project": project,
+                "lease_term": claim_sync(session, sync_uri, project=project, cfg=cfg)}
+    pid = detached.start(supervisor, sync=sync)
     click.echo(f"Started session {session.id} in the background (pid {pid}).")
+    if sync is not None:
+        click.echo(f"  syncing  to {session.read().get('storage')}")
     click.echo(f"  attach   trainctl sessions attach {session.id}     (Ctrl-C detaches; the run goes on)")
     click.echo(f"  output   trainctl sessions logs {session.id} --follow")
     click.echo(f"  stop     trainctl sessions stop {session.id}       (emergency checkpoint, then stopped)")
@@ -136,7 +151,8 @@ def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, force: bool = F
     click.echo("cost         " + (f"~${plan['cost_per_hour']:.2f}/h" if plan["cost_per_hour"] is not None else "none (this machine)"))
 
 
-def show_end(session: Session, output_tail: list[str], record: dict[str, Any] | None = None) -> None:
+def show_end(session: Session, output_tail: list[str], record: dict[str, Any] | None = None,
+             output: Path | None = None) -> None:
     """The closing lines of a run, from what session.json recorded (and `record`, the end the
     engine saw, should the disk have refused it); `output_tail` only when the output was not
     on this screen already (a run that ended while detached)."""
@@ -144,7 +160,7 @@ def show_end(session: Session, output_tail: list[str], record: dict[str, Any] | 
         data = session.read()
     except Exception:  # unreadable: what the engine saw is all there is
         data = {"id": session.id}
-    render.run_summary({**data, **(record or {}), "output_log": str(session.output_log)}, output_tail)
+    render.run_summary({**data, **(record or {}), "output_log": str(output or session.output_log)}, output_tail)
 
 
 def recorded_exit_code(data: dict[str, Any]) -> int:

@@ -28,9 +28,18 @@ SETTLE_S = 10.0  # after the script ends, how long the engine may take to record
 
 
 def recorded_handle(data: dict[str, Any]) -> Handle | None:
-    """The handle of the session's latest attempt, as session.json holds it."""
+    """The handle of the session's latest attempt, as session.json holds it; for a multi-node
+    job, that of a node running on this machine (each node records its own)."""
+    raw = data.get("handle")
+    if raw is None and isinstance(data.get("nodes"), dict):
+        from .. import sysinfo
+
+        here = [n for n in data["nodes"].values() if isinstance(n, dict) and n.get("handle")
+                and n.get("host") == sysinfo.host()]
+        running = [n for n in here if n.get("state") not in {s.value for s in TERMINAL}]
+        raw = (running or here or [{}])[0].get("handle")
     try:
-        return Handle.from_json(data.get("handle"))
+        return Handle.from_json(raw)
     except ValueError:
         return None
 

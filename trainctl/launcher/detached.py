@@ -5,7 +5,9 @@ in the foreground where their errors can be seen). It starts `python -m trainctl
 as a session leader with no terminal, its stdout and stderr appended to the session's
 output.log, and hands it the spec through a pipe (never a file: the arguments may hold
 secrets). That process runs the same engine as `trainctl local`; status lines go to output.log,
-progress to the session's events, and it records the end in session.json.
+progress to the session's events, and it records the end in session.json. With `sync` (`local
+--sync URI --detach`) it mirrors the session to storage as the foreground run does, under the
+lease the foreground took (`claim_sync`), so a storage that can't be written fails at the prompt.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ class LogEvents(EngineEvents):
         pass  # the backend already keeps the output in output.log
 
 
-def start(supervisor: Supervisor) -> int:
-    """Start the engine for `supervisor`'s prepared session in the background; its pid."""
+def start(supervisor: Supervisor, *, sync: dict[str, Any] | None = None) -> int:
+    """Start the engine for `supervisor`'s prepared session in the background; its pid. `sync`:
+    {"storage", "project", "lease_term"} to mirror the session to storage while it runs."""
     session = supervisor.session
     assert session is not None, "prepare() the supervisor first"
     spec = supervisor.spec
@@ -53,6 +56,7 @@ def start(supervisor: Supervisor) -> int:
         "policy": asdict(supervisor.policy),
         "spec": {"script": str(spec.script), "args": list(spec.args), "resources": spec.resources,
                  "resume": spec.resume, "name": spec.name, "cwd": str(spec.cwd or Path.cwd())},
+        "sync": sync,
     }
     with open(session.output_log, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "trainctl.launcher.detached"], stdin=subprocess.PIPE,
@@ -83,7 +87,24 @@ def main() -> int:
                             backend_options=payload.get("backend_options") or {},
                             events=LogEvents(session), parent=payload.get("parent"))
     supervisor.session = session
-    return supervisor.run().exit_code
+    sync = payload.get("sync")
+    if not sync:
+        return supervisor.run().exit_code
+    return _run_synced(supervisor, session, cfg, sync)
+
+
+def _run_synced(supervisor: Supervisor, session: Session, cfg: Any, sync: dict[str, Any]) -> int:
+    """The run mirrored to storage, as `trainctl local --sync` does in the foreground."""
+    from ..agent.sync import synced
+
+    events = LogEvents(session)
+    with synced(session, sync["storage"], project=sync["project"], cfg=cfg,
+                lease_term=int(sync["lease_term"])) as loop:
+        events.message(f"syncing to {loop.remote.uri}")
+        result = supervisor.run()
+    events.message(f"synced: {len(loop.uploaded)} checkpoint(s) uploaded"
+                   + (f", latest {loop.uploaded[-1]['file']}" if loop.uploaded else "") + f" ({loop.remote.uri})")
+    return result.exit_code
 
 
 if __name__ == "__main__":

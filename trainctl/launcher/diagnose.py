@@ -208,6 +208,46 @@ def _cuda_oom(f: Failure) -> Diagnosis | None:
         "if much memory is reserved but unallocated, set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.")
 
 
+_NETWORK_FIX = ("allow TCP between the nodes (on AWS: a security group rule that lets the group's members reach "
+                "each other on all TCP; NCCL and gloo pick random ports), and make the collectives use the "
+                "interface that routes between them: GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME=<interface> "
+                "(ip route get HEAD names it; never lo or docker0)")
+
+
+def _rendezvous(f: Failure) -> Diagnosis | None:
+    """Several machines that did not meet: torchrun's c10d rendezvous, or the collectives after it."""
+    where = _first(r"while trying to connect to \(([^,()]+), (\d+)\)", f.text)
+    endpoint = f"{where.group(1)}:{where.group(2)}" if where else "the rendezvous endpoint"
+    if where or _first(r"RendezvousConnectionError|connection to the C10d store has failed", f.text):
+        return Diagnosis(
+            "rendezvous_unreachable", f"this node could not reach the head at {endpoint}",
+            "the head node is not running yet (start trainctl local there first), --rdzv-endpoint names an "
+            "address this node cannot route to (use the head's private IP), or a firewall / security group "
+            "blocks the port.",
+            f"check from this node: nc -zv {endpoint.replace(':', ' ')}; " + _NETWORK_FIX + ".")
+    if _first(r"RendezvousTimeoutError", f.text):
+        return Diagnosis(
+            "rendezvous_timeout", "the nodes did not all join the rendezvous in time",
+            "not every node started trainctl local with the same --nnodes, --rdzv-endpoint and --rdzv-id "
+            "within the join timeout (600 s by default), or some cannot reach the head.",
+            "start every node with the same --nnodes, --rdzv-endpoint HOST:PORT and --rdzv-id (under SLURM: "
+            "srun with one task per node, --ntasks-per-node=1); " + _NETWORK_FIX + ".")
+    if _first(r"RendezvousClosedError", f.text):
+        return Diagnosis(
+            "rendezvous_closed", "the rendezvous was already closed: the job ended on another node",
+            "this node joined after the others had finished or given up.",
+            "start all nodes again with a new --rdzv-id (and --resume auto to continue).")
+    peer = _first(r"(?:Gloo|gloo|NCCL|socketStartConnect|NET/Socket)[^\n]*(?:Connection refused|No route to host|"
+                  r"Connection timed out|Connect to [^\n]* failed)[^\n]*", f.text)
+    if peer and not _first(r"NCCL error|nccl\w+Error", f.text):  # NCCL's own report: _distributed reads it
+        return Diagnosis(
+            "distributed_network", f"the processes could not connect for the collectives: {peer.group(0).strip()[:160]}",
+            "after the rendezvous, each process connects to the others directly on random ports: an interface "
+            "they cannot reach (docker0, lo, a second network) was chosen, or a firewall blocks those ports.",
+            _NETWORK_FIX[0].upper() + _NETWORK_FIX[1:] + "; rerun with NCCL_DEBUG=INFO to see which address failed.")
+    return None
+
+
 def _distributed(f: Failure) -> Diagnosis | None:
     debug = "rerun with TORCH_DISTRIBUTED_DEBUG=DETAIL NCCL_DEBUG=INFO to see which rank and operation"
     watchdog = _first(r"Watchdog caught collective operation timeout: WorkNCCL\(SeqNum=(\d+), OpType=(\w+)[^)]*?Timeout\(ms\)=(\d+)", f.text)
@@ -515,7 +555,7 @@ def _generic(f: Failure) -> Diagnosis | None:
 
 
 RULES: list[Callable[[Failure], Diagnosis | None]] = [
-    _resume_flag, _bad_arguments, _cuda_oom, _distributed, _cuda_driver, _cuda_unavailable,
+    _resume_flag, _bad_arguments, _cuda_oom, _rendezvous, _distributed, _cuda_driver, _cuda_unavailable,
     _shared_memory, _worker_killed, _module_missing, _state_dict, _read_only, _disk_full, _permission,
     _file_not_found, _nan_loss, _killed, _generic,
 ]

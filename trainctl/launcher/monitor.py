@@ -293,6 +293,7 @@ class Monitor:
             found.append(metrics.stall_warning(now=now, last_output_t=last_output_t,
                                                last_metric_t=last_metric_t,
                                                stall_s=settings.stall_s))
+            found.extend(_silent_nodes(self.data, now))
             newest = checkpoints.get("newest") or {}
             found.append(metrics.checkpoint_overdue_warning(
                 now=now, newest_t=newest.get("t"), started_t=started or (None if not self.follow else self._watch_start(now)),
@@ -415,6 +416,26 @@ class Monitor:
                 "rows": rows, "torn": report.torn}
 
 
+def _silent_nodes(data: dict[str, Any], now: float) -> list[dict[str, str]]:
+    """Nodes of a running multi-node job that stopped saying they are alive."""
+    from ..backends.torchrun import NODE_SILENT_S
+    from ..formatting import format_duration
+
+    found = []
+    for key, node in (data.get("nodes") or {}).items():
+        if not isinstance(node, dict) or node.get("state") in {s.value for s in TERMINAL}:
+            continue
+        heard = node.get("heartbeat_at")
+        if isinstance(heard, (int, float)) and now - heard > NODE_SILENT_S:
+            ranks = node.get("ranks") or []
+            where = f", ranks {ranks[0]}-{ranks[1]}" if len(ranks) == 2 else ""
+            found.append({"kind": "node_silent",
+                          "message": f"node {key} ({node.get('host')}{where}) has not reported for "
+                                     f"{format_duration(now - heard)}: its machine or its trainctl may be gone; "
+                                     "the job stops when its collectives fail, then restarts on every node."})
+    return found
+
+
 def _latest_attempt(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The points since the step last went back (a restart resumed from an earlier step)."""
     start, last = 0, None
@@ -503,6 +524,12 @@ def render(snap: dict[str, Any], width: int = 80) -> list[str]:
         state = "  incomplete" if r["status"] == "incomplete" else ""
         lines.append(f"  {r['display']}{step}  {metrics.format_duration(r['age_s'])} ago{state}")
     lines = [line if len(line) <= width else line[:width - 1] + "…" for line in lines]
+    store = snap.get("storage")
+    if store:  # a session read from storage: where (never cut: it is copied), what its writer last said
+        beat = store.get("heartbeat_age_s")
+        state = ("ended" if store.get("ended") else "released" if store.get("released")
+                 else f"heartbeat {metrics.format_duration(beat)} ago" if beat is not None else "no heartbeat yet")
+        lines.append(f"storage   {store['uri']} ({state})")
     if snap.get("resume_command") and snap["status"] != State.CRASHED:  # crashed: in its warning
         lines.append(f"resume    {snap['resume_command']}")  # never cut: it must run as printed
     for w in snap["warnings"]:  # warnings are wrapped, never cut

@@ -22,10 +22,11 @@ from .. import config as config_mod
 from .. import resume as resume_mod
 from .. import sysinfo
 from ..backends.base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec, get_backend
+from ..backends.torchrun import NODE_HEARTBEAT_S, NodeSpec
 from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, DiskError, UsageError, disk_problem
 from ..fsutil import temp_beside
 from ..redact import redact_args
-from ..session import Session, SessionStore, State, new_session_id, summarize_metrics
+from ..session import TERMINAL, Session, SessionStore, State, new_session_id, summarize_metrics
 from .output import OutputMetrics, OutputParser, OutputText
 
 CRASH_LOOP_REPEATS = 3
@@ -137,6 +138,14 @@ class Supervisor:
     def __init__(self, spec: RunSpec, policy: RestartPolicy, cfg: config_mod.Config, *,
                  backend: str = "local", backend_options: dict[str, Any] | None = None,
                  events: EngineEvents | None = None, parent: str | None = None, force: bool = False) -> None:
+        # one node of a multi-node job: records its own part under session.json's "nodes"
+        self.node = NodeSpec.from_resources(spec.resources)
+        self.node_key = ""
+        if self.node is not None:
+            self.node_key = spec.resources.get("node_key") or (
+                f"{sysinfo.host()}-{self.node.node_rank if self.node.node_rank is not None else os.getpid()}")
+            spec = replace(spec, resources={**spec.resources, "node_key": self.node_key})
+        self._node_entry: dict[str, Any] = {}
         self.spec = spec
         self.force = force  # resume a checkpoint another script wrote
         self.policy = policy
@@ -177,7 +186,7 @@ class Supervisor:
         """What the first attempt would run, where its output and checkpoints would go, with
         nothing created or started (what `--dry-run` shows). Resolves the resume first."""
         spec = self.spec = replace(self.spec, resume=self.resolve_resume(self.spec.resume, dry_run=True))
-        session_id = "<new session id>"
+        session_id = "<new session id>" if self.node is None else self.node.session_id
         session_dir = self.cfg.state_dir / "sessions" / session_id
         takes_flag = self._takes_resume_flag()
         args = resume_mod.with_resume_args(spec.args, self.cfg.resume_flag, spec.resume, takes_flag)
@@ -267,8 +276,10 @@ class Supervisor:
         report.raise_if_failed()
 
     def _create_session(self) -> Session:
-        session_id = new_session_id()
+        session_id = new_session_id() if self.node is None else self.node.session_id
         try:
+            if self.node is not None:
+                return self._join_or_create(session_id)
             return self._new_session(session_id)
         except OSError as e:
             problem = disk_problem(e)
@@ -290,10 +301,84 @@ class Supervisor:
             cwd=os.getcwd(), started_at=time.time(), trainctl_config=self.cfg.resolved(),
             parent=self.parent, resume_from=spec.resume, attempts=[], resources=spec.resources,
             checkpoint_location=str(self.cfg.checkpoint_dir / session_id),
-            restart=asdict(self.policy), processes=[_this_process("launcher")],
+            restart=asdict(self.policy),
+            # a multi-node session's launchers are on several machines: each node lists its own
+            processes=[_this_process("launcher")] if self.node is None else [],
+            **({"multinode": self._multinode_fields()} if self.node is not None else {}),
         )
         _write_derived_json(session.config_path, self.cfg.resolved())
         return session
+
+    # -------------------------------------------------------------- one node of several
+    def _multinode_fields(self) -> dict[str, Any]:
+        node = self.node
+        assert node is not None
+        return {"nnodes": node.nnodes, "nproc_per_node": self.spec.nproc_per_node, "rdzv_endpoint": node.endpoint,
+                "rdzv_id": node.rdzv_id, "source": node.source}
+
+    def _join_or_create(self, session_id: str) -> Session:
+        """The job's one session: created by the first node to get here; a node that finds it
+        (a state dir the nodes share) joins it. One left from an earlier job is refused."""
+        try:
+            session = self._new_session(session_id)
+        except FileExistsError:
+            session = self.store.get(session_id)
+            data = self._wait_readable(session)
+            same = (data.get("multinode") or {}).get("rdzv_id") == (self.node.rdzv_id if self.node else None)
+            if not same or data.get("status") in {s.value for s in TERMINAL}:
+                raise UsageError(
+                    f"session {session_id} already exists from an earlier run with rendezvous id "
+                    f"'{self.node.rdzv_id if self.node else ''}' ({data.get('status')}).",
+                    "Give this job a new id on every node: --rdzv-id NEW_ID (resume it with --resume auto).") from None
+        self._node_entry = {"host": sysinfo.host(), "node_rank": self.node.node_rank if self.node else None,
+                            "launcher": _this_process("launcher"), "state": State.PENDING.value,
+                            "output": self._output_name(),
+                            "attempts": [], "heartbeat_at": time.time()}
+        self._save_node(session)
+        return session
+
+    def output_path(self, session: Session) -> Path:
+        """Where this launcher's attempts keep the script's output (one file per node, multi-node)."""
+        return session.dir / self._output_name() if self.node is not None else session.output_log
+
+    def _output_name(self) -> str:
+        from ..backends.torchrun import node_output_name
+
+        return node_output_name(self.node_key)
+
+    @staticmethod
+    def _wait_readable(session: Session, timeout_s: float = 30.0) -> dict[str, Any]:
+        """session.json of a session another node is creating this moment."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                return session.read()
+            except Exception:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+
+    def _save_node(self, session: Session, **fields: Any) -> None:
+        self._node_entry.update(fields, heartbeat_at=time.time())
+        self._record("this node's state", session.update, nodes={self.node_key: dict(self._node_entry)})
+
+    def _saw_node(self, session: Session, end: Description) -> None:
+        """The attempt's workers are up: record where c10d put this node (GROUP_RANK, RANK)."""
+        node = end.details.get("node")
+        if not node or self._node_entry.get("seen_attempt") == self._node_entry.get("attempt"):
+            return
+        ranks = node.get("ranks") or [None, None]
+        self._save_node(session, group_rank=node.get("group_rank"), ranks=ranks,
+                        world_size=node.get("world_size"), master_addr=node.get("master_addr"),
+                        head=ranks[0] == 0, seen_attempt=self._node_entry.get("attempt"))
+
+    def _other_head(self, session: Session) -> bool:
+        """Another node recorded here held global rank 0 (a session folder the nodes share)."""
+        try:
+            nodes = session.read().get("nodes") or {}
+        except Exception:
+            return False
+        return any(key != self.node_key and isinstance(n, dict) and n.get("head") for key, n in nodes.items())
 
     # -------------------------------------------------------------- signals
     def _on_signal(self, signum: int, frame: Any) -> None:
@@ -344,12 +429,21 @@ class Supervisor:
     def run(self) -> RunResult:
         """Attempts until the script ends for good; the record in session.json, the end returned."""
         session = self.session or self.prepare()
-        recorded = session.read().get("processes") or []
-        if not any(p.get("pid") == os.getpid() for p in recorded if isinstance(p, dict)):
+        data = session.read()
+        recorded = data.get("processes") or []
+        if self.node is not None:
+            # a detached engine: the node's record was begun by the process that prepared it
+            entry = (data.get("nodes") or {}).get(self.node_key)
+            self._node_entry = {**(entry if isinstance(entry, dict) else {}), **self._node_entry,
+                                "launcher": _this_process("launcher")}
+        if self.node is None and not any(p.get("pid") == os.getpid() for p in recorded if isinstance(p, dict)):
             self._record("the launcher's process", session.update,
                          processes=[_this_process("launcher")])  # a detached engine: another process
         location = session.checkpoint_location() or str(self.cfg.checkpoint_dir / session.id)
         Path(location).mkdir(parents=True, exist_ok=True)
+        if self.node is not None:
+            self.events.message(f"node {self.node_key}: one of {self.node.nnodes} machines meeting at "
+                                f"{self.node.endpoint} (rendezvous id {self.node.rdzv_id}, session {session.id})")
         backend = self._backend = get_backend(self.backend_name, **self.backend_options)
         previous = self._install_signals()
         started = time.time()
@@ -433,6 +527,24 @@ class Supervisor:
                 if not self._should_restart(outcome, attempt, failures, session):
                     self._final_attempts = ended  # recorded with the session's end: one write, not two
                     return outcome, attempt + 1
+                if self.node is not None:
+                    self._save_node(session, attempts=ended, state="restarting")
+                    stopped = self._node_restart_delay(session, outcome, attempt)
+                    if stopped is not None:
+                        outcome.status = final_status = stopped
+                        return outcome, attempt + 1
+                    resume = self._restart_checkpoint(session, location) or self._still_valid(resume)
+                    if resume is None and not self._node_entry.get("head"):
+                        self.events.message(
+                            f"this node sees no checkpoint in {location}: if the node holding rank 0 wrote one, "
+                            "this node cannot read it and the ranks would start from different states; put "
+                            "checkpoint_dir on storage every node reads (trainctl.toml), or mirror it with --sync")
+                    attempt += 1
+                    self.events.message(f"restart {attempt}/{policy.max_restarts} of the whole job"
+                                        + (f", resuming from {resume}" if resume else ": no checkpoint, from scratch"))
+                    self._record("the restart", session.event, "restart", attempt=attempt, node=self.node_key,
+                                 reason=f"{outcome.status}", resume=resume)
+                    continue
                 self._record(f"how attempt {attempt} ended", session.update, attempts=ended)
                 resume = self._restart_checkpoint(session, location) or self._still_valid(resume)
                 attempt += 1
@@ -491,6 +603,13 @@ class Supervisor:
 
     def _record_launch(self, session: Session, backend: Backend, handle: Handle, attempt: int,
                        resume: str | None) -> None:
+        if self.node is not None:
+            here = backend.describe(handle).details.get("processes") or []
+            attempts = [*self._node_entry.get("attempts", []),
+                        {"attempt": attempt, "started_at": time.time(), "resume_from": resume}]
+            self._save_node(session, attempts=attempts, attempt=attempt, state=State.RUNNING.value,
+                            handle=handle.to_json(), processes=here)
+            return
         data = session.read()
         attempts = data.get("attempts") or []
         attempts.append({"attempt": attempt, "started_at": time.time(), "resume_from": resume})
@@ -509,6 +628,10 @@ class Supervisor:
             end = backend.describe(handle)
             for kind, text in (end.details.get("warnings") or {}).items():
                 self._warn_once(kind, text)
+            if self.node is not None and self.session is not None:
+                self._saw_node(self.session, end)
+                if time.time() - self._node_entry.get("heartbeat_at", 0) >= NODE_HEARTBEAT_S:
+                    self._save_node(self.session)  # "last heard" in sessions show; monitor warns when it stops
             if not end.running:
                 return end
             if output_done.is_set():
@@ -518,8 +641,9 @@ class Supervisor:
             pause = min(pause * 2, POLL_MAX_S)
 
     def _ended_attempts(self, session: Session, outcome: Outcome) -> list[dict[str, Any]]:
-        """session.json's attempts with the latest one's end filled in."""
-        attempts = session.read().get("attempts") or []
+        """session.json's attempts with the latest one's end filled in (this node's, multi-node)."""
+        attempts = (session.read().get("attempts") or []) if self.node is None else \
+            [dict(a) for a in self._node_entry.get("attempts", [])]
         if attempts and isinstance(attempts[-1], dict):
             attempts[-1].update(ended_at=time.time(), exit_code=outcome.exit_code,
                                 signal=outcome.signal, status=outcome.status)
@@ -616,6 +740,15 @@ class Supervisor:
             return False
         return takes_resume_flag(source, flag)
 
+    def _node_restart_delay(self, session: Session, outcome: Outcome, attempt: int) -> State | None:
+        """One node of several: the others end too (their collectives fail) and restart on their
+        own; the resume point is chosen after the delay, once the head's last save is in place,
+        so that every node resumes from the same checkpoint."""
+        reason = outcome.signal or f"exit code {outcome.exit_code}"
+        self.events.message(f"attempt {attempt} {outcome.status} ({reason}) on this node ({self.node_key}); the job "
+                            f"restarts on every node in {self.policy.restart_delay_s:g}s")
+        return self._wait_restart_delay(session)
+
     def _wait_restart_delay(self, session: Session) -> State | None:
         """Sleep the restart delay; KILLED or STOPPED when a signal or a stop request comes first."""
         deadline = time.monotonic() + self.policy.restart_delay_s
@@ -666,6 +799,12 @@ class Supervisor:
                   "signal": outcome.signal, "summary": summary, "diagnosis": diagnosis}
         if self._final_attempts is not None:
             record["attempts"] = self._final_attempts
+        if self.node is not None:
+            self._save_node(session, state=outcome.status.value, ended_at=ended, exit_code=outcome.exit_code,
+                            signal=outcome.signal, attempts=self._final_attempts or self._node_entry.get("attempts"))
+            # in a session folder the nodes share, the node that held global rank 0 records the end
+            if not self._node_entry.get("head") and self._other_head(session):
+                return RunResult(session, outcome, summary, diagnosis, newest, exit_code_for(outcome), record)
         self._record("how the session ended", session.update, **record)
         self._record("how the session ended", session.event, "status", status=outcome.status, source="launcher",
                      exit_code=outcome.exit_code, signal=outcome.signal)

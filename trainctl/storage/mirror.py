@@ -5,7 +5,9 @@
 checkpoint location points at the mirrored manifests (and files, with `checkpoints=True`), and
 TensorBoard event files are rebuilt from the metrics, so `sessions show`, `monitor`, `plot`,
 `checkpoint list` and `tensorboard` work on it as on a local run. `follow_output` streams the
-output segments as they grow, until the session ends or its writer goes quiet.
+output segments as they grow, until the session ends or its writer goes quiet; `RemoteView`
+keeps a throwaway local copy of a session's record, events and output current from storage,
+for readers of local sessions (`monitor`), without touching the project.
 """
 
 from __future__ import annotations
@@ -51,6 +53,23 @@ def remote_session(ref: str, cfg: Any) -> RemoteSession:
     store = open_store(uri, endpoint_url=cfg.get("cloud", "endpoint_url") or None,
                        region=cfg.get("cloud", "region") or None, checksums=cfg.get("cloud", "checksums"))
     return RemoteSession(store)
+
+
+def remote_of(ref: str, cfg: Any) -> RemoteSession | None:
+    """The remote session `ref` names: a storage URI (or folder), or a session pulled into this
+    project from storage (read at its source); None for a session that lives here."""
+    from ..errors import NotFoundError
+    from ..session import SessionStore
+
+    if looks_like_uri(ref):
+        return remote_session(ref, cfg)
+    try:
+        data = SessionStore(cfg.state_dir).get(ref).read()
+    except NotFoundError:
+        return None
+    if data.get("pulled_at") and isinstance(data.get("storage"), str):
+        return remote_session(data["storage"], cfg)
+    return None
 
 
 def project_name(cfg: Any) -> str:
@@ -157,3 +176,51 @@ def follow_output(remote: RemoteSession, *, poll_s: float = FOLLOW_POLL_S,
         elif isinstance(last, (int, float)) and clock() - last <= stale_s:
             warned = False
         time.sleep(poll_s)
+
+
+class RemoteView:
+    """A remote session as a local session folder under `folder` (a temporary one: nothing in
+    the project changes): `update()` copies its record, then what its event and output
+    segments gained, so a reader that reads local sessions incrementally (`Monitor`) follows it.
+    The record is read before the segments: once it says the session ended, the segments
+    already hold everything (the writer uploads them first)."""
+
+    def __init__(self, remote: RemoteSession, folder: str | os.PathLike[str]) -> None:
+        from ..session import Session
+
+        self.remote = remote
+        session_id = session_id_of(remote)
+        if not set(session_id) <= SESSION_ID_CHARS or session_id in (".", ".."):
+            session_id = "remote"
+        self.session = Session(Path(folder) / session_id)
+        self.session.dir.mkdir(parents=True, exist_ok=True)
+        self._events = remote.events_reader()
+        self._output = remote.output_reader()
+        self.heartbeat: dict[str, Any] = {}
+        self.ended: dict[str, Any] | None = None
+
+    def update(self) -> None:
+        record = self.remote.read_session() or {}
+        self.ended = self.remote.ended()
+        beat = self.remote.read_heartbeat()
+        self.heartbeat = beat if isinstance(beat, dict) else {}
+        for reader, path in ((self._events, self.session.events_path), (self._output, self.session.output_log)):
+            data = reader.poll()
+            with open(path, "ab") as f:
+                f.write(data)
+        # what names another machine's processes means nothing here (its pids are not ours)
+        data = {k: v for k, v in record.items() if k not in ("processes", "handle", "stop_request", "cwd")}
+        data.update(id=self.session.id, storage=self.remote.uri, checkpoint_location=self.remote.uri + "/checkpoints")
+        data.setdefault("status", "pending")
+        atomic_write_json(self.session.json_path, data, sync_dir=False)
+
+    @property
+    def finished(self) -> bool:
+        """Whether nothing more will come: the session ended, or its writer released it."""
+        return self.ended is not None or bool(self.heartbeat.get("released"))
+
+    def heartbeat_age_s(self, now: float | None = None) -> float | None:
+        last = self.heartbeat.get("t")
+        if not isinstance(last, (int, float)) or isinstance(last, bool):
+            return None
+        return max(0.0, (time.time() if now is None else now) - last)
