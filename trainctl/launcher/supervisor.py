@@ -381,6 +381,12 @@ class Supervisor:
         return any(key != self.node_key and isinstance(n, dict) and n.get("head") for key, n in nodes.items())
 
     # -------------------------------------------------------------- signals
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Stop the run as if this process got `signum` (what a caller running sessions in
+        threads forwards, the pipeline engine's): the script's emergency checkpoint, then the
+        session ends stopped; asked twice, it ends at once. Safe in a signal handler."""
+        self._on_signal(signum, None)
+
     def _on_signal(self, signum: int, frame: Any) -> None:
         # plain assignments and a kill(2) only: a handler that takes a lock can deadlock
         first = self.stop_signal is None

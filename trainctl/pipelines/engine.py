@@ -234,7 +234,7 @@ class PipelineRun:
         for supervisor in list(self._active):
             # handled as `trainctl local` handles it: forwarded to the script (an emergency
             # checkpoint); a second signal ends it at once
-            supervisor._on_signal(signum, frame)
+            supervisor.request_stop(signum)
 
     def _install_signals(self) -> dict[int, Any]:
         previous: dict[int, Any] = {}
@@ -468,7 +468,7 @@ class PipelineRun:
         verb = f"resuming from {i.resume}" if i.resume else "starting"
         self.events.message(f"step {step.name}{_shown(i.key)}: session {session.id} {verb}")
         if self.stop_signal is not None:  # a signal came while this one was being set up
-            supervisor._on_signal(self.stop_signal, None)
+            supervisor.request_stop(self.stop_signal)
         try:
             result = supervisor.run()
         finally:
