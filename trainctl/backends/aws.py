@@ -173,6 +173,7 @@ class AwsBackend(Backend):
         self._looks: dict[str, _Look] = {}
         self._mirrors: dict[str, SessionMirror] = {}
         self._kill_at: dict[str, float] = {}
+        self._networks_ended: set[str] = set()
 
     # ------------------------------------------------------------------ plumbing
     def context(self, region: str | None = None) -> Any:
@@ -213,6 +214,7 @@ class AwsBackend(Backend):
             raise UsageError("No instance type was given.", "Pass --instance-type, e.g. --instance-type g5.xlarge.")
         market = "spot" if r.get("spot") else "on-demand"
         attempt = int(r.get("attempt") or 0)
+        nodes, efa = int(r.get("nodes") or 1), bool(r.get("efa"))
         root = storage_root(self.settings, self.cfg)
         warnings: list[str] = []
         region = r.get("region") or default_region(self.settings)
@@ -252,6 +254,11 @@ class AwsBackend(Backend):
         fallback = r.get("spot_fallback")
         display = [("session data", session_uri + "/"), ("code bundle", bundle_row), ("resume", resume_row),
                    ("run", " ".join(redact_args([_script_rel(spec, self.cfg), *spec.args])))]
+        if nodes > 1:
+            per_node = r.get("nproc_per_node") or 1
+            display.append(("job", f"{nodes} nodes x {per_node} process(es) through torchrun, rendezvous id "
+                            f"{spec.session_id}; node 0's agent publishes its private address (IMDS local-ipv4) in "
+                            "the session's storage, the others wait for it"))
         if market == "spot":
             display.append(("spot fallback", f"after {fallback} interruption(s), trainctl continues on on-demand "
                             "when it next looks at the session (aws launch following, aws status)"
@@ -263,9 +270,13 @@ class AwsBackend(Backend):
             max_hours=float(r.get("max_hours") or DEFAULT_MAX_HOURS),
             budget_usd=self.settings.budget_usd, name=spec.name, storage_uri=str(root),
             agent_command=agent_command(_engine_options(r)), prepare=prepare_lines(session_uri, region, self.settings.endpoint_url),
-            env=env, secrets=secrets, display=tuple(display))
+            env=env, secrets=secrets, display=tuple(display), nodes=nodes, efa=efa)
         deadline = r.get("deadline")
         facts = gather_facts(ctx, request)
+        if efa and not facts.instance_types[0].efa_supported:
+            raise UsageError(f"--efa: {instance_type} does not support EFA (its EfaSupported is false).",
+                             "Drop --efa, or pick a type that has it: aws ec2 describe-instance-types "
+                             "--filters Name=network-info.efa-supported,Values=true")
         if deadline:  # a resume keeps the session's absolute deadline
             from dataclasses import replace
 
@@ -364,6 +375,9 @@ class AwsBackend(Backend):
                "spot_fallback": details.get("spot_fallback"), "launched_at": time.time(),
                "engine": details.get("engine") or {},
                "notes": list(result.notes)}
+        if result.nodes > 1:
+            ids.update(nodes=result.nodes, efa=aws_plan.request.efa, placement_group=result.placement_group,
+                       node_security_group_id=result.node_security_group_id)
         return Handle(self.name, ids, attempt)
 
     def _upload_code(self, remote: Any, details: dict[str, Any]) -> None:
@@ -416,6 +430,9 @@ class AwsBackend(Backend):
             live, fleet_active = [], False
         if not live and not fleet_active:
             self._kill_at.pop(sid, None)
+            if int(ids.get("nodes") or 1) > 1 and status.machines and sid not in self._networks_ended:
+                self._end_node_network(ctx, sid)
+                self._networks_ended.add(sid)
         state = State.RUNNING if live or fleet_active else self._ended_state(ended, record)
         if state is State.RUNNING and not any(m.state == "running" for m in live) and heartbeat is None:
             state = State.PENDING
@@ -430,6 +447,18 @@ class AwsBackend(Backend):
             details["fallback"] = self._fall_back_to_on_demand(handle)
         self._mirror_record(handle, description, record)
         return description
+
+    @staticmethod
+    def _end_node_network(ctx: Any, session_id: str) -> None:
+        """A finished multi-node session's security group and placement group (nothing bills for
+        them; a machine still shutting down keeps them until the next look)."""
+        from ..cloud.aws.errors import AwsError
+        from ..cloud.aws.launch import end_node_network
+
+        try:
+            end_node_network(ctx, session_id)
+        except AwsError:
+            pass  # the next look, or trainctl aws terminate, tries again
 
     @staticmethod
     def _ended_state(ended: dict[str, Any] | None, record: dict[str, Any]) -> State:
@@ -796,7 +825,8 @@ def _launcher_record(plan: LaunchPlan, aws_plan: Any) -> dict[str, Any]:
             "created_at": time.time(), "cloud": {"provider": PROVIDER, "region": d["region"],
                                                  "deadline": aws_plan.deadline_iso, "attempt": d["attempt"],
                                                  "market": aws_plan.request.market,
-                                                 "instance_type": aws_plan.request.instance_type}}
+                                                 "instance_type": aws_plan.request.instance_type,
+                                                 "nodes": aws_plan.request.nodes}}
 
 
 # ------------------------------------------------------------------------------- the machine's end

@@ -1,0 +1,230 @@
+"""`trainctl aws launch --nodes N`: one job over several EC2 machines, against moto's server.
+
+The real CLI in its own process talks to moto through the loopback proxy of aws_fixtures;
+moto 5 does not serve placement groups, so the proxy answers CreatePlacementGroup,
+DescribePlacementGroups and DeletePlacementGroup from a small stateful fake here, and keeps
+every request it got so a test can read what AWS would have been asked.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+
+from tests.aws_fixtures import Cloud, Project, make_project
+from tests.servers import Rule
+
+EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
+
+
+class PlacementGroups:
+    """EC2's placement groups, as much as trainctl uses: made, listed by tag, deleted."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, dict[str, Any]] = {}
+        self.created: list[dict[str, str]] = []  # each CreatePlacementGroup request's parameters
+
+    @staticmethod
+    def _form(body: bytes) -> dict[str, str]:
+        return {k: v[0] for k, v in parse_qs(body.decode()).items()}
+
+    @staticmethod
+    def _xml(action: str, inner: str) -> tuple[int, dict[str, str], bytes]:
+        body = (f'<?xml version="1.0" encoding="UTF-8"?><{action}Response xmlns="{EC2_NS}">'
+                f"<requestId>trainctl-test</requestId>{inner}</{action}Response>")
+        return 200, {"Content-Type": "text/xml"}, body.encode()
+
+    @staticmethod
+    def _item(group: dict[str, Any]) -> str:
+        tags = "".join(f"<item><key>{k}</key><value>{v}</value></item>" for k, v in group["tags"].items())
+        return (f"<groupName>{group['name']}</groupName><strategy>{group['strategy']}</strategy>"
+                f"<state>available</state><tagSet>{tags}</tagSet>")
+
+    def create(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        form = self._form(body)
+        self.created.append(form)
+        name = form["GroupName"]
+        if name in self.groups:
+            return 400, {"Content-Type": "text/xml"}, (
+                f'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>InvalidPlacementGroup.Duplicate'
+                f"</Code><Message>The placement group '{name}' already exists.</Message></Error></Errors>"
+                "<RequestID>trainctl-test</RequestID></Response>").encode()
+        tags = {form[k]: form[k[:-3] + "Value"] for k in form if re.fullmatch(r"TagSpecification\.1\.Tag\.\d+\.Key", k)}
+        self.groups[name] = {"name": name, "strategy": form.get("Strategy"), "tags": tags}
+        return self._xml("CreatePlacementGroup", f"<placementGroup>{self._item(self.groups[name])}</placementGroup>")
+
+    def describe(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        form = self._form(body)
+        wanted = {form[k][4:]: form[k[:-4] + "Value.1"] for k in form
+                  if re.fullmatch(r"Filter\.\d+\.Name", k) and form[k].startswith("tag:")}
+        found = [g for g in self.groups.values() if all(g["tags"].get(k) == v for k, v in wanted.items())]
+        items = "".join(f"<item>{self._item(g)}</item>" for g in found)
+        return self._xml("DescribePlacementGroups", f"<placementGroupSet>{items}</placementGroupSet>")
+
+    def delete(self, body: bytes) -> tuple[int, dict[str, str], bytes]:
+        self.groups.pop(self._form(body)["GroupName"], None)
+        return self._xml("DeletePlacementGroup", "<return>true</return>")
+
+
+class Seen(Rule):
+    """A rule that only writes down the requests it matches (as forms) and lets them through to
+    moto: what RunInstances was asked, where moto keeps less than AWS (a placement group name)."""
+
+    def __init__(self, action: str) -> None:
+        super().__init__("reply", form=rf"(^|&)Action={action}(&|$)")
+        self.forms: list[dict[str, str]] = []
+
+    def matches(self, method: str, path: str, query: str, target: str = "", body: bytes = b"") -> bool:
+        if super().matches(method, path, query, target, body):
+            self.forms.append({k: v[0] for k, v in parse_qs(body.decode()).items()})
+        return False
+
+
+@pytest.fixture(scope="module")
+def placement(cloud: Cloud) -> PlacementGroups:
+    fake = PlacementGroups()
+    for action, reply in (("CreatePlacementGroup", fake.create), ("DescribePlacementGroups", fake.describe),
+                          ("DeletePlacementGroup", fake.delete)):
+        cloud.front.add(Rule("reply", form=rf"(^|&)Action={action}(&|$)", times=None, reply=reply))
+    return fake
+
+
+@pytest.fixture(scope="module")
+def run_instances(cloud: Cloud) -> Seen:
+    return cloud.front.add(Seen("RunInstances"))
+
+
+@pytest.fixture
+def project(tmp_path: Path, cloud: Cloud, placement: PlacementGroups) -> Project:
+    return make_project(tmp_path / "demo", cloud)
+
+
+def tags_of(resource: dict[str, Any]) -> dict[str, str]:
+    return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
+
+
+def user_data(cloud: Cloud, instance_id: str) -> str:
+    answer = cloud.ec2().describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
+    return base64.b64decode(answer["UserData"]["Value"]).decode()
+
+
+def test_dry_run_shows_n_machines_their_price_and_the_total(project: Project, cloud: Cloud,
+                                                            placement: PlacementGroups):
+    made = len(placement.created)
+    r = project.run("aws", "launch", "-t", "g5.xlarge", "--nodes", "2", "--nproc-per-node", "1", "--max-hours", "6",
+                    "--dry-run", "train.py")
+    out = r.stdout
+    assert "2 x $1.0060/h = $2.0120/h for the job" in out
+    assert "$12.07 for 6 h, 2 machines" in out  # 2 x 1.006 x 6
+    assert "needs 8" in out  # the vCPU quota must hold both machines
+    assert "2 machines in one cluster placement group in one zone" in out
+    requests = re.findall(r"^  (\w+)( node \d)?", out.split("Requests (in order):")[1].split("Boot script")[0], re.M)
+    assert [op + node for op, node in requests] == ["CreatePlacementGroup", "CreateSecurityGroup",
+                                                     "AuthorizeSecurityGroupIngress", "RunInstances node 0",
+                                                     "RunInstances node 1"]
+    assert '"Strategy": "cluster"' in out
+    plan = json.loads(project.run("aws", "launch", "-t", "g5.xlarge", "--nodes", "2", "--dry-run", "--json",
+                                  "train.py").stdout)
+    assert plan["nodes"] == 2 and plan["projected_cost_usd"] == round(1.006 * 24 * 2, 4)
+    boots = plan["node_boot_scripts"]
+    assert ["export TRAINCTL_NODE_RANK=0" in boots[0], "export TRAINCTL_NODE_RANK=1" in boots[1]] == [True, True]
+    assert all("export TRAINCTL_NNODES=2" in b for b in boots)
+    assert len(placement.created) == made  # a dry run creates nothing
+    assert cloud.instances("*") == [] or all(tags_of(i).get("trainctl:node") is None for i in cloud.instances("*"))
+
+
+def test_launch_makes_the_group_the_network_and_one_tagged_machine_per_node(project: Project, cloud: Cloud,
+                                                                           placement: PlacementGroups,
+                                                                           run_instances: Seen):
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--nproc-per-node", "1", "--max-hours", "2", "train.py")
+    (request,) = [c for c in placement.created if sid in c["GroupName"]]
+    assert request["Strategy"] == "cluster"
+    assert {request[f"TagSpecification.1.Tag.{n}.Key"] for n in range(1, 6)} >= {"trainctl:session"}
+
+    instances = cloud.instances(sid)
+    assert len(instances) == 2
+    by_rank = {int(tags_of(i)["trainctl:node"]): i for i in instances}
+    assert sorted(by_rank) == [0, 1]
+    assert len({i["Placement"]["AvailabilityZone"] for i in instances}) == 1  # one zone
+    for rank, instance in by_rank.items():
+        tags = tags_of(instance)
+        assert tags["trainctl:session"] == sid and tags["trainctl:project"] == "demo"
+        assert tags["Name"] == f"trainctl {sid} node {rank}/2"
+        boot = user_data(cloud, instance["InstanceId"])
+        assert f"export TRAINCTL_NODE_RANK={rank}" in boot and "export TRAINCTL_NNODES=2" in boot
+        assert f"export TRAINCTL_SESSION_ID={sid}" in boot and "--nproc-per-node 1" in boot
+
+    # every node asked for in the group, in the zone the machines are in (moto keeps no group name)
+    asked = [f for f in run_instances.forms if f.get("Placement.GroupName") == request["GroupName"]
+             and f.get("DryRun") != "true"]
+    assert len(asked) == 2
+    assert {f["Placement.AvailabilityZone"] for f in asked} == {instances[0]["Placement"]["AvailabilityZone"]}
+
+    # the session's own security group: its members reach each other on all TCP, nothing else
+    (group,) = cloud.ec2().describe_security_groups(
+        Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["SecurityGroups"]
+    (rule,) = group["IpPermissions"]
+    assert (rule["IpProtocol"], rule["FromPort"], rule["ToPort"]) == ("tcp", 0, 65535)
+    assert [p["GroupId"] for p in rule["UserIdGroupPairs"]] == [group["GroupId"]] and rule["IpRanges"] == []
+    for instance in instances:
+        assert group["GroupId"] in {g["GroupId"] for g in instance["SecurityGroups"]}
+
+    record = project.record(sid)
+    ids = record["handle"]["ids"]
+    assert ids["nodes"] == 2 and ids["instance_ids"] == [by_rank[0]["InstanceId"], by_rank[1]["InstanceId"]]
+    assert [m["usd_per_hour"] for m in record["cloud"]["machines"]] == [1.006, 1.006]
+
+    listing = project.run("aws", "list").stdout
+    rows = [line for line in listing.splitlines() if sid in line]
+    assert len(rows) == 3 and rows[2].split()[:3] == [f"{sid}", "total", "2"], listing
+    assert "2.0120" in rows[2]  # one figure for the session: both machines
+    status = project.run("aws", "status", sid).stdout
+    assert "(2 machine" in status
+
+    ended = project.run("aws", "terminate", sid, "--yes").stdout
+    assert f"security group {group['GroupId']}: deleted" in ended
+    assert f"placement group {request['GroupName']}: deleted" in ended
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
+    assert request["GroupName"] not in placement.groups
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("--nodes", "0"), "error: --nodes must be 1 or more, not 0."),
+    (("--nodes", "2", "--spot"), "error: --nodes runs on on-demand machines only"),
+    (("--efa",), "error: --efa is for jobs over several machines."),
+    (("--nodes", "2", "--efa"), "error: --efa: g5.xlarge does not support EFA (its EfaSupported is false)."),
+])
+def test_bad_input_is_one_line_and_starts_nothing(project: Project, cloud: Cloud, placement: PlacementGroups,
+                                                  args: tuple[str, ...], message: str):
+    made, machines = len(placement.created), len(cloud.instances("*"))
+    r = project.run("aws", "launch", "-t", "g5.xlarge", "--yes", "--detach", *args, "train.py", check=False)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(message), r.stderr
+    assert any(line.startswith("hint:") for line in r.stderr.splitlines()), r.stderr
+    assert "Traceback" not in r.stderr
+    assert (len(placement.created), len(cloud.instances("*"))) == (made, machines)
+
+
+def test_efa_asks_for_an_efa_interface_and_all_traffic_within_the_group(project: Project, cloud: Cloud):
+    r = project.run("aws", "launch", "-t", "p4d.24xlarge", "--nodes", "2", "--efa", "--dry-run", "--json", "train.py",
+                    check=False)
+    # the account's 96 vCPUs of P quota hold one p4d.24xlarge, not two: the plan says so and stops
+    assert r.returncode != 0 and "2 x p4d.24xlarge need 192" in r.stderr
+    plan = json.loads(r.stdout)
+    ops = {r["operation"]: r["params"] for r in plan["requests"] if "node" not in r}
+    (ingress,) = ops["AuthorizeSecurityGroupIngress"]["IpPermissions"]
+    (egress,) = ops["AuthorizeSecurityGroupEgress"]["IpPermissions"]
+    assert ingress["IpProtocol"] == egress["IpProtocol"] == "-1"
+    nodes = [r["params"] for r in plan["requests"] if "node" in r]
+    assert len(nodes) == 2
+    for params in nodes:
+        (interface,) = params["NetworkInterfaces"]
+        assert interface["InterfaceType"] == "efa" and interface["DeviceIndex"] == 0
+        assert "SecurityGroupIds" not in params and "SubnetId" not in params  # they go on the interface
