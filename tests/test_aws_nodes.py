@@ -17,7 +17,7 @@ from urllib.parse import parse_qs
 
 import pytest
 
-from tests.aws_fixtures import Cloud, Project, make_project
+from tests.aws_fixtures import REGION, Cloud, Project, make_project
 from tests.servers import Rule
 
 EC2_NS = "http://ec2.amazonaws.com/doc/2016-11-15/"
@@ -228,3 +228,67 @@ def test_efa_asks_for_an_efa_interface_and_all_traffic_within_the_group(project:
         (interface,) = params["NetworkInterfaces"]
         assert interface["InterfaceType"] == "efa" and interface["DeviceIndex"] == 0
         assert "SecurityGroupIds" not in params and "SubnetId" not in params  # they go on the interface
+
+
+# ------------------------------------------------------------------ both machines, played here
+
+def start_node(cloud: Cloud, instance_id: str, folder: Path, guard_log: Path, port: int) -> tuple[Any, Any]:
+    """One machine of the job: its own boot script's agent, in a folder of its own, with a fake
+    IMDS that answers its instance id and its private address (loopback: both machines are here)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import clean_env
+    from tests.servers import FakeIMDS, loopback_env
+    from tests.test_aws_e2e import MACHINE_OPTIONS, agent_of
+
+    folder.mkdir(parents=True)
+    imds = FakeIMDS(instance_id=instance_id, region=REGION, local_ipv4="127.0.0.1").start()
+    exports, command = agent_of(user_data(cloud, instance_id))
+    env = loopback_env(clean_env(**exports), guard_log=guard_log, AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
+    env.pop("AWS_EC2_METADATA_DISABLED")  # a machine reads IMDS
+    process = subprocess.Popen([sys.executable, "-m", "trainctl", *command[1:], *MACHINE_OPTIONS,
+                                "--rdzv-port", str(port), "--head-wait", "120"],
+                               cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return process, imds
+
+
+def test_two_played_machines_train_one_job_and_the_session_completes(tmp_path: Path, cloud: Cloud,
+                                                                      placement: PlacementGroups):
+    from tests.conftest import REPO
+    from tests.test_aws_e2e import remote
+    from tests.test_multinode import free_port
+
+    project = make_project(tmp_path / "demo", cloud)
+    (project.root / "train.py").write_text((REPO / "tests" / "scripts" / "ddp_train.py").read_text())
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--nproc-per-node", "1", "--max-hours", "1",
+                         "train.py", "--steps", "10", "--checkpoint-every", "5")
+    by_rank = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
+    port = free_port()
+    # the worker boots first: it must wait for the head's address in storage, not guess one
+    worker = start_node(cloud, by_rank[1], tmp_path / "node1", project.guard_log, port)
+    head = start_node(cloud, by_rank[0], tmp_path / "node0", project.guard_log, port)
+    outputs = {}
+    try:
+        for rank, (process, _imds) in ((0, head), (1, worker)):
+            outputs[rank] = process.communicate(timeout=240)[0]
+            assert process.returncode == 0, outputs[rank][-4000:]
+    finally:
+        for process, imds in (head, worker):
+            process.kill()
+            imds.stop()
+    assert "waiting for the head's address" in outputs[1] and "joining the head at 127.0.0.1" in outputs[1]
+    # node 0 holds global rank 0 (the static rendezvous): its agent synced what rank 0 wrote
+    assert json.loads((tmp_path / "node0" / "project" / "rank0.json").read_text())["is_main"] is True
+    assert json.loads((tmp_path / "node1" / "project" / "rank1.json").read_text())["is_main"] is False
+    stored = remote(cloud, sid)
+    assert stored.read_head()["address"] == "127.0.0.1" and stored.read_head()["attempt"] == 0
+    assert stored.ended()["reason"] == "training completed"
+    assert stored.latest_checkpoint()["step"] == 10
+    # both machines ended themselves; the laptop's next look ends the group and the session's network
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
+    status = project.run("aws", "status", sid).stdout
+    assert f"session {sid} on AWS {REGION}: completed" in status
+    assert not cloud.ec2().describe_security_groups(
+        Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["SecurityGroups"]
+    assert not [g for g in placement.groups if sid in g]
