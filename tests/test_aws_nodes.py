@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs
@@ -192,6 +194,9 @@ def test_launch_makes_the_group_the_network_and_one_tagged_machine_per_node(proj
     assert f"placement group {request['GroupName']}: deleted" in ended
     assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
     assert request["GroupName"] not in placement.groups
+    # the job continues with the same world size: as many machines as it started on
+    resumed = project.run("aws", "resume", sid, "--dry-run").stdout
+    assert "2 x $1.0060/h = $2.0120/h for the job" in resumed and "RunInstances node 1" in resumed
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -235,9 +240,6 @@ def test_efa_asks_for_an_efa_interface_and_all_traffic_within_the_group(project:
 def start_node(cloud: Cloud, instance_id: str, folder: Path, guard_log: Path, port: int) -> tuple[Any, Any]:
     """One machine of the job: its own boot script's agent, in a folder of its own, with a fake
     IMDS that answers its instance id and its private address (loopback: both machines are here)."""
-    import subprocess
-    import sys
-
     from tests.conftest import clean_env
     from tests.servers import FakeIMDS, loopback_env
     from tests.test_aws_e2e import MACHINE_OPTIONS, agent_of
@@ -251,6 +253,37 @@ def start_node(cloud: Cloud, instance_id: str, folder: Path, guard_log: Path, po
                                 "--rdzv-port", str(port), "--head-wait", "120"],
                                cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, imds
+
+
+def test_a_node_never_guesses_the_head_it_gives_up_and_ends_its_machine(tmp_path: Path, cloud: Cloud,
+                                                                        placement: PlacementGroups):
+    from tests.test_aws_e2e import MACHINE_OPTIONS, agent_of, remote
+
+    from .conftest import clean_env
+    from .servers import FakeIMDS, loopback_env
+
+    project = make_project(tmp_path / "demo", cloud)
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--max-hours", "1", "train.py")
+    by_rank = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
+    # a head of an earlier attempt is not this attempt's head
+    remote(cloud, sid).publish_head(attempt=7, address="10.9.9.9", port=29400)
+    imds = FakeIMDS(instance_id=by_rank[1], region=REGION).start()
+    exports, command = agent_of(user_data(cloud, by_rank[1]))
+    env = loopback_env(clean_env(**exports), guard_log=project.guard_log,
+                       AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
+    env.pop("AWS_EC2_METADATA_DISABLED")
+    (tmp_path / "node1").mkdir()
+    try:
+        done = subprocess.run([sys.executable, "-m", "trainctl", *command[1:], *MACHINE_OPTIONS, "--head-wait", "2"],
+                              cwd=tmp_path / "node1", env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        imds.stop()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "node 0 (the head) did not publish its address in 2 s" in done.stderr
+    assert "10.9.9.9" not in done.stdout + done.stderr
+    assert {i["InstanceId"]: i["State"]["Name"] for i in cloud.instances(sid)}[by_rank[1]] == "terminated"
+    assert remote(cloud, sid).ended() is None  # a node other than the head never ends the session
+    project.run("aws", "terminate", sid, "--yes")
 
 
 def test_two_played_machines_train_one_job_and_the_session_completes(tmp_path: Path, cloud: Cloud,
