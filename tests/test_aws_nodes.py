@@ -188,6 +188,7 @@ def test_launch_makes_the_group_the_network_and_one_tagged_machine_per_node(proj
     assert "2.0120" in rows[2]  # one figure for the session: both machines
     status = project.run("aws", "status", sid).stdout
     assert "(2 machine" in status
+    assert f"{by_rank[0]['InstanceId']}  node 0" in status and f"{by_rank[1]['InstanceId']}  node 1" in status
 
     ended = project.run("aws", "terminate", sid, "--yes").stdout
     assert f"security group {group['GroupId']}: deleted" in ended

@@ -726,7 +726,7 @@ def _machine(row: Any) -> dict[str, Any]:
     return {"id": row.instance_id, "type": row.instance_type, "market": row.market, "zone": row.zone,
             "state": row.state, "usd_per_hour": row.usd_per_hour, "price_source": row.price_source,
             "started_at": started, "ended_at": (started + row.uptime_s) if gone and started is not None else None,
-            "cost_usd": row.cost_usd}
+            "cost_usd": row.cost_usd, **({"node": row.node} if row.node is not None else {})}
 
 
 def _merge_machines(known: list[Any], seen: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -456,7 +456,8 @@ def _render_status(sid: str, data: dict[str, Any], description: Any) -> None:
     for m in d.get("machines") or []:
         price = f"${m['usd_per_hour']:.4f}/h" if m.get("usd_per_hour") is not None else "price unknown"
         cost = f"${m['cost_usd']:.2f}" if m.get("cost_usd") is not None else "unknown"
-        click.echo(f"  {m['id']}  {m['state']:<13} {m['type']} {m['market']} {m.get('zone') or '?'}  {price}  {cost}")
+        node = f"  node {m['node']}" if m.get("node") is not None else ""
+        click.echo(f"  {m['id']}{node}  {m['state']:<13} {m['type']} {m['market']} {m.get('zone') or '?'}  {price}  {cost}")
     for f in d.get("fleets") or []:
         click.echo(f"  fleet {f['fleet_id']}  {f['state']}  valid until {f.get('valid_until') or '-'}")
     beat = d.get("heartbeat")
