@@ -287,42 +287,80 @@ def test_a_node_never_guesses_the_head_it_gives_up_and_ends_its_machine(tmp_path
     project.run("aws", "terminate", sid, "--yes")
 
 
-def test_two_played_machines_train_one_job_and_the_session_completes(tmp_path: Path, cloud: Cloud,
-                                                                      placement: PlacementGroups):
-    from tests.conftest import REPO
-    from tests.test_aws_e2e import remote
+def play_job(cloud: Cloud, sid: str, attempt: int, tmp_path: Path, guard_log: Path, *,
+             until: Any = None, first: int = 0) -> tuple[dict[int, str], dict[int, Any], dict[int, str]]:
+    """Plays the machines of one attempt (node `first` boots first), calls `until()` once they
+    run, and waits for both agents: (instance ids, processes, outputs) by node rank."""
     from tests.test_multinode import free_port
+
+    by_rank = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)
+               if tags_of(i)["trainctl:attempt"] == str(attempt)}
+    port = free_port()
+    nodes = {}
+    outputs = {}
+    try:
+        for rank in (first, 1 - first):
+            nodes[rank] = start_node(cloud, by_rank[rank], tmp_path / f"a{attempt}-node{rank}", guard_log, port)
+        if until is not None:
+            until(by_rank)
+        for rank in (0, 1):
+            outputs[rank] = nodes[rank][0].communicate(timeout=180)[0]
+    finally:
+        for process, imds in nodes.values():
+            process.kill()
+            imds.stop()
+    return by_rank, {rank: n[0] for rank, n in nodes.items()}, outputs
+
+
+def test_a_lost_node_stops_the_job_everywhere_and_it_completes_on_as_many_new_machines(
+        tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
+    from tests.conftest import REPO
+    from tests.servers import wait_for
+    from tests.test_aws_e2e import remote
 
     project = make_project(tmp_path / "demo", cloud)
     (project.root / "train.py").write_text((REPO / "tests" / "scripts" / "ddp_train.py").read_text())
     sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--nproc-per-node", "1", "--max-hours", "1",
-                         "train.py", "--steps", "10", "--checkpoint-every", "5")
-    by_rank = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
-    port = free_port()
-    # the worker boots first: it must wait for the head's address in storage, not guess one
-    worker = start_node(cloud, by_rank[1], tmp_path / "node1", project.guard_log, port)
-    head = start_node(cloud, by_rank[0], tmp_path / "node0", project.guard_log, port)
-    outputs = {}
-    try:
-        for rank, (process, _imds) in ((0, head), (1, worker)):
-            outputs[rank] = process.communicate(timeout=240)[0]
-            assert process.returncode == 0, outputs[rank][-4000:]
-    finally:
-        for process, imds in (head, worker):
-            process.kill()
-            imds.stop()
-    assert "waiting for the head's address" in outputs[1] and "joining the head at 127.0.0.1" in outputs[1]
-    # node 0 holds global rank 0 (the static rendezvous): its agent synced what rank 0 wrote
-    assert json.loads((tmp_path / "node0" / "project" / "rank0.json").read_text())["is_main"] is True
-    assert json.loads((tmp_path / "node1" / "project" / "rank1.json").read_text())["is_main"] is False
+                         "train.py", "--steps", "150", "--checkpoint-every", "5", "--step-delay", "0.05")
     stored = remote(cloud, sid)
-    assert stored.read_head()["address"] == "127.0.0.1" and stored.read_head()["attempt"] == 0
-    assert stored.ended()["reason"] == "training completed"
-    assert stored.latest_checkpoint()["step"] == 10
-    # both machines ended themselves; the laptop's next look ends the group and the session's network
+
+    def lose_node_1(by_rank: dict[int, str]) -> None:
+        wait_for(lambda: (stored.latest_checkpoint() or {}).get("step"), timeout_s=180, interval_s=0.2)
+        cloud.ec2().terminate_instances(InstanceIds=[by_rank[1]])  # the test plays AWS losing the machine
+
+    # the worker boots first: it waits for the head's address in storage, it never guesses one
+    by_rank, processes, outputs = play_job(cloud, sid, 0, tmp_path, project.guard_log, until=lose_node_1, first=1)
+    assert "waiting for the head's address" in outputs[1] and "joining the head at 127.0.0.1" in outputs[1]
+    assert processes[0].returncode == 1, outputs[0][-4000:]
+    assert f"node 1 of 2 ({by_rank[1]}) is terminated: stopping the job on every node" in outputs[0]
+    assert f"trainctl aws resume {sid}" in outputs[0]
+    # the worker's part stopped with the job (its rank agreed on the stop, or it saw the session end)
+    assert processes[1].returncode in (0, 1) and "ending this machine" in outputs[1], outputs[1][-4000:]
+    ended = stored.ended()
+    assert ended["status"] == "failed" and f"node 1 of 2 ({by_rank[1]}) is terminated" in ended["reason"]
+    latest = stored.latest_checkpoint()
+    assert 0 < latest["step"] < 150  # the emergency checkpoint, when the ranks could still agree on it
     assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
+
+    # the job continues on two new machines, from the newest verified checkpoint, and completes
+    resumed = project.run("aws", "resume", sid, "--yes", "--detach")
+    (row,) = [line for line in resumed.stdout.splitlines() if line.startswith("  resume ")]
+    assert f"(step {latest['step']}, " in row and "the newest verified checkpoint in storage" in row
+    by_rank, processes, outputs = play_job(cloud, sid, 1, tmp_path, project.guard_log)
+    for rank in (0, 1):
+        assert processes[rank].returncode == 0, outputs[rank][-4000:]
+    # node 0 holds global rank 0 (the static rendezvous): its agent synced what rank 0 wrote;
+    # every rank started from the same checkpoint
+    head_rank = json.loads((tmp_path / "a1-node0" / "project" / "rank0.json").read_text())
+    worker_rank = json.loads((tmp_path / "a1-node1" / "project" / "rank1.json").read_text())
+    assert (head_rank["is_main"], worker_rank["is_main"]) == (True, False)
+    assert head_rank["start"] == worker_rank["start"] == latest["step"]
+    assert stored.read_head()["attempt"] == 1 and stored.read_head()["address"] == "127.0.0.1"
+    assert stored.ended()["reason"] == "training completed" and stored.latest_checkpoint()["step"] == 150
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}  # each machine ended itself
+    # one session, one cost over the four machines; the laptop's look ends the session's network
     status = project.run("aws", "status", sid).stdout
-    assert f"session {sid} on AWS {REGION}: completed" in status
+    assert f"session {sid} on AWS {REGION}: completed" in status and "(4 machine" in status, status
     assert not cloud.ec2().describe_security_groups(
         Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["SecurityGroups"]
     assert not [g for g in placement.groups if sid in g]

@@ -40,6 +40,7 @@ from ..storage.uri import parse_uri
 from .ending import EndFailedError, MachineEnd, open_end_hook
 from .environment import Prepared, SetupError, find_interpreter, setup_environment
 from .lease import Lease, LeaseLostError
+from .nodes import NODE_LOST, NodesWatch
 from .preemption import INTERRUPTION, STOP, Notice, PreemptionWatch, open_watches
 from .runner import AgentEvents, EngineRun
 from .secrets import open_secret_store, resolve_secrets
@@ -327,6 +328,7 @@ class Agent:
         except (TrainctlError, OSError) as e:  # pre-flight, a resume checkpoint that does not verify
             return self._fail_setup(e)
         runner.start()
+        self._watch_nodes()
         stop_at = None if s.deadline_t is None else s.deadline_t - s.deadline_margin_s
         while True:
             if runner.done():
@@ -343,6 +345,8 @@ class Agent:
                 return self._preempted(notice)
             if notice.kind == STOP:
                 return self._stopped(notice)
+            if notice.kind == NODE_LOST:
+                return self._node_lost(notice)
             self._rebalance(notice)
 
     # --- one node of several ------------------------------------------------------------------
@@ -365,6 +369,34 @@ class Agent:
                                  machine=self.machine.get("id"))
         self._say(f"node 0 of {self.s.nnodes} (the head): the rendezvous is at {address}:{self.s.rdzv_port}")
         return self._node_resources(address)
+
+    def _watch_nodes(self) -> None:
+        """The head, on AWS: watch the job's other machines in EC2 (a lost one stops the job)."""
+        s = self.s
+        if s.nnodes < 2 or s.backend != "aws":
+            return
+        from functools import partial
+
+        from ..backends.aws import node_machines
+
+        look = partial(node_machines, s.session_id, s.attempt, region=s.region, endpoint_url=s.endpoint_url)
+        watch = NodesWatch(look, s.nnodes, interval_s=max(1.0, 3 * s.watch_interval_s))
+        watch.start(self.notices)
+        self.watches.append(watch)
+
+    def _node_lost(self, notice: Notice) -> int:
+        """Another machine of the job is gone: stop everywhere now, with the emergency checkpoint
+        where the ranks can still agree on it; the session ends failed (the other nodes stop on
+        its end) and resumes with the same number of machines through `trainctl aws resume`."""
+        assert self.sync is not None
+        self._say(f"{notice.action}: stopping the job on every node (emergency checkpoint where possible); "
+                  f"continue it on {self.s.nnodes} new machines with: trainctl aws resume {self.s.session_id}")
+        self.sync.add_events([{**notice.to_dict(), "kind": "notice", "notice": notice.kind}])
+        if self.runner is not None:
+            self._stop_runner(time.time() + self.s.grace_period_s + 5.0)
+        self.sync.add_events([{"kind": "status", "status": "failed", "error": notice.action}])
+        self.sync.close(status="failed")
+        return self._finish(notice.action, status="failed", code=EXIT_FAILED)
 
     def _wait_for_head(self) -> str:
         """The head's address for this attempt, from storage: never guessed. Interruptions and
@@ -418,6 +450,10 @@ class Agent:
         while True:
             if runner.done():
                 outcome = runner.outcome()
+                ended = self._session_end()
+                if ended is not None and outcome["status"] != "completed":  # the job stopped everywhere
+                    return self._finish(f"the session ended ({ended.get('reason')})", status=None, code=EXIT_DONE,
+                                        tombstone=False)
                 self._say(f"node {s.node_rank}: its part ended: {outcome['status']} (exit code {outcome['exit_code']})")
                 return self._finish(f"node {s.node_rank}: {outcome['status']}", status=None, tombstone=False,
                                     code=EXIT_DONE if outcome["status"] == "completed" else EXIT_FAILED)
@@ -426,10 +462,7 @@ class Agent:
                 return self._finish("the max-hours deadline was reached", status=None, code=EXIT_DONE, tombstone=False)
             if time.monotonic() >= look_at:  # the whole job stops everywhere once the session ended
                 look_at = time.monotonic() + max(1.0, s.sync_interval_s)
-                try:
-                    ended = self.remote.ended() if self.remote is not None else None
-                except StorageError:
-                    ended = None
+                ended = self._session_end()
                 if ended is not None:
                     self._stop_runner(time.time() + s.grace_period_s + 5.0)
                     return self._finish(f"the session ended ({ended.get('reason')})", status=None, code=EXIT_DONE,
@@ -443,6 +476,13 @@ class Agent:
                 self._stop_runner(time.time() + s.grace_period_s + 5.0)
                 return self._finish(f"node {s.node_rank}: {notice.kind}", status=None, tombstone=False,
                                     code=EXIT_PREEMPTED)
+
+    def _session_end(self) -> dict[str, Any] | None:
+        """The session's tombstone, when storage can be read and it is there."""
+        try:
+            return self.remote.ended() if self.remote is not None else None
+        except StorageError:
+            return None
 
     def _attach(self, session: Any) -> None:
         if self.sync is not None and self.sync.session is None:

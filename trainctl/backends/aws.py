@@ -978,6 +978,31 @@ class SsmSecretStore(SecretStore):
         return sorted(p["Name"][len(self.path):] for p in found)
 
 
+def node_machines(session_id: str, attempt: int, *, region: str | None = None, endpoint_url: str | None = None,
+                  session: Any = None) -> dict[int, tuple[str, str]]:
+    """Node rank -> (instance id, state) of a multi-node session's machines of `attempt`, from
+    EC2 (what the head's agent watches; the machine role may describe instances)."""
+    from ..cloud.aws.context import AwsContext
+    from ..cloud.aws.errors import AwsError
+    from ..cloud.aws.names import TAG_ATTEMPT, TAG_NODE, TAG_SESSION, tag_dict
+
+    region = region or os.environ.get("TRAINCTL_REGION") or _imds("/latest/meta-data/placement/region")
+    endpoint = endpoint_url if endpoint_url is not None else os.environ.get("TRAINCTL_ENDPOINT_URL") or None
+    ctx = AwsContext(region, endpoint_url=endpoint, max_attempts=END_ATTEMPTS, session=session)
+    try:
+        reservations = ctx.call("ec2", "describe_instances", Filters=[
+            {"Name": f"tag:{TAG_SESSION}", "Values": [session_id]},
+            {"Name": f"tag:{TAG_ATTEMPT}", "Values": [str(attempt)]}])["Reservations"]
+    except AwsError as e:
+        raise OSError(f"could not describe the job's machines ({e.message})") from e
+    out: dict[int, tuple[str, str]] = {}
+    for instance in (i for r in reservations for i in r["Instances"]):
+        rank = tag_dict(instance.get("Tags")).get(TAG_NODE, "")
+        if rank.isdigit():
+            out[int(rank)] = (instance["InstanceId"], instance["State"]["Name"])
+    return out
+
+
 def _delete_templates(ctx: Any, session_id: str) -> list[str]:
     from ..cloud.aws.errors import AwsRequestError
     from ..cloud.aws.launch import session_launch_templates
