@@ -200,6 +200,44 @@ def test_launch_makes_the_group_the_network_and_one_tagged_machine_per_node(proj
     assert "2 x $1.0060/h = $2.0120/h for the job" in resumed and "RunInstances node 1" in resumed
 
 
+class NoCapacityForNode(Rule):
+    """EC2 without capacity for node `rank` in `zone` (every other request goes to moto)."""
+
+    def __init__(self, zone: str, rank: int) -> None:
+        super().__init__("reply", form=r"(^|&)Action=RunInstances(&|$)", times=None, reply=self.refuse)
+        self.zone, self.rank = zone, rank
+
+    def matches(self, method: str, path: str, query: str, target: str = "", body: bytes = b"") -> bool:
+        if not super().matches(method, path, query, target, body):
+            return False
+        form = {k: v[0] for k, v in parse_qs(body.decode()).items()}
+        tags = {form[k]: form[k[:-3] + "Value"] for k in form if re.fullmatch(r"TagSpecification\.1\.Tag\.\d+\.Key", k)}
+        return (form.get("Placement.AvailabilityZone") == self.zone and tags.get("trainctl:node") == str(self.rank)
+                and form.get("DryRun") != "true")
+
+    @staticmethod
+    def refuse(body: bytes) -> tuple[int, dict[str, str], bytes]:
+        return 500, {"Content-Type": "text/xml"}, (
+            b'<?xml version="1.0" encoding="UTF-8"?><Response><Errors><Error><Code>InsufficientInstanceCapacity</Code>'
+            b"<Message>We currently do not have sufficient g5.xlarge capacity in the Availability Zone you requested."
+            b"</Message></Error></Errors><RequestID>trainctl-test</RequestID></Response>")
+
+
+def test_a_zone_without_room_for_every_node_gives_back_what_started_there(project: Project, cloud: Cloud):
+    rule = cloud.front.add(NoCapacityForNode("us-east-1a", 1))
+    try:
+        r = project.run("aws", "launch", "--yes", "--detach", "-t", "g5.xlarge", "--nodes", "2", "train.py")
+    finally:
+        cloud.front.rules.remove(rule)
+    sid = re.search(r"Started session (\S+) on AWS", r.stdout).group(1)
+    assert "us-east-1b" in r.stdout and "after 1 of 2 nodes; those were ended" in r.stdout, r.stdout
+    states = {(i["Placement"]["AvailabilityZone"], tags_of(i)["trainctl:node"]): i["State"]["Name"]
+              for i in cloud.instances(sid)}
+    assert states == {("us-east-1a", "0"): "terminated", ("us-east-1b", "0"): "running",
+                      ("us-east-1b", "1"): "running"}
+    project.run("aws", "terminate", sid, "--yes")
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("--nodes", "0"), "error: --nodes must be 1 or more, not 0."),
     (("--nodes", "2", "--spot"), "error: --nodes runs on on-demand machines only"),
