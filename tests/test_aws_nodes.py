@@ -242,6 +242,7 @@ def test_a_zone_without_room_for_every_node_gives_back_what_started_there(projec
     (("--nodes", "0"), "error: --nodes must be 1 or more, not 0."),
     (("--nodes", "2", "--spot"), "error: --nodes runs on on-demand machines only"),
     (("--efa",), "error: --efa is for jobs over several machines."),
+    (("--nodes", "2", "--max-restarts", "2"), "error: --max-restarts restarts one machine's part alone"),
     (("--nodes", "2", "--efa"), "error: --efa: g5.xlarge does not support EFA (its EfaSupported is false)."),
 ])
 def test_bad_input_is_one_line_and_starts_nothing(project: Project, cloud: Cloud, placement: PlacementGroups,

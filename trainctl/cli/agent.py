@@ -82,6 +82,16 @@ def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: 
     forwarded = [*secrets, *(n.strip() for n in os.environ.get("TRAINCTL_FORWARD_VARS", "").split(",") if n.strip())]
     if secret_store is None and os.environ.get("TRAINCTL_SSM_PATH"):
         secret_store = "ssm:" + os.environ["TRAINCTL_SSM_PATH"]
+    if node_rank >= nnodes:
+        from ..errors import UsageError
+
+        raise UsageError(f"--node-rank {node_rank} is out of range for --nnodes {nnodes} (0 to {nnodes - 1}).",
+                         "The boot script sets both; launch again with trainctl aws launch --nodes N.")
+    if nnodes > 1:
+        # a node's engine restarting alone would resume its ranks from its own (empty) checkpoint
+        # folder while rank 0 resumes from the head's: a multi-node job restarts whole, on new
+        # machines, through trainctl aws resume (every node fetches the same checkpoint)
+        max_restarts = 0
     engine = {"name": name, "nproc_per_node": nproc_per_node, "max_restarts": max_restarts,
               "restart_on": restart_on, "preflight": not no_preflight}
     settings = AgentSettings(

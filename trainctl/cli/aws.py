@@ -173,6 +173,10 @@ def launch_cmd(script: Path, args: tuple[str, ...], instance_type: str, spot: bo
     if nodes is not None and nodes > 1 and spot:
         raise UsageError("--nodes runs on on-demand machines only: a spot fleet replaces one machine at a time, "
                          "outside the placement group.", "Drop --spot, or run one node.")
+    if (nodes or 1) > 1 and max_restarts:
+        raise UsageError("--max-restarts restarts one machine's part alone; a job over several machines restarts "
+                         "whole, on new machines, from the newest checkpoint in the bucket.",
+                         "Drop --max-restarts; after a failure or a lost node: trainctl aws resume SESSION")
     if efa and (nodes or 1) < 2:
         raise UsageError("--efa is for jobs over several machines.", "Add --nodes N (N >= 2), or drop --efa.")
     cfg = _config()
