@@ -403,3 +403,44 @@ def test_a_lost_node_stops_the_job_everywhere_and_it_completes_on_as_many_new_ma
     assert not cloud.ec2().describe_security_groups(
         Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["SecurityGroups"]
     assert not [g for g in placement.groups if sid in g]
+
+
+def test_the_nodes_watch_names_the_first_machine_gone_and_tells_once():
+    import queue
+
+    from trainctl.agent.nodes import NODE_LOST, NodesWatch
+
+    machines = {0: ("i-head", "running"), 1: ("i-one", "running"), 2: ("i-two", "pending")}
+    head = NodesWatch(lambda: machines, 3)
+    assert head.poll() is None  # a machine still starting is not lost
+    machines[2] = ("i-two", "shutting-down")
+    lost = head.poll()
+    assert (lost.kind, lost.action) == (NODE_LOST, "node 2 of 3 (i-two) is shutting-down")
+    del machines[1]  # EC2 no longer lists it
+    assert head.poll().action == "node 1 of 3 (?) is missing"
+    # the other nodes watch the head's machine only
+    worker = NodesWatch(lambda: machines, 3, ranks=(0,))
+    assert worker.poll() is None
+    machines[0] = ("i-head", "terminated")
+    assert worker.poll().action == "node 0 of 3 (i-head) is terminated"
+
+    def failing() -> dict[int, tuple[str, str]]:
+        raise OSError("could not describe the job's machines (throttled)")
+
+    notices: queue.SimpleQueue = queue.SimpleQueue()
+    flaky = NodesWatch(failing, 2, interval_s=0.01)
+    flaky.start(notices)
+    try:
+        from tests.servers import wait_for
+
+        wait_for(lambda: flaky.errors >= 3, timeout_s=30, interval_s=0.01)
+    finally:
+        flaky.stop()
+    assert notices.empty() and "throttled" in flaky.last_error  # a failed look is no lost node
+    gone = NodesWatch(lambda: {0: ("i-head", "running")}, 2, interval_s=0.01)
+    gone.start(notices)
+    try:
+        assert notices.get(timeout=30).action == "node 1 of 2 (?) is missing"
+    finally:
+        gone.stop()
+    assert notices.empty()  # told once

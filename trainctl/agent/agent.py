@@ -371,7 +371,8 @@ class Agent:
         return self._node_resources(address)
 
     def _watch_nodes(self) -> None:
-        """The head, on AWS: watch the job's other machines in EC2 (a lost one stops the job)."""
+        """On AWS: the head watches the job's other machines in EC2 (a lost one stops the job),
+        the others watch the head's."""
         s = self.s
         if s.nnodes < 2 or s.backend != "aws":
             return
@@ -380,7 +381,8 @@ class Agent:
         from ..backends.aws import node_machines
 
         look = partial(node_machines, s.session_id, s.attempt, region=s.region, endpoint_url=s.endpoint_url)
-        watch = NodesWatch(look, s.nnodes, interval_s=max(1.0, 3 * s.watch_interval_s))
+        watch = NodesWatch(look, s.nnodes, ranks=(0,) if s.worker_node else None,
+                           interval_s=max(1.0, 3 * s.watch_interval_s))
         watch.start(self.notices)
         self.watches.append(watch)
 
@@ -445,6 +447,7 @@ class Agent:
         except (TrainctlError, OSError) as e:
             return self._finish(f"setup failed: {e}", status="failed", code=EXIT_FAILED, tombstone=False)
         runner.start()
+        self._watch_nodes()
         stop_at = None if s.deadline_t is None else s.deadline_t - s.deadline_margin_s
         look_at = time.monotonic()
         while True:
@@ -471,11 +474,12 @@ class Agent:
                 notice = self.notices.get(timeout=POLL_S)
             except queue.Empty:
                 continue
-            if notice.kind in (INTERRUPTION, STOP):
+            if notice.kind in (INTERRUPTION, STOP, NODE_LOST):
                 self._say(f"node {s.node_rank}: {notice.kind} ({notice.action}): stopping its part")
                 self._stop_runner(time.time() + s.grace_period_s + 5.0)
-                return self._finish(f"node {s.node_rank}: {notice.kind}", status=None, tombstone=False,
-                                    code=EXIT_PREEMPTED)
+                # a lost head ends the job; an interruption or a stop leaves the machine as the head's would
+                return self._finish(f"node {s.node_rank}: {notice.action}", status=None, tombstone=False,
+                                    code=EXIT_FAILED if notice.kind == NODE_LOST else EXIT_PREEMPTED)
 
     def _session_end(self) -> dict[str, Any] | None:
         """The session's tombstone, when storage can be read and it is there."""

@@ -1,10 +1,12 @@
-"""The head's watch over the other machines of a multi-node job.
+"""The watch over the other machines of a multi-node job (the head's, and the head's machine for the others).
 
 A lost machine (crashed, terminated, stopped) makes the collectives fail on every other node,
 but torchrun only gives up after its rendezvous timeout, minutes later. The head's agent asks
 the platform about the job's machines instead, and when one is gone it stops the job everywhere
 at once: the script's emergency checkpoint where the ranks can still agree on it, the session
 recorded failed with the lost node named, and the other nodes stop on seeing the session end.
+The other nodes watch the head's machine the same way: a lost head records nothing, so they
+stop their part and end their own machines.
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ NodeLook = Callable[[], Mapping[int, tuple[str, str]]]
 
 class NodesWatch(PreemptionWatch):
     """Asks `look` every `interval_s` for the job's machines; puts one NODE_LOST notice for the
-    first of nodes 1..nnodes-1 that is gone or missing. A failed look is counted, not acted on."""
+    first of `ranks` (the head watches nodes 1..nnodes-1, the others watch the head) that is gone
+    or missing. A failed look is counted, not acted on."""
 
     name = "nodes"
 
-    def __init__(self, look: NodeLook, nnodes: int, *, interval_s: float = 15.0) -> None:
+    def __init__(self, look: NodeLook, nnodes: int, *, ranks: tuple[int, ...] | None = None,
+                 interval_s: float = 15.0) -> None:
         self.look = look
         self.nnodes = nnodes
+        self.ranks = tuple(range(1, nnodes)) if ranks is None else ranks
         self.interval_s = interval_s
         self.errors = 0
         self.last_error: str | None = None
@@ -41,7 +46,7 @@ class NodesWatch(PreemptionWatch):
 
     def poll(self) -> Notice | None:
         machines = self.look()
-        for rank in range(1, self.nnodes):
+        for rank in self.ranks:
             machine_id, state = machines.get(rank, ("?", "missing"))
             if state in GONE_STATES or state == "missing":
                 return Notice(NODE_LOST, f"node {rank} of {self.nnodes} ({machine_id}) is {state}", None, self.name,
