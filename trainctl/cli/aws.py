@@ -139,7 +139,7 @@ def _launch_options(f: Any) -> Any:
               help="Restarts on the machine after a crash, from the newest checkpoint.")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=None, help="Processes through torchrun.")
 @click.option("--nodes", type=int, default=None, metavar="N",
-              help="Machines of one job (torchrun's c10d rendezvous): one cluster placement group, one zone.")
+              help="Machines of one job through torchrun, node 0 the head: one cluster placement group, one zone.")
 @click.option("--efa", is_flag=True, help="With --nodes: an EFA interface on each machine (types with EFA only).")
 @click.option("--secret", "secrets", multiple=True, metavar="NAME",
               help="Forward this environment variable to the script through SSM SecureString (repeat).")
