@@ -418,8 +418,9 @@ class FakeIMDS:
     with AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint."""
 
     def __init__(self, *, instance_id: str = "i-0123456789abcdef0", region: str = "us-east-1",
-                 instance_type: str = "g5.xlarge") -> None:
+                 instance_type: str = "g5.xlarge", local_ipv4: str = "127.0.0.1") -> None:
         self.instance_id = instance_id
+        self.local_ipv4 = local_ipv4  # the machine's private address (loopback: every played machine is here)
         self.region = region
         self.instance_type = instance_type
         self.spot_action: dict[str, str] | None = None
@@ -462,6 +463,7 @@ class FakeIMDS:
         table: dict[str, Any] = {
             meta + "instance-id": self.instance_id,
             meta + "instance-type": self.instance_type,
+            meta + "local-ipv4": self.local_ipv4,
             meta + "placement/region": self.region,
             meta + "placement/availability-zone": self.region + "a",
             meta + "spot/instance-action": json.dumps(spot) if spot else None,

@@ -40,6 +40,7 @@ from ..storage.uri import parse_uri
 from .ending import EndFailedError, MachineEnd, open_end_hook
 from .environment import Prepared, SetupError, find_interpreter, setup_environment
 from .lease import Lease, LeaseLostError
+from .nodes import NODE_LOST, NodesWatch
 from .preemption import INTERRUPTION, STOP, Notice, PreemptionWatch, open_watches
 from .runner import AgentEvents, EngineRun
 from .secrets import open_secret_store, resolve_secrets
@@ -119,9 +120,30 @@ class AgentSettings:
     secret_store: str | None = None
     grace_period_s: float = 30.0
     engine: dict[str, Any] = field(default_factory=dict)  # name, nproc_per_node, max_restarts, restart_on, preflight
+    nnodes: int = 1  # a multi-node job: how many machines, and which one this is (0: the head)
+    node_rank: int = 0
+    rdzv_port: int = 29400
+    head_wait_s: float = 900.0  # how long a node waits for the head to publish its address
+
+    @property
+    def worker_node(self) -> bool:
+        """A node of a multi-node job other than the head: it neither holds the lease nor syncs."""
+        return self.nnodes > 1 and self.node_rank != 0
 
     def session_uri(self) -> str:
         return str(parse_uri(self.storage).join(self.project, self.session_id))
+
+
+class _SessionEnded(Exception):
+    """The session ended (its tombstone is in storage) before this node's part started."""
+
+
+def private_address() -> str:
+    """This machine's private IPv4 address from IMDS (local-ipv4): the address the placement
+    group's members reach each other on (AWS_EC2_METADATA_SERVICE_ENDPOINT honoured)."""
+    from ..backends.aws import _imds
+
+    return _imds("/latest/meta-data/local-ipv4")
 
 
 class _Interrupted(Exception):
@@ -177,6 +199,8 @@ class Agent:
             return self._end_now(f"the session already ended ({ended.get('reason')})", tombstone=False)
         if s.deadline_t is not None and time.time() >= s.deadline_t:
             return self._end_now("the deadline passed before this machine booted", tombstone=True)
+        if s.worker_node:
+            return self._run_node()
         self.boot = remote.count_boot(machine=s.machine_id, attempt=s.attempt, pid=os.getpid())
         self.machine = {"id": s.machine_id or f"{sysinfo.host()}-boot{self.boot}", "host": sysinfo.host(),
                         "boot": self.boot, "backend": s.backend, "agent_pid": os.getpid()}
@@ -228,7 +252,7 @@ class Agent:
 
     # --- setting up ---------------------------------------------------------------------------
     def _set_up(self) -> tuple[Path, Prepared, str | None, dict[str, str]]:
-        assert self.remote is not None and self.sync is not None
+        assert self.remote is not None
         s = self.s
         from ..storage.bundle import extract_bundle
 
@@ -294,14 +318,17 @@ class Agent:
                              on_end=self.sync.request)
         env = {**secrets, "TRAIN_OPS_BACKEND": s.backend}  # the script's environment only, never recorded
         try:
+            node = self._publish_head() if s.nnodes > 1 else None
             runner = self.runner = EngineRun(prepared.python, project, s.script or "", s.args, events=events,
-                                             resume=resume, env=env, grace_period_s=s.grace_period_s, **options)
+                                             resume=resume, env=env, grace_period_s=s.grace_period_s, node=node,
+                                             **options)
             self.sync.retention = retention_settings(runner.cfg)
             self._say("starting: " + " ".join(redact_args(runner.command)))
             self._attach(runner.prepare())
         except (TrainctlError, OSError) as e:  # pre-flight, a resume checkpoint that does not verify
             return self._fail_setup(e)
         runner.start()
+        self._watch_nodes()
         stop_at = None if s.deadline_t is None else s.deadline_t - s.deadline_margin_s
         while True:
             if runner.done():
@@ -318,7 +345,148 @@ class Agent:
                 return self._preempted(notice)
             if notice.kind == STOP:
                 return self._stopped(notice)
+            if notice.kind == NODE_LOST:
+                return self._node_lost(notice)
             self._rebalance(notice)
+
+    # --- one node of several ------------------------------------------------------------------
+    def _node_resources(self, head: str) -> dict[str, Any]:
+        """This node's part for the engine: torchrun's static rendezvous at the head, so the
+        node rank is the group rank and global rank 0 (checkpoints, metrics) runs on the head,
+        whose agent syncs them; the rendezvous id is the session id."""
+        from ..backends.torchrun import NodeSpec
+        from ..launcher.multinode import with_network
+
+        node = NodeSpec(nnodes=self.s.nnodes, host=head, port=self.s.rdzv_port, rdzv_id=self.s.session_id,
+                        node_rank=self.s.node_rank, source="aws", rdzv_backend="static")
+        return {**with_network(node).to_resources(), "node_key": f"node{self.s.node_rank}"}
+
+    def _publish_head(self) -> dict[str, Any]:
+        """The head: its private address (IMDS local-ipv4) in the session's storage, for the others."""
+        assert self.remote is not None
+        address = private_address()
+        self.remote.publish_head(attempt=self.s.attempt, address=address, port=self.s.rdzv_port, boot=self.boot,
+                                 machine=self.machine.get("id"))
+        self._say(f"node 0 of {self.s.nnodes} (the head): the rendezvous is at {address}:{self.s.rdzv_port}")
+        return self._node_resources(address)
+
+    def _watch_nodes(self) -> None:
+        """On AWS: the head watches the job's other machines in EC2 (a lost one stops the job),
+        the others watch the head's."""
+        s = self.s
+        if s.nnodes < 2 or s.backend != "aws":
+            return
+        from functools import partial
+
+        from ..backends.aws import node_machines
+
+        look = partial(node_machines, s.session_id, s.attempt, region=s.region, endpoint_url=s.endpoint_url)
+        watch = NodesWatch(look, s.nnodes, ranks=(0,) if s.worker_node else None,
+                           interval_s=max(1.0, 3 * s.watch_interval_s))
+        watch.start(self.notices)
+        self.watches.append(watch)
+
+    def _node_lost(self, notice: Notice) -> int:
+        """Another machine of the job is gone: stop everywhere now, with the emergency checkpoint
+        where the ranks can still agree on it; the session ends failed (the other nodes stop on
+        its end) and resumes with the same number of machines through `trainctl aws resume`."""
+        assert self.sync is not None
+        self._say(f"{notice.action}: stopping the job on every node (emergency checkpoint where possible); "
+                  f"continue it on {self.s.nnodes} new machines with: trainctl aws resume {self.s.session_id}")
+        self.sync.add_events([{**notice.to_dict(), "kind": "notice", "notice": notice.kind}])
+        if self.runner is not None:
+            self._stop_runner(time.time() + self.s.grace_period_s + 5.0)
+        self.sync.add_events([{"kind": "status", "status": "failed", "error": notice.action}])
+        self.sync.close(status="failed")
+        return self._finish(notice.action, status="failed", code=EXIT_FAILED)
+
+    def _wait_for_head(self) -> str:
+        """The head's address for this attempt, from storage: never guessed. Interruptions and
+        the session's end are acted on while waiting."""
+        assert self.remote is not None
+        until = time.time() + self.s.head_wait_s
+        while True:
+            head = self.remote.read_head()
+            if isinstance(head, dict) and head.get("attempt") == self.s.attempt and head.get("address"):
+                return str(head["address"])
+            if self.remote.ended() is not None:
+                raise _SessionEnded("the session ended while this node waited for the head")
+            if time.time() >= until:
+                raise SetupError(f"node 0 (the head) did not publish its address in {self.s.head_wait_s:g} s.",
+                                 "Look at the head's boot log (trainctl aws status SESSION names the machines).")
+            self._raise_if_interrupted()
+            time.sleep(min(2.0, max(0.05, self.s.head_wait_s / 100)))
+
+    def _run_node(self) -> int:
+        """A node other than the head: the same set-up, then its part of the job once the head's
+        address is in storage. The head's agent holds the lease and writes the session; this one
+        records nothing there and ends its own machine when its part ends (or the session does)."""
+        s = self.s
+        self.machine = {"id": s.machine_id or f"{sysinfo.host()}-node{s.node_rank}", "host": sysinfo.host(),
+                        "node_rank": s.node_rank, "backend": s.backend, "agent_pid": os.getpid()}
+        self._write_boot_record()
+        self._say(f"node {s.node_rank} of {s.nnodes}: waiting for the head's address in {s.session_uri()}")
+        try:
+            project, prepared, resume, secrets = self._set_up()
+            head = self._wait_for_head()
+        except _SessionEnded as e:
+            return self._end_now(str(e), tombstone=False)
+        except _Interrupted as interrupted:
+            code = EXIT_PREEMPTED if interrupted.notice.kind == INTERRUPTION else EXIT_DONE
+            return self._finish(f"{interrupted.notice.kind} before training", status=None, code=code, tombstone=False)
+        except (SetupError, UsageError, StorageError, OSError) as e:
+            return self._finish(f"setup failed: {e}", status="failed", code=EXIT_FAILED, tombstone=False)
+        events = AgentEvents(self._say, on_attempt=lambda session, attempt: None, on_end=lambda: None)
+        env = {**secrets, "TRAIN_OPS_BACKEND": s.backend}
+        try:
+            runner = self.runner = EngineRun(prepared.python, project, s.script or "", s.args, events=events,
+                                             resume=resume, env=env, grace_period_s=s.grace_period_s,
+                                             node=self._node_resources(head), **dict(s.engine))
+            self._say(f"node {s.node_rank} of {s.nnodes}: joining the head at {head}:{s.rdzv_port}")
+            runner.prepare()
+        except (TrainctlError, OSError) as e:
+            return self._finish(f"setup failed: {e}", status="failed", code=EXIT_FAILED, tombstone=False)
+        runner.start()
+        self._watch_nodes()
+        stop_at = None if s.deadline_t is None else s.deadline_t - s.deadline_margin_s
+        look_at = time.monotonic()
+        while True:
+            if runner.done():
+                outcome = runner.outcome()
+                ended = self._session_end()
+                if ended is not None and outcome["status"] != "completed":  # the job stopped everywhere
+                    return self._finish(f"the session ended ({ended.get('reason')})", status=None, code=EXIT_DONE,
+                                        tombstone=False)
+                self._say(f"node {s.node_rank}: its part ended: {outcome['status']} (exit code {outcome['exit_code']})")
+                return self._finish(f"node {s.node_rank}: {outcome['status']}", status=None, tombstone=False,
+                                    code=EXIT_DONE if outcome["status"] == "completed" else EXIT_FAILED)
+            if stop_at is not None and time.time() >= stop_at:
+                self._stop_runner(min(s.deadline_t or time.time(), time.time() + s.grace_period_s + 5.0))
+                return self._finish("the max-hours deadline was reached", status=None, code=EXIT_DONE, tombstone=False)
+            if time.monotonic() >= look_at:  # the whole job stops everywhere once the session ended
+                look_at = time.monotonic() + max(1.0, s.sync_interval_s)
+                ended = self._session_end()
+                if ended is not None:
+                    self._stop_runner(time.time() + s.grace_period_s + 5.0)
+                    return self._finish(f"the session ended ({ended.get('reason')})", status=None, code=EXIT_DONE,
+                                        tombstone=False)
+            try:
+                notice = self.notices.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            if notice.kind in (INTERRUPTION, STOP, NODE_LOST):
+                self._say(f"node {s.node_rank}: {notice.kind} ({notice.action}): stopping its part")
+                self._stop_runner(time.time() + s.grace_period_s + 5.0)
+                # a lost head ends the job; an interruption or a stop leaves the machine as the head's would
+                return self._finish(f"node {s.node_rank}: {notice.action}", status=None, tombstone=False,
+                                    code=EXIT_FAILED if notice.kind == NODE_LOST else EXIT_PREEMPTED)
+
+    def _session_end(self) -> dict[str, Any] | None:
+        """The session's tombstone, when storage can be read and it is there."""
+        try:
+            return self.remote.ended() if self.remote is not None else None
+        except StorageError:
+            return None
 
     def _attach(self, session: Any) -> None:
         if self.sync is not None and self.sync.session is None:

@@ -69,7 +69,8 @@ class EngineRun:
     def __init__(self, python: str, project_dir: Path, script: str, args: Sequence[str], *, events: AgentEvents,
                  resume: str | None = None, env: Mapping[str, str] | None = None, name: str | None = None,
                  nproc_per_node: int | None = None, max_restarts: int | None = None, restart_on: str | None = None,
-                 grace_period_s: float = 30.0, preflight: bool = True) -> None:
+                 grace_period_s: float = 30.0, preflight: bool = True,
+                 node: Mapping[str, Any] | None = None) -> None:
         from .. import config as config_mod
 
         self.python = python
@@ -77,7 +78,7 @@ class EngineRun:
         self.cfg = config_mod.load(self.project_dir)
         self.policy = restart_policy(self.cfg, max_restarts=max_restarts, restart_on=restart_on,
                                      restart_delay_s=None, grace_period_s=grace_period_s)
-        resources: dict[str, Any] = {"nproc_per_node": nproc_per_node or 1}
+        resources: dict[str, Any] = {"nproc_per_node": nproc_per_node or 1, **(node or {})}
         self.spec = RunSpec(script=self.project_dir / script, args=tuple(args), resources=resources, resume=resume,
                             name=name, cwd=self.project_dir)
         self.supervisor = Supervisor(self.spec, self.policy, self.cfg, backend="local",

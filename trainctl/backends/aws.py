@@ -173,6 +173,7 @@ class AwsBackend(Backend):
         self._looks: dict[str, _Look] = {}
         self._mirrors: dict[str, SessionMirror] = {}
         self._kill_at: dict[str, float] = {}
+        self._networks_ended: set[str] = set()
 
     # ------------------------------------------------------------------ plumbing
     def context(self, region: str | None = None) -> Any:
@@ -213,6 +214,7 @@ class AwsBackend(Backend):
             raise UsageError("No instance type was given.", "Pass --instance-type, e.g. --instance-type g5.xlarge.")
         market = "spot" if r.get("spot") else "on-demand"
         attempt = int(r.get("attempt") or 0)
+        nodes, efa = int(r.get("nodes") or 1), bool(r.get("efa"))
         root = storage_root(self.settings, self.cfg)
         warnings: list[str] = []
         region = r.get("region") or default_region(self.settings)
@@ -252,6 +254,11 @@ class AwsBackend(Backend):
         fallback = r.get("spot_fallback")
         display = [("session data", session_uri + "/"), ("code bundle", bundle_row), ("resume", resume_row),
                    ("run", " ".join(redact_args([_script_rel(spec, self.cfg), *spec.args])))]
+        if nodes > 1:
+            per_node = r.get("nproc_per_node") or 1
+            display.append(("job", f"{nodes} nodes x {per_node} process(es) through torchrun, rendezvous id "
+                            f"{spec.session_id}; node 0's agent publishes its private address (IMDS local-ipv4) in "
+                            "the session's storage, the others wait for it"))
         if market == "spot":
             display.append(("spot fallback", f"after {fallback} interruption(s), trainctl continues on on-demand "
                             "when it next looks at the session (aws launch following, aws status)"
@@ -263,9 +270,13 @@ class AwsBackend(Backend):
             max_hours=float(r.get("max_hours") or DEFAULT_MAX_HOURS),
             budget_usd=self.settings.budget_usd, name=spec.name, storage_uri=str(root),
             agent_command=agent_command(_engine_options(r)), prepare=prepare_lines(session_uri, region, self.settings.endpoint_url),
-            env=env, secrets=secrets, display=tuple(display))
+            env=env, secrets=secrets, display=tuple(display), nodes=nodes, efa=efa)
         deadline = r.get("deadline")
         facts = gather_facts(ctx, request)
+        if efa and not facts.instance_types[0].efa_supported:
+            raise UsageError(f"--efa: {instance_type} does not support EFA (its EfaSupported is false).",
+                             "Drop --efa, or pick a type that has it: aws ec2 describe-instance-types "
+                             "--filters Name=network-info.efa-supported,Values=true")
         if deadline:  # a resume keeps the session's absolute deadline
             from dataclasses import replace
 
@@ -364,6 +375,9 @@ class AwsBackend(Backend):
                "spot_fallback": details.get("spot_fallback"), "launched_at": time.time(),
                "engine": details.get("engine") or {},
                "notes": list(result.notes)}
+        if result.nodes > 1:
+            ids.update(nodes=result.nodes, efa=aws_plan.request.efa, placement_group=result.placement_group,
+                       node_security_group_id=result.node_security_group_id)
         return Handle(self.name, ids, attempt)
 
     def _upload_code(self, remote: Any, details: dict[str, Any]) -> None:
@@ -416,6 +430,9 @@ class AwsBackend(Backend):
             live, fleet_active = [], False
         if not live and not fleet_active:
             self._kill_at.pop(sid, None)
+            if int(ids.get("nodes") or 1) > 1 and status.machines and sid not in self._networks_ended:
+                self._end_node_network(ctx, sid)
+                self._networks_ended.add(sid)
         state = State.RUNNING if live or fleet_active else self._ended_state(ended, record)
         if state is State.RUNNING and not any(m.state == "running" for m in live) and heartbeat is None:
             state = State.PENDING
@@ -430,6 +447,18 @@ class AwsBackend(Backend):
             details["fallback"] = self._fall_back_to_on_demand(handle)
         self._mirror_record(handle, description, record)
         return description
+
+    @staticmethod
+    def _end_node_network(ctx: Any, session_id: str) -> None:
+        """A finished multi-node session's security group and placement group (nothing bills for
+        them; a machine still shutting down keeps them until the next look)."""
+        from ..cloud.aws.errors import AwsError
+        from ..cloud.aws.launch import end_node_network
+
+        try:
+            end_node_network(ctx, session_id)
+        except AwsError:
+            pass  # the next look, or trainctl aws terminate, tries again
 
     @staticmethod
     def _ended_state(ended: dict[str, Any] | None, record: dict[str, Any]) -> State:
@@ -697,7 +726,7 @@ def _machine(row: Any) -> dict[str, Any]:
     return {"id": row.instance_id, "type": row.instance_type, "market": row.market, "zone": row.zone,
             "state": row.state, "usd_per_hour": row.usd_per_hour, "price_source": row.price_source,
             "started_at": started, "ended_at": (started + row.uptime_s) if gone and started is not None else None,
-            "cost_usd": row.cost_usd}
+            "cost_usd": row.cost_usd, **({"node": row.node} if row.node is not None else {})}
 
 
 def _merge_machines(known: list[Any], seen: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -796,7 +825,8 @@ def _launcher_record(plan: LaunchPlan, aws_plan: Any) -> dict[str, Any]:
             "created_at": time.time(), "cloud": {"provider": PROVIDER, "region": d["region"],
                                                  "deadline": aws_plan.deadline_iso, "attempt": d["attempt"],
                                                  "market": aws_plan.request.market,
-                                                 "instance_type": aws_plan.request.instance_type}}
+                                                 "instance_type": aws_plan.request.instance_type,
+                                                 "nodes": aws_plan.request.nodes}}
 
 
 # ------------------------------------------------------------------------------- the machine's end
@@ -946,6 +976,31 @@ class SsmSecretStore(SecretStore):
         found = self._context().paginate("ssm", "get_parameters_by_path", "Parameters", Path=self.path,
                                          Recursive=False, WithDecryption=False)
         return sorted(p["Name"][len(self.path):] for p in found)
+
+
+def node_machines(session_id: str, attempt: int, *, region: str | None = None, endpoint_url: str | None = None,
+                  session: Any = None) -> dict[int, tuple[str, str]]:
+    """Node rank -> (instance id, state) of a multi-node session's machines of `attempt`, from
+    EC2 (what the head's agent watches; the machine role may describe instances)."""
+    from ..cloud.aws.context import AwsContext
+    from ..cloud.aws.errors import AwsError
+    from ..cloud.aws.names import TAG_ATTEMPT, TAG_NODE, TAG_SESSION, tag_dict
+
+    region = region or os.environ.get("TRAINCTL_REGION") or _imds("/latest/meta-data/placement/region")
+    endpoint = endpoint_url if endpoint_url is not None else os.environ.get("TRAINCTL_ENDPOINT_URL") or None
+    ctx = AwsContext(region, endpoint_url=endpoint, max_attempts=END_ATTEMPTS, session=session)
+    try:
+        reservations = ctx.call("ec2", "describe_instances", Filters=[
+            {"Name": f"tag:{TAG_SESSION}", "Values": [session_id]},
+            {"Name": f"tag:{TAG_ATTEMPT}", "Values": [str(attempt)]}])["Reservations"]
+    except AwsError as e:
+        raise OSError(f"could not describe the job's machines ({e.message})") from e
+    out: dict[int, tuple[str, str]] = {}
+    for instance in (i for r in reservations for i in r["Instances"]):
+        rank = tag_dict(instance.get("Tags")).get(TAG_NODE, "")
+        if rank.isdigit():
+            out[int(rank)] = (instance["InstanceId"], instance["State"]["Name"])
+    return out
 
 
 def _delete_templates(ctx: Any, session_id: str) -> list[str]:

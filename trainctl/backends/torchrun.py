@@ -30,6 +30,10 @@ class NodeSpec:
     source: str = "flags"  # or "slurm"
     local_addr: str | None = None  # this node's own address, passed to torchrun (--local-addr)
     socket_ifname: str | None = None  # the interface that routes to the head
+    # "c10d" (c10d assigns the ranks), or "static": node_rank is the group rank, so global rank 0
+    # (the one that writes checkpoints) runs on node 0, the head; what AWS nodes use, whose head
+    # is the one machine that syncs the session to storage
+    rdzv_backend: str = "c10d"
 
     @property
     def endpoint(self) -> str:
@@ -59,7 +63,15 @@ def session_id_for(rdzv_id: str, now: float | None = None) -> str:
 
 def torchrun_args(node: NodeSpec, nproc_per_node: int) -> list[str]:
     """torchrun's arguments for this node. `--max-restarts 0`: trainctl restarts the whole job
-    (one restart loop, not two). No --node-rank: c10d assigns ranks and ignores it."""
+    (one restart loop, not two). No --node-rank with c10d: it assigns ranks and ignores it; with
+    the static rendezvous the node rank is the group rank and the head hosts the store."""
+    if node.rdzv_backend == "static":
+        args = [f"--nnodes={node.nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=static",
+                f"--master-addr={node.host}", f"--master-port={node.port}", f"--node-rank={node.node_rank or 0}",
+                f"--rdzv-id={node.rdzv_id}", "--max-restarts=0"]
+        if node.local_addr:
+            args.append(f"--local-addr={node.local_addr}")
+        return args
     args = [f"--nnodes={node.nnodes}", f"--nproc-per-node={nproc_per_node}", "--rdzv-backend=c10d",
             f"--rdzv-endpoint={node.endpoint}", f"--rdzv-id={node.rdzv_id}", "--max-restarts=0"]
     if node.local_addr:

@@ -57,6 +57,13 @@ import click
 @click.option("--name", default=None)
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=None)
 @click.option("--no-preflight", is_flag=True)
+@click.option("--nnodes", envvar="TRAINCTL_NNODES", type=click.IntRange(min=1), default=1,
+              help="Machines of one job (the boot script sets it).")
+@click.option("--node-rank", envvar="TRAINCTL_NODE_RANK", type=click.IntRange(min=0), default=0,
+              help="This machine's node: 0 is the head, which publishes its address in storage.")
+@click.option("--rdzv-port", type=click.IntRange(1, 65535), default=29400, help="The head's rendezvous port.")
+@click.option("--head-wait", type=float, default=900.0, metavar="SECONDS",
+              help="How long a node waits for the head's address before it gives up.")
 def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: str, session_id: str,
               endpoint_url: str | None, region: str | None, checksums: str, machine_dir: Path,
               machine_id: str | None, deadline: str | None, deadline_margin: float, attempt: int, backend: str,
@@ -65,7 +72,8 @@ def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: 
               pip_args: tuple[str, ...], allow_torch_replace: bool, sync_interval: float,
               heartbeat_interval: float, lease_ttl: float, lease_wait: float, secrets: tuple[str, ...],
               secret_store: str | None, grace_period: float, max_restarts: int | None, restart_on: str | None,
-              name: str | None, nproc_per_node: int | None, no_preflight: bool) -> None:
+              name: str | None, nproc_per_node: int | None, no_preflight: bool, nnodes: int, node_rank: int,
+              rdzv_port: int, head_wait: float) -> None:
     """Run one session on this machine: fetch the code, set up, train, sync, end the machine."""
     import os
 
@@ -74,6 +82,16 @@ def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: 
     forwarded = [*secrets, *(n.strip() for n in os.environ.get("TRAINCTL_FORWARD_VARS", "").split(",") if n.strip())]
     if secret_store is None and os.environ.get("TRAINCTL_SSM_PATH"):
         secret_store = "ssm:" + os.environ["TRAINCTL_SSM_PATH"]
+    if node_rank >= nnodes:
+        from ..errors import UsageError
+
+        raise UsageError(f"--node-rank {node_rank} is out of range for --nnodes {nnodes} (0 to {nnodes - 1}).",
+                         "The boot script sets both; launch again with trainctl aws launch --nodes N.")
+    if nnodes > 1:
+        # a node's engine restarting alone would resume its ranks from its own (empty) checkpoint
+        # folder while rank 0 resumes from the head's: a multi-node job restarts whole, on new
+        # machines, through trainctl aws resume (every node fetches the same checkpoint)
+        max_restarts = 0
     engine = {"name": name, "nproc_per_node": nproc_per_node, "max_restarts": max_restarts,
               "restart_on": restart_on, "preflight": not no_preflight}
     settings = AgentSettings(
@@ -86,5 +104,6 @@ def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: 
         max_failed_boots=max_failed_boots, setup=setup, python=python, pip_args=list(pip_args),
         allow_torch_replace=allow_torch_replace, sync_interval_s=sync_interval, heartbeat_s=heartbeat_interval,
         lease_ttl_s=lease_ttl, lease_wait_s=lease_wait, secrets=list(dict.fromkeys(forwarded)),
-        secret_store=secret_store, grace_period_s=grace_period, engine=engine)
+        secret_store=secret_store, grace_period_s=grace_period, engine=engine, nnodes=nnodes, node_rank=node_rank,
+        rdzv_port=rdzv_port, head_wait_s=head_wait)
     sys.exit(Agent(settings).run())

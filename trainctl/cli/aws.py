@@ -138,12 +138,16 @@ def _launch_options(f: Any) -> Any:
 @click.option("--max-restarts", type=click.IntRange(min=0), default=None,
               help="Restarts on the machine after a crash, from the newest checkpoint.")
 @click.option("--nproc-per-node", type=click.IntRange(min=1), default=None, help="Processes through torchrun.")
+@click.option("--nodes", type=int, default=None, metavar="N",
+              help="Machines of one job through torchrun, node 0 the head: one cluster placement group, one zone.")
+@click.option("--efa", is_flag=True, help="With --nodes: an EFA interface on each machine (types with EFA only).")
 @click.option("--secret", "secrets", multiple=True, metavar="NAME",
               help="Forward this environment variable to the script through SSM SecureString (repeat).")
 def launch_cmd(script: Path, args: tuple[str, ...], instance_type: str, spot: bool, spot_fallback: int | None,
                region: str | None, ami: str | None, disk_gb: int | None, max_hours: float | None, dry_run: bool,
                yes: bool, detach: bool, as_json: bool, name: str | None, resume: str | None,
-               max_restarts: int | None, nproc_per_node: int | None, secrets: tuple[str, ...]) -> None:
+               max_restarts: int | None, nproc_per_node: int | None, nodes: int | None, efa: bool,
+               secrets: tuple[str, ...]) -> None:
     """Run SCRIPT [ARGS]... on an EC2 machine as a recorded session.
 
     The plan is printed first: the machine, its price with its source and date, the projected
@@ -164,6 +168,17 @@ def launch_cmd(script: Path, args: tuple[str, ...], instance_type: str, spot: bo
                                   path=str(script))
     if spot_fallback is not None and not spot:
         raise UsageError("--spot-fallback applies to spot sessions.", "Add --spot, or drop --spot-fallback.")
+    if nodes is not None and nodes < 1:
+        raise UsageError(f"--nodes must be 1 or more, not {nodes}.", "e.g. --nodes 2 (one machine: leave it out)")
+    if nodes is not None and nodes > 1 and spot:
+        raise UsageError("--nodes runs on on-demand machines only: a spot fleet replaces one machine at a time, "
+                         "outside the placement group.", "Drop --spot, or run one node.")
+    if (nodes or 1) > 1 and max_restarts:
+        raise UsageError("--max-restarts restarts one machine's part alone; a job over several machines restarts "
+                         "whole, on new machines, from the newest checkpoint in the bucket.",
+                         "Drop --max-restarts; after a failure or a lost node: trainctl aws resume SESSION")
+    if efa and (nodes or 1) < 2:
+        raise UsageError("--efa is for jobs over several machines.", "Add --nodes N (N >= 2), or drop --efa.")
     cfg = _config()
     args_list = list(args)
     if resume is None:
@@ -183,7 +198,7 @@ def launch_cmd(script: Path, args: tuple[str, ...], instance_type: str, spot: bo
     resources: dict[str, Any] = {"instance_type": instance_type, "spot": spot, "spot_fallback": spot_fallback,
                                  "region": region, "ami": ami, "disk_gb": disk_gb, "max_hours": max_hours,
                                  "attempt": 0, "secrets": list(secrets), "max_restarts": max_restarts,
-                                 "nproc_per_node": nproc_per_node}
+                                 "nproc_per_node": nproc_per_node, "nodes": nodes or 1, "efa": efa}
     spec = RunSpec(script=script, args=tuple(args_list), resources=resources, resume=resume_path, name=name,
                    session_id=session_id, session_dir=store.sessions_dir / session_id, cwd=Path.cwd())
     backend = _backend(cfg)
@@ -195,7 +210,8 @@ def launch_cmd(script: Path, args: tuple[str, ...], instance_type: str, spot: bo
         return
     cost = (f"up to ${aws_plan.projected_cost_usd:.2f}" if aws_plan.projected_cost_usd is not None
             else "an unknown price")
-    if not _confirm(f"Start this machine, for {cost} over {aws_plan.request.max_hours:g} h?", yes,
+    what = f"these {aws_plan.nodes} machines" if aws_plan.nodes > 1 else "this machine"
+    if not _confirm(f"Start {what}, for {cost} over {aws_plan.request.max_hours:g} h?", yes,
                     "Refusing to start a billed machine without confirmation.",
                     "Pass --yes to start it, or --dry-run to see the plan only."):
         click.echo("Nothing was started.")
@@ -267,9 +283,17 @@ def _start(backend: Any, session: Any, plan: Any, *, attempt: int, note: str | N
     session.event("status", status=State.RUNNING.value, attempt=attempt, instance_ids=handle.ids.get("instance_ids"),
                   fleet_id=handle.ids.get("fleet_id"))
     ids = handle.ids
-    what = (f"fleet {ids['fleet_id']} (spot, AWS keeps one machine: {', '.join(ids['instance_ids']) or 'starting'})"
-            if ids.get("fleet_id") else f"instance {', '.join(ids['instance_ids'])} (on-demand, {ids.get('zone')})")
+    nodes = int(ids.get("nodes") or 1)
+    if ids.get("fleet_id"):
+        what = f"fleet {ids['fleet_id']} (spot, AWS keeps one machine: {', '.join(ids['instance_ids']) or 'starting'})"
+    elif nodes > 1:
+        what = (f"{nodes} instances " + ", ".join(f"{iid} (node {rank})" for rank, iid in enumerate(ids["instance_ids"]))
+                + f" (on-demand, {ids.get('zone')}, placement group {ids.get('placement_group')})")
+    else:
+        what = f"instance {', '.join(ids['instance_ids'])} (on-demand, {ids.get('zone')})"
     price = f"${ids['usd_per_hour']:.4f}/h" if ids.get("usd_per_hour") is not None else "price unknown"
+    if nodes > 1 and ids.get("usd_per_hour") is not None:
+        price = f"{nodes} x {price} = ${ids['usd_per_hour'] * nodes:.4f}/h"
     click.echo(f"Started session {session.id} on AWS {ids['region']}: {what}, {ids['instance_type']}, {price}; "
                f"ends by {ids.get('deadline')}.")
     for note_line in ids.get("notes") or []:
@@ -321,6 +345,8 @@ def resume_cmd(session_ref: str, instance_type: str | None, spot: bool, spot_fal
         "spot": spot, "spot_fallback": spot_fallback, "region": region or cloud.get("region"), "ami": ami,
         "disk_gb": disk_gb, "max_hours": max_hours, "attempt": len(data.get("attempts") or []),
         "deadline": None if max_hours else cloud.get("deadline"), "alternatives": True,
+        # a multi-node job resumes with the same world size: as many machines as it started on
+        "nodes": (handle.ids.get("nodes") if handle else None) or 1, "efa": bool(handle and handle.ids.get("efa")),
         **((handle.ids.get("engine") or {}) if handle else {})}
     spec = RunSpec(script=Path(cfg.root) / (cloud.get("script") or Path(data.get("script") or "train.py").name),
                    args=tuple(data.get("args") or ()), resources=resources, resume="storage", name=data.get("name"),
@@ -434,7 +460,8 @@ def _render_status(sid: str, data: dict[str, Any], description: Any) -> None:
     for m in d.get("machines") or []:
         price = f"${m['usd_per_hour']:.4f}/h" if m.get("usd_per_hour") is not None else "price unknown"
         cost = f"${m['cost_usd']:.2f}" if m.get("cost_usd") is not None else "unknown"
-        click.echo(f"  {m['id']}  {m['state']:<13} {m['type']} {m['market']} {m.get('zone') or '?'}  {price}  {cost}")
+        node = f"  node {m['node']}" if m.get("node") is not None else ""
+        click.echo(f"  {m['id']}{node}  {m['state']:<13} {m['type']} {m['market']} {m.get('zone') or '?'}  {price}  {cost}")
     for f in d.get("fleets") or []:
         click.echo(f"  fleet {f['fleet_id']}  {f['state']}  valid until {f.get('valid_until') or '-'}")
     beat = d.get("heartbeat")

@@ -55,6 +55,7 @@ CODE_RECORD = "code/bundle.json"
 SESSION = "session.json"
 LATEST = "latest.json"
 HEARTBEAT = "heartbeat.json"
+HEAD = "nodes/head.json"  # a multi-node job: where its head (node 0) hosts the rendezvous
 BOOTS = "boots.json"
 ENDED = "ended.json"
 PULL_STATE = ".pull-state.json"
@@ -252,6 +253,17 @@ class RemoteSession:
 
     def read_heartbeat(self) -> dict[str, Any] | None:
         return self._get_json(HEARTBEAT)
+
+    # --- a multi-node job's head ----------------------------------------------------------------
+    def publish_head(self, *, attempt: int, address: str, port: int, **fields: Any) -> ObjectInfo:
+        """`nodes/head.json`: where node 0 (the head) of this attempt hosts the rendezvous; the
+        other nodes' agents wait for it rather than guess an address."""
+        record = {"v": LAYOUT_VERSION, "t": time.time(), "attempt": attempt, "address": address, "port": port,
+                  **fields}
+        return self.store.put_json(self.key(HEAD), record)
+
+    def read_head(self) -> dict[str, Any] | None:
+        return self._get_json(HEAD)
 
     def _get_json(self, name: str) -> Any:
         try:

@@ -56,6 +56,7 @@ class InstanceTypeInfo:
     gpu_count: int = 0
     gpu_memory_mib: int = 0  # per GPU
     architectures: tuple[str, ...] = ("x86_64",)
+    efa_supported: bool = False
 
     @property
     def dlami_arch(self) -> str:
@@ -81,6 +82,7 @@ class InstanceTypeInfo:
             gpu_count=sum(int(g.get("Count", 0)) for g in gpus),
             gpu_memory_mib=int((first.get("MemoryInfo") or {}).get("SizeInMiB", 0)),
             architectures=tuple(item.get("ProcessorInfo", {}).get("SupportedArchitectures") or ("x86_64",)),
+            efa_supported=bool((item.get("NetworkInfo") or {}).get("EfaSupported")),
         )
 
 

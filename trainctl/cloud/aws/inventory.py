@@ -24,7 +24,7 @@ from .launch import (
     session_instances,
     session_launch_templates,
 )
-from .names import TAG_PROJECT, TAG_SESSION, tag_dict
+from .names import TAG_NODE, TAG_PROJECT, TAG_SESSION, tag_dict
 
 ENDED_STATUSES = frozenset({"completed", "failed", "killed", "stopped"})
 UPLOAD_STALE_AFTER = timedelta(days=1)
@@ -86,6 +86,7 @@ class MachineRow:
     leak: str | None = None
     end_command: str | None = None
     state_reason: str | None = None  # EC2's code, e.g. Server.SpotInstanceTermination
+    node: int | None = None  # a multi-node session's machine: its node rank (0 is the head)
 
 
 @dataclass
@@ -125,10 +126,19 @@ class Inventory:
         if not self.machines and not self.fleets:
             lines.append("  no machines or fleets")
         if self.machines:
-            header = ("INSTANCE", "SESSION", "STATE", "TYPE", "MARKET", "UPTIME", "$/H", "COST SO FAR")
-            rows = [(m.instance_id, m.session_id or "?", m.state, m.instance_type, m.market,
-                     _duration(m.uptime_s), "?" if m.usd_per_hour is None else f"{m.usd_per_hour:.4f}",
-                     "unknown" if m.cost_usd is None else f"${m.cost_usd:.2f}") for m in self.machines]
+            header = ("INSTANCE", "SESSION", "NODE", "STATE", "TYPE", "MARKET", "UPTIME", "$/H", "COST SO FAR")
+            rows: list[tuple[str, ...]] = []
+            for sid, group in _by_session(self.machines):
+                rows += [(m.instance_id, m.session_id or "?", "-" if m.node is None else str(m.node), m.state,
+                          m.instance_type, m.market, _duration(m.uptime_s),
+                          "?" if m.usd_per_hour is None else f"{m.usd_per_hour:.4f}",
+                          "unknown" if m.cost_usd is None else f"${m.cost_usd:.2f}") for m in group]
+                if len(group) > 1:  # one job over several machines: one figure for the session
+                    hourly = [m.usd_per_hour for m in group if m.state not in INSTANCE_GONE_STATES]
+                    costs = [m.cost_usd for m in group]
+                    rows.append(("", f"{sid or '?'} total", f"{len(group)}", "", "", "", "",
+                                 "?" if any(h is None for h in hourly) else f"{sum(h or 0 for h in hourly):.4f}",
+                                 "unknown" if any(c is None for c in costs) else f"${sum(c or 0 for c in costs):.2f}"))
             lines += _table(header, rows)
         if self.fleets:
             header = ("FLEET", "SESSION", "STATE", "VALID UNTIL", "MACHINES")
@@ -143,6 +153,14 @@ class Inventory:
         else:
             lines.append("No leaks found.")
         return "\n".join(lines) + "\n"
+
+
+def _by_session(machines: list[MachineRow]) -> list[tuple[str | None, list[MachineRow]]]:
+    """Machines grouped by session (first seen first), node rank order within a session."""
+    groups: dict[str | None, list[MachineRow]] = {}
+    for m in machines:
+        groups.setdefault(m.session_id, []).append(m)
+    return [(sid, sorted(group, key=lambda m: (m.node is None, m.node or 0))) for sid, group in groups.items()]
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> list[str]:
@@ -184,7 +202,8 @@ def _machine_row(ctx: AwsContext, instance: dict[str, Any], prices: PriceBook, n
         cost_usd=usage.cost_usd(now),
         fleet_id=tags.get("aws:ec2:fleet-id") or fleet_of.get(instance["InstanceId"]),
         end_command=f"trainctl aws terminate {session_id or instance['InstanceId']} --region {ctx.region}",
-        state_reason=(instance.get("StateReason") or {}).get("Code"))
+        state_reason=(instance.get("StateReason") or {}).get("Code"),
+        node=int(tags[TAG_NODE]) if tags.get(TAG_NODE, "").isdigit() else None)
     return row, usage
 
 
@@ -316,7 +335,8 @@ class SessionStatus:
     def render_text(self) -> str:
         lines = [f"session {self.session_id} on AWS {self.region}: {self.state}"]
         for m in self.machines:
-            lines.append(f"  {m.instance_id} {m.state} {m.instance_type} {m.market} {m.zone or '?'} "
+            node = f" node {m.node}" if m.node is not None else ""
+            lines.append(f"  {m.instance_id}{node} {m.state} {m.instance_type} {m.market} {m.zone or '?'} "
                          f"up {_duration(m.uptime_s)}"
                          + ("" if m.cost_usd is None else f" ${m.cost_usd:.2f}"))
         for f in self.fleets:

@@ -19,8 +19,8 @@ from .errors import (
     CapacityUnavailableError,
     InstanceTypeNotOfferedError,
 )
-from .names import TAG_SESSION, tag_dict
-from .plan import AwsPlan, client_token
+from .names import TAG_NODE, TAG_SESSION, tag_dict
+from .plan import NODE_GROUP, AwsPlan, client_token
 
 FLEET_GONE_STATES = ("deleted", "deleted_running", "deleted_terminating", "failed")
 INSTANCE_GONE_STATES = ("shutting-down", "terminated")
@@ -41,8 +41,11 @@ class LaunchResult:
     fleet_id: str | None = None
     launch_template_id: str | None = None
     launch_template_name: str | None = None
-    usd_per_hour: float | None = None  # the price the plan had (the highest, for a fleet)
+    usd_per_hour: float | None = None  # the price the plan had (the highest, for a fleet); per machine
     notes: list[str] = field(default_factory=list)
+    nodes: int = 1  # multi-node: instance_ids are in node-rank order
+    placement_group: str | None = None
+    node_security_group_id: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -108,6 +111,8 @@ def launch(ctx: AwsContext, plan: AwsPlan) -> LaunchResult:
                           deadline=plan.deadline_iso, usd_per_hour=plan.price.usd_per_hour)
     if plan.uses_fleet:
         _launch_fleet(ctx, plan, result)
+    elif plan.nodes > 1:
+        _launch_nodes(ctx, plan, result)
     else:
         _launch_on_demand(ctx, plan, result)
     return result
@@ -144,6 +149,160 @@ def _launch_on_demand(ctx: AwsContext, plan: AwsPlan, result: LaunchResult) -> N
     if failures and not_offered == failures:
         raise _attach_cleanup_note(InstanceTypeNotOfferedError(primary.name, ", ".join(failures)), [], [])
     raise _attach_cleanup_note(CapacityUnavailableError(primary.name, failures, "on-demand"), [], [])
+
+
+def _launch_nodes(ctx: AwsContext, plan: AwsPlan, result: LaunchResult) -> None:
+    """The placement group, the node security group and its rules, then the nodes one by one in
+    one zone; a zone without capacity for all of them gives back what started there and the
+    next zone is tried. A launch that fails leaves nothing behind (or says what it could not end)."""
+    result.nodes = plan.nodes
+    group = plan.request_params("CreatePlacementGroup")
+    made: list[tuple[str, str]] = []
+    try:
+        _create_placement_group(ctx, group)
+        made.append(("placement group", group["GroupName"]))
+        result.placement_group = group["GroupName"]
+        sg = _create_node_group(ctx, plan.request_params("CreateSecurityGroup"))
+        made.append(("security group", sg))
+        result.node_security_group_id = sg
+        for item in plan.requests:
+            if item["operation"].startswith("AuthorizeSecurityGroup"):
+                params = _with_group(copy.deepcopy(item["params"]), sg)
+                method = "authorize_security_group_" + ("egress" if item["operation"].endswith("Egress") else "ingress")
+                try:
+                    ctx.call("ec2", method, **params)
+                except AwsRequestError as e:
+                    if e.code != "InvalidPermission.Duplicate":  # a retried launch made it already
+                        raise
+        _start_nodes(ctx, plan, result, sg)
+    except BaseException as e:
+        cleaned: list[str] = []
+        leftovers: list[str] = []
+        for kind, rid in reversed(made):
+            _cleanup(ctx, kind, rid, cleaned, leftovers)
+        if isinstance(e, TrainctlError):
+            _attach_cleanup_note(e, cleaned, leftovers)
+        raise
+
+
+def _with_group(value: Any, group_id: str) -> Any:
+    """The planned request with the node security group's real id in place of NODE_GROUP."""
+    if isinstance(value, dict):
+        return {k: _with_group(v, group_id) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_with_group(v, group_id) for v in value]
+    return group_id if value == NODE_GROUP else value
+
+
+def _create_placement_group(ctx: AwsContext, params: dict[str, Any]) -> None:
+    try:
+        ctx.call("ec2", "create_placement_group", **params)
+    except AwsRequestError as e:
+        if e.code != "InvalidPlacementGroup.Duplicate":  # a retried launch of the same attempt
+            raise
+
+
+def _create_node_group(ctx: AwsContext, params: dict[str, Any]) -> str:
+    try:
+        return str(ctx.call("ec2", "create_security_group", **params)["GroupId"])
+    except AwsRequestError as e:
+        if e.code != "InvalidGroup.Duplicate":
+            raise
+    found = ctx.call("ec2", "describe_security_groups", Filters=[
+        {"Name": "vpc-id", "Values": [params["VpcId"]]}, {"Name": "group-name", "Values": [params["GroupName"]]}])
+    return str(found["SecurityGroups"][0]["GroupId"])
+
+
+def _start_nodes(ctx: AwsContext, plan: AwsPlan, result: LaunchResult, group_id: str) -> None:
+    items = sorted((r for r in plan.requests if r["operation"] == "RunInstances"), key=lambda r: r["node"])
+    subnets = dict(plan.subnets)
+    primary = plan.instance_types[0]
+    failures: list[str] = []
+    for zone in items[0]["zones"]:
+        started: list[str] = []
+        try:
+            for item in items:
+                params = _with_group(copy.deepcopy(item["params"]), group_id)
+                params["Placement"]["AvailabilityZone"] = zone
+                params["ClientToken"] = client_token(plan.request.session_id, plan.request.attempt, zone, item["node"])
+                holder = params["NetworkInterfaces"][0] if "NetworkInterfaces" in params else params
+                holder["SubnetId"] = subnets[zone]
+                response = ctx.call("ec2", "run_instances", error_context={
+                    "instance_type": primary.name, "market": "on-demand", "zone": zone, "vcpus": primary.vcpus},
+                    **params)
+                started.append(response["Instances"][0]["InstanceId"])
+        except (CapacityUnavailableError, InstanceTypeNotOfferedError) as e:
+            failures.append(zone)
+            result.notes.append(f"{zone}: {e.message}" + (f" (after {len(started)} of {plan.nodes} nodes; "
+                                                            "those were ended)" if started else ""))
+            _end_started(ctx, started)
+            continue
+        except BaseException:
+            _end_started(ctx, started)
+            raise
+        result.instance_ids, result.zone = started, zone
+        if failures:
+            result.notes.append(f"started in {zone} after no capacity for {plan.nodes} nodes in {', '.join(failures)}")
+        return
+    raise CapacityUnavailableError(primary.name, failures, "on-demand")
+
+
+def _end_started(ctx: AwsContext, instance_ids: list[str]) -> None:
+    if instance_ids:
+        ctx.call("ec2", "terminate_instances", InstanceIds=instance_ids)
+
+
+def end_node_network(ctx: AwsContext, session_id: str, *, dry_run: bool = False,
+                     report: EndReport | None = None) -> EndReport:
+    """A multi-node session's security group and placement group, once no machine of the
+    session is left in them; one still in use is left for the next call (nothing bills for either)."""
+    report = report or EndReport(target=session_id, region=ctx.region, dry_run=dry_run)
+    groups = ctx.call("ec2", "describe_security_groups", Filters=[
+        {"Name": f"tag:{TAG_SESSION}", "Values": [session_id]}])["SecurityGroups"]
+    for group in groups:
+        gid = group["GroupId"]
+        command = f"aws ec2 delete-security-group --region {ctx.region} --group-id {gid}"
+        if dry_run:
+            report.actions.append(Action("security group", gid, "would delete", command))
+            continue
+        try:
+            ctx.call("ec2", "delete_security_group", GroupId=gid)
+            report.actions.append(Action("security group", gid, "deleted", command))
+        except AwsRequestError as e:
+            if e.code == "InvalidGroup.NotFound":
+                report.actions.append(Action("security group", gid, "already deleted", command))
+            elif e.code == "DependencyViolation":
+                report.actions.append(Action("security group", gid, "still in use by ending machines; "
+                                             "run the same command again in a minute", command))
+            else:
+                raise
+    try:
+        placement = ctx.call("ec2", "describe_placement_groups", Filters=[
+            {"Name": f"tag:{TAG_SESSION}", "Values": [session_id]}]).get("PlacementGroups", [])
+    except AwsError as e:
+        report.actions.append(Action("placement group", f"of session {session_id}",
+                                     f"could not be looked up ({e.message}); nothing bills for it"))
+        return report
+    for pg in placement:
+        name = pg["GroupName"]
+        command = f"aws ec2 delete-placement-group --region {ctx.region} --group-name {name}"
+        if pg.get("State") == "deleted":
+            continue
+        if dry_run:
+            report.actions.append(Action("placement group", name, "would delete", command))
+            continue
+        try:
+            ctx.call("ec2", "delete_placement_group", GroupName=name)
+            report.actions.append(Action("placement group", name, "deleted", command))
+        except AwsRequestError as e:
+            if e.code == "InvalidPlacementGroup.Unknown":
+                report.actions.append(Action("placement group", name, "already deleted", command))
+            elif e.code == "InvalidPlacementGroup.InUse":
+                report.actions.append(Action("placement group", name, "still in use by ending machines; "
+                                             "run the same command again in a minute", command))
+            else:
+                raise
+    return report
 
 
 def _launch_fleet(ctx: AwsContext, plan: AwsPlan, result: LaunchResult) -> None:
@@ -192,15 +351,22 @@ def _create_launch_template(ctx: AwsContext, params: dict[str, Any], session_id:
 
 
 def _cleanup(ctx: AwsContext, kind: str, resource_id: str, cleaned: list[str], leftovers: list[str]) -> None:
+    commands = {"fleet": f"aws ec2 delete-fleets --fleet-ids {resource_id} --terminate-instances",
+                "launch template": f"aws ec2 delete-launch-template --launch-template-id {resource_id}",
+                "placement group": f"aws ec2 delete-placement-group --group-name {resource_id}",
+                "security group": f"aws ec2 delete-security-group --group-id {resource_id}"}
     try:
         if kind == "fleet":
             ctx.call("ec2", "delete_fleets", FleetIds=[resource_id], TerminateInstances=True)
+        elif kind == "placement group":
+            ctx.call("ec2", "delete_placement_group", GroupName=resource_id)
+        elif kind == "security group":
+            ctx.call("ec2", "delete_security_group", GroupId=resource_id)
         else:
             ctx.call("ec2", "delete_launch_template", LaunchTemplateId=resource_id)
         cleaned.append(f"{kind} {resource_id}")
     except AwsError as e:
-        command = (f"aws ec2 delete-fleets --fleet-ids {resource_id} --terminate-instances" if kind == "fleet"
-                   else f"aws ec2 delete-launch-template --launch-template-id {resource_id}")
+        command = commands[kind]
         leftovers.append(f"{kind} {resource_id} ({e.message}); end it with: {command} --region {ctx.region}")
 
 
@@ -370,6 +536,8 @@ def terminate(ctx: AwsContext, target: str, *, dry_run: bool = False) -> EndRepo
     instances = session_instances(ctx, target)
     _end_instances(ctx, instances, dry_run, report)
     _end_launch_templates(ctx, session_launch_templates(ctx, target), dry_run, report)
+    if any(TAG_NODE in tag_dict(i.get("Tags")) for i in instances):  # a multi-node session
+        end_node_network(ctx, target, dry_run=dry_run, report=report)
     return report
 
 

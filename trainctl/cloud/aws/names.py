@@ -10,6 +10,7 @@ TAG_PROJECT = "trainctl:project"
 TAG_SESSION = "trainctl:session"
 TAG_ATTEMPT = "trainctl:attempt"
 TAG_PURPOSE = "trainctl:purpose"
+TAG_NODE = "trainctl:node"  # a multi-node session's machine: its node rank (0 is the head)
 
 # SSM SecureString parameters a project's machines may read: /trainctl/<project>/<NAME>
 SECRETS_ROOT = "/trainctl"
@@ -44,6 +45,14 @@ def security_group_name(project: str) -> str:
 
 def launch_template_name(session_id: str, attempt: int) -> str:
     return safe_name(f"trainctl-{session_id}-a{attempt}", 128)
+
+
+def placement_group_name(session_id: str, attempt: int) -> str:
+    return safe_name(f"trainctl-{session_id}-a{attempt}", 255)
+
+
+def nodes_security_group_name(session_id: str, attempt: int) -> str:
+    return safe_name(f"trainctl-{session_id}-a{attempt}-nodes", 255)
 
 
 def secrets_path(project: str) -> str:

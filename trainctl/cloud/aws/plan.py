@@ -25,9 +25,12 @@ from .errors import (
 )
 from .facts import AmiFact, Facts, InstanceTypeInfo, PriceFact, QuotaFact, iso_utc
 from .names import (
+    TAG_NODE,
     USER_DATA_LIMIT_BYTES,
     instance_profile_name,
     launch_template_name,
+    nodes_security_group_name,
+    placement_group_name,
     quota_for,
     secrets_path,
     session_tags,
@@ -38,6 +41,10 @@ from .userdata import BootSpec, boot_script_size, render_boot_script
 
 # Same GPUs is what makes another instance type a safe fleet replacement.
 FLEET_ALLOCATION = "price-capacity-optimized"
+# Stands for the session's node security group in the planned requests: its id exists only
+# once CreateSecurityGroup answered; launch puts the real id in its place.
+NODE_GROUP = "<the session's node security group>"
+RDZV_PORT = 29400  # torchrun's c10d rendezvous on the head node
 
 
 @dataclass(frozen=True)
@@ -68,6 +75,11 @@ class AwsPlan:
     problems: list[Problem] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     planned_at: datetime | None = None
+    node_boot_scripts: tuple[str, ...] = ()  # multi-node: one per node rank (boot_script is node 0's)
+
+    @property
+    def nodes(self) -> int:
+        return self.request.nodes
 
     @property
     def ok(self) -> bool:
@@ -98,11 +110,13 @@ class AwsPlan:
         Nothing else needs hiding: secrets never enter a request (``check_env`` refuses
         secret-looking names in user data; values travel through SSM).
         """
-        digest = hashlib.sha256(self.boot_script.encode()).hexdigest()[:16]
-        summary = f"<the boot script below: {boot_script_size(self.boot_script)} bytes, sha256 {digest}...>"
         shown = []
         for item in copy.deepcopy(self.requests):
             params = item["params"]
+            script = self.node_boot_scripts[item["node"]] if "node" in item else self.boot_script
+            digest = hashlib.sha256(script.encode()).hexdigest()[:16]
+            which = f"node {item['node']}'s boot script" if "node" in item else "the boot script below"
+            summary = f"<{which}: {boot_script_size(script)} bytes, sha256 {digest}...>"
             for holder in (params, params.get("LaunchTemplateData", {})):
                 if "UserData" in holder:
                     holder["UserData"] = summary
@@ -121,6 +135,7 @@ class AwsPlan:
             "on_demand_price": _price_dict(self.on_demand_price) if self.on_demand_price else None,
             "max_hours": req.max_hours,
             "projected_cost_usd": _round(self.projected_cost_usd),
+            **({"nodes": req.nodes, "efa": req.efa} if req.nodes > 1 else {}),
             "budget_usd": req.budget_usd,
             "deadline": self.deadline_iso,
             "ami": self.ami.__dict__,
@@ -130,6 +145,7 @@ class AwsPlan:
             "display": [list(row) for row in req.display],
             "boot_script": self.boot_script,
             "boot_script_bytes": boot_script_size(self.boot_script),
+            **({"node_boot_scripts": list(self.node_boot_scripts)} if req.nodes > 1 else {}),
             "requests": self.redacted_requests(),
             "problems": [p.to_dict() for p in self.problems],
             "warnings": list(self.warnings),
@@ -159,10 +175,12 @@ def client_token(*parts: object) -> str:
     return text if len(text) <= 64 else hashlib.sha256(text.encode()).hexdigest()[:64]
 
 
-def boot_env(request: LaunchRequest, region: str) -> dict[str, str]:
+def boot_env(request: LaunchRequest, region: str, node_rank: int = 0) -> dict[str, str]:
     """What the agent reads at boot, besides its command line (names are the agent's contract)."""
     env = {"AWS_DEFAULT_REGION": region, "TRAINCTL_REGION": region, "TRAINCTL_PROJECT": request.project,
            "TRAINCTL_ATTEMPT": str(request.attempt), "TRAINCTL_BACKEND": "aws"}
+    if request.nodes > 1:  # the agent of node 0 publishes its private address; the others wait for it
+        env.update(TRAINCTL_NNODES=str(request.nodes), TRAINCTL_NODE_RANK=str(node_rank))
     if request.storage_uri:
         env["TRAINCTL_STORAGE_URI"] = request.storage_uri
     if request.secrets:
@@ -172,9 +190,13 @@ def boot_env(request: LaunchRequest, region: str) -> dict[str, str]:
     return env
 
 
-def instance_spec(request: LaunchRequest, facts: Facts, boot_script: str) -> dict[str, Any]:
+def instance_spec(request: LaunchRequest, facts: Facts, boot_script: str, node_rank: int | None = None) -> dict[str, Any]:
     """The machine, as both RunInstances and a launch template take it (one source for both)."""
-    tags = tag_list(session_tags(request.project, request.session_id, request.attempt, request.name))
+    named = session_tags(request.project, request.session_id, request.attempt, request.name)
+    if node_rank is not None:
+        named = {**named, TAG_NODE: str(node_rank),
+                 "Name": f"{named['Name']} node {node_rank}/{request.nodes}"}
+    tags = tag_list(named)
     profile = ({"Arn": facts.instance_profile_arn} if facts.instance_profile_arn
                else {"Name": instance_profile_name(request.project)})
     spec: dict[str, Any] = {
@@ -196,8 +218,55 @@ def instance_spec(request: LaunchRequest, facts: Facts, boot_script: str) -> dic
     return spec
 
 
+def _node_requests(request: LaunchRequest, facts: Facts, boots: tuple[str, ...],
+                   zones: tuple[str, ...]) -> list[dict[str, Any]]:
+    """A multi-node job: one cluster placement group, a security group that admits its own
+    members only (all TCP; with EFA all traffic, both ways, as EFA requires), then one
+    RunInstances per node, all in one zone, each with its own boot script (its node rank)."""
+    subnets = dict(facts.network.subnets)
+    tags = session_tags(request.project, request.session_id, request.attempt, request.name)
+    group_name = placement_group_name(request.session_id, request.attempt)
+    protocol = "-1" if request.efa else "tcp"
+    member = {"IpProtocol": protocol, "UserIdGroupPairs": [{"GroupId": NODE_GROUP,
+                                                            "Description": "the session's own nodes"}]}
+    if protocol == "tcp":
+        member |= {"FromPort": 0, "ToPort": 65535}
+    out: list[dict[str, Any]] = [
+        {"operation": "CreatePlacementGroup", "params": {
+            "GroupName": group_name, "Strategy": "cluster",
+            "TagSpecifications": [{"ResourceType": "placement-group", "Tags": tag_list(tags)}]}},
+        {"operation": "CreateSecurityGroup", "params": {
+            "GroupName": nodes_security_group_name(request.session_id, request.attempt),
+            "VpcId": facts.network.vpc_id,
+            "Description": f"trainctl session {request.session_id}: its nodes reach each other, nothing else",
+            "TagSpecifications": [{"ResourceType": "security-group",
+                                   "Tags": tag_list({**tags, "trainctl:purpose": "nodes"})}]}},
+        {"operation": "AuthorizeSecurityGroupIngress", "params": {"GroupId": NODE_GROUP, "IpPermissions": [member]}},
+    ]
+    if request.efa:
+        out.append({"operation": "AuthorizeSecurityGroupEgress", "params": {"GroupId": NODE_GROUP,
+                                                                            "IpPermissions": [member]}})
+    zone = zones[0] if zones else None
+    for rank, boot in enumerate(boots):
+        spec = instance_spec(request, facts, boot, node_rank=rank)
+        groups = [*spec.pop("SecurityGroupIds", []), NODE_GROUP]
+        params = spec | {"UserData": boot, "MinCount": 1, "MaxCount": 1,
+                         "Placement": {"GroupName": group_name, "AvailabilityZone": zone},
+                         "ClientToken": client_token(request.session_id, request.attempt, zone or "run", rank)}
+        if request.efa:
+            params["NetworkInterfaces"] = [{"DeviceIndex": 0, "InterfaceType": "efa", "Groups": groups,
+                                            "SubnetId": subnets.get(zone) if zone else None,
+                                            "DeleteOnTermination": True}]
+        else:
+            params |= {"SecurityGroupIds": groups, "SubnetId": subnets.get(zone) if zone else None}
+        out.append({"operation": "RunInstances", "node": rank, "zones": list(zones), "params": params})
+    return out
+
+
 def _requests(request: LaunchRequest, facts: Facts, boot_script: str, zones: tuple[str, ...],
-              deadline: datetime) -> list[dict[str, Any]]:
+              deadline: datetime, boots: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    if request.nodes > 1:
+        return _node_requests(request, facts, boots, zones)
     spec = instance_spec(request, facts, boot_script)
     subnets = dict(facts.network.subnets)
     if request.market == "on-demand":
@@ -259,7 +328,7 @@ def plan_launch(request: LaunchRequest, facts: Facts) -> AwsPlan:
 
     deadline = facts.now + timedelta(hours=request.max_hours)
     price = facts.price
-    projected = price.usd_per_hour * request.max_hours if price.usd_per_hour is not None else None
+    projected = price.usd_per_hour * request.max_hours * request.nodes if price.usd_per_hour is not None else None
     if request.budget_usd is not None:
         if projected is None:
             warnings.append(f"The budget (${request.budget_usd:.2f}) can't be checked: the price is "
@@ -272,17 +341,19 @@ def plan_launch(request: LaunchRequest, facts: Facts) -> AwsPlan:
     ref = quota_for(primary.name, request.market)
     # a fleet may start any of its types: the largest must fit
     biggest = max(facts.instance_types, key=lambda t: t.vcpus)
-    if quota.value_vcpus is not None and quota.value_vcpus < biggest.vcpus:
+    needed = biggest.vcpus * request.nodes
+    if quota.value_vcpus is not None and quota.value_vcpus < needed:
         zero = " (new accounts often start at 0)" if quota.value_vcpus == 0 else ""
+        what = f"{request.nodes} x {biggest.name} need" if request.nodes > 1 else f"{biggest.name} needs"
         problems.append(Problem(QuotaExceededError(
             f"The {request.market} quota '{quota.name}' ({quota.code}) is {quota.value_vcpus:g} vCPUs"
-            f"{zero}; {biggest.name} needs {biggest.vcpus}.",
-            quota=ref, region=facts.region, vcpus_needed=biggest.vcpus, limit_vcpus=quota.value_vcpus)))
+            f"{zero}; {what} {needed}.",
+            quota=ref, region=facts.region, vcpus_needed=needed, limit_vcpus=quota.value_vcpus)))
     elif quota.value_vcpus is None:
         named = f" '{quota.name}' ({quota.code})" if quota.code else ""
         warnings.append(f"The {request.market} vCPU quota{named} is {quota.source}; if the launch fails on "
-                        f"it, raise it to {biggest.vcpus}+ vCPUs"
-                        + (f": {ref.raise_command(facts.region, biggest.vcpus)}" if ref else "."))
+                        f"it, raise it to {needed}+ vCPUs"
+                        + (f": {ref.raise_command(facts.region, needed)}" if ref else "."))
 
     if facts.network.security_group_id is None:
         problems.append(Problem(SetupMissingError(
@@ -302,9 +373,16 @@ def plan_launch(request: LaunchRequest, facts: Facts) -> AwsPlan:
             f"AMI {facts.ami.image_id} is {facts.ami.architecture}; {primary.name} runs "
             f"{'/'.join(primary.architectures)}.", "Use --ami auto or an AMI of the right architecture.")))
 
-    boot = render_boot_script(BootSpec(session_id=request.session_id, deadline=deadline,
-                                       agent_command=request.agent_command,
-                                       env=boot_env(request, facts.region), prepare=request.prepare))
+    if request.efa and not primary.efa_supported:
+        problems.append(Problem(LaunchRefusedError(
+            f"{primary.name} does not support EFA (its EfaSupported is false).",
+            "Drop --efa, or pick a type that has it: aws ec2 describe-instance-types "
+            "--filters Name=network-info.efa-supported,Values=true")))
+    boots = tuple(render_boot_script(BootSpec(session_id=request.session_id, deadline=deadline,
+                                              agent_command=request.agent_command,
+                                              env=boot_env(request, facts.region, rank), prepare=request.prepare))
+                  for rank in range(request.nodes))
+    boot = boots[0]
     if boot_script_size(boot) > USER_DATA_LIMIT_BYTES:
         problems.append(Problem(LaunchRefusedError(
             f"The boot script is {boot_script_size(boot)} bytes; EC2 takes at most "
@@ -315,8 +393,9 @@ def plan_launch(request: LaunchRequest, facts: Facts) -> AwsPlan:
                    zones=zones, subnets=tuple((z, subnets[z]) for z in zones), price=price,
                    on_demand_price=facts.on_demand_price, projected_cost_usd=projected,
                    deadline=deadline, ami=facts.ami, quota=quota, boot_script=boot,
-                   requests=_requests(request, facts, boot, zones, deadline), problems=problems,
-                   warnings=warnings, planned_at=facts.now)
+                   requests=_requests(request, facts, boot, zones, deadline, boots), problems=problems,
+                   warnings=warnings, planned_at=facts.now,
+                   node_boot_scripts=boots if request.nodes > 1 else ())
 
 
 def compact_json(value: Any, indent: int = 0, width: int = 96) -> str:
@@ -343,12 +422,23 @@ def render_plan(plan: AwsPlan) -> str:
     ]
     for other in plan.instance_types[1:]:
         rows.append(("or", other.describe()))
+    if req.nodes > 1:
+        rows.append(("nodes", f"{req.nodes} machines in one cluster placement group in one zone; node 0 is the "
+                              f"head (torchrun's c10d rendezvous on its private address, port {RDZV_PORT})"
+                              + ("; an EFA interface on each" if req.efa else "")))
+        rows.append(("network", "a security group of the session's own: its members reach each other on "
+                                + ("all traffic, in and out (EFA)" if req.efa else "all TCP") + ", nothing else"))
     rows.append(("market", "spot, through an EC2 Fleet of type maintain: AWS replaces a reclaimed machine"
                  if plan.uses_fleet else "on-demand, through RunInstances"))
     rows.append(("price", plan.price.describe()))
+    if req.nodes > 1:
+        each = plan.price.usd_per_hour
+        rows.append(("", f"{req.nodes} x ${each:.4f}/h = ${each * req.nodes:.4f}/h for the job" if each is not None
+                     else f"{req.nodes} x unknown"))
     if plan.on_demand_price:
         rows.append(("", f"on-demand: {plan.on_demand_price.describe()}"))
-    cost = (f"${plan.projected_cost_usd:.2f} for {req.max_hours:g} h" if plan.projected_cost_usd is not None
+    machines = f", {req.nodes} machines" if req.nodes > 1 else ""
+    cost = (f"${plan.projected_cost_usd:.2f} for {req.max_hours:g} h{machines}" if plan.projected_cost_usd is not None
             else f"unknown for {req.max_hours:g} h (price unknown)")
     if req.budget_usd is not None:
         cost += f"; budget ${req.budget_usd:.2f}"
@@ -358,7 +448,7 @@ def render_plan(plan: AwsPlan) -> str:
     quota = plan.quota
     quota_text = (f"{quota.value_vcpus:g} vCPUs ({quota.source})" if quota.value_vcpus is not None
                   else quota.source)
-    needs = max(t.vcpus for t in plan.instance_types)
+    needs = max(t.vcpus for t in plan.instance_types) * req.nodes
     rows.append(("quota", f"{quota.name or 'unknown quota'}"
                  + (f" ({quota.code})" if quota.code else "") + f": {quota_text}; needs {needs}"))
     rows.append(("ami", f"{plan.ami.image_id} {plan.ami.name} [{plan.ami.source}]"))
@@ -379,8 +469,10 @@ def render_plan(plan: AwsPlan) -> str:
     lines.append("Requests (in order):")
     for item in plan.redacted_requests():
         extra = f" (zones in order: {', '.join(item['zones'])})" if item.get("zones") else ""
-        lines.append(f"  {item['operation']}{extra}")
+        node = f" node {item['node']}" if "node" in item else ""
+        lines.append(f"  {item['operation']}{node}{extra}")
         lines += ["    " + line for line in compact_json(item["params"]).splitlines()]
-    lines.append("Boot script:")
+    lines.append("Boot script:" if req.nodes == 1 else
+                 f"Boot script of node 0 (node r differs only in TRAINCTL_NODE_RANK=r, 0 to {req.nodes - 1}):")
     lines += ["  " + line if line else "" for line in plan.boot_script.splitlines()]
     return "\n".join(lines) + "\n"

@@ -32,6 +32,8 @@ class LaunchRequest:
     secrets: tuple[str, ...] = ()  # names of SSM SecureString parameters the machine reads
     # Rows the caller adds to the printed plan (code bundle summary, resume checkpoint, ...).
     display: tuple[tuple[str, str], ...] = ()
+    nodes: int = 1  # machines of one multi-node job: one cluster placement group, one zone
+    efa: bool = False  # an EFA interface on each machine (multi-node only)
 
     def __post_init__(self) -> None:
         if self.market not in MARKETS:
@@ -47,3 +49,10 @@ class LaunchRequest:
             raise UsageError(f"--ami takes 'auto' or an AMI id (ami-...), not '{self.ami}'.")
         if self.also_instance_types and self.market != "spot":
             raise UsageError("Alternative instance types apply to spot fleets only.", "Add --spot.")
+        if self.nodes < 1:
+            raise UsageError(f"--nodes must be 1 or more, not {self.nodes}.", "e.g. --nodes 2")
+        if self.nodes > 1 and self.market != "on-demand":
+            raise UsageError("--nodes runs on on-demand machines only: a spot fleet replaces one machine "
+                             "at a time, outside the placement group.", "Drop --spot, or run one node.")
+        if self.efa and self.nodes < 2:
+            raise UsageError("--efa is for jobs over several machines.", "Add --nodes N (N >= 2), or drop --efa.")
