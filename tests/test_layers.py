@@ -55,8 +55,9 @@ def test_nothing_outside_cli_imports_cli():
 
 def test_layers_point_one_way():
     # DESIGN.md: cli -> launcher/agent -> backends/storage -> the runtime; callbacks -> the runtime
-    # (storage.uri is the URI grammar alone, stdlib only: trainctl.toml's [cloud] check uses it)
-    order = {"trainctl.cli": 3, "trainctl.launcher": 2, "trainctl.agent": 2, "trainctl.backends": 1,
+    # (storage.uri is the URI grammar alone, stdlib only: trainctl.toml's [cloud] check uses it);
+    # pipelines run sessions through the launcher's engine, so they sit between cli and launcher
+    order = {"trainctl.cli": 4, "trainctl.pipelines": 3, "trainctl.launcher": 2, "trainctl.agent": 2, "trainctl.backends": 1,
              "trainctl.storage.uri": 0, "trainctl.storage": 1, "trainctl.callbacks": 1}
     def layer(module: str) -> int:
         return next((v for k, v in order.items() if module == k or module.startswith(k + ".")), 0)
