@@ -100,6 +100,25 @@ def test_output_not_on_screen_is_shown_with_the_summary(project, cli):
     assert "lines of output" in shown
 
 
+def test_attaching_after_a_run_completed_shows_its_last_lines(project, cli):
+    """A detached run can end before anyone attaches (a short run, a loaded machine): attach
+    shows what it would have shown a moment earlier, the last lines, then the end."""
+    write(project / "train.py", """
+        for i in range(30):
+            print(f"line {i}")
+    """)
+    r = cli("local", "--detach", "--no-preflight", "train.py")
+    assert r.returncode == 0, r.stderr
+    session = only_session(project)
+    subprocess.run([sys.executable, "-m", "trainctl", "sessions", "logs", session.id, "--follow"],
+                   cwd=project, env=clean_env(), capture_output=True, text=True, timeout=120)
+    r = cli("sessions", "attach", session.id, "--tail", "3")
+    assert r.returncode == 0
+    assert r.stdout == "line 27\nline 28\nline 29\n", r.stdout
+    assert f"session {session.id} has already ended (completed)" in r.stderr
+    assert f"trainctl: session {session.id} completed" in r.stderr
+
+
 def test_sessions_show_says_how_many_checkpoints_it_leaves_out(project, cli):
     write(project / "train.py", """
         import torch, trainctl

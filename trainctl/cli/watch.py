@@ -179,8 +179,16 @@ def attach(session: Session, *, tail_lines: int) -> int:
     data = session.read()
     status = effective_status(data)
     if status not in (State.RUNNING, State.PENDING):
+        failed = status in (State.FAILED, State.CRASHED)
+        if not failed and tail_lines:  # its last lines, as attaching a moment earlier would have shown
+            text, _offset = output_tail(session, tail_lines)
+            try:
+                sys.stdout.buffer.write(text)
+                sys.stdout.flush()
+            except (OSError, ValueError):
+                pass
         _err(f"session {session.id} has already ended ({status}).")
-        show_end(session, _tail_lines(session) if status in (State.FAILED, State.CRASHED) else [])
+        show_end(session, _tail_lines(session) if failed else [])  # a failure's tail comes with its diagnosis
         return recorded_exit_code(data)
     text, offset = output_tail(session, tail_lines)
     display = ProgressDisplay(session, totals=infer_totals(list(data.get("args") or [])), parsed_from_events=True)
