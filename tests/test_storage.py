@@ -424,3 +424,23 @@ def test_upload_state_is_not_left_behind_after_success(store, tmp_path):
     state = tmp_path / "upload-state"
     assert not state.exists() or list(state.iterdir()) == []
     assert json.loads(json.dumps([o.key for o in store.list()])) == ["big.bin"]
+
+
+def test_a_conditional_write_counts_when_the_next_compare_and_swap_follows_it_at_once(moto_server, s3_bucket, tmp_path):
+    """Four machines counting boots: B's compare-and-swap on A's version can land before A reads
+    back what it wrote. A's write happened (the store accepted it); taking it for lost made A
+    count again, and a boot number went missing (seen as [1, 3, 4, 5] under load)."""
+    first = make_s3(moto_server.endpoint_url, s3_bucket, tmp_path / "a")
+    other = make_s3(moto_server.endpoint_url, s3_bucket, tmp_path / "b")
+    first.put_json("boots.json", {"count": 1}, if_none_match="*")
+    _, info = first.get_json_versioned("boots.json")
+    followed = []
+
+    def then_the_other_writer(http_response, parsed, **kwargs):
+        if parsed.get("ETag") and not followed:  # A's PUT was accepted: B swaps on top of it now
+            followed.append(other.put_json("boots.json", {"count": 3}, if_match=parsed["ETag"]))
+
+    first.client.meta.events.register("after-call.s3.PutObject", then_the_other_writer)
+    written = first.put_json("boots.json", {"count": 2}, if_match=info.etag)
+    assert followed and written.etag != followed[0].etag
+    assert first.get_json_versioned("boots.json")[0] == {"count": 3}

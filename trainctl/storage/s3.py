@@ -274,11 +274,17 @@ class S3Store(Store):
         raw = self._head_raw(key)
         return None if raw is None else self._info(key, raw)
 
-    def _verify_stored(self, key: str, size: int, digest: str, token: str, *, conditional: bool) -> ObjectInfo:
-        """The object counts only if the store now holds what this writer sent."""
+    def _verify_stored(self, key: str, size: int, digest: str, token: str, *, conditional: bool,
+                       put_etag: str | None = None) -> ObjectInfo:
+        """The object counts only if the store now holds what this writer sent. A conditional
+        write the store accepted (`put_etag`) counts even when another conditional write already
+        followed it: that writer read this one first (a compare-and-swap counter moved on), and
+        the store checked its bytes against the MD5 sent with it."""
         raw = self._head_raw(key)
         meta = (raw or {}).get("Metadata") or {}
         if raw is None or meta.get(META_WRITER) != token:
+            if conditional and put_etag:
+                return ObjectInfo(key, size, put_etag, digest, None)
             if conditional:
                 raise ConditionalWriteError(
                     f"{self.url(key)} was replaced by another writer right after this write.",
@@ -317,8 +323,9 @@ class S3Store(Store):
             attempts += 1
             return self.client.put_object(**kwargs)
 
+        response: Any = None
         try:
-            self._call("PUT", key, put)
+            response = self._call("PUT", key, put)
         except ConditionalWriteError as e:
             # a retried conditional write is refused when its first attempt landed and only the
             # response was lost: the writer token tells
@@ -332,7 +339,8 @@ class S3Store(Store):
             raise ConditionalWriteError(f"{self.url(key)} no longer exists (expected etag {if_match}).",
                                         "Another writer deleted it; read it again before writing.",
                                         uri=self.url(key)) from e
-        return self._verify_stored(key, len(data), digest, token, conditional=conditional)
+        return self._verify_stored(key, len(data), digest, token, conditional=conditional,
+                                   put_etag=(response or {}).get("ETag") if attempts == 1 else None)
 
     def get_bytes(self, key: str) -> tuple[bytes, ObjectInfo]:
         def get() -> tuple[bytes, dict[str, Any]]:
