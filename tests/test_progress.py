@@ -107,6 +107,7 @@ CHILD = textwrap.dedent("""
 DRIVER = textwrap.dedent("""
     import os, subprocess, sys, threading
     from trainctl.cli.progress import ProgressDisplay
+    from trainctl.launcher.output import OutputText
     from trainctl.metrics import MetricParser
     from trainctl.session import SessionStore
 
@@ -116,6 +117,7 @@ DRIVER = textwrap.dedent("""
     proc = subprocess.Popen([sys.executable, "-c", sys.argv[2]], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT)
     parser = MetricParser()
+    text = OutputText()  # whole lines for the parser, as the launcher gives it
     raw = open(sys.argv[3], "wb")
     fd = proc.stdout.fileno()
     while True:
@@ -124,7 +126,7 @@ DRIVER = textwrap.dedent("""
             break
         raw.write(chunk)
         display.write_output(chunk)
-        for parsed in parser.feed_text(chunk.decode("utf-8", "replace")):
+        for parsed in parser.feed_text(text.feed(chunk)):
             display.on_parsed(parsed)
     proc.wait()
     display.close()
