@@ -395,23 +395,48 @@ def demo_project(tmp_path_factory) -> Path:
     return project
 
 
-@pytest.mark.parametrize("command", readme_commands())
-def test_readme_command_does_what_it_says(demo_project, command):
-    if any(re.search(p, command) for p in RUNS_UNTIL_STOPPED):
-        pytest.skip("runs until stopped")
-    bin_dir = write_entry_point(demo_project.parent / "bin")
+def run_and_check(project: Path, command: str) -> None:
+    """One README command in `project`, then the check of what it says it does."""
+    bin_dir = write_entry_point(project.parent / "bin")
     env = clean_env(PATH=os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]]),
                     COLUMNS="120")
-    before = files(demo_project)
-    r = subprocess.run(["bash", "-c", command], cwd=demo_project, env=env, capture_output=True,
-                       text=True, timeout=300)
-    ran = Ran(command, r.returncode, r.stdout, r.stderr, demo_project, before, files(demo_project))
+    before = files(project)
+    r = subprocess.run(["bash", "-c", command], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+    ran = Ran(command, r.returncode, r.stdout, r.stderr, project, before, files(project))
     if "examples/failing.py" not in command:  # its own traceback is part of what it shows
         assert "Traceback" not in r.stderr, r.stderr
         assert r.returncode == 0, r.stdout + r.stderr
     check = expectation(command)
     assert check is not None
     check(ran)
+
+
+@pytest.fixture(scope="module")
+def readme_runs(demo_project) -> list[BaseException | None]:
+    """Every command, in the README's order, each checked right after it ran (a later command
+    reads what an earlier one wrote). Done once per process, whichever of the tests below asks
+    first, so the order holds however pytest-xdist spreads the tests over its workers."""
+    outcomes: list[BaseException | None] = []
+    for command in readme_commands():
+        if any(re.search(p, command) for p in RUNS_UNTIL_STOPPED):
+            outcomes.append(None)
+            continue
+        try:
+            run_and_check(demo_project, command)
+            outcomes.append(None)
+        except (AssertionError, subprocess.SubprocessError, OSError, ValueError, KeyError) as e:
+            outcomes.append(e)
+    return outcomes
+
+
+@pytest.mark.parametrize("index", range(len(readme_commands())), ids=readme_commands())
+def test_readme_command_does_what_it_says(readme_runs, index):
+    command = readme_commands()[index]
+    if any(re.search(p, command) for p in RUNS_UNTIL_STOPPED):
+        pytest.skip("runs until stopped")
+    failure = readme_runs[index]
+    if failure is not None:
+        raise failure
 
 
 def test_the_cloud_sections_are_run_by_their_own_tests():
