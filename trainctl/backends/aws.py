@@ -50,7 +50,7 @@ from .base import (
     SecretStore,
     check_secret_name,
 )
-from .cloud import SessionMirror, merge_remote_record
+from .cloud import SessionMirror, epoch_seconds, merge_remote_record
 
 WORKDIR = "/opt/trainctl"  # the boot script's work folder on the machine (the agent's machine dir)
 AGENT_ENV = WORKDIR + "/agent"  # the virtual environment the agent runs from
@@ -280,7 +280,7 @@ class AwsBackend(Backend):
         if deadline:  # a resume keeps the session's absolute deadline
             from dataclasses import replace
 
-            left_h = (_epoch(deadline) - facts.now.timestamp()) / 3600.0
+            left_h = (epoch_seconds(deadline) - facts.now.timestamp()) / 3600.0
             if left_h <= 0:
                 raise UsageError(f"The session's deadline {deadline} has passed.",
                                  "Start a new session with trainctl aws launch.")
@@ -721,7 +721,7 @@ def _local_end(data: dict[str, Any], description: Description) -> str:
 
 
 def _machine(row: Any) -> dict[str, Any]:
-    started = _epoch(row.launched_at)
+    started = epoch_seconds(row.launched_at)
     gone = row.state in ("shutting-down", "terminated")
     return {"id": row.instance_id, "type": row.instance_type, "market": row.market, "zone": row.zone,
             "state": row.state, "usd_per_hour": row.usd_per_hour, "price_source": row.price_source,
@@ -771,17 +771,6 @@ def _active_fleets(ctx: Any, session_id: str) -> list[dict[str, Any]]:
     from ..cloud.aws.launch import FLEET_GONE_STATES, session_fleets
 
     return [f for f in session_fleets(ctx, session_id) if f.get("FleetState") not in FLEET_GONE_STATES]
-
-
-def _epoch(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, str) and value:
-        try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-        except ValueError:
-            return None
-    return None
 
 
 def _script_rel(spec: RunSpec, cfg: Any) -> str:

@@ -154,7 +154,8 @@ def merge_remote_record(local: dict[str, Any], remote: dict[str, Any] | None) ->
 
 # ----------------------------------------------------------------------------------- cost
 
-def _epoch(value: Any) -> float | None:
+def epoch_seconds(value: Any) -> float | None:
+    """Seconds since the epoch from a number or an ISO 8601 time (AWS's `...Z`); None otherwise."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if isinstance(value, str) and value:
@@ -204,17 +205,17 @@ def recorded_cost(data: dict[str, Any], now: float | None = None) -> RecordedCos
     now = time.time() if now is None else now
     status = data.get("status")
     live = status not in {s.value for s in TERMINAL}
-    seen = _epoch(cloud.get("seen_at")) or now
+    seen = epoch_seconds(cloud.get("seen_at")) or now
     usages = []
     for m in cloud["machines"]:
         if not isinstance(m, dict):
             continue
-        started = _epoch(m.get("started_at"))
+        started = epoch_seconds(m.get("started_at"))
         if started is None:
             continue
-        ended = _epoch(m.get("ended_at"))
+        ended = epoch_seconds(m.get("ended_at"))
         if ended is None and not live:
-            ended = _epoch(data.get("ended_at")) or seen
+            ended = epoch_seconds(data.get("ended_at")) or seen
         price = m.get("usd_per_hour")
         usages.append(MachineUsage(
             str(m.get("id") or "?"), str(m.get("type") or "?"), str(m.get("market") or "on-demand"),

@@ -399,15 +399,7 @@ class Supervisor:
             self._backend.stop(self._handle, 0)  # asked twice: now
 
     def _install_signals(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return previous
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            try:
-                previous[signum] = signal.signal(signum, self._on_signal)
-            except (ValueError, OSError):
-                pass
-        return previous
+        return install_stop_signals(self._on_signal)
 
     # -------------------------------------------------------------- a disk that fails
     def _warn_once(self, kind: str, text: str) -> None:
@@ -918,6 +910,20 @@ class ScriptCheckpoints:
             self._starter.join()
         if self.watcher is not None:
             self.watcher.stop()
+
+
+def install_stop_signals(handler: Any) -> dict[int, Any]:
+    """`handler` for SIGINT, SIGTERM and SIGHUP (in the main thread only; elsewhere nothing);
+    returns the handlers it replaced, to put back."""
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is not threading.main_thread():
+        return previous
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        try:
+            previous[signum] = signal.signal(signum, handler)
+        except (ValueError, OSError):
+            pass
+    return previous
 
 
 def _stop_signal_name(signum: int) -> str:

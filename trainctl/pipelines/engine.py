@@ -237,15 +237,9 @@ class PipelineRun:
             supervisor.request_stop(signum)
 
     def _install_signals(self) -> dict[int, Any]:
-        previous: dict[int, Any] = {}
-        if threading.current_thread() is not threading.main_thread():
-            return previous
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            try:
-                previous[signum] = signal.signal(signum, self._on_signal)
-            except (ValueError, OSError):
-                pass
-        return previous
+        from ..launcher.supervisor import install_stop_signals
+
+        return install_stop_signals(self._on_signal)
 
     # ---------------------------------------------------------------------------------- the run
     def run(self) -> Result:
