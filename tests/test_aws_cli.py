@@ -219,6 +219,20 @@ def test_cost_so_far_sums_every_machine_of_the_session(project: Project, cloud: 
     assert all(m["ended_at"] for m in ended["cloud"]["machines"])
 
 
+@pytest.mark.parametrize("new_id", ["i-0000aaaa", "i-ffffffff"])
+def test_a_replacement_started_in_the_same_second_lists_after_the_machine_it_replaced(new_id: str):
+    """EC2's LaunchTime has whole seconds: the spot reclaim and the fleet's replacement can
+    share one, and the record kept them in instance-id order (either way round)."""
+    from trainctl.backends.aws import _merge_machines
+
+    known = [{"id": "i-77777777", "state": "running", "started_at": 1700000000.6, "usd_per_hour": 0.5}]
+    seen = [{"id": new_id, "state": "running", "started_at": 1700000000.0},
+            {"id": "i-77777777", "state": "terminated", "started_at": 1700000000.0}]
+    merged = _merge_machines(known, seen)
+    assert [(m["id"], m["state"]) for m in merged] == [("i-77777777", "terminated"), (new_id, "running")]
+    assert merged[0]["usd_per_hour"] == 0.5
+
+
 def test_spot_fallback_continues_on_on_demand_after_n_interruptions(project: Project, cloud: Cloud):
     sid = project.launch("-t", "g5.xlarge", "--spot", "--spot-fallback", "1", "train.py")
     fleet_id = project.record(sid)["handle"]["ids"]["fleet_id"]

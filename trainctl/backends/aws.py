@@ -734,12 +734,16 @@ def _merge_machines(known: list[Any], seen: list[dict[str, Any]]) -> list[dict[s
     (terminated a while ago) keeps what was recorded."""
     by_id = {m["id"]: dict(m) for m in known if isinstance(m, dict) and m.get("id")}
     for m in seen:
-        old = by_id.get(m["id"], {})
+        by_id.setdefault(m["id"], {})
+        old = by_id[m["id"]]
         merged = {**old, **{k: v for k, v in m.items() if v is not None or k not in old}}
         if old.get("usd_per_hour") is not None and m.get("price_source") != "recorded at launch":
             merged["usd_per_hour"], merged["price_source"] = old["usd_per_hour"], old.get("price_source")
         by_id[m["id"]] = merged
-    return sorted(by_id.values(), key=lambda m: (m.get("started_at") or 0, m["id"]))
+    # EC2's LaunchTime has whole seconds: a replacement started in the same second as the
+    # machine it replaced ties with it, and then the order they were first seen decides.
+    first_seen = {iid: i for i, iid in enumerate(by_id)}
+    return sorted(by_id.values(), key=lambda m: (int(m.get("started_at") or 0), first_seen[m["id"]]))
 
 
 def record_attempt(session: Session, handle: Handle, plan: LaunchPlan, *, note: str | None = None) -> dict[str, Any]:
