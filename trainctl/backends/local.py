@@ -227,7 +227,7 @@ class _Attempt:
     def _reap(self) -> None:
         self.returncode = self.proc.wait()
         # whatever the script left running in its group goes now, so the pumps see end of file
-        _reap_group(self.proc.pid)
+        reap_group(self.proc.pid)
         for t in self.pumps:
             t.join(timeout=5)
         with self.lock:
@@ -296,7 +296,7 @@ class LocalBackend(Backend):
         if attempt:
             log.write(f"\n[trainctl] attempt {attempt}: {' '.join(redact_args(list(plan.command)))}\n".encode())
         start = os.fstat(log.fd).st_size
-        preexec = _die_with_parent()
+        preexec = die_with_parent()
         if self.use_pty:
             import pty
 
@@ -529,7 +529,7 @@ def _signal_group(pgid: int, signum: int) -> None:
         pass
 
 
-def _reap_group(pgid: int) -> None:
+def reap_group(pgid: int) -> None:
     """Leave no orphan: anything still in the child's process group is stopped, then killed."""
     try:
         os.killpg(pgid, signal.SIGTERM)
@@ -545,7 +545,7 @@ def _reap_group(pgid: int) -> None:
     _signal_group(pgid, signal.SIGKILL)
 
 
-def _die_with_parent() -> Callable[[], None] | None:
+def die_with_parent() -> Callable[[], None] | None:
     """A preexec_fn that makes the child get SIGTERM when the thread that starts it dies.
 
     The kernel sends the signal when the *thread* that forked exits, so launch() is called from
