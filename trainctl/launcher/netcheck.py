@@ -28,6 +28,10 @@ RDZV_SUFFIX = "-netcheck"  # the check's rendezvous id: <job's id>-netcheck, nev
 COLLECTIVE_TIMEOUT_S = 60.0  # once the nodes have met, their processes start within seconds of each other
 START_MARGIN_S = 60.0  # torchrun's and the worker's imports on a slow machine
 EXIT_WAIT_S = 30.0  # after this node's processes all-reduced: torchrun's exit barrier and teardown
+# a node that cannot host the rendezvous store waits this long after its check, so that the head's
+# check (whose store holds the job's port until its process is gone) has ended before the job's
+# torchrun connects there; torchrun's own start-up (~1-3 s) already leaves more, this is margin
+SETTLE_S = 1.0
 WORKER = Path(__file__).with_name("netcheck_worker.py")
 MARK = "trainctl-net-check"  # netcheck_worker.MARK: the key of the worker's report line
 OUTPUT_KEEP_BYTES = 256 * 1024
@@ -86,6 +90,17 @@ def plan(node: NodeSpec, *, python: str, timeout_s: float, environ: dict[str, st
     return NetCheckPlan(command=command, env=network_env(node, environ), nnodes=node.nnodes, nproc_per_node=1,
                         endpoint=node.endpoint, rdzv_backend=node.rdzv_backend, rdzv_id=check.rdzv_id,
                         timeout_s=float(seconds))
+
+
+def may_host_store(node: NodeSpec) -> bool:
+    """Whether this node's torchrun may host the rendezvous store on the job's port: the head of
+    a static rendezvous; for c10d, a node whose address (or loopback) is the endpoint's host."""
+    if node.rdzv_backend == "static":
+        return not node.node_rank
+    from .multinode import is_loopback
+
+    return node.host in {node.local_addr, "localhost", socket.gethostname(), socket.getfqdn()} \
+        or is_loopback(node.host)
 
 
 def output_name(node_key: str) -> str:

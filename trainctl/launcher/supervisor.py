@@ -226,6 +226,8 @@ class Supervisor:
             self.events.message(netcheck.summary(result, check))
             self._record("the network check", session.event, "net_check", **facts)
             self._save_node(session, net_check={"ok": True, "wall_s": result.wall_s})
+            if self.node is not None and not netcheck.may_host_store(self.node):
+                time.sleep(netcheck.SETTLE_S)
             return
         error, diagnosis = netcheck.failure(result, check)
         self._record("the network check", session.event, "net_check", problem=error.kind, message=error.message,
