@@ -216,6 +216,8 @@ def test_a_node_whose_peers_never_come_fails_the_network_check_before_its_script
     (check,) = net_checks(session)
     assert not check["ok"] and check["problem"] == "rendezvous_timeout" and check["reports"] == []
     assert "RendezvousTimeoutError" in (session.dir / check["output"]).read_text()
+    shown = run_cli(["sessions", "show", session.id], project).stdout
+    assert "network check failed" in shown and f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id alone " in shown, shown
     # the job never started: once the other nodes are up, the same command runs again
     again = run_cli(args, project, timeout=NODE_TIMEOUT_S)
     assert again.returncode == 2 and "network check failed" in again.stderr and "already exists" not in again.stderr

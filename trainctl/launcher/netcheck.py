@@ -103,6 +103,14 @@ def may_host_store(node: NodeSpec) -> bool:
         or is_loopback(node.host)
 
 
+def ended_at_net_check(data: dict[str, Any]) -> bool:
+    """A multi-node session (session.json's data) that ended when its network check failed,
+    before any attempt: the same command, rendezvous id and all, may run again."""
+    nodes = [n for n in (data.get("nodes") or {}).values() if isinstance(n, dict)]
+    return data.get("status") in ("failed", "killed") and not any(n.get("attempts") for n in nodes) \
+        and any((n.get("net_check") or {}).get("ok") is False for n in nodes)
+
+
 def output_name(node_key: str) -> str:
     """The file in the session folder that keeps one node's check output."""
     return "net-check." + node_output_name(node_key).removeprefix("output.")

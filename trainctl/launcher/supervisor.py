@@ -28,6 +28,7 @@ from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, DiskError, UsageError, di
 from ..fsutil import temp_beside
 from ..redact import redact_args
 from ..session import TERMINAL, Session, SessionStore, State, new_session_id, summarize_metrics
+from .netcheck import ended_at_net_check
 from .output import OutputMetrics, OutputParser, OutputText
 
 CRASH_LOOP_REPEATS = 3
@@ -396,7 +397,7 @@ class Supervisor:
             session = self.store.get(session_id)
             data = self._wait_readable(session)
             same = (data.get("multinode") or {}).get("rdzv_id") == (self.node.rdzv_id if self.node else None)
-            if same and _ended_at_net_check(data):
+            if same and ended_at_net_check(data):
                 # the same command again, once the network is fixed: the job never started
                 self._record("the retry", session.update, status=State.RUNNING, ended_at=None, exit_code=None,
                              signal=None, diagnosis=None)
@@ -888,13 +889,6 @@ class Supervisor:
             self.events.message(f"the session store's disk failed: not recorded in {session.dir}: {missing}. "
                                 f"Free space there (df -h {session.dir}); the output and checkpoints are kept.")
         return RunResult(session, outcome, summary, diagnosis, newest, exit_code_for(outcome), record)
-
-
-def _ended_at_net_check(data: dict[str, Any]) -> bool:
-    """A multi-node session that ended when its network check failed, before any attempt."""
-    nodes = [n for n in (data.get("nodes") or {}).values() if isinstance(n, dict)]
-    return data.get("status") in (State.FAILED.value, State.KILLED.value) and not any(n.get("attempts") for n in nodes) \
-        and any((n.get("net_check") or {}).get("ok") is False for n in nodes)
 
 
 def _write_derived_json(path: Path, data: Any) -> None:
