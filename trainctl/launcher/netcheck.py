@@ -119,13 +119,17 @@ def output_name(node_key: str) -> str:
 def run(check: NetCheckPlan, *, output_path: Path | None = None, environ: dict[str, str] | None = None) -> NetCheckResult:
     """Run the check here and wait for it (at most `check.deadline_s`); torchrun and its worker
     are stopped on the way out, whatever ends the wait (an interrupt included)."""
-    from ..backends.local import die_with_parent, reap_group
+    from ..children import die_with_parent, reap_group
 
     env = {**(os.environ if environ is None else environ), **check.env, "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun prints a warning about it otherwise
     started = time.monotonic()
-    proc = subprocess.Popen(check.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=die_with_parent())
+    try:
+        proc = subprocess.Popen(check.command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                env=env, start_new_session=True, preexec_fn=die_with_parent())
+    except OSError as e:  # the job's interpreter is missing or can't run: said like any other failure
+        return NetCheckResult(ok=False, reports=[], exit_code=None, timed_out=False, wall_s=0.0, all_reduced_s=None,
+                              output=f"cannot start {check.command[0]}: {e.strerror or e}\n")
     chunks: list[bytes] = []
     reports: list[dict[str, Any]] = []
     reported_at: list[float] = []
