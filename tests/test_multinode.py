@@ -279,9 +279,9 @@ def test_dry_run_passes_the_rendezvous_to_torchrun_and_keeps_restarts_to_trainct
     assert "env          GLOO_SOCKET_IFNAME=lo" in r.stdout  # the head is on loopback: lo is right here
     assert "-job-exp42" in r.stdout
     check = next(line for line in r.stdout.splitlines() if line.startswith("net check"))
-    for part in ("before the first attempt", "waits up to 600 s", "-m torch.distributed.run", "--nnodes=2",
+    for part in ("before the first attempt", "waits up to 600 s", "netcheck_worker.py --timeout-s 60 --nnodes=2",
                  "--nproc-per-node=1", "--rdzv-endpoint=127.0.0.1:29411", "--rdzv-id=exp42-netcheck",
-                 "--rdzv-conf=join_timeout=600,read_timeout=600", "netcheck_worker.py"):
+                 "--max-restarts=0", "--local-addr=127.0.0.1", "--rdzv-conf=join_timeout=600,read_timeout=600"):
         assert part in check, check
     assert not (project / ".trainctl").exists()
     skipped = cli("local", "--dry-run", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29411", "--no-net-check",

@@ -1,7 +1,7 @@
 """The network check of a multi-node job: before the first attempt starts the script, every node
 runs a short torchrun job with the job's own rendezvous (the same endpoint, backend and node
-count, a rendezvous id of its own) whose one process per node all-reduces a small tensor
-(netcheck_worker.py). A network problem then ends the run before it starts, as one error that
+count, a rendezvous id of its own; torchrun's own parser and elastic launch) whose one process
+per node all-reduces a small tensor (netcheck_worker.py). A network problem then ends the run before it starts, as one error that
 names it and the fix, instead of a job that hangs in its rendezvous or its first collective.
 
 `plan` is pure (what `--dry-run` shows); `run` starts the check and waits for it; `failure`
@@ -85,8 +85,9 @@ def plan(node: NodeSpec, *, python: str, timeout_s: float, environ: dict[str, st
     # static: the head waits `timeout` for every node, the others try to connect as long;
     # c10d: the join, and each store read (a node that comes up before the head), as long
     conf = f"timeout={seconds}" if node.rdzv_backend == "static" else f"join_timeout={seconds},read_timeout={seconds}"
-    command = [python, "-m", "torch.distributed.run", *torchrun_args(check, 1), f"--rdzv-conf={conf}",
-               str(WORKER), "--timeout-s", f"{COLLECTIVE_TIMEOUT_S:g}"]
+    # torchrun's arguments, read by torchrun's own parser inside the worker (netcheck_worker.py)
+    command = [python, str(WORKER), "--timeout-s", f"{COLLECTIVE_TIMEOUT_S:g}", *torchrun_args(check, 1),
+               f"--rdzv-conf={conf}"]
     return NetCheckPlan(command=command, env=network_env(node, environ), nnodes=node.nnodes, nproc_per_node=1,
                         endpoint=node.endpoint, rdzv_backend=node.rdzv_backend, rdzv_id=check.rdzv_id,
                         timeout_s=float(seconds))
