@@ -1,7 +1,8 @@
 """Several machines, played by two `trainctl local --nnodes 2` processes on this one (gloo over
 loopback): they train together through torchrun's c10d rendezvous as one session, whichever of
-them c10d makes global rank 0; a node killed mid-run restarts the whole job from the newest
-checkpoint; SLURM's variables are read; bad input is one error line."""
+them c10d makes global rank 0, after a network check in which they all-reduce; a node killed
+mid-run restarts the whole job from the newest checkpoint; a node whose peers never come fails
+that check before its script runs; SLURM's variables are read; bad input is one error line."""
 
 from __future__ import annotations
 
@@ -35,6 +36,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+PASSED = "pre-flight: 2 nodes x 1 process all-reduced over gloo in "
+
+
+def net_checks(session: Session) -> list[dict]:
+    return list(session.iter_events(("net_check",)))
 
 
 def make_project(folder: Path, checkpoint_dir: Path | str = "checkpoints") -> Path:
@@ -118,6 +126,12 @@ def test_two_nodes_under_slurm_with_their_own_state_dirs_train_as_one_machine_wi
     assert [code for code, _ in results] == [0, 0], results
     sessions = [only_session(p) for p in projects]
     assert sessions[0].id == sessions[1].id and sessions[0].id.endswith("-job-4242")
+    # before training, the nodes all-reduced through the job's rendezvous, under an id of its own
+    for (_code, err), session in zip(results, sessions, strict=True):
+        assert err.count(PASSED) == 1, err
+        (check,) = net_checks(session)
+        assert check["ok"] and check["reports"][0]["world_size"] == 2 and check["reports"][0]["sum"] == 2
+        assert (session.dir / check["output"]).exists()
     records = [s.read() for s in sessions]
     for record in records:
         assert record["multinode"] == {"nnodes": 2, "nproc_per_node": 1, "rdzv_endpoint": f"127.0.0.1:{port}",
@@ -164,9 +178,90 @@ def test_a_node_killed_mid_run_restarts_the_whole_job_from_the_newest_checkpoint
     resumed = {node["attempts"][1]["resume_from"] for node in data["nodes"].values()}
     assert len(resumed) == 1 and None not in resumed  # both from the same checkpoint
     assert all("the job restarts on every node" in err for _, err in results)
+    # the network check ran once on each node, before the first attempt; the restart did not repeat it
+    assert all(err.count(PASSED) == 1 for _, err in results), results
+    assert sorted(c["node"] for c in net_checks(session) if c["ok"]) == sorted(data["nodes"])
+    assert len(net_checks(session)) == 2
     assert_same_weights(weights(final_checkpoint(first, session.id)), reference)
     shown = run_cli(["sessions", "show", "latest"], project)
     assert "2 of 2 recorded here" in shown.stdout and "(head)" in shown.stdout, shown.stdout
+
+
+# ---------------------------------------------------------------- the network check
+
+RAN = "import pathlib\npathlib.Path('ran').write_text('the script ran')\n"  # a script that leaves a trace
+
+
+def test_a_node_whose_peers_never_come_fails_the_network_check_before_its_script_runs(project):
+    (project / "train.py").write_text(RAN)
+    port = free_port()
+    args = ["local", "--nnodes", "2", "--node-rank", "0", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "alone",
+            "--net-check-timeout", "2", "train.py"]
+    r = run_cli(args, project, timeout=NODE_TIMEOUT_S)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-2].startswith("error: network check failed: the nodes did not all join the rendezvous in time: "
+                                f"waited 2 s for 2 nodes at 127.0.0.1:{port} (rendezvous id alone-netcheck"), r.stderr
+    assert lines[-1].startswith("hint: ") and "--rdzv-endpoint" in lines[-1] and "NCCL_SOCKET_IFNAME" in lines[-1]
+    assert "Traceback" not in r.stderr and PASSED not in r.stderr
+    assert not (project / "ran").exists()
+    # the session says why it never started
+    session = only_session(project)
+    data = session.read()
+    assert data["status"] == "failed" and data["diagnosis"]["kind"] == "rendezvous_timeout"
+    assert data["diagnosis"]["what"] == lines[-2].removeprefix("error: ")
+    (node,) = data["nodes"].values()
+    assert node["attempts"] == [] and node["state"] == "failed"
+    assert node["net_check"] == {"ok": False, "kind": "rendezvous_timeout"}
+    (check,) = net_checks(session)
+    assert not check["ok"] and check["problem"] == "rendezvous_timeout" and check["reports"] == []
+    assert "RendezvousTimeoutError" in (session.dir / check["output"]).read_text()
+    shown = run_cli(["sessions", "show", session.id], project).stdout
+    assert "network check failed" in shown and f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id alone " in shown, shown
+    # the job never started: once the other nodes are up, the same command runs again
+    again = run_cli(args, project, timeout=NODE_TIMEOUT_S)
+    assert again.returncode == 2 and "network check failed" in again.stderr and "already exists" not in again.stderr
+    assert only_session(project).id == session.id and len(net_checks(session)) == 2
+    assert not (project / "ran").exists()
+
+
+@pytest.mark.parametrize(("node_rank", "kind", "fragment"), [
+    (0, "rendezvous_timeout", "only 1 of 2 nodes joined the rendezvous in time: waited 2 s for 2 nodes at 127.0.0.1:"),
+    (1, "rendezvous_unreachable", "could not reach the head at 127.0.0.1:{port} within 2 s: connection refused"),
+])
+def test_a_node_on_the_static_rendezvous_aws_uses_fails_the_check_with_what_it_saw(project, node_rank, kind, fragment):
+    """The engine as the agent on an AWS node runs it (static rendezvous, node 0 the head), alone."""
+    from trainctl import config
+    from trainctl.backends.base import RunSpec
+    from trainctl.errors import NetCheckError
+    from trainctl.launcher.supervisor import RestartPolicy, Supervisor
+
+    (project / "train.py").write_text(RAN)
+    port = free_port()
+    node = multinode.with_network(NodeSpec(nnodes=2, host="127.0.0.1", port=port, rdzv_id="sess", node_rank=node_rank,
+                                           source="aws", rdzv_backend="static"), environ={})
+    spec = RunSpec(script=project / "train.py", args=(), cwd=project,
+                   resources={"nproc_per_node": 1, **node.to_resources(), "node_key": f"node{node_rank}"})
+    engine = Supervisor(spec, RestartPolicy(), config.load(project), backend_options={"use_pty": False},
+                        net_check_timeout_s=2)
+    with pytest.raises(NetCheckError) as failed:
+        engine.prepare(preflight=False)
+    assert failed.value.kind == kind and fragment.format(port=port) in failed.value.message, failed.value.message
+    assert "security group" in failed.value.hint
+    assert not (project / "ran").exists()
+    data = only_session(project).read()
+    assert data["status"] == "failed" and data["diagnosis"]["kind"] == kind and data["nodes"][f"node{node_rank}"]["attempts"] == []
+
+
+def test_no_net_check_skips_it(tmp_path):
+    project = make_project(tmp_path)
+    (project / "train.py").write_text(RAN)
+    results = finish(*two_nodes((project, project), free_port(), "unchecked", "--no-net-check", train=["train.py"]))
+    assert [code for code, _ in results] == [0, 0], results
+    assert all("network check" not in err and "all-reduced" not in err for _, err in results), results
+    session = only_session(project)
+    assert session.read()["status"] == "completed" and (project / "ran").exists()
+    assert net_checks(session) == [] and not list(session.dir.glob("net-check.*"))
 
 
 # ---------------------------------------------------------------- plan, input, hostlists, diagnosis
@@ -183,7 +278,20 @@ def test_dry_run_passes_the_rendezvous_to_torchrun_and_keeps_restarts_to_trainct
     assert "--node-rank" not in command and "--standalone" not in command
     assert "env          GLOO_SOCKET_IFNAME=lo" in r.stdout  # the head is on loopback: lo is right here
     assert "-job-exp42" in r.stdout
+    check = next(line for line in r.stdout.splitlines() if line.startswith("net check"))
+    for part in ("before the first attempt", "waits up to 600 s", "netcheck_worker.py --timeout-s 60 --nnodes=2",
+                 "--nproc-per-node=1", "--rdzv-endpoint=127.0.0.1:29411", "--rdzv-id=exp42-netcheck",
+                 "--max-restarts=0", "--local-addr=127.0.0.1", "--rdzv-conf=join_timeout=600,read_timeout=600"):
+        assert part in check, check
     assert not (project / ".trainctl").exists()
+    skipped = cli("local", "--dry-run", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29411", "--no-net-check",
+                  "--net-check-timeout", "5", "train.py")
+    assert "net check    skipped" in skipped.stdout and "netcheck_worker" not in skipped.stdout
+    shorter = cli("local", "--dry-run", "--nnodes", "2", "--rdzv-endpoint", "127.0.0.1:29411",
+                  "--net-check-timeout", "5", "train.py")
+    assert "waits up to 5 s" in shorter.stdout and "join_timeout=5,read_timeout=5" in shorter.stdout
+    one = cli("local", "--dry-run", "train.py")
+    assert "net check" not in one.stdout  # one machine: nothing to check
 
 
 def test_interface_the_user_chose_is_kept():
@@ -258,6 +366,7 @@ def test_slurm_is_not_read_when_flags_are_given_or_for_one_node():
 @pytest.mark.parametrize(("fixture", "kind", "fragment"), [
     ("rendezvous_timeout.txt", "rendezvous_timeout", "did not all join the rendezvous"),
     ("rendezvous_unreachable.txt", "rendezvous_unreachable", "could not reach the head at 127.0.0.1:29578"),
+    ("rendezvous_static_timeout.txt", "rendezvous_timeout", "only 1 of 2 nodes joined the rendezvous in time"),
 ])
 def test_rendezvous_failures_are_diagnosed_with_the_fix(fixture, kind, fragment):
     d = diagnose((FIXTURES / fixture).read_text(), exit_code=1)

@@ -27,6 +27,8 @@ SCHEMA: dict[str, dict[str, tuple[tuple[type, ...], Any, str]]] = {
         "resume_flag": ((str,), "--resume", "flag the script takes a checkpoint path with ('--init_from=resume' style scripts: set it here)"),
         "min_free_gb": ((int, float), 1.0, "pre-flight fails when the checkpoint dir has less free space"),
         "gpus": ((int,), 0, "GPUs the script needs; pre-flight fails when fewer are visible"),
+        "net_check": ((bool,), True, "a multi-node job all-reduces a small tensor across its nodes before the script starts (every node or none)"),
+        "net_check_timeout_s": ((int, float), 600, "how long that check waits for every node to join (torchrun's own join timeout)"),
     },
     "retention": {
         "keep_last_n": ((int,), 0, "keep the newest N checkpoints (0: keep all)"),
@@ -94,7 +96,8 @@ CHOICES = {("retention", "mode"): ("min", "max"), ("cloud", "checksums"): ("when
            ("runpod", "cloud"): ("secure", "community"), ("runpod", "setup"): ("auto", "venv", "direct", "none")}
 # numbers with a floor above 0 (every number must be finite and not negative)
 MINIMUMS: dict[tuple[str, str], int | float] = {("monitor", "window"): 1, ("runpod", "gpu_count"): 1,
-                                                ("aws", "max_attempts"): 1, ("aws", "disk_gb"): 1}
+                                                ("aws", "max_attempts"): 1, ("aws", "disk_gb"): 1,
+                                                ("", "net_check_timeout_s"): 1}
 
 
 @dataclass

@@ -93,6 +93,15 @@ class PreflightError(TrainctlError):
     exit_code = EXIT_USAGE
 
 
+class NetCheckError(PreflightError):
+    """The nodes of a multi-node job could not all-reduce before the script started; ``kind``
+    names the problem as the diagnosis does (rendezvous_timeout, rendezvous_unreachable, ...)."""
+
+    def __init__(self, message: str, hint: str | None = None, *, kind: str = "net_check_failed") -> None:
+        super().__init__(message, hint)
+        self.kind = kind
+
+
 class DiskError(TrainctlError, OSError):
     """A folder trainctl must write to is full or read-only: named, with what to do."""
 

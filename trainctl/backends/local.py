@@ -20,12 +20,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from .. import env as env_mod
 from .. import sysinfo
+from ..children import die_with_parent, reap_group
 from ..redact import redact_args
 from ..session import STATUSES, Session, State, effective_status
 from .base import Backend, Description, Handle, LaunchPlan, LogChunk, RunSpec
@@ -37,10 +38,8 @@ JOIN_LIMIT_BYTES = 1 << 20  # queued chunks a follower takes as one
 GATHER_BELOW_BYTES = 2048  # after a read smaller than this (a pty gives 4 KB at most), output gathers...
 GATHER_S = 0.001  # ...this long before reading again (far below what a person notices)
 RECENT_KEEP_BYTES = 1 << 20  # newest chunks kept in memory, stream and all, for a follower that joins late
-REAP_GRACE_S = 2.0  # what is left of the script's process group gets this long after SIGTERM
 UNWRITTEN_KEEP_BYTES = 64 * 1024  # newest output kept in memory while output.log can't be written
 LOG_RETRY_S = 1.0  # how often a failing output.log is tried again
-_PR_SET_PDEATHSIG = 1
 NODE_LOOK_S = 0.5  # how often a multi-node attempt's workers are looked for until found
 
 
@@ -227,7 +226,7 @@ class _Attempt:
     def _reap(self) -> None:
         self.returncode = self.proc.wait()
         # whatever the script left running in its group goes now, so the pumps see end of file
-        _reap_group(self.proc.pid)
+        reap_group(self.proc.pid)
         for t in self.pumps:
             t.join(timeout=5)
         with self.lock:
@@ -296,7 +295,7 @@ class LocalBackend(Backend):
         if attempt:
             log.write(f"\n[trainctl] attempt {attempt}: {' '.join(redact_args(list(plan.command)))}\n".encode())
         start = os.fstat(log.fd).st_size
-        preexec = _die_with_parent()
+        preexec = die_with_parent()
         if self.use_pty:
             import pty
 
@@ -527,47 +526,6 @@ def _signal_group(pgid: int, signum: int) -> None:
         os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def _reap_group(pgid: int) -> None:
-    """Leave no orphan: anything still in the child's process group is stopped, then killed."""
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + REAP_GRACE_S
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.05)
-    _signal_group(pgid, signal.SIGKILL)
-
-
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGTERM when the thread that starts it dies.
-
-    The kernel sends the signal when the *thread* that forked exits, so launch() is called from
-    a thread that lives as long as the launcher (the engine's main thread). torchrun, which gets
-    it here, passes SIGTERM on to its workers itself.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
-        if os.getppid() != parent:  # the launcher died before the line above: act as if after
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    return preexec
 
 
 def _copy_terminal_size(slave_fd: int, env: dict[str, str]) -> None:

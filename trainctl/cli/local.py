@@ -47,7 +47,14 @@ was stopped (trainctl sessions stop); 2 when a pre-flight check failed."""
                    "(default: from the endpoint; under SLURM the job id).")
 @click.option("--gpus", type=click.IntRange(min=0), default=None, help="GPUs the script needs (checked before start).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or status lines.")
-@click.option("--no-preflight", is_flag=True, help="Skip the pre-flight checks.")
+@click.option("--no-preflight", is_flag=True,
+              help="Skip the pre-flight checks (not the network check of several machines: --no-net-check).")
+@click.option("--no-net-check", is_flag=True,
+              help="Several machines: skip the all-reduce across them that runs before the script "
+                   "(on every machine or none; trainctl.toml: net_check = false).")
+@click.option("--net-check-timeout", type=float, default=None, metavar="SECONDS",
+              help="Several machines: how long that check waits for every machine to join "
+                   "(default 600, net_check_timeout_s).")
 @click.option("--detach", "-d", is_flag=True,
               help="Run in the background and return at once; follow with trainctl sessions attach ID.")
 @click.option("--dry-run", is_flag=True,
@@ -61,7 +68,8 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
               max_restarts: int | None, restart_on: str | None, restart_delay: float | None,
               grace_period: float | None, nproc_per_node: int, nnodes: int | None, node_rank: int | None,
               rdzv_endpoint: str | None, rdzv_id: str | None, gpus: int | None, quiet: bool,
-              no_preflight: bool, detach: bool, dry_run: bool, sync_uri: str | None, force: bool) -> None:
+              no_preflight: bool, no_net_check: bool, net_check_timeout: float | None, detach: bool, dry_run: bool,
+              sync_uri: str | None, force: bool) -> None:
     """Run SCRIPT [ARGS]... here as a recorded session.
 
     The script runs as it would with `python SCRIPT ARGS`, with TRAIN_OPS_* variables telling it
@@ -100,12 +108,14 @@ def local_cmd(script: Path, args: tuple[str, ...], name: str | None, resume: str
     if gpus is not None:
         resources["gpus"] = gpus
     spec = RunSpec(script=script, args=tuple(args_list), resources=resources, resume=resume, name=name)
+    net_check = {"net_check": False if no_net_check else None, "net_check_timeout_s": net_check_timeout}
     if dry_run:
-        show_plan(spec, restart, cfg, force=force)
+        show_plan(spec, restart, cfg, force=force, **net_check)
         return
     if detach:
-        start_in_background(spec, restart, cfg, preflight=not no_preflight, force=force, sync_uri=sync_uri)
+        start_in_background(spec, restart, cfg, preflight=not no_preflight, force=force, sync_uri=sync_uri,
+                            **net_check)
         return
     _supervisor, result = run_here(spec, restart, cfg, quiet=quiet, preflight=not no_preflight, sync_uri=sync_uri,
-                                   force=force)
+                                   force=force, **net_check)
     sys.exit(result.exit_code)

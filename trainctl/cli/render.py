@@ -112,14 +112,18 @@ def continue_command(data: dict[str, Any], checkpoint: str | None) -> str:
     flag = (data.get("trainctl_config") or {}).get("resume_flag") or "--resume"
     job = data.get("multinode")
     if isinstance(job, dict) and job.get("nnodes"):
-        return _multinode_continue(job, script, list(data.get("args") or []), checkpoint, flag)
+        from ..launcher.netcheck import ended_at_net_check
+
+        return _multinode_continue(job, script, list(data.get("args") or []), checkpoint, flag,
+                                   same_id=ended_at_net_check(data))
     return resume_command(script, list(data.get("args") or []), checkpoint, flag)
 
 
 def _multinode_continue(job: dict[str, Any], script: str, args: list[str], checkpoint: str | None,
-                        flag: str) -> str:
+                        flag: str, *, same_id: bool = False) -> str:
     """A multi-node job continues as a new job on every node: under SLURM a new srun (a new job
-    id), by hand a new rendezvous id (the old one names the ended session)."""
+    id), by hand a new rendezvous id (the old one names the ended session), or the same one
+    (`same_id`) for a job that never started (its network check failed)."""
     import shlex
 
     from ..redact import redact_args
@@ -131,5 +135,6 @@ def _multinode_continue(job: dict[str, Any], script: str, args: list[str], check
     if job.get("source") == "slurm":
         return "srun " + shlex.join(["trainctl", "local", *nproc, *resume, script, *rest])
     return shlex.join(["trainctl", "local", "--nnodes", str(job["nnodes"]), "--rdzv-endpoint",
-                       str(job.get("rdzv_endpoint")), "--rdzv-id", f"{job.get('rdzv_id')}-2", *nproc, *resume,
+                       str(job.get("rdzv_endpoint")), "--rdzv-id",
+                       str(job.get("rdzv_id")) if same_id else f"{job.get('rdzv_id')}-2", *nproc, *resume,
                        script, *rest]) + "  # on every node (--node-rank R on each)"

@@ -81,11 +81,12 @@ def _err(text: str) -> None:
 
 def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, preflight: bool,
              parent: str | None = None, resume_verified: bool = False,
-             sync_uri: str | None = None, force: bool = False) -> tuple[Supervisor, RunResult]:
+             sync_uri: str | None = None, force: bool = False, net_check: bool | None = None,
+             net_check_timeout_s: float | None = None) -> tuple[Supervisor, RunResult]:
     """Run on this terminal until the session ends; its summary printed. With `sync_uri`, the
     session is mirrored to storage while it runs (the cloud agent's sync loop)."""
     supervisor = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=quiet, args=spec.args), parent=parent,
-                            force=force)
+                            force=force, net_check=net_check, net_check_timeout_s=net_check_timeout_s)
     session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
     if sync_uri is None:
         result = supervisor.run()
@@ -105,15 +106,17 @@ def run_here(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, quiet: bool, pre
 
 def start_in_background(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, preflight: bool,
                         parent: str | None = None, resume_verified: bool = False, force: bool = False,
-                        sync_uri: str | None = None) -> Session:
+                        sync_uri: str | None = None, net_check: bool | None = None,
+                        net_check_timeout_s: float | None = None) -> Session:
     """Resolve, check and create the session here, then leave the run to a background process.
     With `sync_uri`, the session's lease in storage is taken here (a storage that can't be
     written is said now) and the background process syncs under it."""
     from ..launcher import detached
 
     supervisor = Supervisor(spec, policy, cfg, backend_options={"use_pty": False},
-                            events=TerminalEvents(quiet=False, args=spec.args), parent=parent, force=force)
-    session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)
+                            events=TerminalEvents(quiet=False, args=spec.args), parent=parent, force=force,
+                            net_check=net_check, net_check_timeout_s=net_check_timeout_s)
+    session = supervisor.prepare(preflight=preflight, resume_verified=resume_verified)  # the network check too
     sync = None
     if sync_uri is not None:
         from ..agent.sync import claim_sync
@@ -132,12 +135,15 @@ def start_in_background(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, prefl
     return session
 
 
-def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, force: bool = False) -> None:
+def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, force: bool = False, net_check: bool | None = None,
+              net_check_timeout_s: float | None = None) -> None:
     """`--dry-run`: the launch plan, secrets redacted; nothing is created or started."""
     import shlex
 
-    plan = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=True, args=spec.args),
-                      force=force).plan().display()
+    supervisor = Supervisor(spec, policy, cfg, events=TerminalEvents(quiet=True, args=spec.args), force=force,
+                            net_check=net_check, net_check_timeout_s=net_check_timeout_s)
+    plan = supervisor.plan().display()
+    check = supervisor.net_check_plan()
     click.echo(f"backend      {plan['backend']}")
     click.echo(f"command      {shlex.join(plan['command'])}")
     click.echo(f"cwd          {plan['cwd']}")
@@ -148,6 +154,11 @@ def show_plan(spec: RunSpec, policy: RestartPolicy, cfg: Any, *, force: bool = F
     click.echo(f"checkpoints  {plan['checkpoint_location']}")
     click.echo(f"restarts     up to {policy.max_restarts} on {', '.join(policy.restart_on)}, "
                f"{policy.restart_delay_s:g}s apart; grace period {policy.grace_period_s:g}s")
+    if check is not None:
+        click.echo(f"net check    before the first attempt, all {check.nnodes} nodes all-reduce (waits up to "
+                   f"{check.timeout_s:g} s for them): {shlex.join(check.command)}")
+    elif supervisor.node is not None:
+        click.echo("net check    skipped (--no-net-check or net_check = false)")
     click.echo("cost         " + (f"~${plan['cost_per_hour']:.2f}/h" if plan["cost_per_hour"] is not None else "none (this machine)"))
 
 

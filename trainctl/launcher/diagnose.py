@@ -208,7 +208,7 @@ def _cuda_oom(f: Failure) -> Diagnosis | None:
         "if much memory is reserved but unallocated, set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True.")
 
 
-_NETWORK_FIX = ("allow TCP between the nodes (on AWS: a security group rule that lets the group's members reach "
+NETWORK_FIX = ("allow TCP between the nodes (on AWS: a security group rule that lets the group's members reach "
                 "each other on all TCP; NCCL and gloo pick random ports), and make the collectives use the "
                 "interface that routes between them: GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME=<interface> "
                 "(ip route get HEAD names it; never lo or docker0)")
@@ -224,14 +224,17 @@ def _rendezvous(f: Failure) -> Diagnosis | None:
             "the head node is not running yet (start trainctl local there first), --rdzv-endpoint names an "
             "address this node cannot route to (use the head's private IP), or a firewall / security group "
             "blocks the port.",
-            f"check from this node: nc -zv {endpoint.replace(':', ' ')}; " + _NETWORK_FIX + ".")
-    if _first(r"RendezvousTimeoutError", f.text):
+            f"check from this node: nc -zv {endpoint.replace(':', ' ')}; " + NETWORK_FIX + ".")
+    # the static rendezvous (AWS nodes): the head's store counts the nodes that connected
+    static = _first(r"(\d+)/(\d+) clients joined", f.text) if _first(r"static_tcp_rendezvous", f.text) else None
+    if static or _first(r"RendezvousTimeoutError", f.text):
         return Diagnosis(
-            "rendezvous_timeout", "the nodes did not all join the rendezvous in time",
+            "rendezvous_timeout", f"only {static.group(1)} of {static.group(2)} nodes joined the rendezvous in time"
+            if static else "the nodes did not all join the rendezvous in time",
             "not every node started trainctl local with the same --nnodes, --rdzv-endpoint and --rdzv-id "
             "within the join timeout (600 s by default), or some cannot reach the head.",
             "start every node with the same --nnodes, --rdzv-endpoint HOST:PORT and --rdzv-id (under SLURM: "
-            "srun with one task per node, --ntasks-per-node=1); " + _NETWORK_FIX + ".")
+            "srun with one task per node, --ntasks-per-node=1); " + NETWORK_FIX + ".")
     if _first(r"RendezvousClosedError", f.text):
         return Diagnosis(
             "rendezvous_closed", "the rendezvous was already closed: the job ended on another node",
@@ -244,7 +247,7 @@ def _rendezvous(f: Failure) -> Diagnosis | None:
             "distributed_network", f"the processes could not connect for the collectives: {peer.group(0).strip()[:160]}",
             "after the rendezvous, each process connects to the others directly on random ports: an interface "
             "they cannot reach (docker0, lo, a second network) was chosen, or a firewall blocks those ports.",
-            _NETWORK_FIX[0].upper() + _NETWORK_FIX[1:] + "; rerun with NCCL_DEBUG=INFO to see which address failed.")
+            NETWORK_FIX[0].upper() + NETWORK_FIX[1:] + "; rerun with NCCL_DEBUG=INFO to see which address failed.")
     return None
 
 

@@ -197,14 +197,14 @@ def with_network(node: NodeSpec, environ: Mapping[str, str] | None = None) -> No
     ifname = None
     if not (env.get("GLOO_SOCKET_IFNAME") and env.get("NCCL_SOCKET_IFNAME")):
         ifname = _interface_of(address)
-        if ifname in AVOID_INTERFACES and not _is_loopback(address):
+        if ifname in AVOID_INTERFACES and not is_loopback(address):
             ifname = None
         if ifname is None:
-            ifname = "^" + ",".join(AVOID_INTERFACES) if not _is_loopback(address) else "lo"
+            ifname = "^" + ",".join(AVOID_INTERFACES) if not is_loopback(address) else "lo"
     return NodeSpec(**{**asdict(node), "local_addr": address, "socket_ifname": ifname})
 
 
-def _is_loopback(address: str) -> bool:
+def is_loopback(address: str) -> bool:
     import ipaddress
 
     try:
@@ -237,7 +237,7 @@ def _interface_of(address: str) -> str | None:
         import struct
     except ImportError:
         return None
-    if _is_loopback(address):
+    if is_loopback(address):
         return "lo"
     try:
         wanted = socket.inet_aton(address)

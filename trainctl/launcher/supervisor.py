@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -27,6 +28,7 @@ from ..errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, DiskError, UsageError, di
 from ..fsutil import temp_beside
 from ..redact import redact_args
 from ..session import TERMINAL, Session, SessionStore, State, new_session_id, summarize_metrics
+from .netcheck import ended_at_net_check
 from .output import OutputMetrics, OutputParser, OutputText
 
 CRASH_LOOP_REPEATS = 3
@@ -137,9 +139,17 @@ class Supervisor:
 
     def __init__(self, spec: RunSpec, policy: RestartPolicy, cfg: config_mod.Config, *,
                  backend: str = "local", backend_options: dict[str, Any] | None = None,
-                 events: EngineEvents | None = None, parent: str | None = None, force: bool = False) -> None:
+                 events: EngineEvents | None = None, parent: str | None = None, force: bool = False,
+                 net_check: bool | None = None, net_check_timeout_s: float | None = None) -> None:
         # one node of a multi-node job: records its own part under session.json's "nodes"
         self.node = NodeSpec.from_resources(spec.resources)
+        # ... and all-reduces with the others before its first attempt (launcher/netcheck.py)
+        self.net_check = cfg.get("", "net_check") if net_check is None else net_check
+        self.net_check_timeout_s = float(cfg.get("", "net_check_timeout_s") if net_check_timeout_s is None
+                                         else net_check_timeout_s)
+        if not (self.net_check_timeout_s >= 1 and self.net_check_timeout_s != float("inf")):
+            raise UsageError(f"--net-check-timeout must be a number of seconds, 1 or more, not {self.net_check_timeout_s:g}.",
+                             "e.g. --net-check-timeout 120 (it bounds how long the nodes wait for each other)")
         self.node_key = ""
         if self.node is not None:
             self.node_key = spec.resources.get("node_key") or (
@@ -167,7 +177,9 @@ class Supervisor:
 
     # -------------------------------------------------------------- set-up
     def prepare(self, *, preflight: bool = True, resume_verified: bool = False) -> Session:
-        """Resolve the resume, run the pre-flight checks, create the session."""
+        """Resolve the resume, run the pre-flight checks, create the session; one node of several
+        then runs the network check with the others (not skipped by `preflight=False`: every node
+        must run it, or none)."""
         spec = self.spec
         # resolved first: a missing checkpoint fails before anything else, and `--resume auto`
         # with nothing to resume from is a fresh start that needs no resume flag
@@ -180,7 +192,67 @@ class Supervisor:
         if preflight:
             self._run_preflight()
         self.session = self._create_session()
+        if self.node is not None:
+            self._net_check(self.session)
         return self.session
+
+    def net_check_plan(self) -> Any:
+        """The network check this node runs before its first attempt (a NetCheckPlan), or None:
+        one machine, the check turned off, or a backend whose nodes are not this machine."""
+        if self.node is None or not self.net_check or self.backend_name != "local":
+            return None
+        from . import netcheck
+
+        python = self.backend_options.get("python") or sys.executable
+        return netcheck.plan(self.node, python=python, timeout_s=self.net_check_timeout_s)
+
+    def _net_check(self, session: Session) -> None:
+        """Before the first attempt only: a restart of the whole job follows a run in which the
+        nodes did meet, and its rendezvous failing is diagnosed like any other."""
+        from . import netcheck
+
+        check = self.net_check_plan()
+        if check is None:
+            return
+        self.events.message(f"pre-flight: network check: one process on each of the {check.nnodes} nodes all-reduces "
+                            f"through {check.endpoint} (waiting up to {check.timeout_s:g} s for every node)")
+        output = session.dir / netcheck.output_name(self.node_key)
+        try:
+            result = netcheck.run(check, output_path=output)
+        except BaseException:  # interrupted while waiting for the others: the run never started
+            self._end_before_start(session, State.KILLED, None, {"ok": False, "kind": "interrupted"})
+            raise
+        facts = {"node": self.node_key, "output": output.name, **result.record()}
+        if result.ok:
+            self.events.message(netcheck.summary(result, check))
+            self._record("the network check", session.event, "net_check", **facts)
+            self._save_node(session, net_check={"ok": True, "wall_s": result.wall_s})
+            if self.node is not None and not netcheck.may_host_store(self.node):
+                time.sleep(netcheck.SETTLE_S)
+            return
+        error, diagnosis = netcheck.failure(result, check)
+        self._record("the network check", session.event, "net_check", problem=error.kind, message=error.message,
+                     hint=error.hint, **facts)
+        self._end_before_start(session, State.FAILED, diagnosis, {"ok": False, "kind": error.kind})
+        raise error
+
+    def _end_before_start(self, session: Session, status: State, diagnosis: dict[str, Any] | None,
+                          net_check: dict[str, Any]) -> None:
+        """The session ends before any attempt (the network check failed): recorded as this node's
+        end, and the session's unless another node recorded here is running its attempt."""
+        ended = time.time()
+        self._save_node(session, state=status.value, ended_at=ended, net_check=net_check)
+        try:
+            nodes = session.read().get("nodes") or {}
+        except Exception:
+            nodes = {}
+        if any(key != self.node_key and isinstance(n, dict) and n.get("state") == State.RUNNING.value
+               for key, n in nodes.items()):
+            return
+        self._record("how the session ended", session.update, status=status, ended_at=ended, exit_code=None,
+                     signal=None, diagnosis=diagnosis)
+        self._record("how the session ended", session.event, "status", status=status, source="launcher",
+                     reason="net_check")
 
     def plan(self) -> LaunchPlan:
         """What the first attempt would run, where its output and checkpoints would go, with
@@ -325,7 +397,13 @@ class Supervisor:
             session = self.store.get(session_id)
             data = self._wait_readable(session)
             same = (data.get("multinode") or {}).get("rdzv_id") == (self.node.rdzv_id if self.node else None)
-            if not same or data.get("status") in {s.value for s in TERMINAL}:
+            if same and ended_at_net_check(data):
+                # the same command again, once the network is fixed: the job never started
+                self._record("the retry", session.update, status=State.RUNNING, ended_at=None, exit_code=None,
+                             signal=None, diagnosis=None)
+                self._record("the retry", session.event, "status", status=State.RUNNING, source="launcher",
+                             reason="started again after a failed network check")
+            elif not same or data.get("status") in {s.value for s in TERMINAL}:
                 raise UsageError(
                     f"session {session_id} already exists from an earlier run with rendezvous id "
                     f"'{self.node.rdzv_id if self.node else ''}' ({data.get('status')}).",
