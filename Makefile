@@ -24,8 +24,9 @@ demo-resume: $(STAMP)
 	$(PY) examples/resume_demo.py
 
 # Two workers: most tests wait on real subprocesses, so two processes keep both cores busy.
+# loadgroup: tests marked xdist_group (the README's sequence) stay on one worker.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2
+	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

@@ -50,11 +50,19 @@ def pytest_configure(config: pytest.Config) -> None:
     worker): the tests start thousands of trainctl processes, and where PYTHONDONTWRITEBYTECODE
     is set (as in CI) each one compiled every module it imports from source (~0.6 s of CPU for
     all of them), as no installed package does."""
+    config.addinivalue_line("markers", "slow: an end-to-end test of tens of seconds; such tests run first, so the "
+                                       "two workers share them out and finish together")
     if hasattr(config, "workerinput"):
         return
     import compileall
 
     compileall.compile_dir(str(REPO / "trainctl"), quiet=1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow end-to-end tests first (in their order), then the rest: started last, one of
+    them kept one worker busy for a minute after the other had run out of tests."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 @pytest.fixture

@@ -183,6 +183,7 @@ def test_agent_fetches_trains_and_uploads_checkpoint_manifest_latest_in_that_ord
     assert "bundle " in start and "environment " in start and "after the machine started" in start
 
 
+@pytest.mark.slow
 def test_spot_notice_uploads_the_emergency_checkpoint_and_a_new_machine_ends_bit_identical(cloud, imds, tmp_path):
     args = ("--epochs", "3", "--steps-per-epoch", "20")
     env = loopback_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
@@ -237,6 +238,7 @@ def test_sigterm_on_ec2_is_a_stop_request_that_ends_the_machine_but_not_the_sess
     assert cloud.remote.latest_checkpoint()["file"] == newest.name
 
 
+@pytest.mark.slow
 def test_upload_failures_are_retried_and_nothing_is_lost(cloud, fault_proxy, tmp_path):
     # a 20 MB checkpoint goes up in two parts: the second part's connection drops once, the
     # file's first PUTs fail with 500s, a segment write and latest.json fail once each
@@ -319,6 +321,7 @@ def test_agent_crash_ends_the_machine(cloud):
     assert reason.startswith("the agent failed: IntegrityError")
 
 
+@pytest.mark.slow
 def test_max_hours_deadline_stops_with_a_checkpoint_and_ends_the_machine(cloud):
     deadline = time.time() + 60
     done = cloud.run("deadline", "--deadline", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(deadline)),
@@ -340,6 +343,7 @@ def test_deadline_passed_before_boot_ends_at_once(cloud):
     assert cloud.remote.boots() == 0 and not (cloud.machine("late") / "project").exists()
 
 
+@pytest.mark.slow
 def test_keep_on_failure_keeps_the_machine_until_the_deadline_only(tmp_path, moto_server, s3_bucket):
     cloud = make_cloud(tmp_path, moto_server, s3_bucket, moto_server.endpoint_url,
                        files={"fail.py": "import sys\nprint('boom')\nsys.exit(3)\n"})
@@ -354,6 +358,7 @@ def test_keep_on_failure_keeps_the_machine_until_the_deadline_only(tmp_path, mot
     assert "keeping the machine for debugging until the deadline" in done.stderr
 
 
+@pytest.mark.slow
 def test_rebalance_notice_checkpoints_and_training_goes_on(cloud, imds):
     env = loopback_env(AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
     proc = cloud.start("rebalance", "--watch", "aws", "--watch-interval", "0.2", env=env,

@@ -133,6 +133,7 @@ def test_spot_launch_is_a_maintain_fleet_that_ends_at_the_deadline(project: Proj
 
 # ----------------------------------------------------------------------------------- manage
 
+@pytest.mark.slow
 def test_stop_is_a_preemption_then_resume_continues_the_session(project: Project, cloud: Cloud):
     sid = project.launch("-t", "g5.xlarge", "--spot", "train.py")
     fleet_id = project.record(sid)["handle"]["ids"]["fleet_id"]
@@ -161,6 +162,7 @@ def test_stop_is_a_preemption_then_resume_continues_the_session(project: Project
     project.run("aws", "terminate", sid, "--yes")
 
 
+@pytest.mark.slow
 def test_status_list_and_leaks(project: Project, cloud: Cloud):
     live = project.launch("-t", "g5.xlarge", "train.py")
     done = project.launch("-t", "g5.xlarge", "train.py")

@@ -112,6 +112,7 @@ def quickstart_project(tmp_path: Path, cloud: Cloud) -> Project:
     return project
 
 
+@pytest.mark.slow
 def test_launch_follows_the_machine_to_the_end_and_the_machine_ends_itself(tmp_path: Path, cloud: Cloud):
     project = quickstart_project(tmp_path, cloud)
     environ = loopback_env(clean_env(COLUMNS="200"), guard_log=project.guard_log)
@@ -153,6 +154,7 @@ def test_launch_follows_the_machine_to_the_end_and_the_machine_ends_itself(tmp_p
     assert "0 checkpoint(s) fetched" in project.run("sessions", "pull", sid, "--checkpoints").stdout
 
 
+@pytest.mark.slow
 def test_a_spot_reclaim_mid_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path: Path, cloud: Cloud):
     project = quickstart_project(tmp_path, cloud)
     sid = project.launch("-t", "g5.xlarge", "--spot", "--max-hours", "2", "train.py", *ARGS, "--step-delay", "0.1")
@@ -208,6 +210,7 @@ run.finish()
 """
 
 
+@pytest.mark.slow
 def test_a_forwarded_secret_reaches_the_script_through_ssm_and_is_recorded_nowhere(tmp_path: Path, cloud: Cloud):
     """`aws launch --secret HF_TOKEN` puts the value in SSM; the machine's agent reads it with the
     instance role into the script's environment alone: not in user data, output, events, storage,
@@ -256,6 +259,7 @@ def readme_aws_commands() -> list[str]:
     return commands
 
 
+@pytest.mark.slow
 def test_the_readme_aws_section_works_as_written(tmp_path: Path, cloud: Cloud):
     """Every command of the AWS section, in order, against moto; the test plays each machine
     (and SSM's delivery of the stop request to the agent)."""

@@ -219,6 +219,7 @@ while True:
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_large_saves_never_yields_a_torn_checkpoint(tmp_path):
     writer = tmp_path / "writer.py"
     writer.write_text(WRITER.format(repo=str(REPO)))

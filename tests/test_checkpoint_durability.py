@@ -79,6 +79,7 @@ print(f"finished at step {step}", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_restarts_after_a_kill_at_every_step_resume_from_the_named_checkpoint(project):
     """The bug as reported: name="last" every save, killed mid-save, the restart began at 0."""
     (project / "trainctl.toml").write_text('checkpoint_dir = "checkpoints"\n[restart]\nrestart_delay_s = 0\n')

@@ -135,6 +135,7 @@ def test_session_records_backend_handle_and_checkpoint_location(project, cli):
     assert data["handle"]["backend"] == "local" and data["handle"]["ids"]["pid"] > 0
 
 
+@pytest.mark.slow
 def test_detach_close_reattach_stop_then_resume_auto_continues(project):
     r = run_cli(["local", "--detach", "--no-preflight", QUICKSTART, *SLOW_TRAIN], project)
     assert r.returncode == 0, r.stderr

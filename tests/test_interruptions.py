@@ -89,6 +89,7 @@ TRAIN_ARGS = ["--epochs", "2", "--steps-per-epoch", "40", "--checkpoint-every", 
 TOTAL = 80
 
 
+@pytest.mark.slow
 def test_chaos_sigkill_at_random_moments_ends_bit_identical(project):
     baseline = run_cli(["local", "--no-preflight", QUICKSTART, *TRAIN_ARGS], project, timeout=300)
     assert baseline.returncode == 0, baseline.stderr
@@ -134,6 +135,7 @@ def test_chaos_sigkill_at_random_moments_ends_bit_identical(project):
     assert len([e for e in session.iter_events(("restart",))]) == len(data["attempts"]) - 1
 
 
+@pytest.mark.slow
 def test_sigterm_to_script_writes_emergency_checkpoint_and_restart_resumes(project):
     baseline = run_cli(["local", "--no-preflight", QUICKSTART, "--epochs", "1", "--steps-per-epoch", "60"],
                        project, timeout=300)
@@ -215,6 +217,7 @@ def test_bad_max_restarts(project, value):
     assert not (project / ".trainctl").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_one_session_rank0_writes_and_resume(project):
     script = str(REPO / "tests" / "scripts" / "ddp_train.py")
     r = run_cli(["local", "--no-preflight", "--nproc-per-node", "2", script, "--steps", "10"],
@@ -268,6 +271,7 @@ def test_signal_during_emergency_checkpoint_writes_exactly_one(project):
     assert torch.load(ckpts[0]["path"], weights_only=True)["trainctl"]["step"] == ckpts[0]["step"]
 
 
+@pytest.mark.slow
 def test_torchrun_preemption_reaches_every_rank_and_writes_one_emergency_checkpoint(project):
     script = str(REPO / "tests" / "scripts" / "ddp_train.py")
     proc = start_launcher(project, "--nproc-per-node", "2", "--max-restarts", "1", "--restart-delay", "0",

@@ -76,6 +76,7 @@ def test_importing_callbacks_does_not_import_lightning():
 
 # --------------------------------------------------------------------------- plain python
 
+@pytest.mark.slow
 def test_plain_python_metrics_checkpoints_info_verify(project):
     """Without the launcher: a session of its own, metrics, registered checkpoints."""
     result = run_script(project, QUICKSTART, "--epochs", "2")
@@ -150,6 +151,7 @@ def _wait_for_script(project: Path, attempt: int, min_checkpoints: int, proc: su
     raise AssertionError(f"attempt {attempt} never reached {min_checkpoints} checkpoints: {out[-3000:]}")
 
 
+@pytest.mark.slow
 def test_kill9_and_restarts_end_like_an_uninterrupted_fit(tmp_path):
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -187,6 +189,7 @@ def test_kill9_and_restarts_end_like_an_uninterrupted_fit(tmp_path):
     assert seen and max(seen.values()) == 1, [k for k, n in seen.items() if n > 1]
 
 
+@pytest.mark.slow
 def test_sigterm_writes_emergency_checkpoint_and_restart_continues(project):
     proc = _launch(project, "--max-restarts", "1", "--restart-delay", "0", QUICKSTART,
                    "--epochs", "3", "--batch-sleep-s", "0.03")
@@ -286,6 +289,7 @@ DDP_SCRIPT = """
 """
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_write_once_from_rank0(project):
     script = write_script(project, "ddp_fit.py", DDP_SCRIPT)
     result = run_script(project, script, timeout=180)

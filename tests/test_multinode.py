@@ -157,6 +157,7 @@ def test_two_nodes_under_slurm_with_their_own_state_dirs_train_as_one_machine_wi
     assert again.returncode == 2 and "already exists" in again.stderr and "--rdzv-id" in again.stderr
 
 
+@pytest.mark.slow
 def test_a_node_killed_mid_run_restarts_the_whole_job_from_the_newest_checkpoint(tmp_path, reference):
     project = make_project(tmp_path)  # one state dir for both nodes
     procs = two_nodes((project, project), free_port(), "killed", "--max-restarts", "1", "--restart-delay", "1",

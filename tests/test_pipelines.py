@@ -55,6 +55,7 @@ args = ["--checkpoint", "{{steps.finetune.best.checkpoint}}"]
 """
 
 
+@pytest.mark.slow
 def test_three_step_pipeline_runs_and_passes_checkpoints_on(project):
     (project / "pipeline.toml").write_text(three_steps())
     r = run_cli(["pipeline", "run", "pipeline.toml"], project, timeout=300)
@@ -130,6 +131,7 @@ def running_finetune_with_a_checkpoint(project: Path):
     return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL])
 def test_killed_during_step_two_continues_it_without_redoing_step_one(project, signum):
     slow = '"--steps", "60", "--eval-every", "5", "--step-delay", "0.05"'

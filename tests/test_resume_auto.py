@@ -109,6 +109,7 @@ def test_a_script_changed_since_the_checkpoint_is_said(project, two_runs):
     assert "train.py changed since this checkpoint was written" in r.stderr
 
 
+@pytest.mark.slow
 def test_another_scripts_checkpoint_is_refused_unless_forced(project):
     other = project / "other"
     other.mkdir()

@@ -98,6 +98,7 @@ def test_list_shows_trainctls_pods_and_flags_the_ones_billing_for_nothing(world:
     assert "possible leak" in by_id.stdout
 
 
+@pytest.mark.slow
 def test_stop_then_resume_on_another_gpu_and_terminate(world: World):
     sid = launch(world)
     first = world.only_pod()

@@ -6,6 +6,7 @@ never interrupted."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.conftest import EXAMPLES, run_cli
@@ -43,6 +44,7 @@ def launch(world: World, *extra: str) -> str:
     return launched_session(r)
 
 
+@pytest.mark.slow
 def test_a_pod_session_completes_and_its_pod_ends_itself(world: World, tmp_path):
     sid = launch(world)
     pod = world.only_pod()
@@ -68,6 +70,7 @@ def test_a_pod_session_completes_and_its_pod_ends_itself(world: World, tmp_path)
     assert_same_training_state(final, reference_state(tmp_path))
 
 
+@pytest.mark.slow
 def test_an_interrupted_pod_and_runpod_resume_end_with_the_weights_of_an_uninterrupted_run(world: World,
                                                                                             tmp_path):
     sid = launch(world, "--interruptible")

@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, write_entry_point
 from tests.fake_runpod import fake
 from tests.runpod_world import World, world
@@ -41,6 +43,7 @@ def test_the_sections_config_is_valid():
                                            "AWS_SECRET_ACCESS_KEY": "trainctl_secret"}
 
 
+@pytest.mark.slow
 def test_every_command_of_the_section_works_in_order(world: World):
     listed = commands()
     assert len(listed) >= 9 and all(c.startswith("trainctl ") for c in listed)

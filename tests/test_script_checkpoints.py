@@ -535,6 +535,7 @@ def nanogpt_reference(tmp_path_factory) -> Path:
     return final
 
 
+@pytest.mark.slow
 def test_nanogpt_like_killed_after_its_second_checkpoint_continues_from_it(tmp_path, nanogpt_reference):
     project = tmp_path / "proj"
     project.mkdir()
@@ -563,6 +564,7 @@ def test_nanogpt_like_killed_after_its_second_checkpoint_continues_from_it(tmp_p
     assert_same_weights(final, nanogpt_reference)
 
 
+@pytest.mark.slow
 def test_kill_during_the_scripts_own_overwrite_never_resumes_the_torn_file(tmp_path, nanogpt_reference):
     project = tmp_path / "proj"
     project.mkdir()
@@ -609,6 +611,7 @@ def test_kill_during_the_scripts_own_overwrite_never_resumes_the_torn_file(tmp_p
     assert_same_weights(final, nanogpt_reference)
 
 
+@pytest.mark.slow
 def test_hf_like_killed_mid_save_resumes_from_the_last_whole_folder(tmp_path):
     ref = tmp_path / "ref"
     ref.mkdir()
@@ -761,6 +764,7 @@ def nanogpt_project(tmp_path: Path, config: str = "") -> tuple[Path, Path]:
     return project, gate
 
 
+@pytest.mark.slow
 def test_trainctl_local_restarts_a_nanogpt_like_script_from_its_second_checkpoint(tmp_path, nanogpt_reference):
     project, gate = nanogpt_project(tmp_path)
     final = tmp_path / "final.pt"
@@ -790,6 +794,7 @@ def test_trainctl_local_restarts_a_nanogpt_like_script_from_its_second_checkpoin
     assert sorted(p.name for p in (project / "out").iterdir()) == ["ckpt.pt"]  # nothing of ours in the user's folder
 
 
+@pytest.mark.slow
 def test_trainctl_local_restarts_a_hf_like_script_from_its_second_folder(tmp_path, hf_reference):
     project = tmp_path / "proj"
     project.mkdir()
@@ -815,6 +820,7 @@ def test_trainctl_local_restarts_a_hf_like_script_from_its_second_folder(tmp_pat
     assert "written by the script, newest hf/checkpoint-40 step 40, epoch 4" in text
 
 
+@pytest.mark.slow
 def test_a_kill_during_the_overwrite_of_a_large_checkpoint_resumes_from_its_snapshot(tmp_path, nanogpt_reference):
     project, gate = nanogpt_project(tmp_path, "[checkpoints]\nsnapshot = true\n")
     final = tmp_path / "final.pt"
@@ -841,6 +847,7 @@ def test_a_kill_during_the_overwrite_of_a_large_checkpoint_resumes_from_its_snap
     assert_same_weights(final, nanogpt_reference)
 
 
+@pytest.mark.slow
 def test_a_kill_during_the_overwrite_without_snapshots_restarts_from_scratch_never_from_the_torn_file(
         tmp_path, nanogpt_reference):
     project, gate = nanogpt_project(tmp_path)

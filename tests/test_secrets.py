@@ -83,6 +83,7 @@ def wait_for(predicate, what: str, timeout_s: float = 120) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow
 def test_secrets_reach_no_file_and_no_screen(project: Path, monkeypatch) -> None:
     tmp = project / "tmp"
     tmp.mkdir()

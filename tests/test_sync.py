@@ -33,6 +33,7 @@ def only_session(project: Path) -> Path:
     return found
 
 
+@pytest.mark.slow
 def test_local_sync_mirrors_the_session_and_pull_brings_it_back(tmp_path):
     project = make_project(tmp_path / "laptop-a")
     bucket = tmp_path / "bucket"
@@ -124,6 +125,7 @@ def test_local_sync_to_s3_through_the_configured_endpoint(tmp_path, moto_server,
     assert latest["file"] == "ckpt-step00000040.pt" and latest["step"] == 40
 
 
+@pytest.mark.slow
 def test_logs_follow_reads_a_remote_session_while_it_runs(tmp_path):
     project = make_project(tmp_path / "laptop-a")
     bucket = tmp_path / "bucket"
@@ -145,6 +147,7 @@ def test_logs_follow_reads_a_remote_session_while_it_runs(tmp_path):
     assert "released the session" in follow.stderr or "session ended" in follow.stderr
 
 
+@pytest.mark.slow
 def test_monitor_reads_a_synced_session_from_storage_by_uri(tmp_path):
     """`monitor URI` (a folder store here, as s3://) reads the session where it is synced:
     --follow refreshes from its segments until it ends, --once shows where it stands; a session

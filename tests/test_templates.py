@@ -186,6 +186,7 @@ def assert_same_tensors(a, b, where="") -> None:
         assert torch.equal(a, b), f"{where} differs"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("template", list(RUNS))
 def test_template_killed_and_resumed_ends_bit_identical(tmp_path, template):
     args, _after, final = RUNS[template]
