@@ -206,6 +206,31 @@ def test_events_log_under_concurrency(tmp_path):
     assert len(seen) == 8 * 5000 and len(set(seen)) == 8 * 5000
 
 
+def test_a_session_being_created_is_never_seen_half_made(tmp_path):
+    """`sessions list`, `latest` or a second node on a shared state dir, reading while a run
+    starts, found the new folder before its session.json and called the session corrupt."""
+    creator = textwrap.dedent(f"""
+        from pathlib import Path
+        from trainctl.session import SessionStore
+        store = SessionStore(Path({str(tmp_path)!r}))
+        for i in range(300):
+            store.create(session_id=f"s{{i:04d}}", script="x.py")
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", creator], env=clean_env())
+    store = SessionStore(tmp_path)
+    half_made = []
+    while proc.poll() is None:
+        for sid in store.ids():
+            if not (store.sessions_dir / sid / "session.json").is_file():
+                half_made.append(sid)
+    assert proc.wait() == 0
+    assert half_made == []
+    assert len(store.ids()) == 300 and [p.name for p in store.sessions_dir.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(FileExistsError):
+        store.create(session_id="s0000")
+    assert store.get("s0000").read()["script"] == "x.py"
+
+
 def test_torn_last_line_and_corrupt_session_are_skipped(project, cli):
     store = SessionStore(project / ".trainctl")
     good = store.create(status="completed", script="good.py")

@@ -6,6 +6,8 @@ import errno
 import json
 import math
 import os
+import shutil
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator
@@ -23,7 +25,7 @@ except ImportError:  # pragma: no cover - Windows
 
 from . import sysinfo
 from .errors import SessionNotFoundError, TrainctlError, TrainctlWarning
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, fsync_dir
 from .values import is_number
 
 EVENT_SCHEMA_VERSION = 1
@@ -530,8 +532,31 @@ class SessionStore:
                **fields: Any) -> Session:
         session_id = session_id or new_session_id()
         directory = self.sessions_dir / session_id
-        directory.mkdir(parents=True, exist_ok=False)
-        (directory / "tensorboard").mkdir()
+        if directory.exists():
+            raise FileExistsError(errno.EEXIST, "session exists", str(directory))
+        # made whole under a hidden name, then renamed into place: a reader (sessions list,
+        # latest, a second node on a shared state dir) never sees a folder without session.json
+        staging = self.sessions_dir / f".new-{session_id}-{os.getpid()}-{threading.get_ident()}"
+        staging.mkdir(parents=True)
+        try:
+            (staging / "tensorboard").mkdir()
+            self._write_new(staging, session_id, status, fields)
+            try:
+                os.rename(staging, directory)  # onto a folder another creator filled: ENOTEMPTY
+            except OSError as e:
+                if e.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise FileExistsError(errno.EEXIST, "session exists", str(directory)) from e
+                raise
+            fsync_dir(self.sessions_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        session = Session(directory)
+        session.event("status", status=status)
+        return session
+
+    @staticmethod
+    def _write_new(directory: Path, session_id: str, status: str, fields: dict[str, Any]) -> None:
         now = time.time()
         data = {
             "id": session_id,
@@ -543,13 +568,11 @@ class SessionStore:
             **fields,
         }
         atomic_write_json(directory / "session.json", data)
-        session = Session(directory)
-        session.event("status", status=status)
-        return session
 
     def ids(self) -> list[str]:
         try:
-            return sorted((p.name for p in self.sessions_dir.iterdir() if p.is_dir()), reverse=True)
+            return sorted((p.name for p in self.sessions_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                          reverse=True)
         except FileNotFoundError:
             return []
 
