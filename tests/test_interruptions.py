@@ -271,6 +271,43 @@ def test_signal_during_emergency_checkpoint_writes_exactly_one(project):
     assert torch.load(ckpts[0]["path"], weights_only=True)["trainctl"]["step"] == ckpts[0]["step"]
 
 
+def test_stop_signals_every_millisecond_still_end_in_one_emergency_checkpoint_and_the_preempted_code(project):
+    """A launcher (or a cloud's shutdown) may signal again and again: one that lands while the
+    interpreter shuts down, after Python gave its handlers back, killed the script by the signal
+    (-15), and the launcher read a kill where a preemption with its checkpoint had happened."""
+    (project / "storm.py").write_text(textwrap.dedent("""
+        import os, subprocess, sys, time, trainctl
+        class Counter:
+            step = 0
+            def state_dict(self):
+                return {"step": self.step}
+            def load_state_dict(self, d):
+                self.step = d["step"]
+        run = trainctl.init()
+        counter = Counter()
+        run.track(counter=counter)
+        # a child that signals this process every millisecond until it is gone (reparented)
+        subprocess.Popen([sys.executable, "-c", "import os, signal, time\\n"
+                          "pid = os.getppid()\\n"
+                          "while os.getppid() == pid:\\n"
+                          "    os.kill(pid, signal.SIGTERM)\\n"
+                          "    time.sleep(0.001)\\n"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while True:
+            counter.step += 1
+            time.sleep(0.01)
+            run.log({"loss": 1.0 / counter.step}, step=counter.step)
+    """))
+    for _ in range(3):
+        done = subprocess.run([sys.executable, "storm.py"], cwd=project, env=clean_env(), capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == EXIT_PREEMPTED, done.stderr[-2000:]
+    for session in sessions(project):
+        ckpts = list(session.iter_events(("checkpoint",)))
+        assert len(ckpts) == 1 and "emergency" in ckpts[0]["path"]
+        assert session.read()["status"] == "preempted"
+
+
 @pytest.mark.slow
 def test_torchrun_preemption_reaches_every_rank_and_writes_one_emergency_checkpoint(project):
     script = str(REPO / "tests" / "scripts" / "ddp_train.py")

@@ -780,6 +780,20 @@ class Run:
         if callable(prev) and prev not in (signal.SIG_DFL, signal.SIG_IGN):
             prev(signum, frame)
 
+    def _ignore_further_stops(self) -> None:
+        """The stop is under way (emergency checkpoint, then exit 75): later stop signals are
+        ignored. While the interpreter shuts down, Python gives its handlers back to the
+        default, and one more SIGTERM there killed the script by the signal, so the launcher
+        read a kill where a preemption with its checkpoint had happened."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in getattr(self, "_prev_handlers", {}):
+            if signal.getsignal(signum) == self._on_signal:
+                try:
+                    signal.signal(signum, signal.SIG_IGN)
+                except (ValueError, OSError):
+                    continue
+
     @property
     def should_stop(self) -> bool:
         """True once a preemption signal arrived; a script that reads it stops on its own terms."""
@@ -837,6 +851,7 @@ class Run:
 
     def _stop(self, *, emergency: bool) -> None:
         self._stopping = True
+        self._ignore_further_stops()
         if emergency and self._tracked and self.is_main:
             # a failed background save is recorded already: it must not cost the emergency one
             self._wait_for_saves()
@@ -953,6 +968,8 @@ class Run:
             return
         self._wait_for_saves()
         status = status or (State.PREEMPTED if self.preempted else State.COMPLETED)
+        if status == State.PREEMPTED:
+            self._ignore_further_stops()
         if status == State.COMPLETED and self._unreported_failures and not self._at_exit:
             failures, self._unreported_failures = self._unreported_failures, []
             raise CheckpointSaveError(failures)
