@@ -262,3 +262,28 @@ def test_warning_rules():
     assert metrics.disk_warning(usage, min_free_bytes=1)["kind"] == "disk_full"
     assert metrics.stall_warning(now=1000, last_output_t=100, last_metric_t=100, stall_s=600)
     assert metrics.stall_warning(now=1000, last_output_t=900, last_metric_t=900, stall_s=600) is None
+
+
+@pytest.mark.parametrize("line", [
+    "ValueError: boom in step 7",
+    "RuntimeError: loss 0.5 at epoch 3",
+    "torch.OutOfMemoryError: CUDA out of memory at step 9",
+    "/work/train.py:12: UserWarning: step 3 loss is nan",
+    "KeyboardInterrupt",
+])
+def test_an_exception_or_warning_line_is_not_read_as_metrics(line):
+    """The progress line showed "step 7 (failed)" from `ValueError: boom in step 7`, and a
+    warning's file:line became a metric."""
+    parser = MetricParser()
+    parser.feed("step 5 loss 0.40")
+    assert parser.feed(line) is None
+    assert parser.step == 5
+
+
+@pytest.mark.parametrize("line, values", [
+    ("MeanSquaredError: 0.25 step 8", {"meansquarederror": 0.25}),
+    ("val_error: 0.3 step 8", {"val_error": 0.3}),
+])
+def test_a_metric_named_like_an_error_is_still_a_metric(line, values):
+    result = MetricParser().feed(line)
+    assert result is not None and result["values"] == values and result["step"] == 8

@@ -62,6 +62,11 @@ _CONTEXT = re.compile(r"\s*(test|val|valid|validation|eval)\b", re.IGNORECASE)
 _LR_TEXT = re.compile(r"learning.rate|\blr\b", re.IGNORECASE)
 _LR_KEYS = frozenset({"lr", "learning_rate", "learning-rate"})
 
+# An exception's last line ("ValueError: boom in step 7", "torch.OutOfMemoryError: ...") and a
+# warning as Python prints it ("/x/train.py:12: UserWarning: loss is nan"): words, not metrics
+# (a metric named like one, "MeanSquaredError: 0.25", has its number right after the colon).
+_NOT_METRICS = re.compile(r"^\s*(?:\S+:\d+: )?[A-Za-z_][\w.]*(?:Error|Exception|Interrupt|Exit|Warning|Failure)"
+                          r"(?::(?!\s*[-+]?(?:\d|\.\d|nan\b|inf))|$)", re.IGNORECASE)
 MAX_LINE_CHARS = 4096  # metrics sit near the start; a megabyte line must not cost a megabyte
 # User patterns are matched against the first USER_PATTERN_LINE_CHARS of a line; one that takes
 # longer than USER_PATTERN_BUDGET_S on a line is turned off (with a warning) for the rest of the run.
@@ -128,7 +133,8 @@ class MetricParser:
         lowered = line.lower()
         for word in _GATE_WORDS:
             if word in lowered:
-                result = _parse_builtin(line)
+                if not _NOT_METRICS.match(line):
+                    result = _parse_builtin(line)
                 break
         if self.patterns:
             result = self._user_patterns(line, result)
