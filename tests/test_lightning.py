@@ -342,3 +342,41 @@ def test_logger_and_callback_together_log_once(project):
     assert sum(1 for (_, k) in seen if k == "train_loss_epoch") == 2
     assert max(seen.values()) == 1
     assert session.read()["config"]["hparams"]["lr"] == 0.1
+
+
+LAST_CKPT_WRITER = """
+import os, sys, torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+import trainctl
+from trainctl.callbacks.lightning import TrainctlCallback, _RegisteringCheckpointIO
+folder, point = sys.argv[1], sys.argv[2]
+callback = TrainctlCallback()
+callback.run = trainctl.init(tensorboard=False)
+io = _RegisteringCheckpointIO(TorchCheckpointIO(), callback)
+def save(step):
+    io.save_checkpoint({"state_dict": {"w": torch.full((1000,), float(step))}, "global_step": step, "epoch": 0},
+                       os.path.join(folder, "last.ckpt"))
+save(1)
+os.environ["TRAINCTL_CRASH_AT"] = point
+save(2)
+print("not killed", flush=True)
+"""
+
+
+@pytest.mark.parametrize("point", ["manifest-transition:written", "checkpoint:data-replaced", "checkpoint:dir-synced",
+                                   "manifest:written"])
+def test_overwriting_last_ckpt_survives_a_kill_at_every_step(project, point):
+    """ModelCheckpoint rewrites last.ckpt in place: the manifest was dropped before the swap and
+    written after it, so a kill in between left last.ckpt unverified and a restart began at step 0."""
+    (project / "writer.py").write_text(LAST_CKPT_WRITER)
+    folder = project / "ckpts"
+    folder.mkdir()
+    proc = subprocess.run([sys.executable, "writer.py", str(folder), point], cwd=project, capture_output=True,
+                          text=True, env=clean_env(), timeout=180)
+    assert proc.returncode == -signal.SIGKILL, (point, proc.stdout, proc.stderr[-2000:])
+    found, skipped = checkpoint.newest_valid(folder)
+    assert found == folder / "last.ckpt", (point, skipped)
+    info = checkpoint.inspect(found)
+    state = torch.load(found, weights_only=True)
+    assert info.step in (1, 2) and state["global_step"] == info.step
+    assert torch.equal(state["state_dict"]["w"], torch.full((1000,), float(info.step)))

@@ -269,15 +269,33 @@ def register(path: str | os.PathLike[str], meta: dict[str, Any], *, digest: str 
     path = Path(path)
     size = _fsync_file(path)
     fsync_dir(path.parent)
-    if digest is None:
-        try:
-            digest = _zip_digest(path) if _crc_enabled() else file_sha256(path)
-        except (zipfile.BadZipFile, ValueError):
-            digest = file_sha256(path)  # a legacy (non-zip) file
-    full_meta = {**_plain(dict(meta)), "format_version": FORMAT_VERSION,
-                 "saved_at": meta.get("saved_at") or time.time()}
-    return _write_manifest_doc(path, {"bytes": size, "digest": digest, "meta": _json_meta(full_meta)},
-                               "manifest", _tag(full_meta))
+    full_meta = _adopted_meta(meta)
+    return _write_manifest_doc(path, {"bytes": size, "digest": digest or _any_digest(path),
+                                      "meta": _json_meta(full_meta)}, "manifest", _tag(full_meta))
+
+
+def place(tmp: str | os.PathLike[str], path: str | os.PathLike[str], meta: dict[str, Any]) -> dict[str, Any]:
+    """Put a checkpoint another tool wrote to a temp file beside `path` (Lightning's
+    CheckpointIO) in place, with its manifest, by the steps save() takes: while an existing
+    checkpoint of that name (Lightning's last.ckpt) is replaced, there is never a moment
+    without a file a manifest vouches for. Returns the manifest."""
+    tmp, path = Path(tmp), Path(path)
+    size = _fsync_file(tmp)
+    crash_point("checkpoint:data-synced")
+    full_meta = _adopted_meta(meta)
+    return _put_in_place(tmp, path, {"bytes": size, "digest": _any_digest(tmp), "meta": _json_meta(full_meta)},
+                         _tag(full_meta))
+
+
+def _adopted_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    return {**_plain(dict(meta)), "format_version": FORMAT_VERSION, "saved_at": meta.get("saved_at") or time.time()}
+
+
+def _any_digest(path: Path) -> str:
+    try:
+        return _zip_digest(path) if _crc_enabled() else file_sha256(path)
+    except (zipfile.BadZipFile, ValueError):
+        return file_sha256(path)  # a legacy (non-zip) file
 
 
 class _Staging:

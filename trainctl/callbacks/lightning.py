@@ -161,22 +161,33 @@ class _RegisteringCheckpointIO(CheckpointIO):
         final = Path(target).absolute()
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = temp_name(final, self.callback.run.id if self.callback.run is not None else None)
+        meta = self.callback._meta_for(final, checkpoint)
+        manifest = None
         try:
             self.base.save_checkpoint(checkpoint, tmp, storage_options=storage_options)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            # drop an older manifest first (ModelCheckpoint rewrites last.ckpt in place): a crash
-            # before the new one lands leaves an unverified file, never new bytes under an old manifest
-            checkpoint_mod.manifest_path(final).unlink(missing_ok=True)
-            os.replace(tmp, final)
+            if meta is not None:
+                try:
+                    # ModelCheckpoint rewrites last.ckpt in place: the manifest names the old and
+                    # the new version while the file is swapped, as checkpoint.save() does
+                    manifest = checkpoint_mod.place(tmp, final, meta)
+                except Exception as e:
+                    warnings.warn(f"trainctl could not register checkpoint {final}: {e}", TrainctlWarning,
+                                  stacklevel=2)
+            if manifest is None and tmp.exists():
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                # no manifest for the new bytes: an older one must not vouch for them
+                checkpoint_mod.manifest_path(final).unlink(missing_ok=True)
+                os.replace(tmp, final)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(final.parent)
-        self.callback._register(final, checkpoint)
+        if manifest is not None:
+            self.callback._recorded(final, manifest)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, **kwargs: Any) -> dict[str, Any]:
         return self.base.load_checkpoint(path, map_location=map_location, **kwargs)
@@ -346,22 +357,21 @@ class TrainctlCallback(Callback):
         meta["saved_at"] = time.time()
         return meta
 
-    def _register(self, path: Path, checkpoint: Mapping[str, Any]) -> None:
-        """Manifest + checkpoint event for a file Lightning just wrote (rank 0 only)."""
+    def _meta_for(self, path: Path, checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The manifest's metadata for a file Lightning is writing; None off rank 0 (not registered)."""
         run = self.run
         if run is None or not run.is_main:
-            return
+            return None
         meta = checkpoint.get(checkpoint_mod.META_KEY)
         if not isinstance(meta, dict):  # save_weights_only=True skips on_save_checkpoint
             meta = {"epoch": checkpoint.get("epoch"), "step": checkpoint.get("global_step"),
                     "session_id": run.id, "script": run.script, "framework": "lightning"}
-        meta = {**meta, "name": path.name}
-        try:
-            manifest = checkpoint_mod.register(path, meta)
-        except Exception as e:
-            warnings.warn(f"trainctl could not register checkpoint {path}: {e}", TrainctlWarning, stacklevel=2)
-            return
-        if _writes(run):
+        return {**meta, "name": path.name}
+
+    def _recorded(self, path: Path, manifest: dict[str, Any]) -> None:
+        """The checkpoint event for a file Lightning wrote and trainctl registered."""
+        run = self.run
+        if run is not None and _writes(run):
             run.record_checkpoint(path, manifest)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
