@@ -111,6 +111,11 @@ def tags_of(resource: dict[str, Any]) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
 
 
+def templates_of(cloud: Cloud, sid: str) -> list[dict[str, Any]]:
+    return cloud.ec2().describe_launch_templates(
+        Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["LaunchTemplates"]
+
+
 def user_data(cloud: Cloud, instance_id: str) -> str:
     answer = cloud.ec2().describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
     return base64.b64decode(answer["UserData"]["Value"]).decode()
@@ -200,6 +205,82 @@ def test_launch_makes_the_group_the_network_and_one_tagged_machine_per_node(proj
     assert "2 x $1.0060/h = $2.0120/h for the job" in resumed and "RunInstances node 1" in resumed
 
 
+def test_spot_nodes_plan_one_maintain_fleet_per_node_and_the_total(project: Project, cloud: Cloud,
+                                                                  placement: PlacementGroups):
+    made = len(placement.created)
+    r = project.run("aws", "launch", "-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1",
+                    "--max-hours", "6", "--dry-run", "train.py")
+    out = r.stdout
+    assert "one EC2 Fleet of type maintain per node: AWS replaces a reclaimed node" in out
+    assert "the job resumes with 2 nodes from the newest verified checkpoint" in out
+    price = float(re.search(r"2 x \$(\d+\.\d{4})/h = \$(\d+\.\d{4})/h for the job", out).group(1))
+    assert f"2 x ${price:.4f}/h = ${2 * price:.4f}/h for the job" in out
+    assert f"${2 * price * 6:.2f} for 6 h, 2 machines" in out
+    requests = re.findall(r"^  (\w+)( node \d)?", out.split("Requests (in order):")[1].split("Boot script")[0], re.M)
+    assert [op + node for op, node in requests] == [
+        "CreatePlacementGroup", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress", "CreateLaunchTemplate node 0",
+        "CreateLaunchTemplate node 1", "CreateFleet node 0", "CreateFleet node 1"]
+    plan = json.loads(project.run("aws", "launch", "-t", "g5.xlarge", "--nodes", "2", "--spot", "--dry-run", "--json",
+                                  "train.py").stdout)
+    assert plan["mechanism"] == "ec2-fleet-maintain" and plan["nodes"] == 2
+    templates = [r for r in plan["requests"] if r["operation"] == "CreateLaunchTemplate"]
+    fleets = [r for r in plan["requests"] if r["operation"] == "CreateFleet"]
+    for rank, (template, fleet) in enumerate(zip(templates, fleets, strict=True)):
+        data = template["params"]["LaunchTemplateData"]
+        assert data["Placement"]["GroupName"].startswith("trainctl-")
+        assert "<the session's node security group>" in data["SecurityGroupIds"]
+        assert {"Key": "trainctl:node", "Value": str(rank)} in data["TagSpecifications"][0]["Tags"]
+        params = fleet["params"]
+        assert (params["Type"], params["TargetCapacitySpecification"]["TotalTargetCapacity"]) == ("maintain", 1)
+        assert params["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]["LaunchTemplateName"] == (
+            template["params"]["LaunchTemplateName"])
+        assert {"Key": "trainctl:node", "Value": str(rank)} in params["TagSpecifications"][0]["Tags"]
+    assert len(placement.created) == made  # a dry run creates nothing
+
+
+def test_spot_nodes_launch_a_template_and_a_fleet_per_node_and_terminate_ends_them_all(
+        project: Project, cloud: Cloud, placement: PlacementGroups):
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1", "--max-hours", "2",
+                         "train.py")
+    (request,) = [c for c in placement.created if sid in c["GroupName"]]
+    templates = templates_of(cloud, sid)
+    assert len(templates) == 2
+    by_rank = {int(tags_of(i)["trainctl:node"]): i for i in cloud.instances(sid)}
+    assert sorted(by_rank) == [0, 1]
+    (group,) = cloud.ec2().describe_security_groups(
+        Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["SecurityGroups"]
+    for rank, instance in by_rank.items():
+        assert instance.get("InstanceLifecycle") == "spot"
+        boot = user_data(cloud, instance["InstanceId"])
+        assert f"export TRAINCTL_NODE_RANK={rank}" in boot and "export TRAINCTL_NNODES=2" in boot
+        assert tags_of(instance)["trainctl:attempt"] == "0"
+    ids = project.record(sid)["handle"]["ids"]
+    assert ids["mechanism"] == "ec2-fleet-maintain" and len(ids["fleet_ids"]) == 2
+    assert ids["instance_ids"] == [by_rank[0]["InstanceId"], by_rank[1]["InstanceId"]]
+    fleets = cloud.ec2().describe_fleets(FleetIds=ids["fleet_ids"])["Fleets"]
+    for rank, fleet_id in enumerate(ids["fleet_ids"]):
+        (fleet,) = [f for f in fleets if f["FleetId"] == fleet_id]
+        assert fleet["Type"] == "maintain" and tags_of(fleet)["trainctl:node"] == str(rank)
+        template_id = fleet["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]
+        data = cloud.ec2().describe_launch_template_versions(
+            LaunchTemplateName=template_id["LaunchTemplateName"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        assert f"TRAINCTL_NODE_RANK={rank}" in base64.b64decode(data["UserData"]).decode()
+        assert data["Placement"]["GroupName"] == request["GroupName"]
+        assert group["GroupId"] in data["SecurityGroupIds"]  # (moto's fleet machines keep only the first group)
+    status = project.run("aws", "status", sid).stdout
+    assert "(2 machine" in status and f"{by_rank[1]['InstanceId']}  node 1" in status
+
+    ended = project.run("aws", "terminate", sid, "--yes").stdout
+    for fleet_id in ids["fleet_ids"]:
+        assert f"fleet {fleet_id}: deleted" in ended
+    assert f"security group {group['GroupId']}: deleted" in ended
+    assert f"placement group {request['GroupName']}: deleted" in ended
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
+    assert templates_of(cloud, sid) == [] and request["GroupName"] not in placement.groups
+    again = project.run("aws", "terminate", sid, "--yes").stdout  # safe to repeat
+    assert "deleted (was" not in again and "terminated (was" not in again
+
+
 class NoCapacityForNode(Rule):
     """EC2 without capacity for node `rank` in `zone` (every other request goes to moto)."""
 
@@ -240,7 +321,8 @@ def test_a_zone_without_room_for_every_node_gives_back_what_started_there(projec
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--nodes", "0"), "error: --nodes must be 1 or more, not 0."),
-    (("--nodes", "2", "--spot"), "error: --nodes runs on on-demand machines only"),
+    (("--nodes", "2", "--spot", "--spot-fallback", "1"), "error: --spot-fallback moves one machine to on-demand"),
+    (("--nodes", "2", "--spot", "--efa"), "error: --efa: g5.xlarge does not support EFA (its EfaSupported is false)."),
     (("--efa",), "error: --efa is for jobs over several machines."),
     (("--nodes", "2", "--max-restarts", "2"), "error: --max-restarts restarts one machine's part alone"),
     (("--nodes", "2", "--efa"), "error: --efa: g5.xlarge does not support EFA (its EfaSupported is false)."),

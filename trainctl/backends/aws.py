@@ -252,6 +252,10 @@ class AwsBackend(Backend):
         if self.settings.endpoint_url:
             env["TRAINCTL_ENDPOINT_URL"] = self.settings.endpoint_url
         fallback = r.get("spot_fallback")
+        if nodes > 1 and fallback is not None:
+            raise UsageError("--spot-fallback moves one machine to on-demand; a job over several machines keeps "
+                             "every node on spot (each node's fleet replaces it).",
+                             "Drop --spot-fallback, or run the nodes on-demand (drop --spot).")
         display = [("session data", session_uri + "/"), ("code bundle", bundle_row), ("resume", resume_row),
                    ("run", " ".join(redact_args([_script_rel(spec, self.cfg), *spec.args])))]
         if nodes > 1:
@@ -259,7 +263,7 @@ class AwsBackend(Backend):
             display.append(("job", f"{nodes} nodes x {per_node} process(es) through torchrun, rendezvous id "
                             f"{spec.session_id}; node 0's agent publishes its private address (IMDS local-ipv4) in "
                             "the session's storage, the others wait for it"))
-        if market == "spot":
+        if market == "spot" and nodes == 1:
             display.append(("spot fallback", f"after {fallback} interruption(s), trainctl continues on on-demand "
                             "when it next looks at the session (aws launch following, aws status)"
                             if fallback is not None else "none: the fleet replaces on spot until the deadline"))
@@ -378,6 +382,8 @@ class AwsBackend(Backend):
         if result.nodes > 1:
             ids.update(nodes=result.nodes, efa=aws_plan.request.efa, placement_group=result.placement_group,
                        node_security_group_id=result.node_security_group_id)
+            if result.fleet_ids:
+                ids.update(fleet_ids=list(result.fleet_ids), launch_template_ids=list(result.launch_template_ids))
         return Handle(self.name, ids, attempt)
 
     def _upload_code(self, remote: Any, details: dict[str, Any]) -> None:
@@ -443,7 +449,8 @@ class AwsBackend(Backend):
         description = Description(state, record.get("exit_code") if state not in (State.RUNNING, State.PENDING)
                                   else None, None, details)
         fallback = ids.get("spot_fallback")
-        if fallback is not None and fleet_active and self._interruptions(handle, status) >= int(fallback):
+        if (fallback is not None and fleet_active and int(ids.get("nodes") or 1) == 1
+                and self._interruptions(handle, status) >= int(fallback)):
             details["fallback"] = self._fall_back_to_on_demand(handle)
         self._mirror_record(handle, description, record)
         return description
