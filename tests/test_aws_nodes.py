@@ -372,7 +372,7 @@ def start_node(cloud: Cloud, instance_id: str, folder: Path, guard_log: Path, po
     env = loopback_env(clean_env(**exports), guard_log=guard_log, AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
     env.pop("AWS_EC2_METADATA_DISABLED")  # a machine reads IMDS
     process = subprocess.Popen([sys.executable, "-m", "trainctl", *command[1:], *MACHINE_OPTIONS,
-                                "--rdzv-port", str(port), "--head-wait", "120"],
+                                "--rdzv-port", str(port), "--head-wait", "120", "--replace-wait", "120"],
                                cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, imds
 
@@ -526,3 +526,70 @@ def test_the_nodes_watch_names_the_first_machine_gone_and_tells_once():
     finally:
         gone.stop()
     assert notices.empty()  # told once
+
+
+def test_a_reclaimed_spot_node_is_replaced_by_its_fleet_and_the_job_resumes_by_itself(
+        tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
+    from tests.aws_fixtures import reclaim
+    from tests.conftest import REPO
+    from tests.servers import wait_for
+    from tests.test_aws_e2e import remote
+    from tests.test_multinode import free_port
+
+    project = make_project(tmp_path / "demo", cloud)
+    (project.root / "train.py").write_text((REPO / "tests" / "scripts" / "ddp_train.py").read_text())
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1", "--max-hours", "1",
+                         "train.py", "--steps", "150", "--checkpoint-every", "5", "--step-delay", "0.05")
+    stored = remote(cloud, sid)
+    ids = project.record(sid)["handle"]["ids"]
+    first = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
+    port = free_port()
+    machines = {"head": start_node(cloud, first[0], tmp_path / "node0", project.guard_log, port),
+                "node1": start_node(cloud, first[1], tmp_path / "node1", project.guard_log, port)}
+    outputs: dict[str, str] = {}
+    try:
+        wait_for(lambda: (stored.latest_checkpoint() or {}).get("step"), timeout_s=180, interval_s=0.2)
+        # the test plays AWS: it reclaims node 1 (its agent is told to stop, as the machine goes)...
+        reclaim(cloud, first[1])
+        machines["node1"][0].terminate()
+        outputs["node1"] = machines["node1"][0].communicate(timeout=120)[0]
+        # ...and node 1's fleet starts its replacement from node 1's launch template
+        (replacement,) = cloud.ec2().run_instances(
+            MinCount=1, MaxCount=1, InstanceMarketOptions={"MarketType": "spot"},
+            LaunchTemplate={"LaunchTemplateId": ids["launch_template_ids"][1], "Version": "1"})["Instances"]
+        new = replacement["InstanceId"]
+        machines["new"] = start_node(cloud, new, tmp_path / "node1-new", project.guard_log, port)
+        for name in ("head", "new"):
+            outputs[name] = machines[name][0].communicate(timeout=300)[0]
+    finally:
+        for process, imds in machines.values():
+            process.kill()
+            imds.stop()
+    head, worker = machines["head"][0], machines["new"][0]
+    assert head.returncode == 0, outputs["head"][-5000:]
+    assert worker.returncode == 0, outputs["new"][-5000:]
+    assert f"node 1 of 2 ({first[1]}) is" in outputs["head"] and "waiting for its replacement" in outputs["head"]
+    assert f"round 1: every node checked in (node 1 {new}); starting" in outputs["head"]
+    assert "trainctl aws resume" not in outputs["head"]
+    assert "checked in for round 1" in outputs["new"] and "joining the head at 127.0.0.1" in outputs["new"]
+    # both nodes of round 1 started from the same checkpoint: the newest in storage when it began
+    head_rank = json.loads((tmp_path / "node0" / "project" / "rank0.json").read_text())
+    worker_rank = json.loads((tmp_path / "node1-new" / "project" / "rank1.json").read_text())
+    assert (head_rank["is_main"], worker_rank["is_main"]) == (True, False)
+    assert 0 < head_rank["start"] == worker_rank["start"] < 150
+    assert stored.ended()["reason"] == "training completed" and stored.latest_checkpoint()["step"] == 150
+    head_json = stored.read_head()
+    assert (head_json["round"], head_json["state"], head_json["machines"]) == (1, "ready", {"1": new})
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}  # each machine ended itself
+    fleets = cloud.ec2().describe_fleets(FleetIds=ids["fleet_ids"])["Fleets"]
+    assert all(f["FleetState"] != "active" for f in fleets)  # the head's end ended every node's fleet
+    # one session, completed, with every machine it ran on (node 1 twice) in its cost
+    status = project.run("aws", "status", sid).stdout
+    assert f"session {sid} on AWS {REGION}: completed" in status and "(3 machine" in status, status
+    record = project.record(sid)
+    assert record["status"] == "completed"
+    assert {m["id"] for m in record["cloud"]["machines"]} == {first[0], first[1], new}
+    assert [p.name for p in (project.root / ".trainctl" / "sessions").iterdir()] == [sid]
+    assert templates_of(cloud, sid) == []
+    assert not cloud.ec2().describe_security_groups(
+        Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["SecurityGroups"]

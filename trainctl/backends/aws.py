@@ -995,8 +995,13 @@ def node_machines(session_id: str, attempt: int, *, region: str | None = None, e
             {"Name": f"tag:{TAG_ATTEMPT}", "Values": [str(attempt)]}])["Reservations"]
     except AwsError as e:
         raise OSError(f"could not describe the job's machines ({e.message})") from e
+    from ..cloud.aws.launch import INSTANCE_GONE_STATES
+
     out: dict[int, tuple[str, str]] = {}
-    for instance in (i for r in reservations for i in r["Instances"]):
+    # a node replaced by its fleet has two machines: the live one counts, then the newest
+    instances = sorted((i for r in reservations for i in r["Instances"]),
+                       key=lambda i: (i["State"]["Name"] not in INSTANCE_GONE_STATES, str(i.get("LaunchTime") or "")))
+    for instance in instances:
         rank = tag_dict(instance.get("Tags")).get(TAG_NODE, "")
         if rank.isdigit():
             out[int(rank)] = (instance["InstanceId"], instance["State"]["Name"])

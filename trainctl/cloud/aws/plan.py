@@ -181,6 +181,8 @@ def boot_env(request: LaunchRequest, region: str, node_rank: int = 0) -> dict[st
            "TRAINCTL_ATTEMPT": str(request.attempt), "TRAINCTL_BACKEND": "aws"}
     if request.nodes > 1:  # the agent of node 0 publishes its private address; the others wait for it
         env.update(TRAINCTL_NNODES=str(request.nodes), TRAINCTL_NODE_RANK=str(node_rank))
+        if request.market == "spot":  # each node's fleet replaces it: the job waits for it and resumes
+            env["TRAINCTL_NODE_REPLACEMENT"] = "fleet"
     if request.storage_uri:
         env["TRAINCTL_STORAGE_URI"] = request.storage_uri
     if request.secrets:
