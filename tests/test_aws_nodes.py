@@ -593,3 +593,56 @@ def test_a_reclaimed_spot_node_is_replaced_by_its_fleet_and_the_job_resumes_by_i
     assert templates_of(cloud, sid) == []
     assert not cloud.ec2().describe_security_groups(
         Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["SecurityGroups"]
+
+
+def test_a_reclaimed_spot_head_is_replaced_and_the_other_nodes_wait_for_it(
+        tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
+    from tests.aws_fixtures import reclaim
+    from tests.conftest import REPO
+    from tests.servers import wait_for
+    from tests.test_aws_e2e import remote
+    from tests.test_multinode import free_port
+
+    project = make_project(tmp_path / "demo", cloud)
+    (project.root / "train.py").write_text((REPO / "tests" / "scripts" / "ddp_train.py").read_text())
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1", "--max-hours", "1",
+                         "train.py", "--steps", "150", "--checkpoint-every", "5", "--step-delay", "0.05")
+    stored = remote(cloud, sid)
+    ids = project.record(sid)["handle"]["ids"]
+    first = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
+    port = free_port()
+    machines = {"head": start_node(cloud, first[0], tmp_path / "node0", project.guard_log, port),
+                "node1": start_node(cloud, first[1], tmp_path / "node1", project.guard_log, port)}
+    outputs: dict[str, str] = {}
+    try:
+        wait_for(lambda: (stored.latest_checkpoint() or {}).get("step"), timeout_s=180, interval_s=0.2)
+        # the test plays AWS: the head gets its spot interruption notice, then the machine goes...
+        machines["head"][1].set_spot_action("terminate", in_s=30)
+        outputs["head"] = machines["head"][0].communicate(timeout=120)[0]
+        reclaim(cloud, first[0])
+        # ...and node 0's fleet starts its replacement, which boots as the head
+        (replacement,) = cloud.ec2().run_instances(
+            MinCount=1, MaxCount=1, InstanceMarketOptions={"MarketType": "spot"},
+            LaunchTemplate={"LaunchTemplateId": ids["launch_template_ids"][0], "Version": "1"})["Instances"]
+        new = replacement["InstanceId"]
+        machines["new"] = start_node(cloud, new, tmp_path / "node0-new", project.guard_log, port)
+        for name in ("new", "node1"):
+            outputs[name] = machines[name][0].communicate(timeout=300)[0]
+    finally:
+        for process, imds in machines.values():
+            process.kill()
+            imds.stop()
+    assert machines["head"][0].returncode == 75, outputs["head"][-5000:]  # left to the platform, as a preemption
+    assert machines["new"][0].returncode == 0, outputs["new"][-5000:]
+    assert machines["node1"][0].returncode == 0, outputs["node1"][-5000:]
+    # the worker kept its machine: it waited for the new head's round, checked in and joined it
+    assert "round 0 stopped; waiting for the head's next round" in outputs["node1"], outputs["node1"][-5000:]
+    assert "checked in for round 1" in outputs["node1"]
+    assert f"round 1: every node checked in (node 1 {first[1]}); starting" in outputs["new"]
+    head_rank = json.loads((tmp_path / "node0-new" / "project" / "rank0.json").read_text())
+    worker_rank = json.loads((tmp_path / "node1" / "project" / "rank1.json").read_text())
+    assert 0 < head_rank["start"] == worker_rank["start"] < 150
+    assert stored.ended()["reason"] == "training completed" and stored.latest_checkpoint()["step"] == 150
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
+    status = project.run("aws", "status", sid).stdout
+    assert f"session {sid} on AWS {REGION}: completed" in status and "(3 machine" in status, status
