@@ -281,6 +281,36 @@ def test_spot_nodes_launch_a_template_and_a_fleet_per_node_and_terminate_ends_th
     assert "deleted (was" not in again and "terminated (was" not in again
 
 
+def test_spot_fallback_moves_a_node_reclaimed_n_times_to_on_demand_in_its_group(
+        project: Project, cloud: Cloud, placement: PlacementGroups, run_instances: Seen):
+    from tests.aws_fixtures import reclaim
+
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--spot-fallback", "1", "train.py")
+    ids = project.record(sid)["handle"]["ids"]
+    first = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
+    reclaim(cloud, first[1])
+    status = project.run("aws", "status", sid).stdout  # trainctl looks at the session: one interruption is enough
+    moved = [i for i in cloud.instances(sid) if i["InstanceId"] not in first.values()]
+    (on_demand,) = moved
+    assert "InstanceLifecycle" not in on_demand and tags_of(on_demand)["trainctl:node"] == "1"
+    assert tags_of(on_demand)["trainctl:attempt"] == "0"  # the same node of the same attempt: it checks in as node 1
+    assert "export TRAINCTL_NODE_RANK=1" in user_data(cloud, on_demand["InstanceId"])
+    (asked,) = [f for f in run_instances.forms if f.get("LaunchTemplate.LaunchTemplateName", "").endswith("-n1")]
+    zone = cloud.instances(sid)[0]["Placement"]["AvailabilityZone"]
+    assert on_demand["Placement"]["AvailabilityZone"] == zone and "SubnetId" in asked
+    fleets = {f["FleetId"]: f["FleetState"] for f in cloud.ec2().describe_fleets(FleetIds=ids["fleet_ids"])["Fleets"]}
+    assert fleets[ids["fleet_ids"][0]] == "active" and fleets[ids["fleet_ids"][1]] != "active"
+    status = project.run("aws", "status", sid).stdout
+    assert (f"fallback   node 1 continues on on-demand ({on_demand['InstanceId']}) after 1 spot interruption(s)"
+            in status), status
+    assert f"{on_demand['InstanceId']}  node 1" in status and "(3 machine" in status
+    assert [m["node"] for m in project.record(sid)["cloud"]["node_fallbacks"]] == [1]
+    project.run("aws", "status", sid)  # a second look starts nothing more
+    assert len(cloud.instances(sid)) == 3
+    project.run("aws", "terminate", sid, "--yes")
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
+
+
 class NoCapacityForNode(Rule):
     """EC2 without capacity for node `rank` in `zone` (every other request goes to moto)."""
 
@@ -321,7 +351,6 @@ def test_a_zone_without_room_for_every_node_gives_back_what_started_there(projec
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--nodes", "0"), "error: --nodes must be 1 or more, not 0."),
-    (("--nodes", "2", "--spot", "--spot-fallback", "1"), "error: --spot-fallback moves one machine to on-demand"),
     (("--nodes", "2", "--spot", "--efa"), "error: --efa: g5.xlarge does not support EFA (its EfaSupported is false)."),
     (("--efa",), "error: --efa is for jobs over several machines."),
     (("--nodes", "2", "--max-restarts", "2"), "error: --max-restarts restarts one machine's part alone"),

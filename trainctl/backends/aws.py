@@ -252,10 +252,6 @@ class AwsBackend(Backend):
         if self.settings.endpoint_url:
             env["TRAINCTL_ENDPOINT_URL"] = self.settings.endpoint_url
         fallback = r.get("spot_fallback")
-        if nodes > 1 and fallback is not None:
-            raise UsageError("--spot-fallback moves one machine to on-demand; a job over several machines keeps "
-                             "every node on spot (each node's fleet replaces it).",
-                             "Drop --spot-fallback, or run the nodes on-demand (drop --spot).")
         display = [("session data", session_uri + "/"), ("code bundle", bundle_row), ("resume", resume_row),
                    ("run", " ".join(redact_args([_script_rel(spec, self.cfg), *spec.args])))]
         if nodes > 1:
@@ -263,7 +259,13 @@ class AwsBackend(Backend):
             display.append(("job", f"{nodes} nodes x {per_node} process(es) through torchrun, rendezvous id "
                             f"{spec.session_id}; node 0's agent publishes its private address (IMDS local-ipv4) in "
                             "the session's storage, the others wait for it"))
-        if market == "spot" and nodes == 1:
+        if market == "spot" and nodes > 1:
+            display.append(("spot fallback", f"a node reclaimed {fallback} time(s) continues on on-demand (its fleet "
+                            "ends, an on-demand machine from its launch template joins the placement group) when "
+                            "trainctl next looks at the session (aws launch following, aws status)"
+                            if fallback is not None else "none: each node's fleet replaces it on spot until the "
+                            "deadline"))
+        elif market == "spot":
             display.append(("spot fallback", f"after {fallback} interruption(s), trainctl continues on on-demand "
                             "when it next looks at the session (aws launch following, aws status)"
                             if fallback is not None else "none: the fleet replaces on spot until the deadline"))
@@ -449,8 +451,11 @@ class AwsBackend(Backend):
         description = Description(state, record.get("exit_code") if state not in (State.RUNNING, State.PENDING)
                                   else None, None, details)
         fallback = ids.get("spot_fallback")
-        if (fallback is not None and fleet_active and int(ids.get("nodes") or 1) == 1
-                and self._interruptions(handle, status) >= int(fallback)):
+        if fallback is not None and fleet_active and int(ids.get("nodes") or 1) > 1:
+            moved = self._fall_back_nodes(handle, status)
+            if moved:
+                details["node_fallbacks"] = moved
+        elif fallback is not None and fleet_active and self._interruptions(handle, status) >= int(fallback):
             details["fallback"] = self._fall_back_to_on_demand(handle)
         self._mirror_record(handle, description, record)
         return description
@@ -631,6 +636,65 @@ class AwsBackend(Backend):
         if session is not None:
             record_attempt(session, new, plan, note=f"after {handle.ids.get('spot_fallback')} spot interruption(s)")
         return {"attempt": attempt, "instance_ids": new.ids.get("instance_ids")}
+
+    def _fall_back_nodes(self, handle: Handle, status: Any) -> list[dict[str, Any]]:
+        """Spot nodes: a node reclaimed `spot_fallback` times continues on on-demand. One
+        on-demand machine starts from the node's launch template (same node rank and attempt),
+        in its placement group and zone, then the node's fleet ends with its spot machine: the
+        head takes the new machine in as the node's replacement (the next round). A node
+        without on-demand room there keeps its fleet; the next look tries again."""
+        from ..cloud.aws.errors import CapacityUnavailableError, InstanceTypeNotOfferedError
+        from ..cloud.aws.launch import (
+            FLEET_GONE_STATES,
+            INSTANCE_GONE_STATES,
+            end_fleet,
+            session_fleets,
+        )
+        from ..cloud.aws.names import TAG_NODE, tag_dict
+        from ..cloud.aws.plan import client_token
+
+        ids = handle.ids
+        sid, limit = ids["session_id"], int(ids["spot_fallback"])
+        ctx = self.context(ids["region"])
+        moved: list[dict[str, Any]] = []
+        for fleet in session_fleets(ctx, sid):
+            rank = tag_dict(fleet.get("Tags")).get(TAG_NODE, "")
+            if fleet.get("FleetState") in FLEET_GONE_STATES or not rank.isdigit():
+                continue
+            reclaimed = sum(1 for m in status.machines if m.node == int(rank) and m.market == "spot"
+                            and m.state in INSTANCE_GONE_STATES and m.state_reason == SPOT_RECLAIMED)
+            if reclaimed < limit:
+                continue
+            config = fleet["LaunchTemplateConfigs"][0]
+            template = {k: v for k, v in config["LaunchTemplateSpecification"].items()
+                        if k in ("LaunchTemplateId", "LaunchTemplateName", "Version")}
+            subnet = next((o["SubnetId"] for o in config.get("Overrides") or [] if o.get("SubnetId")), None)
+            params: dict[str, Any] = {"MinCount": 1, "MaxCount": 1, "LaunchTemplate": template,
+                                      "ClientToken": client_token(sid, handle.attempt, "on-demand", rank)}
+            if subnet:
+                params["SubnetId"] = subnet
+            try:
+                started = ctx.call("ec2", "run_instances", error_context={
+                    "instance_type": ids.get("instance_type"), "market": "on-demand", "zone": ids.get("zone")},
+                    **params)["Instances"][0]["InstanceId"]
+            except (CapacityUnavailableError, InstanceTypeNotOfferedError) as e:
+                moved.append({"node": int(rank), "instance_id": None, "interruptions": reclaimed,
+                              "note": f"no on-demand room in the placement group yet ({e.message}); the node "
+                                      "stays on its spot fleet and the next look tries again"})
+                continue
+            end_fleet(ctx, fleet["FleetId"], terminate_instances=True)
+            moved.append({"node": int(rank), "instance_id": started, "interruptions": reclaimed,
+                          "fleet_id": fleet["FleetId"],
+                          "note": f"node {rank} continues on on-demand ({started}) after {reclaimed} spot "
+                                  "interruption(s); its spot fleet was ended"})
+        session = self._local_session(handle)
+        done = [m for m in moved if m["instance_id"]]
+        if session is not None and done:
+            cloud = session.read().get("cloud") or {}
+            session.update(cloud={"node_fallbacks": [*(cloud.get("node_fallbacks") or []), *done]})
+            for m in done:
+                session.event("warning", message=m["note"], node=m["node"], instance_id=m["instance_id"])
+        return moved
 
     # ------------------------------------------------------------------ the local mirror
     def _remote_for(self, handle: Handle) -> Any:

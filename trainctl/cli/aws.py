@@ -170,10 +170,6 @@ def launch_cmd(script: Path, args: tuple[str, ...], instance_type: str, spot: bo
         raise UsageError("--spot-fallback applies to spot sessions.", "Add --spot, or drop --spot-fallback.")
     if nodes is not None and nodes < 1:
         raise UsageError(f"--nodes must be 1 or more, not {nodes}.", "e.g. --nodes 2 (one machine: leave it out)")
-    if (nodes or 1) > 1 and spot_fallback is not None:
-        raise UsageError("--spot-fallback moves one machine to on-demand; a job over several machines keeps "
-                         "every node on spot (each node's fleet replaces it).",
-                         "Drop --spot-fallback, or launch the nodes on-demand (drop --spot).")
     if (nodes or 1) > 1 and max_restarts:
         raise UsageError("--max-restarts restarts one machine's part alone; a job over several machines restarts "
                          "whole, on new machines, from the newest checkpoint in the bucket.",
@@ -467,6 +463,8 @@ def _render_status(sid: str, data: dict[str, Any], description: Any) -> None:
         click.echo(f"  {m['id']}{node}  {m['state']:<13} {m['type']} {m['market']} {m.get('zone') or '?'}  {price}  {cost}")
     for f in d.get("fleets") or []:
         click.echo(f"  fleet {f['fleet_id']}  {f['state']}  valid until {f.get('valid_until') or '-'}")
+    for moved in cloud.get("node_fallbacks") or []:
+        click.echo(f"  fallback   {moved.get('note')}")
     beat = d.get("heartbeat")
     if beat:
         rate = f", {beat['rate']:.2f} steps/s" if isinstance(beat.get("rate"), (int, float)) else ""
