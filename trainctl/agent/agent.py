@@ -12,6 +12,11 @@
              another writer      -> stop, end this machine
     end      final sync, the end reason in ended.json, then the machine ends itself (the hook)
 
+A multi-node job runs in rounds: the head (node 0) publishes each round in storage, the other
+nodes check in for it, and it starts once all did. When the platform replaces lost nodes (spot
+nodes, a fleet each), a lost node ends the round, not the session: the next round starts with
+its replacement, from the newest checkpoint in storage.
+
 Every way out but a platform interruption ends the machine through the `MachineEnd` hook, so
 nothing bills after the session: a setup failure, a failed run, an agent crash, the deadline.
 `--keep-on-failure` keeps a failed machine for debugging, until the deadline only. Each phase
