@@ -405,6 +405,9 @@ class Agent:
                 return self._preempted(notice)
             if notice.kind == STOP:
                 return self._stopped(notice)
+            if notice.kind == NODE_LOST and s.replaced_nodes and self._round_finishing():
+                self._say(f"{notice.action}: its part of the job had completed; the head finishes its own")
+                continue
             if notice.kind == NODE_LOST:
                 return notice if s.replaced_nodes else self._node_lost(notice)
             self._rebalance(notice)
@@ -425,6 +428,8 @@ class Agent:
                 held.append(notice)
         for other in held:
             self.notices.put(other)
+        if self._round_finishing():  # a node that completed its part and left is not a lost one
+            return None
         if found is not None or watch is None:
             return found
         for look in range(3):
@@ -437,6 +442,16 @@ class Agent:
             if look < 2:
                 time.sleep(watch.interval_s)
         return None
+
+    def _round_finishing(self) -> bool:
+        """Whether a node of this round said its part completed (the job is at its end)."""
+        assert self.remote is not None
+        try:
+            records = [self.remote.read_check_in(rank) for rank in range(1, self.s.nnodes)]
+        except StorageError:
+            return False
+        return any(r and r.get("attempt") == self.s.attempt and r.get("round") == self.round
+                   and r.get("state") == "completed" for r in records)
 
     def _next_round(self, notice: Notice, watch: NodesWatch | None) -> None:
         """A node of the job is gone and its fleet replaces it: the job stops everywhere (the
@@ -702,6 +717,7 @@ class Agent:
                     return None  # stopped with the round: the head starts the next
                 self._say(f"node {s.node_rank}: its part ended: {outcome['status']} (exit code {outcome['exit_code']})")
                 if outcome["status"] == "completed" and s.replaced_nodes:
+                    self._say_completed()
                     self._wait_for_session_end()
                 return self._finish(f"node {s.node_rank}: {outcome['status']}", status=None, tombstone=False,
                                     code=EXIT_DONE if outcome["status"] == "completed" else EXIT_FAILED)
@@ -730,6 +746,16 @@ class Agent:
                 # a lost head ends the job; an interruption or a stop leaves the machine as the head's would
                 return self._finish(f"node {s.node_rank}: {notice.action}", status=None, tombstone=False,
                                     code=EXIT_FAILED if notice.kind == NODE_LOST else EXIT_PREEMPTED)
+
+    def _say_completed(self) -> None:
+        """Tell the head this node's part of the round completed: its machine ending is the
+        job's end, not a lost node."""
+        assert self.remote is not None
+        try:
+            self.remote.check_in(self.s.node_rank, attempt=self.s.attempt, job_round=self.round,
+                                 machine=str(self.machine.get("id")), state="completed")
+        except StorageError as e:
+            self._say(f"could not record in storage that this part completed: {e}")
 
     def _wait_for_session_end(self, wait_s: float = 120.0) -> None:
         """A node whose part completed waits a little for the head to record the session's end:

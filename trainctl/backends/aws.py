@@ -917,12 +917,7 @@ class AwsMachineEnd(MachineEnd):
     def end_machine(self, reason: str) -> None:
         from ..cloud.aws.context import AwsContext
         from ..cloud.aws.errors import AwsError
-        from ..cloud.aws.launch import (
-            INSTANCE_GONE_STATES,
-            end_fleet,
-            fleet_instance_ids,
-            session_fleets,
-        )
+        from ..cloud.aws.launch import INSTANCE_GONE_STATES
         from ..cloud.aws.names import TAG_SESSION, tag_dict
 
         try:
@@ -937,20 +932,33 @@ class AwsMachineEnd(MachineEnd):
             tags = tag_dict(instance.get("Tags"))
             session_id = tags.get(TAG_SESSION)
             if session_id and self._session_over(region):
-                # its own fleet by the tag AWS puts on fleet machines, else any fleet of its
-                # session still active: nothing may start a machine for this session again
-                fleets = {tags["aws:ec2:fleet-id"]} if tags.get("aws:ec2:fleet-id") else set()
-                fleets |= {f["FleetId"] for f in session_fleets(ctx, session_id)
-                           if instance_id in fleet_instance_ids(ctx, f["FleetId"])}
-                fleets |= {f["FleetId"] for f in _active_fleets(ctx, session_id)}
-                for fid in sorted(fleets):
-                    self.actions += [a.describe() for a in end_fleet(ctx, fid, terminate_instances=False).actions]
-                self.actions += _delete_templates(ctx, session_id)
+                try:
+                    self._end_session_fleets(ctx, session_id, instance_id, tags)
+                except AwsError as e:
+                    # the nodes of a multi-node session end at once and race for the same fleets
+                    # and templates: this machine ends all the same; the others' ends, the
+                    # fleets' ValidUntil and aws terminate finish the rest
+                    self.actions.append(f"session {session_id}: could not end all of its fleets and templates "
+                                        f"({e.message})")
             ctx.call("ec2", "terminate_instances", InstanceIds=[instance_id])
             self.actions.append(f"instance {instance_id}: terminated ({reason})")
         except (AwsError, OSError, KeyError) as e:
             raise EndFailedError(f"Could not end this machine through the EC2 API ({e}).",
                                  "The boot script powers it off, and the session's deadline ends it.") from e
+
+    def _end_session_fleets(self, ctx: Any, session_id: str, instance_id: str, tags: dict[str, str]) -> None:
+        """Its own fleet by the tag AWS puts on fleet machines, else any fleet of its session
+        still active (every node's, in a multi-node session): nothing may start a machine for
+        this session again; then the session's launch templates."""
+        from ..cloud.aws.launch import end_fleet, fleet_instance_ids, session_fleets
+
+        fleets = {tags["aws:ec2:fleet-id"]} if tags.get("aws:ec2:fleet-id") else set()
+        fleets |= {f["FleetId"] for f in session_fleets(ctx, session_id)
+                   if instance_id in fleet_instance_ids(ctx, f["FleetId"])}
+        fleets |= {f["FleetId"] for f in _active_fleets(ctx, session_id)}
+        for fid in sorted(fleets):
+            self.actions += [a.describe() for a in end_fleet(ctx, fid, terminate_instances=False).actions]
+        self.actions += _delete_templates(ctx, session_id)
 
     def _session_over(self, region: str) -> bool:
         """Whether the session's tombstone is in storage; when storage can't be read, yes: a
@@ -1082,7 +1090,7 @@ def _delete_templates(ctx: Any, session_id: str) -> list[str]:
             ctx.call("ec2", "delete_launch_template", LaunchTemplateId=template["LaunchTemplateId"])
             done.append(f"launch template {template['LaunchTemplateId']}: deleted")
         except AwsRequestError as e:
-            if not e.code.startswith("InvalidLaunchTemplateId"):
+            if not e.code.startswith(("InvalidLaunchTemplateId", "InvalidLaunchTemplateName")):  # gone already
                 raise
     return done
 

@@ -546,7 +546,7 @@ def _end_launch_templates(ctx: AwsContext, templates: list[dict[str, Any]], dry_
             ctx.call("ec2", "delete_launch_template", LaunchTemplateId=tid)
             report.actions.append(Action("launch template", tid, "deleted", command))
         except AwsRequestError as e:
-            if not e.code.startswith("InvalidLaunchTemplateId"):
+            if not e.code.startswith(("InvalidLaunchTemplateId", "InvalidLaunchTemplateName")):
                 raise
             report.actions.append(Action("launch template", tid, "already deleted", command))
 
