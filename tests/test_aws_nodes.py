@@ -624,6 +624,8 @@ def test_a_reclaimed_spot_node_is_replaced_by_its_fleet_and_the_job_resumes_by_i
     record = project.record(sid)
     assert record["status"] == "completed"
     assert {m["id"] for m in record["cloud"]["machines"]} == {first[0], first[1], new}
+    shown = project.run("sessions", "show", sid).stdout
+    assert f"{first[1]} (node 1, g5.xlarge spot, terminated)" in shown and f"{new} (node 1, g5.xlarge spot," in shown
     assert [p.name for p in (project.root / ".trainctl" / "sessions").iterdir()] == [sid]
     assert templates_of(cloud, sid) == []
     assert not cloud.ec2().describe_security_groups(
