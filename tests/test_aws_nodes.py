@@ -111,6 +111,11 @@ def tags_of(resource: dict[str, Any]) -> dict[str, str]:
     return {t["Key"]: t["Value"] for t in resource.get("Tags", [])}
 
 
+def templates_of(cloud: Cloud, sid: str) -> list[dict[str, Any]]:
+    return cloud.ec2().describe_launch_templates(
+        Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["LaunchTemplates"]
+
+
 def user_data(cloud: Cloud, instance_id: str) -> str:
     answer = cloud.ec2().describe_instance_attribute(InstanceId=instance_id, Attribute="userData")
     return base64.b64decode(answer["UserData"]["Value"]).decode()
@@ -200,6 +205,112 @@ def test_launch_makes_the_group_the_network_and_one_tagged_machine_per_node(proj
     assert "2 x $1.0060/h = $2.0120/h for the job" in resumed and "RunInstances node 1" in resumed
 
 
+def test_spot_nodes_plan_one_maintain_fleet_per_node_and_the_total(project: Project, cloud: Cloud,
+                                                                  placement: PlacementGroups):
+    made = len(placement.created)
+    r = project.run("aws", "launch", "-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1",
+                    "--max-hours", "6", "--dry-run", "train.py")
+    out = r.stdout
+    assert "one EC2 Fleet of type maintain per node: AWS replaces a reclaimed node" in out
+    assert "the job resumes with 2 nodes from the newest verified checkpoint" in out
+    price = float(re.search(r"2 x \$(\d+\.\d{4})/h = \$(\d+\.\d{4})/h for the job", out).group(1))
+    assert f"2 x ${price:.4f}/h = ${2 * price:.4f}/h for the job" in out
+    assert f"${2 * price * 6:.2f} for 6 h, 2 machines" in out
+    requests = re.findall(r"^  (\w+)( node \d)?", out.split("Requests (in order):")[1].split("Boot script")[0], re.M)
+    assert [op + node for op, node in requests] == [
+        "CreatePlacementGroup", "CreateSecurityGroup", "AuthorizeSecurityGroupIngress", "CreateLaunchTemplate node 0",
+        "CreateLaunchTemplate node 1", "CreateFleet node 0", "CreateFleet node 1"]
+    plan = json.loads(project.run("aws", "launch", "-t", "g5.xlarge", "--nodes", "2", "--spot", "--dry-run", "--json",
+                                  "train.py").stdout)
+    assert plan["mechanism"] == "ec2-fleet-maintain" and plan["nodes"] == 2
+    templates = [r for r in plan["requests"] if r["operation"] == "CreateLaunchTemplate"]
+    fleets = [r for r in plan["requests"] if r["operation"] == "CreateFleet"]
+    for rank, (template, fleet) in enumerate(zip(templates, fleets, strict=True)):
+        data = template["params"]["LaunchTemplateData"]
+        assert data["Placement"]["GroupName"].startswith("trainctl-")
+        assert "<the session's node security group>" in data["SecurityGroupIds"]
+        assert {"Key": "trainctl:node", "Value": str(rank)} in data["TagSpecifications"][0]["Tags"]
+        params = fleet["params"]
+        assert (params["Type"], params["TargetCapacitySpecification"]["TotalTargetCapacity"]) == ("maintain", 1)
+        assert params["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]["LaunchTemplateName"] == (
+            template["params"]["LaunchTemplateName"])
+        assert {"Key": "trainctl:node", "Value": str(rank)} in params["TagSpecifications"][0]["Tags"]
+    assert len(placement.created) == made  # a dry run creates nothing
+
+
+def test_spot_nodes_launch_a_template_and_a_fleet_per_node_and_terminate_ends_them_all(
+        project: Project, cloud: Cloud, placement: PlacementGroups):
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1", "--max-hours", "2",
+                         "train.py")
+    (request,) = [c for c in placement.created if sid in c["GroupName"]]
+    templates = templates_of(cloud, sid)
+    assert len(templates) == 2
+    by_rank = {int(tags_of(i)["trainctl:node"]): i for i in cloud.instances(sid)}
+    assert sorted(by_rank) == [0, 1]
+    (group,) = cloud.ec2().describe_security_groups(
+        Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["SecurityGroups"]
+    for rank, instance in by_rank.items():
+        assert instance.get("InstanceLifecycle") == "spot"
+        boot = user_data(cloud, instance["InstanceId"])
+        assert f"export TRAINCTL_NODE_RANK={rank}" in boot and "export TRAINCTL_NNODES=2" in boot
+        assert tags_of(instance)["trainctl:attempt"] == "0"
+    ids = project.record(sid)["handle"]["ids"]
+    assert ids["mechanism"] == "ec2-fleet-maintain" and len(ids["fleet_ids"]) == 2
+    assert ids["instance_ids"] == [by_rank[0]["InstanceId"], by_rank[1]["InstanceId"]]
+    fleets = cloud.ec2().describe_fleets(FleetIds=ids["fleet_ids"])["Fleets"]
+    for rank, fleet_id in enumerate(ids["fleet_ids"]):
+        (fleet,) = [f for f in fleets if f["FleetId"] == fleet_id]
+        assert fleet["Type"] == "maintain" and tags_of(fleet)["trainctl:node"] == str(rank)
+        template_id = fleet["LaunchTemplateConfigs"][0]["LaunchTemplateSpecification"]
+        data = cloud.ec2().describe_launch_template_versions(
+            LaunchTemplateName=template_id["LaunchTemplateName"])["LaunchTemplateVersions"][0]["LaunchTemplateData"]
+        assert f"TRAINCTL_NODE_RANK={rank}" in base64.b64decode(data["UserData"]).decode()
+        assert data["Placement"]["GroupName"] == request["GroupName"]
+        assert group["GroupId"] in data["SecurityGroupIds"]  # (moto's fleet machines keep only the first group)
+    status = project.run("aws", "status", sid).stdout
+    assert "(2 machine" in status and f"{by_rank[1]['InstanceId']}  node 1" in status
+
+    ended = project.run("aws", "terminate", sid, "--yes").stdout
+    for fleet_id in ids["fleet_ids"]:
+        assert f"fleet {fleet_id}: deleted" in ended
+    assert f"security group {group['GroupId']}: deleted" in ended
+    assert f"placement group {request['GroupName']}: deleted" in ended
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
+    assert templates_of(cloud, sid) == [] and request["GroupName"] not in placement.groups
+    again = project.run("aws", "terminate", sid, "--yes").stdout  # safe to repeat
+    assert "deleted (was" not in again and "terminated (was" not in again
+
+
+def test_spot_fallback_moves_a_node_reclaimed_n_times_to_on_demand_in_its_group(
+        project: Project, cloud: Cloud, placement: PlacementGroups, run_instances: Seen):
+    from tests.aws_fixtures import reclaim
+
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--spot-fallback", "1", "train.py")
+    ids = project.record(sid)["handle"]["ids"]
+    first = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
+    reclaim(cloud, first[1])
+    status = project.run("aws", "status", sid).stdout  # trainctl looks at the session: one interruption is enough
+    moved = [i for i in cloud.instances(sid) if i["InstanceId"] not in first.values()]
+    (on_demand,) = moved
+    assert "InstanceLifecycle" not in on_demand and tags_of(on_demand)["trainctl:node"] == "1"
+    assert tags_of(on_demand)["trainctl:attempt"] == "0"  # the same node of the same attempt: it checks in as node 1
+    assert "export TRAINCTL_NODE_RANK=1" in user_data(cloud, on_demand["InstanceId"])
+    (asked,) = [f for f in run_instances.forms if f.get("LaunchTemplate.LaunchTemplateName", "").endswith("-n1")]
+    zone = cloud.instances(sid)[0]["Placement"]["AvailabilityZone"]
+    assert on_demand["Placement"]["AvailabilityZone"] == zone and "SubnetId" in asked
+    fleets = {f["FleetId"]: f["FleetState"] for f in cloud.ec2().describe_fleets(FleetIds=ids["fleet_ids"])["Fleets"]}
+    assert fleets[ids["fleet_ids"][0]] == "active" and fleets[ids["fleet_ids"][1]] != "active"
+    status = project.run("aws", "status", sid).stdout
+    assert (f"fallback   node 1 continues on on-demand ({on_demand['InstanceId']}) after 1 spot interruption(s)"
+            in status), status
+    assert f"{on_demand['InstanceId']}  node 1" in status and "(3 machine" in status
+    assert [m["node"] for m in project.record(sid)["cloud"]["node_fallbacks"]] == [1]
+    project.run("aws", "status", sid)  # a second look starts nothing more
+    assert len(cloud.instances(sid)) == 3
+    project.run("aws", "terminate", sid, "--yes")
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
+
+
 class NoCapacityForNode(Rule):
     """EC2 without capacity for node `rank` in `zone` (every other request goes to moto)."""
 
@@ -240,7 +351,7 @@ def test_a_zone_without_room_for_every_node_gives_back_what_started_there(projec
 
 @pytest.mark.parametrize(("args", "message"), [
     (("--nodes", "0"), "error: --nodes must be 1 or more, not 0."),
-    (("--nodes", "2", "--spot"), "error: --nodes runs on on-demand machines only"),
+    (("--nodes", "2", "--spot", "--efa"), "error: --efa: g5.xlarge does not support EFA (its EfaSupported is false)."),
     (("--efa",), "error: --efa is for jobs over several machines."),
     (("--nodes", "2", "--max-restarts", "2"), "error: --max-restarts restarts one machine's part alone"),
     (("--nodes", "2", "--efa"), "error: --efa: g5.xlarge does not support EFA (its EfaSupported is false)."),
@@ -277,7 +388,8 @@ def test_efa_asks_for_an_efa_interface_and_all_traffic_within_the_group(project:
 
 # ------------------------------------------------------------------ both machines, played here
 
-def start_node(cloud: Cloud, instance_id: str, folder: Path, guard_log: Path, port: int) -> tuple[Any, Any]:
+def start_node(cloud: Cloud, instance_id: str, folder: Path, guard_log: Path, port: int,
+               *options: str) -> tuple[Any, Any]:
     """One machine of the job: its own boot script's agent, in a folder of its own, with a fake
     IMDS that answers its instance id and its private address (loopback: both machines are here)."""
     from tests.conftest import clean_env
@@ -290,7 +402,7 @@ def start_node(cloud: Cloud, instance_id: str, folder: Path, guard_log: Path, po
     env = loopback_env(clean_env(**exports), guard_log=guard_log, AWS_EC2_METADATA_SERVICE_ENDPOINT=imds.endpoint)
     env.pop("AWS_EC2_METADATA_DISABLED")  # a machine reads IMDS
     process = subprocess.Popen([sys.executable, "-m", "trainctl", *command[1:], *MACHINE_OPTIONS,
-                                "--rdzv-port", str(port), "--head-wait", "120"],
+                                "--rdzv-port", str(port), "--head-wait", "120", "--replace-wait", "120", *options],
                                cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     return process, imds
 
@@ -324,6 +436,9 @@ def test_a_node_never_guesses_the_head_it_gives_up_and_ends_its_machine(tmp_path
     assert {i["InstanceId"]: i["State"]["Name"] for i in cloud.instances(sid)}[by_rank[1]] == "terminated"
     assert remote(cloud, sid).ended() is None  # a node other than the head never ends the session
     project.run("aws", "terminate", sid, "--yes")
+
+
+FAST = ("--grace-period", "5")  # a tiny model's emergency checkpoint takes well under that
 
 
 def play_job(cloud: Cloud, sid: str, attempt: int, tmp_path: Path, guard_log: Path, *,
@@ -444,3 +559,129 @@ def test_the_nodes_watch_names_the_first_machine_gone_and_tells_once():
     finally:
         gone.stop()
     assert notices.empty()  # told once
+
+
+# two rounds of agents on two CPUs shared with other work: more than the default limit
+@pytest.mark.timeout(600)
+def test_a_reclaimed_spot_node_is_replaced_by_its_fleet_and_the_job_resumes_by_itself(
+        tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
+    from tests.aws_fixtures import reclaim
+    from tests.conftest import REPO
+    from tests.servers import wait_for
+    from tests.test_aws_e2e import remote
+    from tests.test_multinode import free_port
+
+    project = make_project(tmp_path / "demo", cloud)
+    (project.root / "train.py").write_text((REPO / "tests" / "scripts" / "ddp_train.py").read_text())
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1", "--max-hours", "1",
+                         "train.py", "--steps", "150", "--checkpoint-every", "5", "--step-delay", "0.05")
+    stored = remote(cloud, sid)
+    ids = project.record(sid)["handle"]["ids"]
+    first = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
+    port = free_port()
+    machines = {"head": start_node(cloud, first[0], tmp_path / "node0", project.guard_log, port, *FAST),
+                "node1": start_node(cloud, first[1], tmp_path / "node1", project.guard_log, port, *FAST)}
+    outputs: dict[str, str] = {}
+    try:
+        wait_for(lambda: (stored.latest_checkpoint() or {}).get("step"), timeout_s=180, interval_s=0.2)
+        # the test plays AWS: it reclaims node 1 (its agent is told to stop, as the machine goes)...
+        reclaim(cloud, first[1])
+        machines["node1"][0].terminate()
+        outputs["node1"] = machines["node1"][0].communicate(timeout=120)[0]
+        # ...and node 1's fleet starts its replacement from node 1's launch template
+        (replacement,) = cloud.ec2().run_instances(
+            MinCount=1, MaxCount=1, InstanceMarketOptions={"MarketType": "spot"},
+            LaunchTemplate={"LaunchTemplateId": ids["launch_template_ids"][1], "Version": "1"})["Instances"]
+        new = replacement["InstanceId"]
+        machines["new"] = start_node(cloud, new, tmp_path / "node1-new", project.guard_log, port, *FAST)
+        for name in ("head", "new"):
+            outputs[name] = machines[name][0].communicate(timeout=300)[0]
+    finally:
+        for process, imds in machines.values():
+            process.kill()
+            imds.stop()
+    head, worker = machines["head"][0], machines["new"][0]
+    assert head.returncode == 0, outputs["head"][-5000:]
+    assert worker.returncode == 0, outputs["new"][-5000:]
+    assert f"node 1 of 2 ({first[1]}) is" in outputs["head"] and "waiting for its replacement" in outputs["head"]
+    assert f"round 1: every node checked in (node 1 {new}); starting" in outputs["head"]
+    assert "trainctl aws resume" not in outputs["head"]
+    assert "checked in for round 1" in outputs["new"] and "joining the head at 127.0.0.1" in outputs["new"]
+    # both nodes of round 1 started from the same checkpoint: the newest in storage when it began
+    head_rank = json.loads((tmp_path / "node0" / "project" / "rank0.json").read_text())
+    worker_rank = json.loads((tmp_path / "node1-new" / "project" / "rank1.json").read_text())
+    assert (head_rank["is_main"], worker_rank["is_main"]) == (True, False)
+    assert 0 < head_rank["start"] == worker_rank["start"] < 150
+    assert stored.ended()["reason"] == "training completed" and stored.latest_checkpoint()["step"] == 150
+    head_json = stored.read_head()
+    assert (head_json["round"], head_json["state"], head_json["machines"]) == (1, "ready", {"1": new})
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}  # each machine ended itself
+    fleets = cloud.ec2().describe_fleets(FleetIds=ids["fleet_ids"])["Fleets"]
+    assert all(f["FleetState"] != "active" for f in fleets)  # the head's end ended every node's fleet
+    # one session, completed, with every machine it ran on (node 1 twice) in its cost
+    status = project.run("aws", "status", sid).stdout
+    assert f"session {sid} on AWS {REGION}: completed" in status and "(3 machine" in status, status
+    record = project.record(sid)
+    assert record["status"] == "completed"
+    assert {m["id"] for m in record["cloud"]["machines"]} == {first[0], first[1], new}
+    shown = project.run("sessions", "show", sid).stdout
+    assert f"{first[1]} (node 1, g5.xlarge spot, terminated)" in shown and f"{new} (node 1, g5.xlarge spot," in shown
+    assert [p.name for p in (project.root / ".trainctl" / "sessions").iterdir()] == [sid]
+    assert templates_of(cloud, sid) == []
+    assert not cloud.ec2().describe_security_groups(
+        Filters=[{"Name": "tag:trainctl:session", "Values": [sid]}])["SecurityGroups"]
+
+
+# two rounds of agents on two CPUs shared with other work: more than the default limit
+@pytest.mark.timeout(600)
+def test_a_reclaimed_spot_head_is_replaced_and_the_other_nodes_wait_for_it(
+        tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
+    from tests.aws_fixtures import reclaim
+    from tests.conftest import REPO
+    from tests.servers import wait_for
+    from tests.test_aws_e2e import remote
+    from tests.test_multinode import free_port
+
+    project = make_project(tmp_path / "demo", cloud)
+    (project.root / "train.py").write_text((REPO / "tests" / "scripts" / "ddp_train.py").read_text())
+    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1", "--max-hours", "1",
+                         "train.py", "--steps", "80", "--checkpoint-every", "5", "--step-delay", "0.05")
+    stored = remote(cloud, sid)
+    ids = project.record(sid)["handle"]["ids"]
+    first = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
+    port = free_port()
+    machines = {"head": start_node(cloud, first[0], tmp_path / "node0", project.guard_log, port, *FAST),
+                "node1": start_node(cloud, first[1], tmp_path / "node1", project.guard_log, port, *FAST)}
+    outputs: dict[str, str] = {}
+    try:
+        wait_for(lambda: (stored.latest_checkpoint() or {}).get("step"), timeout_s=180, interval_s=0.2)
+        # the test plays AWS: the head gets its spot interruption notice, then the machine goes...
+        machines["head"][1].set_spot_action("terminate", in_s=30)
+        outputs["head"] = machines["head"][0].communicate(timeout=120)[0]
+        reclaim(cloud, first[0])
+        # ...and node 0's fleet starts its replacement, which boots as the head
+        (replacement,) = cloud.ec2().run_instances(
+            MinCount=1, MaxCount=1, InstanceMarketOptions={"MarketType": "spot"},
+            LaunchTemplate={"LaunchTemplateId": ids["launch_template_ids"][0], "Version": "1"})["Instances"]
+        new = replacement["InstanceId"]
+        machines["new"] = start_node(cloud, new, tmp_path / "node0-new", project.guard_log, port, *FAST)
+        for name in ("new", "node1"):
+            outputs[name] = machines[name][0].communicate(timeout=300)[0]
+    finally:
+        for process, imds in machines.values():
+            process.kill()
+            imds.stop()
+    assert machines["head"][0].returncode == 75, outputs["head"][-5000:]  # left to the platform, as a preemption
+    assert machines["new"][0].returncode == 0, outputs["new"][-5000:]
+    assert machines["node1"][0].returncode == 0, outputs["node1"][-5000:]
+    # the worker kept its machine: it waited for the new head's round, checked in and joined it
+    assert "round 0 stopped; waiting for the head's next round" in outputs["node1"], outputs["node1"][-5000:]
+    assert "checked in for round 1" in outputs["node1"]
+    assert f"round 1: every node checked in (node 1 {first[1]}); starting" in outputs["new"]
+    head_rank = json.loads((tmp_path / "node0-new" / "project" / "rank0.json").read_text())
+    worker_rank = json.loads((tmp_path / "node1" / "project" / "rank1.json").read_text())
+    assert 0 < head_rank["start"] == worker_rank["start"] < 80
+    assert stored.ended()["reason"] == "training completed" and stored.latest_checkpoint()["step"] == 80
+    assert {i["State"]["Name"] for i in cloud.instances(sid)} == {"terminated"}
+    status = project.run("aws", "status", sid).stdout
+    assert f"session {sid} on AWS {REGION}: completed" in status and "(3 machine" in status, status

@@ -7,6 +7,11 @@ at once: the script's emergency checkpoint where the ranks can still agree on it
 recorded failed with the lost node named, and the other nodes stop on seeing the session end.
 The other nodes watch the head's machine the same way: a lost head records nothing, so they
 stop their part and end their own machines.
+
+When the platform replaces a lost node (spot nodes, one EC2 Fleet of type maintain each), the
+job runs in rounds instead: the session stays running, the head waits for the replacement to
+check in, and the next round resumes from the newest checkpoint in storage. Each round's watch
+knows the machine of each rank it runs on: another machine in its place means it is gone.
 """
 
 from __future__ import annotations
@@ -33,8 +38,11 @@ class NodesWatch(PreemptionWatch):
     name = "nodes"
 
     def __init__(self, look: NodeLook, nnodes: int, *, ranks: tuple[int, ...] | None = None,
-                 interval_s: float = 15.0) -> None:
+                 interval_s: float = 15.0, expected: Mapping[int, str] | None = None) -> None:
         self.look = look
+        # rank -> the machine this round runs on: another machine in its place (its fleet's
+        # replacement) means the one of this round is gone
+        self.expected = dict(expected or {})
         self.nnodes = nnodes
         self.ranks = tuple(range(1, nnodes)) if ranks is None else ranks
         self.interval_s = interval_s
@@ -48,6 +56,10 @@ class NodesWatch(PreemptionWatch):
         machines = self.look()
         for rank in self.ranks:
             machine_id, state = machines.get(rank, ("?", "missing"))
+            expected = self.expected.get(rank)
+            if expected and machine_id not in (expected, "?"):
+                return Notice(NODE_LOST, f"node {rank} of {self.nnodes} ({expected}) is gone, replaced by {machine_id}",
+                              None, self.name, time.time())
             if state in GONE_STATES or state == "missing":
                 return Notice(NODE_LOST, f"node {rank} of {self.nnodes} ({machine_id}) is {state}", None, self.name,
                               time.time())

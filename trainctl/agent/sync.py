@@ -98,6 +98,8 @@ class SyncLoop:
         self._logs_backoff = _Backoff()
         # state of the checkpoint side
         self._pending: list[tuple[Path, dict[str, Any]]] = []
+        self._uploading = False
+        self._log_passes = 0
         self._ckpt_backoff = _Backoff()
         self.uploaded: list[dict[str, Any]] = []
         self.skipped: list[tuple[str, str]] = []
@@ -117,9 +119,12 @@ class SyncLoop:
 
     # --- entry points -----------------------------------------------------------------------------
     def attach(self, session_dir: str | os.PathLike[str]) -> None:
-        """Mirror this local session from its beginning; the agent's events so far go into it."""
+        """Mirror this local session from its beginning; the agent's events so far go into it.
+        Attaching another one (a multi-node job's next round) mirrors that one from then on."""
         with self._lock:
             self.session = Session(Path(session_dir))
+            self._events_offset = 0
+            self._session_mtime = None
             early, self._early_events = self._early_events, []
         if early:
             self.session.append_events(early)
@@ -141,6 +146,21 @@ class SyncLoop:
                 self._early_events.extend(stamped)
                 return
         session.append_events(stamped)
+
+    def flush(self, timeout_s: float = 120.0) -> bool:
+        """Everything so far in storage without stopping (before a new round of a multi-node
+        job: its nodes fetch the checkpoint latest.json names): two passes of the logs (the
+        second sees every event written before this call), then no checkpoint waiting."""
+        end = time.monotonic() + timeout_s
+        passes = self._log_passes
+        while time.monotonic() < end and not self.lost:
+            with self._lock:
+                busy = bool(self._pending) or self._uploading
+            if self._log_passes >= passes + 2 and not busy:
+                return True
+            self.request()
+            time.sleep(0.05)
+        return False
 
     def request(self) -> None:
         """Sync now rather than at the next interval."""
@@ -203,18 +223,23 @@ class SyncLoop:
                 self._observe(self._read_new_events())
 
     def _read_new_events(self) -> list[dict[str, Any]]:
-        if self.session is None:
+        with self._lock:
+            session, offset = self.session, self._events_offset
+        if session is None:
             return []
         try:
-            with open(self.session.events_path, "rb") as f:
-                f.seek(self._events_offset)
+            with open(session.events_path, "rb") as f:
+                f.seek(offset)
                 data = f.read()
         except FileNotFoundError:
             return []
         complete = data[: data.rfind(b"\n") + 1]  # a line still being written waits for the next pass
         if not complete:
             return []
-        self._events_offset += len(complete)
+        with self._lock:
+            if self.session is not session:  # attached to another session meanwhile: read that one next
+                return []
+            self._events_offset = offset + len(complete)
         self.events.append(complete)
         events = []
         for line in complete.splitlines():
@@ -276,6 +301,7 @@ class SyncLoop:
         if self._logs_backoff.failures:
             self.note(f"sync of logs works again after {self._logs_backoff.failures} failure(s)")
         self._logs_backoff.succeeded()
+        self._log_passes += 1
         return True
 
     def _push_session(self, *, force: bool) -> None:
@@ -352,11 +378,18 @@ class SyncLoop:
     def upload_pending(self) -> bool:
         """Upload the newest checkpoint waiting (older ones waiting are superseded). False when
         an upload failed and waits for its backoff."""
+        try:
+            return self._upload_newest()
+        finally:
+            self._uploading = False
+
+    def _upload_newest(self) -> bool:
         with self._lock:
             if not self._pending:
                 return True
             path, event = self._pending[-1]
             superseded, self._pending = self._pending[:-1], []
+            self._uploading = True
         for old, _ in superseded:
             self.skipped.append((old.name, "superseded by a newer checkpoint before its upload"))
         try:

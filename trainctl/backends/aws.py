@@ -259,7 +259,13 @@ class AwsBackend(Backend):
             display.append(("job", f"{nodes} nodes x {per_node} process(es) through torchrun, rendezvous id "
                             f"{spec.session_id}; node 0's agent publishes its private address (IMDS local-ipv4) in "
                             "the session's storage, the others wait for it"))
-        if market == "spot":
+        if market == "spot" and nodes > 1:
+            display.append(("spot fallback", f"a node reclaimed {fallback} time(s) continues on on-demand (its fleet "
+                            "ends, an on-demand machine from its launch template joins the placement group) when "
+                            "trainctl next looks at the session (aws launch following, aws status)"
+                            if fallback is not None else "none: each node's fleet replaces it on spot until the "
+                            "deadline"))
+        elif market == "spot":
             display.append(("spot fallback", f"after {fallback} interruption(s), trainctl continues on on-demand "
                             "when it next looks at the session (aws launch following, aws status)"
                             if fallback is not None else "none: the fleet replaces on spot until the deadline"))
@@ -378,6 +384,8 @@ class AwsBackend(Backend):
         if result.nodes > 1:
             ids.update(nodes=result.nodes, efa=aws_plan.request.efa, placement_group=result.placement_group,
                        node_security_group_id=result.node_security_group_id)
+            if result.fleet_ids:
+                ids.update(fleet_ids=list(result.fleet_ids), launch_template_ids=list(result.launch_template_ids))
         return Handle(self.name, ids, attempt)
 
     def _upload_code(self, remote: Any, details: dict[str, Any]) -> None:
@@ -443,7 +451,11 @@ class AwsBackend(Backend):
         description = Description(state, record.get("exit_code") if state not in (State.RUNNING, State.PENDING)
                                   else None, None, details)
         fallback = ids.get("spot_fallback")
-        if fallback is not None and fleet_active and self._interruptions(handle, status) >= int(fallback):
+        if fallback is not None and fleet_active and int(ids.get("nodes") or 1) > 1:
+            moved = self._fall_back_nodes(handle, status)
+            if moved:
+                details["node_fallbacks"] = moved
+        elif fallback is not None and fleet_active and self._interruptions(handle, status) >= int(fallback):
             details["fallback"] = self._fall_back_to_on_demand(handle)
         self._mirror_record(handle, description, record)
         return description
@@ -624,6 +636,65 @@ class AwsBackend(Backend):
         if session is not None:
             record_attempt(session, new, plan, note=f"after {handle.ids.get('spot_fallback')} spot interruption(s)")
         return {"attempt": attempt, "instance_ids": new.ids.get("instance_ids")}
+
+    def _fall_back_nodes(self, handle: Handle, status: Any) -> list[dict[str, Any]]:
+        """Spot nodes: a node reclaimed `spot_fallback` times continues on on-demand. One
+        on-demand machine starts from the node's launch template (same node rank and attempt),
+        in its placement group and zone, then the node's fleet ends with its spot machine: the
+        head takes the new machine in as the node's replacement (the next round). A node
+        without on-demand room there keeps its fleet; the next look tries again."""
+        from ..cloud.aws.errors import CapacityUnavailableError, InstanceTypeNotOfferedError
+        from ..cloud.aws.launch import (
+            FLEET_GONE_STATES,
+            INSTANCE_GONE_STATES,
+            end_fleet,
+            session_fleets,
+        )
+        from ..cloud.aws.names import TAG_NODE, tag_dict
+        from ..cloud.aws.plan import client_token
+
+        ids = handle.ids
+        sid, limit = ids["session_id"], int(ids["spot_fallback"])
+        ctx = self.context(ids["region"])
+        moved: list[dict[str, Any]] = []
+        for fleet in session_fleets(ctx, sid):
+            rank = tag_dict(fleet.get("Tags")).get(TAG_NODE, "")
+            if fleet.get("FleetState") in FLEET_GONE_STATES or not rank.isdigit():
+                continue
+            reclaimed = sum(1 for m in status.machines if m.node == int(rank) and m.market == "spot"
+                            and m.state in INSTANCE_GONE_STATES and m.state_reason == SPOT_RECLAIMED)
+            if reclaimed < limit:
+                continue
+            config = fleet["LaunchTemplateConfigs"][0]
+            template = {k: v for k, v in config["LaunchTemplateSpecification"].items()
+                        if k in ("LaunchTemplateId", "LaunchTemplateName", "Version")}
+            subnet = next((o["SubnetId"] for o in config.get("Overrides") or [] if o.get("SubnetId")), None)
+            params: dict[str, Any] = {"MinCount": 1, "MaxCount": 1, "LaunchTemplate": template,
+                                      "ClientToken": client_token(sid, handle.attempt, "on-demand", rank)}
+            if subnet:
+                params["SubnetId"] = subnet
+            try:
+                started = ctx.call("ec2", "run_instances", error_context={
+                    "instance_type": ids.get("instance_type"), "market": "on-demand", "zone": ids.get("zone")},
+                    **params)["Instances"][0]["InstanceId"]
+            except (CapacityUnavailableError, InstanceTypeNotOfferedError) as e:
+                moved.append({"node": int(rank), "instance_id": None, "interruptions": reclaimed,
+                              "note": f"no on-demand room in the placement group yet ({e.message}); the node "
+                                      "stays on its spot fleet and the next look tries again"})
+                continue
+            end_fleet(ctx, fleet["FleetId"], terminate_instances=True)
+            moved.append({"node": int(rank), "instance_id": started, "interruptions": reclaimed,
+                          "fleet_id": fleet["FleetId"],
+                          "note": f"node {rank} continues on on-demand ({started}) after {reclaimed} spot "
+                                  "interruption(s); its spot fleet was ended"})
+        session = self._local_session(handle)
+        done = [m for m in moved if m["instance_id"]]
+        if session is not None and done:
+            cloud = session.read().get("cloud") or {}
+            session.update(cloud={"node_fallbacks": [*(cloud.get("node_fallbacks") or []), *done]})
+            for m in done:
+                session.event("warning", message=m["note"], node=m["node"], instance_id=m["instance_id"])
+        return moved
 
     # ------------------------------------------------------------------ the local mirror
     def _remote_for(self, handle: Handle) -> Any:
@@ -846,12 +917,7 @@ class AwsMachineEnd(MachineEnd):
     def end_machine(self, reason: str) -> None:
         from ..cloud.aws.context import AwsContext
         from ..cloud.aws.errors import AwsError
-        from ..cloud.aws.launch import (
-            INSTANCE_GONE_STATES,
-            end_fleet,
-            fleet_instance_ids,
-            session_fleets,
-        )
+        from ..cloud.aws.launch import INSTANCE_GONE_STATES
         from ..cloud.aws.names import TAG_SESSION, tag_dict
 
         try:
@@ -866,20 +932,33 @@ class AwsMachineEnd(MachineEnd):
             tags = tag_dict(instance.get("Tags"))
             session_id = tags.get(TAG_SESSION)
             if session_id and self._session_over(region):
-                # its own fleet by the tag AWS puts on fleet machines, else any fleet of its
-                # session still active: nothing may start a machine for this session again
-                fleets = {tags["aws:ec2:fleet-id"]} if tags.get("aws:ec2:fleet-id") else set()
-                fleets |= {f["FleetId"] for f in session_fleets(ctx, session_id)
-                           if instance_id in fleet_instance_ids(ctx, f["FleetId"])}
-                fleets |= {f["FleetId"] for f in _active_fleets(ctx, session_id)}
-                for fid in sorted(fleets):
-                    self.actions += [a.describe() for a in end_fleet(ctx, fid, terminate_instances=False).actions]
-                self.actions += _delete_templates(ctx, session_id)
+                try:
+                    self._end_session_fleets(ctx, session_id, instance_id, tags)
+                except AwsError as e:
+                    # the nodes of a multi-node session end at once and race for the same fleets
+                    # and templates: this machine ends all the same; the others' ends, the
+                    # fleets' ValidUntil and aws terminate finish the rest
+                    self.actions.append(f"session {session_id}: could not end all of its fleets and templates "
+                                        f"({e.message})")
             ctx.call("ec2", "terminate_instances", InstanceIds=[instance_id])
             self.actions.append(f"instance {instance_id}: terminated ({reason})")
         except (AwsError, OSError, KeyError) as e:
             raise EndFailedError(f"Could not end this machine through the EC2 API ({e}).",
                                  "The boot script powers it off, and the session's deadline ends it.") from e
+
+    def _end_session_fleets(self, ctx: Any, session_id: str, instance_id: str, tags: dict[str, str]) -> None:
+        """Its own fleet by the tag AWS puts on fleet machines, else any fleet of its session
+        still active (every node's, in a multi-node session): nothing may start a machine for
+        this session again; then the session's launch templates."""
+        from ..cloud.aws.launch import end_fleet, fleet_instance_ids, session_fleets
+
+        fleets = {tags["aws:ec2:fleet-id"]} if tags.get("aws:ec2:fleet-id") else set()
+        fleets |= {f["FleetId"] for f in session_fleets(ctx, session_id)
+                   if instance_id in fleet_instance_ids(ctx, f["FleetId"])}
+        fleets |= {f["FleetId"] for f in _active_fleets(ctx, session_id)}
+        for fid in sorted(fleets):
+            self.actions += [a.describe() for a in end_fleet(ctx, fid, terminate_instances=False).actions]
+        self.actions += _delete_templates(ctx, session_id)
 
     def _session_over(self, region: str) -> bool:
         """Whether the session's tombstone is in storage; when storage can't be read, yes: a
@@ -988,8 +1067,13 @@ def node_machines(session_id: str, attempt: int, *, region: str | None = None, e
             {"Name": f"tag:{TAG_ATTEMPT}", "Values": [str(attempt)]}])["Reservations"]
     except AwsError as e:
         raise OSError(f"could not describe the job's machines ({e.message})") from e
+    from ..cloud.aws.launch import INSTANCE_GONE_STATES
+
     out: dict[int, tuple[str, str]] = {}
-    for instance in (i for r in reservations for i in r["Instances"]):
+    # a node replaced by its fleet has two machines: the live one counts, then the newest
+    instances = sorted((i for r in reservations for i in r["Instances"]),
+                       key=lambda i: (i["State"]["Name"] not in INSTANCE_GONE_STATES, str(i.get("LaunchTime") or "")))
+    for instance in instances:
         rank = tag_dict(instance.get("Tags")).get(TAG_NODE, "")
         if rank.isdigit():
             out[int(rank)] = (instance["InstanceId"], instance["State"]["Name"])
@@ -1006,7 +1090,7 @@ def _delete_templates(ctx: Any, session_id: str) -> list[str]:
             ctx.call("ec2", "delete_launch_template", LaunchTemplateId=template["LaunchTemplateId"])
             done.append(f"launch template {template['LaunchTemplateId']}: deleted")
         except AwsRequestError as e:
-            if not e.code.startswith("InvalidLaunchTemplateId"):
+            if not e.code.startswith(("InvalidLaunchTemplateId", "InvalidLaunchTemplateName")):  # gone already
                 raise
     return done
 

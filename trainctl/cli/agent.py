@@ -64,6 +64,10 @@ import click
 @click.option("--rdzv-port", type=click.IntRange(1, 65535), default=29400, help="The head's rendezvous port.")
 @click.option("--head-wait", type=float, default=900.0, metavar="SECONDS",
               help="How long a node waits for the head's address before it gives up.")
+@click.option("--node-replacement", envvar="TRAINCTL_NODE_REPLACEMENT", type=click.Choice(["none", "fleet"]),
+              default="none", help="fleet: the platform replaces a lost node; the job waits for it and resumes.")
+@click.option("--replace-wait", type=float, default=1800.0, metavar="SECONDS",
+              help="With --node-replacement fleet: how long the job waits for a lost node's replacement.")
 def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: str, session_id: str,
               endpoint_url: str | None, region: str | None, checksums: str, machine_dir: Path,
               machine_id: str | None, deadline: str | None, deadline_margin: float, attempt: int, backend: str,
@@ -73,7 +77,7 @@ def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: 
               heartbeat_interval: float, lease_ttl: float, lease_wait: float, secrets: tuple[str, ...],
               secret_store: str | None, grace_period: float, max_restarts: int | None, restart_on: str | None,
               name: str | None, nproc_per_node: int | None, no_preflight: bool, nnodes: int, node_rank: int,
-              rdzv_port: int, head_wait: float) -> None:
+              rdzv_port: int, head_wait: float, node_replacement: str, replace_wait: float) -> None:
     """Run one session on this machine: fetch the code, set up, train, sync, end the machine."""
     import os
 
@@ -105,5 +109,5 @@ def agent_cmd(script: str | None, args: tuple[str, ...], storage: str, project: 
         allow_torch_replace=allow_torch_replace, sync_interval_s=sync_interval, heartbeat_s=heartbeat_interval,
         lease_ttl_s=lease_ttl, lease_wait_s=lease_wait, secrets=list(dict.fromkeys(forwarded)),
         secret_store=secret_store, grace_period_s=grace_period, engine=engine, nnodes=nnodes, node_rank=node_rank,
-        rdzv_port=rdzv_port, head_wait_s=head_wait)
+        rdzv_port=rdzv_port, head_wait_s=head_wait, node_replacement=node_replacement, replace_wait_s=replace_wait)
     sys.exit(Agent(settings).run())

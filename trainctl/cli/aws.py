@@ -170,9 +170,6 @@ def launch_cmd(script: Path, args: tuple[str, ...], instance_type: str, spot: bo
         raise UsageError("--spot-fallback applies to spot sessions.", "Add --spot, or drop --spot-fallback.")
     if nodes is not None and nodes < 1:
         raise UsageError(f"--nodes must be 1 or more, not {nodes}.", "e.g. --nodes 2 (one machine: leave it out)")
-    if nodes is not None and nodes > 1 and spot:
-        raise UsageError("--nodes runs on on-demand machines only: a spot fleet replaces one machine at a time, "
-                         "outside the placement group.", "Drop --spot, or run one node.")
     if (nodes or 1) > 1 and max_restarts:
         raise UsageError("--max-restarts restarts one machine's part alone; a job over several machines restarts "
                          "whole, on new machines, from the newest checkpoint in the bucket.",
@@ -287,8 +284,10 @@ def _start(backend: Any, session: Any, plan: Any, *, attempt: int, note: str | N
     if ids.get("fleet_id"):
         what = f"fleet {ids['fleet_id']} (spot, AWS keeps one machine: {', '.join(ids['instance_ids']) or 'starting'})"
     elif nodes > 1:
+        how = (f"spot, one fleet of type maintain per node: {', '.join(ids['fleet_ids'])}" if ids.get("fleet_ids")
+               else "on-demand")
         what = (f"{nodes} instances " + ", ".join(f"{iid} (node {rank})" for rank, iid in enumerate(ids["instance_ids"]))
-                + f" (on-demand, {ids.get('zone')}, placement group {ids.get('placement_group')})")
+                + f" ({how}, {ids.get('zone')}, placement group {ids.get('placement_group')})")
     else:
         what = f"instance {', '.join(ids['instance_ids'])} (on-demand, {ids.get('zone')})"
     price = f"${ids['usd_per_hour']:.4f}/h" if ids.get("usd_per_hour") is not None else "price unknown"
@@ -464,6 +463,8 @@ def _render_status(sid: str, data: dict[str, Any], description: Any) -> None:
         click.echo(f"  {m['id']}{node}  {m['state']:<13} {m['type']} {m['market']} {m.get('zone') or '?'}  {price}  {cost}")
     for f in d.get("fleets") or []:
         click.echo(f"  fleet {f['fleet_id']}  {f['state']}  valid until {f.get('valid_until') or '-'}")
+    for moved in cloud.get("node_fallbacks") or []:
+        click.echo(f"  fallback   {moved.get('note')}")
     beat = d.get("heartbeat")
     if beat:
         rate = f", {beat['rate']:.2f} steps/s" if isinstance(beat.get("rate"), (int, float)) else ""

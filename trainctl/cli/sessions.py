@@ -262,7 +262,9 @@ def _cloud_rows(data: dict) -> list[tuple[str, str | None]]:
     machines = [m for m in cloud.get("machines") or [] if isinstance(m, dict)]
     where = f"{cloud.get('provider', '?')} {cloud.get('region') or ''}".strip()
     return [("cloud", where + (f", until {cloud['deadline']}" if cloud.get("deadline") else "")),
-            ("machines", ", ".join(f"{m.get('id')} ({m.get('type')} {m.get('market')}, {m.get('state') or '?'})"
+            ("machines", ", ".join(f"{m.get('id')} ("
+                                   + (f"node {m['node']}, " if m.get("node") is not None else "")
+                                   + f"{m.get('type')} {m.get('market')}, {m.get('state') or '?'})"
                                    for m in machines) or "none yet"),
             ("storage", cloud.get("storage")),
             ("cost so far", cost.describe())]

@@ -265,6 +265,17 @@ class RemoteSession:
     def read_head(self) -> dict[str, Any] | None:
         return self._get_json(HEAD)
 
+    def check_in(self, node_rank: int, *, attempt: int, job_round: int, **fields: Any) -> ObjectInfo:
+        """`nodes/<rank>.json`: this node is up for `round` of the head's job (the head starts a
+        round once every node checked in for it)."""
+        record = {"v": LAYOUT_VERSION, "t": time.time(), "node_rank": node_rank, "attempt": attempt,
+                  "round": job_round, **fields}
+        return self.store.put_json(self.key(f"nodes/{int(node_rank)}.json"), record)
+
+    def read_check_in(self, node_rank: int) -> dict[str, Any] | None:
+        found = self._get_json(f"nodes/{int(node_rank)}.json")
+        return found if isinstance(found, dict) else None
+
     def _get_json(self, name: str) -> Any:
         try:
             return self.store.get_json(self.key(name))

@@ -46,6 +46,8 @@ class LaunchResult:
     nodes: int = 1  # multi-node: instance_ids are in node-rank order
     placement_group: str | None = None
     node_security_group_id: str | None = None
+    fleet_ids: list[str] = field(default_factory=list)  # spot nodes: one fleet per node rank
+    launch_template_ids: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -109,10 +111,10 @@ def launch(ctx: AwsContext, plan: AwsPlan) -> LaunchResult:
                           market=plan.request.market,
                           mechanism="ec2-fleet-maintain" if plan.uses_fleet else "run-instances",
                           deadline=plan.deadline_iso, usd_per_hour=plan.price.usd_per_hour)
-    if plan.uses_fleet:
-        _launch_fleet(ctx, plan, result)
-    elif plan.nodes > 1:
+    if plan.nodes > 1:
         _launch_nodes(ctx, plan, result)
+    elif plan.uses_fleet:
+        _launch_fleet(ctx, plan, result)
     else:
         _launch_on_demand(ctx, plan, result)
     return result
@@ -174,7 +176,10 @@ def _launch_nodes(ctx: AwsContext, plan: AwsPlan, result: LaunchResult) -> None:
                 except AwsRequestError as e:
                     if e.code != "InvalidPermission.Duplicate":  # a retried launch made it already
                         raise
-        _start_nodes(ctx, plan, result, sg)
+        if plan.uses_fleet:
+            _start_node_fleets(ctx, plan, result, sg, made)
+        else:
+            _start_nodes(ctx, plan, result, sg)
     except BaseException as e:
         cleaned: list[str] = []
         leftovers: list[str] = []
@@ -245,6 +250,62 @@ def _start_nodes(ctx: AwsContext, plan: AwsPlan, result: LaunchResult, group_id:
             result.notes.append(f"started in {zone} after no capacity for {plan.nodes} nodes in {', '.join(failures)}")
         return
     raise CapacityUnavailableError(primary.name, failures, "on-demand")
+
+
+def _start_node_fleets(ctx: AwsContext, plan: AwsPlan, result: LaunchResult, group_id: str,
+                       made: list[tuple[str, str]]) -> None:
+    """Spot nodes: each node's launch template, then each node's fleet, zone by zone: a zone
+    where a fleet starts no machine gives back the fleets made there and the next is tried."""
+    sid, attempt = plan.request.session_id, plan.request.attempt
+    for item in sorted((r for r in plan.requests if r["operation"] == "CreateLaunchTemplate"), key=lambda r: r["node"]):
+        template_id = _create_launch_template(ctx, _with_group(copy.deepcopy(item["params"]), group_id), sid)
+        made.append(("launch template", template_id))
+        result.launch_template_ids.append(template_id)
+    items = sorted((r for r in plan.requests if r["operation"] == "CreateFleet"), key=lambda r: r["node"])
+    subnets = dict(plan.subnets)
+    primary = plan.instance_types[0]
+    failures: list[str] = []
+    for zone in items[0]["zones"]:
+        fleets: list[str] = []
+        try:
+            for item in items:
+                params = copy.deepcopy(item["params"])
+                for override in params["LaunchTemplateConfigs"][0]["Overrides"]:
+                    if "SubnetId" in override:
+                        override["SubnetId"] = subnets[zone]
+                params["ClientToken"] = client_token(sid, attempt, "fleet", zone, item["node"])
+                response = ctx.call("ec2", "create_fleet", error_context={
+                    "instance_type": primary.name, "market": "spot", "zone": zone, "vcpus": primary.vcpus}, **params)
+                fleets.append(response["FleetId"])
+                errors = response.get("Errors") or []
+                if errors and not response.get("Instances"):
+                    first = errors[0]
+                    code, message = first.get("ErrorCode", "Error"), first.get("ErrorMessage", "")
+                    if "Capacity" in code or "Unsupported" in code:
+                        raise CapacityUnavailableError(primary.name, [zone], "spot")
+                    raise AwsRequestError("ec2:CreateFleet", code, message)
+        except (CapacityUnavailableError, InstanceTypeNotOfferedError) as e:
+            failures.append(zone)
+            result.notes.append(f"{zone}: {e.message}" + (f" (after {len(fleets) - 1} of {plan.nodes} nodes; "
+                                                            "their fleets were ended)" if len(fleets) > 1 else ""))
+            _end_fleets(ctx, fleets)
+            continue
+        except BaseException:
+            _end_fleets(ctx, fleets)
+            raise
+        made += [("fleet", f) for f in fleets]
+        result.fleet_ids, result.zone = fleets, zone
+        result.instance_ids = [next(iter(fleet_instance_ids(ctx, f)), "") for f in fleets]
+        if failures:
+            result.notes.append(f"started in {zone} after no spot capacity for {plan.nodes} nodes in "
+                                f"{', '.join(failures)}")
+        return
+    raise CapacityUnavailableError(primary.name, failures, "spot")
+
+
+def _end_fleets(ctx: AwsContext, fleet_ids: list[str]) -> None:
+    if fleet_ids:
+        ctx.call("ec2", "delete_fleets", FleetIds=fleet_ids, TerminateInstances=True)
 
 
 def _end_started(ctx: AwsContext, instance_ids: list[str]) -> None:
@@ -485,7 +546,7 @@ def _end_launch_templates(ctx: AwsContext, templates: list[dict[str, Any]], dry_
             ctx.call("ec2", "delete_launch_template", LaunchTemplateId=tid)
             report.actions.append(Action("launch template", tid, "deleted", command))
         except AwsRequestError as e:
-            if not e.code.startswith("InvalidLaunchTemplateId"):
+            if not e.code.startswith(("InvalidLaunchTemplateId", "InvalidLaunchTemplateName")):
                 raise
             report.actions.append(Action("launch template", tid, "already deleted", command))
 

@@ -181,6 +181,8 @@ def boot_env(request: LaunchRequest, region: str, node_rank: int = 0) -> dict[st
            "TRAINCTL_ATTEMPT": str(request.attempt), "TRAINCTL_BACKEND": "aws"}
     if request.nodes > 1:  # the agent of node 0 publishes its private address; the others wait for it
         env.update(TRAINCTL_NNODES=str(request.nodes), TRAINCTL_NODE_RANK=str(node_rank))
+        if request.market == "spot":  # each node's fleet replaces it: the job waits for it and resumes
+            env["TRAINCTL_NODE_REPLACEMENT"] = "fleet"
     if request.storage_uri:
         env["TRAINCTL_STORAGE_URI"] = request.storage_uri
     if request.secrets:
@@ -246,6 +248,8 @@ def _node_requests(request: LaunchRequest, facts: Facts, boots: tuple[str, ...],
     if request.efa:
         out.append({"operation": "AuthorizeSecurityGroupEgress", "params": {"GroupId": NODE_GROUP,
                                                                             "IpPermissions": [member]}})
+    if request.market == "spot":
+        return out + _node_fleet_requests(request, facts, boots, zones, group_name)
     zone = zones[0] if zones else None
     for rank, boot in enumerate(boots):
         spec = instance_spec(request, facts, boot, node_rank=rank)
@@ -261,6 +265,70 @@ def _node_requests(request: LaunchRequest, facts: Facts, boots: tuple[str, ...],
             params |= {"SecurityGroupIds": groups, "SubnetId": subnets.get(zone) if zone else None}
         out.append({"operation": "RunInstances", "node": rank, "zones": list(zones), "params": params})
     return out
+
+
+def node_launch_template_name(session_id: str, attempt: int, rank: int) -> str:
+    return launch_template_name(session_id, attempt)[:120] + f"-n{rank}"
+
+
+def fleet_params(request: LaunchRequest, template_name: str, overrides: list[dict[str, Any]], deadline: datetime,
+                 tags: list[dict[str, str]], token: str) -> dict[str, Any]:
+    """One EC2 Fleet of type maintain, one spot machine: AWS starts another when it reclaims it."""
+    return {
+        "Type": "maintain",
+        "ClientToken": token,
+        "TargetCapacitySpecification": {"TotalTargetCapacity": 1, "SpotTargetCapacity": 1,
+                                        "OnDemandTargetCapacity": 0, "DefaultTargetCapacityType": "spot"},
+        "SpotOptions": {"AllocationStrategy": FLEET_ALLOCATION, "InstanceInterruptionBehavior": "terminate"},
+        "LaunchTemplateConfigs": [{"LaunchTemplateSpecification": {"LaunchTemplateName": template_name,
+                                                                   "Version": "1"},
+                                   "Overrides": overrides}],
+        "ExcessCapacityTerminationPolicy": "termination",
+        "ValidUntil": iso_utc(deadline),
+        "TerminateInstancesWithExpiration": True,
+        "TagSpecifications": [{"ResourceType": "fleet", "Tags": tags}]}
+
+
+def _node_fleet_requests(request: LaunchRequest, facts: Facts, boots: tuple[str, ...], zones: tuple[str, ...],
+                         group_name: str) -> list[dict[str, Any]]:
+    """Spot nodes: per node rank a launch template (its boot script, the placement group, the
+    node security group, its tags) and an EC2 Fleet of type maintain that keeps one machine of
+    it. AWS replaces a reclaimed node from the same template: same node rank, same attempt, in
+    the group (a replacement that finds no room there waits for it). The zone is the fleets'
+    overrides' subnet, tried in order at launch; with EFA the subnet is the interface's, so
+    only the first zone is tried."""
+    subnets = dict(facts.network.subnets)
+    deadline = facts.now + timedelta(hours=request.max_hours)
+    tried = zones[:1] if request.efa else zones
+    zone = tried[0] if tried else None
+    templates: list[dict[str, Any]] = []
+    fleets: list[dict[str, Any]] = []
+    for rank, boot in enumerate(boots):
+        spec = instance_spec(request, facts, boot, node_rank=rank)
+        groups = [*spec.pop("SecurityGroupIds", []), NODE_GROUP]
+        data = spec | {"Placement": {"GroupName": group_name}}
+        if request.efa:
+            data["NetworkInterfaces"] = [{"DeviceIndex": 0, "InterfaceType": "efa", "Groups": groups,
+                                          "SubnetId": subnets.get(zone) if zone else None,
+                                          "DeleteOnTermination": True}]
+        else:
+            data["SecurityGroupIds"] = groups
+        tags = tag_list({**session_tags(request.project, request.session_id, request.attempt, request.name),
+                         TAG_NODE: str(rank)})
+        name = node_launch_template_name(request.session_id, request.attempt, rank)
+        templates.append({"operation": "CreateLaunchTemplate", "node": rank, "params": {
+            "LaunchTemplateName": name,
+            "VersionDescription": f"trainctl session {request.session_id} attempt {request.attempt} node {rank}",
+            "ClientToken": client_token(request.session_id, request.attempt, "lt", rank),
+            "LaunchTemplateData": data,
+            "TagSpecifications": [{"ResourceType": "launch-template", "Tags": tags}]}})
+        overrides = [{"InstanceType": info.name, **({} if request.efa else {"SubnetId": subnets.get(zone)})}
+                     for info in facts.instance_types
+                     if zone is None or zone in facts.offered_zones.get(info.name, ())]
+        fleets.append({"operation": "CreateFleet", "node": rank, "zones": list(tried), "params": fleet_params(
+            request, name, overrides, deadline, tags,
+            client_token(request.session_id, request.attempt, "fleet", zone or "run", rank))})
+    return templates + fleets
 
 
 def _requests(request: LaunchRequest, facts: Facts, boot_script: str, zones: tuple[str, ...],
@@ -289,21 +357,8 @@ def _requests(request: LaunchRequest, facts: Facts, boot_script: str, zones: tup
             "ClientToken": client_token(request.session_id, request.attempt, "lt"),
             "LaunchTemplateData": spec,
             "TagSpecifications": [{"ResourceType": "launch-template", "Tags": tags}]}},
-        {"operation": "CreateFleet", "params": {
-            "Type": "maintain",
-            "ClientToken": client_token(request.session_id, request.attempt, "fleet"),
-            "TargetCapacitySpecification": {"TotalTargetCapacity": 1, "SpotTargetCapacity": 1,
-                                            "OnDemandTargetCapacity": 0,
-                                            "DefaultTargetCapacityType": "spot"},
-            "SpotOptions": {"AllocationStrategy": FLEET_ALLOCATION,
-                            "InstanceInterruptionBehavior": "terminate"},
-            "LaunchTemplateConfigs": [{"LaunchTemplateSpecification": {"LaunchTemplateName": name,
-                                                                       "Version": "1"},
-                                       "Overrides": overrides}],
-            "ExcessCapacityTerminationPolicy": "termination",
-            "ValidUntil": iso_utc(deadline),
-            "TerminateInstancesWithExpiration": True,
-            "TagSpecifications": [{"ResourceType": "fleet", "Tags": tags}]}},
+        {"operation": "CreateFleet", "params": fleet_params(
+            request, name, overrides, deadline, tags, client_token(request.session_id, request.attempt, "fleet"))},
     ]
 
 
@@ -417,7 +472,7 @@ def render_plan(plan: AwsPlan) -> str:
     rows: list[tuple[str, str]] = [
         ("session", f"{req.session_id} (attempt {req.attempt}, project {req.project})"),
         ("region", f"{plan.region}; zones {', '.join(plan.zones) or 'none'}"
-                   + (" (tried in this order)" if not plan.uses_fleet else " (AWS picks)")),
+                   + (" (tried in this order)" if not plan.uses_fleet or req.nodes > 1 else " (AWS picks)")),
         ("machine", primary.describe()),
     ]
     for other in plan.instance_types[1:]:
@@ -428,8 +483,13 @@ def render_plan(plan: AwsPlan) -> str:
                               + ("; an EFA interface on each" if req.efa else "")))
         rows.append(("network", "a security group of the session's own: its members reach each other on "
                                 + ("all traffic, in and out (EFA)" if req.efa else "all TCP") + ", nothing else"))
-    rows.append(("market", "spot, through an EC2 Fleet of type maintain: AWS replaces a reclaimed machine"
-                 if plan.uses_fleet else "on-demand, through RunInstances"))
+    if plan.uses_fleet and req.nodes > 1:
+        rows.append(("market", f"spot, one EC2 Fleet of type maintain per node: AWS replaces a reclaimed node "
+                               f"(same node rank, in the placement group; one that finds no room there waits for it), "
+                               f"and the job resumes with {req.nodes} nodes from the newest verified checkpoint"))
+    else:
+        rows.append(("market", "spot, through an EC2 Fleet of type maintain: AWS replaces a reclaimed machine"
+                     if plan.uses_fleet else "on-demand, through RunInstances"))
     rows.append(("price", plan.price.describe()))
     if req.nodes > 1:
         each = plan.price.usd_per_hour

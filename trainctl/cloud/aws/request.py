@@ -51,8 +51,5 @@ class LaunchRequest:
             raise UsageError("Alternative instance types apply to spot fleets only.", "Add --spot.")
         if self.nodes < 1:
             raise UsageError(f"--nodes must be 1 or more, not {self.nodes}.", "e.g. --nodes 2")
-        if self.nodes > 1 and self.market != "on-demand":
-            raise UsageError("--nodes runs on on-demand machines only: a spot fleet replaces one machine "
-                             "at a time, outside the placement group.", "Drop --spot, or run one node.")
         if self.efa and self.nodes < 2:
             raise UsageError("--efa is for jobs over several machines.", "Add --nodes N (N >= 2), or drop --efa.")
