@@ -146,6 +146,7 @@ def test_dry_run_shows_n_machines_their_price_and_the_total(project: Project, cl
     assert cloud.instances("*") == [] or all(tags_of(i).get("trainctl:node") is None for i in cloud.instances("*"))
 
 
+@pytest.mark.slow
 def test_launch_makes_the_group_the_network_and_one_tagged_machine_per_node(project: Project, cloud: Cloud,
                                                                            placement: PlacementGroups,
                                                                            run_instances: Seen):
@@ -238,6 +239,7 @@ def test_spot_nodes_plan_one_maintain_fleet_per_node_and_the_total(project: Proj
     assert len(placement.created) == made  # a dry run creates nothing
 
 
+@pytest.mark.slow
 def test_spot_nodes_launch_a_template_and_a_fleet_per_node_and_terminate_ends_them_all(
         project: Project, cloud: Cloud, placement: PlacementGroups):
     sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1", "--max-hours", "2",
@@ -281,6 +283,7 @@ def test_spot_nodes_launch_a_template_and_a_fleet_per_node_and_terminate_ends_th
     assert "deleted (was" not in again and "terminated (was" not in again
 
 
+@pytest.mark.slow
 def test_spot_fallback_moves_a_node_reclaimed_n_times_to_on_demand_in_its_group(
         project: Project, cloud: Cloud, placement: PlacementGroups, run_instances: Seen):
     from tests.aws_fixtures import reclaim
@@ -407,6 +410,7 @@ def start_node(cloud: Cloud, instance_id: str, folder: Path, guard_log: Path, po
     return process, imds
 
 
+@pytest.mark.slow
 def test_a_node_never_guesses_the_head_it_gives_up_and_ends_its_machine(tmp_path: Path, cloud: Cloud,
                                                                         placement: PlacementGroups):
     from tests.test_aws_e2e import MACHINE_OPTIONS, agent_of, remote
@@ -466,6 +470,7 @@ def play_job(cloud: Cloud, sid: str, attempt: int, tmp_path: Path, guard_log: Pa
     return by_rank, {rank: n[0] for rank, n in nodes.items()}, outputs
 
 
+@pytest.mark.slow
 def test_a_lost_node_stops_the_job_everywhere_and_it_completes_on_as_many_new_machines(
         tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
     from tests.conftest import REPO
@@ -562,6 +567,7 @@ def test_the_nodes_watch_names_the_first_machine_gone_and_tells_once():
 
 
 # two rounds of agents on two CPUs shared with other work: more than the default limit
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_reclaimed_spot_node_is_replaced_by_its_fleet_and_the_job_resumes_by_itself(
         tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
@@ -633,6 +639,7 @@ def test_a_reclaimed_spot_node_is_replaced_by_its_fleet_and_the_job_resumes_by_i
 
 
 # two rounds of agents on two CPUs shared with other work: more than the default limit
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_a_reclaimed_spot_head_is_replaced_and_the_other_nodes_wait_for_it(
         tmp_path: Path, cloud: Cloud, placement: PlacementGroups):

@@ -116,6 +116,7 @@ def slurm_env(node_id: int, port: int) -> dict[str, str]:
                      SLURM_JOB_NODELIST="127.0.0.[1-2]", MASTER_PORT=str(port))
 
 
+@pytest.mark.slow
 def test_two_nodes_under_slurm_with_their_own_state_dirs_train_as_one_machine_with_two_processes(tmp_path, reference):
     shared_checkpoints = tmp_path / "shared-checkpoints"
     projects = (make_project(tmp_path / "node-a", shared_checkpoints), make_project(tmp_path / "node-b", shared_checkpoints))
