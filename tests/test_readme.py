@@ -17,9 +17,9 @@ import pytest
 
 from .conftest import REPO, clean_env, write_entry_point
 
-# One worker runs the whole module (make test: --dist loadgroup): the README's commands run in
-# order in one module fixture, and a second worker would run that whole sequence again.
-pytestmark = [pytest.mark.xdist_group("readme"), pytest.mark.slow]
+# The README's commands run in order in one module fixture (make test: --dist loadfile keeps the
+# module on one worker, so the sequence runs once).
+pytestmark = pytest.mark.slow
 
 # sections whose commands need a cloud account: their own tests run them, in order, against
 # moto (tests/test_aws_e2e.py) and the fake RunPod API (tests/test_runpod_readme.py)

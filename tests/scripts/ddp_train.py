@@ -55,4 +55,7 @@ for step in range(start + 1, args.steps + 1):
 
         time.sleep(args.step_delay)
 run.finish()
+# every rank leaves the group together: gloo aborted a rank ("terminate called without an active
+# exception") whose peer was still finishing when it tore its group down
+dist.barrier()
 dist.destroy_process_group()
