@@ -24,10 +24,8 @@ demo-resume: $(STAMP)
 	$(PY) examples/resume_demo.py
 
 # Two workers: most tests wait on real subprocesses, so two processes keep both cores busy.
-# loadfile: a test file's tests run on one worker, so its module fixtures (reference runs, the
-# README's command sequence, servers) are set up once, not once per worker.
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -n 2 --dist loadfile
+	$(PY) -m pytest -q -p no:cacheprovider -n 2
 
 bench: $(STAMP)
 	$(PY) benchmarks/run.py

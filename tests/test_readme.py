@@ -17,8 +17,6 @@ import pytest
 
 from .conftest import REPO, clean_env, write_entry_point
 
-# The README's commands run in order in one module fixture (make test: --dist loadfile keeps the
-# module on one worker, so the sequence runs once).
 pytestmark = pytest.mark.slow
 
 # sections whose commands need a cloud account: their own tests run them, in order, against
