@@ -567,27 +567,33 @@ def test_the_nodes_watch_names_the_first_machine_gone_and_tells_once():
     assert notices.empty()  # told once
 
 
-# two rounds of agents on two CPUs shared with other work: more than the default limit
-@pytest.mark.slow
-@pytest.mark.timeout(600)
-def test_a_reclaimed_spot_node_is_replaced_by_its_fleet_and_the_job_resumes_by_itself(
-        tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
-    from tests.aws_fixtures import reclaim
+def spot_pair(tmp_path: Path, cloud: Cloud, *, steps: int) -> tuple[Any, ...]:
+    """`aws launch --nodes 2 --spot` of the DDP test script, and an agent playing each machine."""
     from tests.conftest import REPO
-    from tests.servers import wait_for
     from tests.test_aws_e2e import remote
     from tests.test_multinode import free_port
 
     project = make_project(tmp_path / "demo", cloud)
     (project.root / "train.py").write_text((REPO / "tests" / "scripts" / "ddp_train.py").read_text())
     sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1", "--max-hours", "1",
-                         "train.py", "--steps", "150", "--checkpoint-every", "5", "--step-delay", "0.05")
-    stored = remote(cloud, sid)
+                         "train.py", "--steps", str(steps), "--checkpoint-every", "5", "--step-delay", "0.05")
     ids = project.record(sid)["handle"]["ids"]
     first = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
     port = free_port()
     machines = {"head": start_node(cloud, first[0], tmp_path / "node0", project.guard_log, port, *FAST),
                 "node1": start_node(cloud, first[1], tmp_path / "node1", project.guard_log, port, *FAST)}
+    return project, sid, remote(cloud, sid), ids, first, port, machines
+
+
+# two rounds of agents on two CPUs shared with other work: more than the default limit
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_reclaimed_spot_node_is_replaced_by_its_fleet_and_the_job_resumes_by_itself(
+        tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
+    from tests.aws_fixtures import reclaim
+    from tests.servers import wait_for
+
+    project, sid, stored, ids, first, port, machines = spot_pair(tmp_path, cloud, steps=150)
     outputs: dict[str, str] = {}
     try:
         wait_for(lambda: (stored.latest_checkpoint() or {}).get("step"), timeout_s=180, interval_s=0.2)
@@ -645,21 +651,9 @@ def test_a_reclaimed_spot_node_is_replaced_by_its_fleet_and_the_job_resumes_by_i
 def test_a_reclaimed_spot_head_is_replaced_and_the_other_nodes_wait_for_it(
         tmp_path: Path, cloud: Cloud, placement: PlacementGroups):
     from tests.aws_fixtures import reclaim
-    from tests.conftest import REPO
     from tests.servers import wait_for
-    from tests.test_aws_e2e import remote
-    from tests.test_multinode import free_port
 
-    project = make_project(tmp_path / "demo", cloud)
-    (project.root / "train.py").write_text((REPO / "tests" / "scripts" / "ddp_train.py").read_text())
-    sid = project.launch("-t", "g5.xlarge", "--nodes", "2", "--spot", "--nproc-per-node", "1", "--max-hours", "1",
-                         "train.py", "--steps", "80", "--checkpoint-every", "5", "--step-delay", "0.05")
-    stored = remote(cloud, sid)
-    ids = project.record(sid)["handle"]["ids"]
-    first = {int(tags_of(i)["trainctl:node"]): i["InstanceId"] for i in cloud.instances(sid)}
-    port = free_port()
-    machines = {"head": start_node(cloud, first[0], tmp_path / "node0", project.guard_log, port, *FAST),
-                "node1": start_node(cloud, first[1], tmp_path / "node1", project.guard_log, port, *FAST)}
+    project, sid, stored, ids, first, port, machines = spot_pair(tmp_path, cloud, steps=80)
     outputs: dict[str, str] = {}
     try:
         wait_for(lambda: (stored.latest_checkpoint() or {}).get("step"), timeout_s=180, interval_s=0.2)

@@ -256,14 +256,18 @@ class Agent:
         try:
             project, prepared, resume, secrets = self._set_up()
         except _Interrupted as interrupted:
-            if interrupted.notice.kind == "lost":
-                return self._lost(interrupted.notice.action)
-            if interrupted.notice.kind == STOP:
-                return self._stopped(interrupted.notice)
-            return self._preempted(interrupted.notice)
+            return self._interrupted(interrupted.notice)
         except (SetupError, UsageError, StorageError, OSError) as e:
             return self._fail_setup(e)
         return self._train(project, prepared, resume, secrets)
+
+    def _interrupted(self, notice: Notice) -> int:
+        """The end for an interruption seen while setting up or between rounds."""
+        if notice.kind == "lost":
+            return self._lost(notice.action)
+        if notice.kind == STOP:
+            return self._stopped(notice)
+        return self._preempted(notice)
 
     def _raise_if_interrupted(self) -> None:
         """Between set-up steps: act on an interruption or a lost lease now, not after the rest."""
@@ -362,11 +366,7 @@ class Agent:
                 self._say("starting: " + " ".join(redact_args(runner.command)))
                 self._attach(runner.prepare())
             except _Interrupted as interrupted:
-                if interrupted.notice.kind == "lost":
-                    return self._lost(interrupted.notice.action)
-                if interrupted.notice.kind == STOP:
-                    return self._stopped(interrupted.notice)
-                return self._preempted(interrupted.notice)
+                return self._interrupted(interrupted.notice)
             except _SessionEnded as e:
                 self.sync.close()
                 return self._end_now(str(e), tombstone=False)
